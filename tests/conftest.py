@@ -1,0 +1,17 @@
+"""Shared fixtures: every kernel test runs under NumPy and under array_api_strict."""
+
+import array_api_strict
+import numpy as np
+import pytest
+
+
+@pytest.fixture(params=["numpy", "array_api_strict"])
+def xp(request):
+    """The array namespace a kernel test runs under."""
+    return np if request.param == "numpy" else array_api_strict
+
+
+@pytest.fixture
+def rng():
+    """A seeded random generator, so failures reproduce."""
+    return np.random.default_rng(20261124)
