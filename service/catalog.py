@@ -1,0 +1,248 @@
+"""Build the DiaForcedSource catalog from measurements, and write it (parquet, CSV, JSON).
+
+Columns follow lsst/sdm_schemas' DiaForcedSource, plus the LSST forced-source extras
+(``x``, ``y`` in PARENT pixels, ``psfFlux_*`` diagnostics, ``apFlux_<r>``,
+``localBackground_*``, ``pixelFlags_*``, ``localPhotoCalib``, ``localWcs_CDMatrix_*``).
+Fluxes named ``*Flux``/``*FluxErr``/``apFlux_*`` are in nJy; ``*_instFlux`` in image units.
+Parquet files carry each column's unit in its field metadata and the provenance
+(software version, configuration, exposure sources) in the schema metadata.
+"""
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from . import __version__
+
+_MASK63 = np.uint64((1 << 63) - 1)
+
+
+def _splitmix64(values: np.ndarray) -> np.ndarray:
+    """SplitMix64 finaliser: a bijection of uint64 that scatters nearby inputs."""
+    z = values.astype(np.uint64, copy=True)
+    with np.errstate(over="ignore"):
+        z += np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+def forced_source_ids(dia_object_ids: np.ndarray, visit: int | None, detector: int | None) -> np.ndarray:
+    """Deterministic ``diaForcedSourceId`` for each (diaObjectId, visit, detector).
+
+    ``id = splitmix64(diaObjectId + splitmix64(visit * 2**16 + detector))`` with the top
+    bit cleared (positive int64). The same triple always gives the same id (retries are
+    idempotent); within one exposure ids are distinct unless two objects collide in 63
+    bits, which :func:`build_catalog` checks. Across a survey the collision probability
+    for n sources is about n**2 / 2**64.
+    """
+    exposure_key = np.array([(visit or 0) * (1 << 16) + (detector or 0)], dtype=np.int64).view(np.uint64)
+    salt = _splitmix64(exposure_key)[0]
+    with np.errstate(over="ignore"):
+        mixed = _splitmix64(np.asarray(dia_object_ids, dtype=np.int64).view(np.uint64) + salt)
+    return (mixed & _MASK63).astype(np.int64)
+
+
+NJY = "nJy"
+UNITS: dict[str, str] = {
+    "ra": "deg",
+    "dec": "deg",
+    "x": "pixel",
+    "y": "pixel",
+    "psfFlux": NJY,
+    "psfFluxErr": NJY,
+    "scienceFlux": NJY,
+    "scienceFluxErr": NJY,
+    "midpointMjdTai": "d",
+    "timeProcessedMjdTai": "d",
+    "timeWithdrawnMjdTai": "d",
+    "psfFlux_instFlux": "count",
+    "psfFlux_instFluxErr": "count",
+    "psfFlux_area": "pixel",
+    "localBackground_instFlux": "count / pixel",
+    "localBackground_instFluxErr": "count / pixel",
+    "localPhotoCalib": "nJy / count",
+    "localPhotoCalibErr": "nJy / count",
+    "localWcs_CDMatrix_1_1": "rad / pixel",
+    "localWcs_CDMatrix_1_2": "rad / pixel",
+    "localWcs_CDMatrix_2_1": "rad / pixel",
+    "localWcs_CDMatrix_2_2": "rad / pixel",
+}
+
+
+def aperture_name(radius: float) -> str:
+    """Column stem for an aperture radius in pixels: 4.5 -> 'apFlux_4_5', 6 -> 'apFlux_6'."""
+    text = f"{radius:g}".replace(".", "_")
+    return f"apFlux_{text}"
+
+
+def unit_of(column: str) -> str | None:
+    """The unit of a catalog column, or None for ids, counts and flags."""
+    if column in UNITS:
+        return UNITS[column]
+    if column.startswith(("apFlux_", "apFluxErr_")) and "_flag" not in column:
+        return NJY
+    return None
+
+
+def to_arrow(catalog: pd.DataFrame, provenance: dict) -> pa.Table:
+    """Arrow table with per-column units and the provenance in the schema metadata."""
+    table = pa.Table.from_pandas(catalog, preserve_index=False)
+    fields = []
+    for field in table.schema:
+        unit = unit_of(field.name)
+        fields.append(field.with_metadata({"unit": unit}) if unit else field)
+    metadata = dict(table.schema.metadata or {})
+    metadata[b"forcedphot"] = json.dumps({"software": "forcedphot", "version": __version__, **provenance}, default=str).encode()
+    return table.cast(pa.schema(fields, metadata=metadata))
+
+
+FORMATS = {"parquet": "application/vnd.apache.parquet", "csv": "text/csv", "json": "application/json"}
+
+
+def encode_catalog(catalog: pd.DataFrame, provenance: dict, fmt: str) -> bytes:
+    """Serialise a catalog as parquet (with units and provenance), CSV or JSON records."""
+    if fmt == "parquet":
+        sink = io.BytesIO()
+        pq.write_table(to_arrow(catalog, provenance), sink)
+        return sink.getvalue()
+    if fmt == "csv":
+        return catalog.to_csv(index=False).encode()
+    if fmt == "json":
+        return catalog.to_json(orient="records", double_precision=15).encode()
+    raise ValueError(f"unknown output format {fmt!r}; choose one of {', '.join(FORMATS)}")
+
+
+def write_catalog(catalog: pd.DataFrame, provenance: dict, path: str | Path) -> None:
+    """Write a catalog; the format follows the suffix (.parquet, .csv, .json)."""
+    path = Path(path)
+    fmt = path.suffix.lower().lstrip(".") or "parquet"
+    path.write_bytes(encode_catalog(catalog, provenance, fmt))
+
+
+def read_provenance(path: str | Path) -> dict:
+    """The provenance a parquet catalog was written with."""
+    metadata = pq.read_schema(path).metadata or {}
+    return json.loads(metadata[b"forcedphot"])
+
+
+def _column(results: dict[str, np.ndarray], name: str, n: int, fill) -> np.ndarray:
+    """A measured column, or ``fill`` everywhere when nothing was measured."""
+    if name in results:
+        return results[name]
+    return np.full(n, fill, dtype=type(fill) if not isinstance(fill, float) else np.float64)
+
+
+def build_catalog(
+    objects: pd.DataFrame,
+    x_parent: np.ndarray,
+    y_parent: np.ndarray,
+    results: dict[str, np.ndarray],
+    *,
+    on_image: np.ndarray,
+    cd_matrix: np.ndarray,
+    primary,
+    science=None,
+    science_results: dict[str, np.ndarray] | None = None,
+    apertures_px=(),
+) -> pd.DataFrame:
+    """Assemble the DiaForcedSource catalog, one row per object in ``objects``.
+
+    ``results`` holds the kernels' instrumental outputs (full length, NaN/False for rows
+    not measured); ``on_image`` marks measured rows, the others are flagged offimage.
+    ``primary`` is the exposure measured (the difference image in difference mode);
+    ``science`` and ``science_results`` give ``scienceFlux`` when present.
+    """
+    n = len(objects)
+    calib, calib_err = primary.calibration_mean, primary.calibration_err
+    off = ~np.asarray(on_image, dtype=bool)
+    ids = objects["diaObjectId"].to_numpy(np.int64)
+    source_ids = forced_source_ids(ids, primary.visit, primary.detector)
+    if len(np.unique(source_ids)) != n:
+        raise RuntimeError("diaForcedSourceId collision within one exposure; report this with the input table")
+
+    def flux(name: str) -> np.ndarray:
+        return _column(results, name, n, np.nan)
+
+    def flag(name: str) -> np.ndarray:
+        return _column(results, name, n, False) | off
+
+    columns: dict[str, object] = {
+        "diaForcedSourceId": source_ids,
+        "diaObjectId": ids,
+        "ra": objects["ra"].to_numpy(np.float64),
+        "dec": objects["dec"].to_numpy(np.float64),
+        "visit": pd.array([primary.visit] * n, dtype="Int64"),
+        "detector": pd.array([primary.detector] * n, dtype="Int16"),
+        "psfFlux": (flux("psfFlux_instFlux") * calib).astype(np.float32),
+        "psfFluxErr": (flux("psfFlux_instFluxErr") * calib).astype(np.float32),
+    }
+    if science is not None and science_results is not None:
+        columns["scienceFlux"] = (science_results["instFlux"] * science.calibration_mean).astype(np.float32)
+        columns["scienceFluxErr"] = (science_results["instFluxErr"] * science.calibration_mean).astype(np.float32)
+        columns["scienceFlux_flag"] = science_results["flag"] | off
+    else:
+        columns["scienceFlux"] = np.full(n, np.nan, dtype=np.float32)
+        columns["scienceFluxErr"] = np.full(n, np.nan, dtype=np.float32)
+        columns["scienceFlux_flag"] = np.ones(n, dtype=bool)
+    columns.update(
+        midpointMjdTai=np.full(n, np.nan if primary.midpoint_mjd_tai is None else primary.midpoint_mjd_tai),
+        band=pd.array([primary.band] * n, dtype="string"),
+        timeProcessedMjdTai=np.full(n, _now_mjd_tai()),
+        timeWithdrawnMjdTai=np.full(n, np.nan),
+        x=np.asarray(x_parent, dtype=np.float64),
+        y=np.asarray(y_parent, dtype=np.float64),
+        psfFlux_instFlux=flux("psfFlux_instFlux"),
+        psfFlux_instFluxErr=flux("psfFlux_instFluxErr"),
+        psfFlux_area=flux("psfFlux_area").astype(np.float32),
+        psfFlux_chi2=flux("psfFlux_chi2").astype(np.float32),
+        psfFlux_npixels=_column(results, "psfFlux_npixels", n, 0).astype(np.int32),
+        psfFlux_flag=flag("psfFlux_flag"),
+        psfFlux_flag_edge=flag("psfFlux_flag_edge"),
+        psfFlux_flag_noGoodPixels=flag("psfFlux_flag_noGoodPixels"),
+    )
+    ap_flux = results.get("apFlux", np.full((n, len(apertures_px)), np.nan))
+    ap_err = results.get("apFluxErr", np.full((n, len(apertures_px)), np.nan))
+    ap_truncated = results.get("apTruncated", np.zeros((n, len(apertures_px)), bool))
+    for k, radius in enumerate(apertures_px):
+        stem = aperture_name(radius)
+        value, error = ap_flux[:, k] * calib, ap_err[:, k] * calib
+        truncated = ap_truncated[:, k] | off
+        columns[stem] = value.astype(np.float32)
+        columns[stem.replace("apFlux_", "apFluxErr_")] = error.astype(np.float32)
+        columns[f"{stem}_flag"] = truncated | ~np.isfinite(value)
+        columns[f"{stem}_flag_apertureTruncated"] = truncated
+    background = flux("localBackground_instFlux")
+    background_no_good = flag("localBackground_flag_noGoodPixels")
+    columns.update(
+        localBackground_instFlux=background.astype(np.float32),
+        localBackground_instFluxErr=flux("localBackground_instFluxErr").astype(np.float32),
+        localBackground_flag=background_no_good | ~np.isfinite(background),
+        localBackground_flag_noGoodPixels=background_no_good,
+    )
+    columns["pixelFlags_offimage"] = off
+    for name in ("edge", "nodata", "interpolated", "saturated", "cr", "bad", "suspect"):
+        for suffix in ("", "Center", "CenterAll"):
+            key = f"pixelFlags_{name}{suffix}"
+            values = _column(results, key, n, False)
+            columns[key] = values | off if name == "edge" else values
+    columns.update(
+        localPhotoCalib=np.full(n, calib, dtype=np.float32),
+        localPhotoCalibErr=np.full(n, calib_err, dtype=np.float32),
+        localWcs_CDMatrix_1_1=cd_matrix[:, 0, 0],
+        localWcs_CDMatrix_1_2=cd_matrix[:, 0, 1],
+        localWcs_CDMatrix_2_1=cd_matrix[:, 1, 0],
+        localWcs_CDMatrix_2_2=cd_matrix[:, 1, 1],
+    )
+    return pd.DataFrame(columns)
+
+
+def _now_mjd_tai() -> float:
+    from astropy.time import Time
+
+    return float(Time.now().tai.mjd)

@@ -1,0 +1,141 @@
+"""Command line: ``forcedphot measure``, ``forcedphot demo``.
+
+Errors in the caller's input (tables, FITS files, PSF files, options) print one line
+naming the problem and exit with code 2; nothing prints a traceback for them.
+"""
+
+import argparse
+from contextlib import ExitStack
+from pathlib import Path
+import sys
+import time
+
+from . import __version__
+from .backend import BackendError, select_backend
+from .catalog import write_catalog
+from .config import MeasurementConfig
+from .exposure import Exposure, ExposureError, open_exposure
+from .objects import InputError, read_objects
+from .psf_models import PsfError, PsfModel, load_psf
+
+USAGE_ERROR = 2
+PSF_FWHM_KEYWORD = "PSF_FWHM"  # pixels; the demo generator writes it
+
+
+class CliError(Exception):
+    """A problem with the command line itself."""
+
+
+def _radii(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(r) for r in text.split(",") if r.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--apertures takes radii in pixels separated by commas, got {text!r}") from None
+
+
+def _psf_for(args: argparse.Namespace, exposure: Exposure) -> PsfModel:
+    if args.psf:
+        return load_psf(path=args.psf)
+    if args.psf_fwhm is not None:
+        return load_psf(fwhm_pixels=args.psf_fwhm)
+    if PSF_FWHM_KEYWORD in exposure.header:
+        return load_psf(fwhm_pixels=float(exposure.header[PSF_FWHM_KEYWORD]))
+    raise CliError(f"{exposure.path}: no PSF given and no {PSF_FWHM_KEYWORD} keyword in its header; use --psf-fwhm PIX or --psf FILE")
+
+
+class _ProgressLine:
+    """Progress on stderr for long runs: at most twice a second, only after one second."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+        self.last = 0.0
+        self.shown = False
+
+    def __call__(self, done: int, total: int) -> None:
+        now = time.perf_counter()
+        if now - self.start > 1.0 and now - self.last > 0.5:
+            print(f"\r  measured {done}/{total} objects ({now - self.start:.1f} s)", end="", file=sys.stderr, flush=True)
+            self.last, self.shown = now, True
+
+    def close(self) -> None:
+        if self.shown:
+            print(file=sys.stderr)
+
+
+def _measure(args: argparse.Namespace) -> int:
+    from .engine import measure
+
+    start = time.perf_counter()
+    config = MeasurementConfig(
+        apertures_px=args.apertures or MeasurementConfig().apertures_px,
+        backend=args.backend,
+        include_offimage=args.include_offimage,
+        batch_bytes=args.batch_mib * 2**20,
+    )
+    backend = select_backend(config.backend)
+    objects = read_objects(args.objects)
+    with ExitStack() as stack:
+        science = stack.enter_context(open_exposure(args.exposure))
+        difference = stack.enter_context(open_exposure(args.difference)) if args.difference else None
+        psf = _psf_for(args, science)
+        progress = _ProgressLine()
+        result = measure(science, objects, psf, config, difference=difference, backend=backend, progress=progress)
+        progress.close()
+    write_catalog(result.catalog, result.provenance, args.output)
+    elapsed = time.perf_counter() - start
+    print(
+        f"{result.n_input} objects in, {result.n_on_detector} on the detector, {result.n_off_detector} off, "
+        f"{result.n_invalid_coords} with invalid coordinates, {result.n_flagged} flagged; "
+        f"{len(result.catalog)} rows -> {args.output} in {elapsed:.2f} s ({result.backend})"
+    )
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .demo import make_demo_visit
+
+    start = time.perf_counter()
+    visit = make_demo_visit(args.directory, size=args.size, n_objects=args.objects, seed=args.seed)
+    print(f"demo visit written to {args.directory} in {time.perf_counter() - start:.1f} s: {visit}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="forcedphot", description="Batched forced photometry of DiaObjects.")
+    parser.add_argument("--version", action="version", version=f"forcedphot {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    m = commands.add_parser("measure", help="measure DiaObjects on one exposure")
+    m.add_argument("exposure", help="science (direct) exposure, FITS")
+    m.add_argument("objects", help="DiaObject table: parquet, CSV or JSON with diaObjectId, ra, dec (deg)")
+    m.add_argument("-o", "--output", required=True, help="catalog to write (.parquet, .csv or .json)")
+    m.add_argument("--difference", help="difference image: psfFlux is measured on it, scienceFlux on EXPOSURE")
+    psf = m.add_mutually_exclusive_group()
+    psf.add_argument("--psf-fwhm", type=float, help="circular Gaussian PSF of this FWHM, pixels")
+    psf.add_argument("--psf", help="PSF file: PSFEx .psf, or a FITS PSF image")
+    m.add_argument("--apertures", type=_radii, help="aperture radii in pixels, e.g. 3,6,12 (default 3,4.5,6,9,12)")
+    m.add_argument("--backend", choices=("auto", "numpy", "cupy"), default="auto")
+    m.add_argument("--include-offimage", action="store_true", help="also return objects off the detector, flagged")
+    m.add_argument("--batch-mib", type=int, default=512, help="memory bound per cutout batch, MiB (default 512)")
+    m.set_defaults(run=_measure)
+
+    d = commands.add_parser("demo", help="write a synthetic LSST-layout visit with DiaObjects and truth")
+    d.add_argument("directory", help="output directory")
+    d.add_argument("--size", type=int, default=4096, help="image side, pixels (default 4096)")
+    d.add_argument("--objects", type=int, default=2000, help="number of DiaObjects (default 2000)")
+    d.add_argument("--seed", type=int, default=0)
+    d.set_defaults(run=_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except (InputError, ExposureError, PsfError, BackendError, CliError, ValueError) as exc:
+        print(f"forcedphot {args.command}: error: {exc}", file=sys.stderr)
+        return USAGE_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,39 @@
+"""Measurement configuration: one pydantic model, shared by the CLI, the service and tests."""
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+DEFAULT_APERTURES_PX = (3.0, 4.5, 6.0, 9.0, 12.0)
+
+
+class MeasurementConfig(BaseModel):
+    """How objects are measured. Lengths in pixels, sizes in bytes."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    apertures_px: tuple[float, ...] = Field(DEFAULT_APERTURES_PX, description="circular aperture radii, px")
+    batch_bytes: int = Field(512 * 2**20, gt=0, description="memory bound for one cutout batch and its kernel work")
+    psf_footprint_scaling: float = Field(3.0, gt=0, description="footprint radius for pixelFlags, in PSF sigmas")
+    background_inner_sigma: float = Field(7.0, gt=0, description="local background annulus inner radius, PSF sigmas")
+    background_outer_sigma: float = Field(15.0, gt=0, description="local background annulus outer radius, PSF sigmas")
+    background_iterations: int = Field(3, ge=1, description="clipping iterations (the first uses median and IQR)")
+    background_clip_sigma: float = Field(3.0, gt=0, description="clipping half-width, in (robust) sigmas")
+    bad_mask_planes: tuple[str, ...] = Field((), description="mask planes whose pixels the PSF fit ignores (LSST: none)")
+    include_offimage: bool = Field(False, description="return objects off the detector, flagged pixelFlags_offimage")
+    backend: Literal["auto", "numpy", "cupy"] = "auto"
+
+    @field_validator("apertures_px")
+    @classmethod
+    def _positive_sorted(cls, radii: tuple[float, ...]) -> tuple[float, ...]:
+        if not radii or any(r <= 0 for r in radii):
+            raise ValueError("aperture radii must be positive and at least one must be given")
+        return tuple(sorted(set(float(r) for r in radii)))
+
+    @field_validator("background_outer_sigma")
+    @classmethod
+    def _outer_beyond_inner(cls, outer: float, info) -> float:
+        inner = info.data.get("background_inner_sigma", 0.0)
+        if outer <= inner:
+            raise ValueError(f"background_outer_sigma ({outer}) must exceed background_inner_sigma ({inner})")
+        return outer

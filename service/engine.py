@@ -1,0 +1,275 @@
+"""The measurement engine: one exposure (plus optionally its difference image) and a
+DiaObject table in, a DiaForcedSource catalog out.
+
+Data path: select (WCS, Box2D) -> stage cutouts in row bands -> kernels on the chosen
+backend -> host arrays -> catalog. With a difference image, as ``DiaForcedSourceTask``:
+every measurement is made on the difference image, and ``scienceFlux`` is the PSF flux
+on the direct image at the same sky position. With one exposure, everything is measured
+on it and ``scienceFlux`` stays null.
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+import math
+import time
+
+import numpy as np
+import pandas as pd
+
+from . import __version__
+from .backend import Backend, select_backend, to_numpy
+from .catalog import build_catalog
+from .config import MeasurementConfig
+from .cutouts import CutoutStack, stage_cutouts
+from .exposure import Exposure
+from .kernels.aperture import aperture_fluxes
+from .kernels.local_background import local_background
+from .kernels.pixel_flags import pixel_flags
+from .kernels.psf_flux import psf_flux
+from .local_wcs import local_cd_matrix
+from .psf_models import PsfModel
+from .selection import select_on_image, sky_to_pixel
+
+# pixelFlags_<name> -> afw mask plane
+PIXEL_FLAG_PLANES = {
+    "edge": "EDGE",
+    "nodata": "NO_DATA",
+    "interpolated": "INTRP",
+    "saturated": "SAT",
+    "cr": "CR",
+    "bad": "BAD",
+    "suspect": "SUSPECT",
+}
+BACKGROUND_REJECT_PLANES = ("BAD", "SAT", "NO_DATA")
+DEFAULT_NO_DATA_BIT = 8
+
+Progress = Callable[[int, int], None]
+
+
+@dataclass
+class Measurement:
+    """A catalog and what it took to make it."""
+
+    catalog: pd.DataFrame
+    n_input: int
+    n_on_detector: int
+    n_invalid_coords: int
+    n_flagged: int
+    backend: str
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
+    provenance: dict = field(default_factory=dict)
+
+    @property
+    def n_off_detector(self) -> int:
+        """Objects with valid coordinates that fall off the detector."""
+        return self.n_input - self.n_on_detector - self.n_invalid_coords
+
+
+def mask_bits(planes: dict[str, int], names) -> int:
+    """OR of the bits of the named mask planes that the exposure defines."""
+    return sum(1 << planes[name] for name in set(names) if name in planes)
+
+
+def cutout_half_size(psf: PsfModel, sigma: np.ndarray, config: MeasurementConfig) -> int:
+    """Half-width h (px) of cutouts large enough for every measurement.
+
+    Covers the background annulus (outer radius in PSF sigmas), the largest aperture
+    plus one pixel (so truncation by the cutout cannot happen), and the PSF stamp.
+    """
+    sigma_max = float(np.max(sigma)) if sigma.size else 0.0
+    return max(
+        math.ceil(config.background_outer_sigma * sigma_max),
+        math.ceil(max(config.apertures_px) + 1),
+        psf.stamp_size // 2,
+    )
+
+
+class _Kernels:
+    """Runs every kernel on one staged stack, on one backend."""
+
+    def __init__(self, backend: Backend, exposure: Exposure, psf: PsfModel, config: MeasurementConfig):
+        self.backend, self.psf, self.config = backend, psf, config
+        planes = exposure.mask_planes
+        self.bad_fit_bits = mask_bits(planes, config.bad_mask_planes)
+        self.background_reject_bits = mask_bits(planes, BACKGROUND_REJECT_PLANES)
+        self.flag_bits = {name: planes[plane] for name, plane in PIXEL_FLAG_PLANES.items() if plane in planes}
+
+    def _device(self, stack: CutoutStack):
+        to = self.backend.to_device
+        return to(stack.image), to(stack.variance), to(stack.mask), to(stack.inside)
+
+    def _psf_fit(self, xp, image, variance, mask, inside, x, y) -> dict:
+        """PSF flux on the central PSF-stamp-sized part of the stack."""
+        kp = self.psf.stamp_size
+        start = image.shape[1] // 2 - kp // 2
+        crop = (slice(None), slice(start, start + kp), slice(start, start + kp))
+        image, variance, mask, inside = image[crop], variance[crop], mask[crop], inside[crop]
+        usable = inside & xp.isfinite(image) & xp.isfinite(variance)
+        if self.bad_fit_bits:
+            usable = usable & ((mask & xp.asarray(self.bad_fit_bits, dtype=mask.dtype)) == 0)
+        return psf_flux(image, variance, self.psf.stamps(x, y, xp), inside, usable)
+
+    def psf_only(self, stack: CutoutStack, x: np.ndarray, y: np.ndarray) -> dict[str, np.ndarray]:
+        """PSF flux alone (the direct image in difference mode)."""
+        image, variance, mask, inside = self._device(stack)
+        xp = self.backend.xp
+        return {k: to_numpy(v) for k, v in self._psf_fit(xp, image, variance, mask, inside, x, y).items()}
+
+    def all(self, stack: CutoutStack, x: np.ndarray, y: np.ndarray, sigma: np.ndarray) -> dict[str, np.ndarray]:
+        """Every measurement; x, y are the objects' local positions, sigma their PSF widths."""
+        xp = self.backend.xp
+        image, variance, mask, inside = self._device(stack)
+        cx, cy = self.backend.to_device(stack.cx), self.backend.to_device(stack.cy)
+        sigma_dev = self.backend.to_device(sigma)
+        out = {f"psfFlux_{k}": v for k, v in self._psf_fit(xp, image, variance, mask, inside, x, y).items()}
+
+        valid = inside & xp.isfinite(image) & xp.isfinite(variance)
+        flux, err, truncated = aperture_fluxes(image, variance, valid, cx, cy, self.config.apertures_px)
+        out.update(apFlux=flux, apFluxErr=err, apTruncated=truncated)
+
+        clean = valid & ((mask & xp.asarray(self.background_reject_bits, dtype=mask.dtype)) == 0)
+        mean, std, _, no_good = local_background(
+            image, clean, cx, cy, sigma_dev,
+            inner=self.config.background_inner_sigma, outer=self.config.background_outer_sigma,
+            n_iter=self.config.background_iterations, n_sigma=self.config.background_clip_sigma,
+        )
+        out.update(localBackground_instFlux=mean, localBackground_instFluxErr=std, localBackground_flag_noGoodPixels=no_good)
+
+        flags = pixel_flags(mask, inside, cx, cy, self.config.psf_footprint_scaling * sigma_dev, self.flag_bits)
+        out.update({f"pixelFlags_{k}": v for k, v in flags.items()})
+        return {k: to_numpy(v) for k, v in out.items()}
+
+
+def _scatter(results: dict[str, np.ndarray], batch: dict[str, np.ndarray], index: np.ndarray, n: int) -> None:
+    """Place one batch's values at their rows of the full-length result arrays."""
+    for name, values in batch.items():
+        if name not in results:
+            fill = False if values.dtype == bool else (0 if values.dtype.kind in "iu" else np.nan)
+            results[name] = np.full((n,) + values.shape[1:], fill, dtype=values.dtype)
+        results[name][index] = values
+
+
+def _science_psf_flux(science: Exposure, kernels: _Kernels, ra, dec, config: MeasurementConfig, progress_tick) -> dict[str, np.ndarray]:
+    """PSF flux on the direct image at the objects' sky positions (difference mode)."""
+    x, y = sky_to_pixel(science.wcs, ra, dec)
+    h = kernels.psf.stamp_size // 2
+    with np.errstate(invalid="ignore"):
+        near = (x > -h - 1) & (x < science.width + h) & (y > -h - 1) & (y < science.height + h)
+    results: dict[str, np.ndarray] = {}
+    rows = np.flatnonzero(near)
+    no_data = science.mask_planes.get("NO_DATA", DEFAULT_NO_DATA_BIT)
+    for stack in stage_cutouts(science, x[rows], y[rows], 2 * h + 1, batch_bytes=config.batch_bytes, no_data_bit=no_data):
+        index = rows[stack.index]
+        _scatter(results, kernels.psf_only(stack, x[index], y[index]), index, len(ra))
+        progress_tick()
+    if "flag" not in results:  # nothing landed on the direct image
+        results = {"instFlux": np.full(len(ra), np.nan), "instFluxErr": np.full(len(ra), np.nan), "flag": np.ones(len(ra), bool)}
+    results["flag"] = results["flag"] | ~near
+    return results
+
+
+def measure(
+    science: Exposure,
+    objects: pd.DataFrame,
+    psf: PsfModel,
+    config: MeasurementConfig | None = None,
+    *,
+    difference: Exposure | None = None,
+    backend: Backend | None = None,
+    progress: Progress | None = None,
+) -> Measurement:
+    """Forced photometry of validated ``objects`` (see :func:`objects.validate_objects`).
+
+    ``progress(done, total)`` is called after every batch of cutouts.
+    """
+    config = config or MeasurementConfig()
+    backend = backend or select_backend(config.backend)
+    primary = difference if difference is not None else science
+    timings: dict[str, float] = {}
+
+    start = time.perf_counter()
+    ra, dec = objects["ra"].to_numpy(), objects["dec"].to_numpy()
+    coord_valid = objects["coord_valid"].to_numpy()
+    selection = select_on_image(primary.wcs, primary.width, primary.height, ra, dec, coord_valid)
+    on = np.flatnonzero(selection.on_image)
+    rows = np.arange(len(objects)) if config.include_offimage else on
+    measured_mask = selection.on_image[rows]
+    measured_rows = np.flatnonzero(measured_mask)  # positions within `rows`
+    x, y = selection.x[rows], selection.y[rows]
+    sigma = np.full(len(rows), np.nan)
+    sigma[measured_rows] = psf.sigma(x[measured_rows], y[measured_rows])
+    timings["select"] = time.perf_counter() - start
+
+    kernels = _Kernels(backend, primary, psf, config)
+    size = 2 * cutout_half_size(psf, sigma[measured_rows], config) + 1
+    no_data = primary.mask_planes.get("NO_DATA", DEFAULT_NO_DATA_BIT)
+    results: dict[str, np.ndarray] = {}
+    stage_time = kernel_time = 0.0
+    done, total = 0, len(measured_rows) * (2 if difference is not None else 1)
+    t0 = time.perf_counter()
+    mx, my = x[measured_rows], y[measured_rows]
+    for stack in stage_cutouts(primary, mx, my, size, batch_bytes=config.batch_bytes, no_data_bit=no_data):
+        t1 = time.perf_counter()
+        index = measured_rows[stack.index]
+        _scatter(results, kernels.all(stack, x[index], y[index], sigma[index]), index, len(rows))
+        t2 = time.perf_counter()
+        stage_time += t1 - t0
+        kernel_time += t2 - t1
+        done += len(index)
+        if progress:
+            progress(done, total)
+        t0 = time.perf_counter()
+
+    science_results = None
+    if difference is not None:
+        t1 = time.perf_counter()
+        science_results = _science_psf_flux(science, kernels, ra[rows], dec[rows], config, lambda: None)
+        kernel_time += time.perf_counter() - t1
+        if progress:
+            progress(total, total)
+    timings["stage"], timings["kernels"] = stage_time, kernel_time
+
+    start = time.perf_counter()
+    cd = local_cd_matrix(primary.wcs, x, y) if len(rows) else np.empty((0, 2, 2))
+    catalog = build_catalog(
+        objects.iloc[rows],
+        x + primary.x0,
+        y + primary.y0,
+        results,
+        on_image=measured_mask,
+        cd_matrix=cd,
+        primary=primary,
+        science=science if difference is not None else None,
+        science_results=science_results,
+        apertures_px=config.apertures_px,
+    )
+    timings["catalog"] = time.perf_counter() - start
+    flag_columns = [c for c in catalog.columns if c.startswith("pixelFlags_")] + ["psfFlux_flag"]
+    n_flagged = int(catalog[flag_columns].any(axis=1).sum()) if len(catalog) else 0
+    return Measurement(
+        catalog=catalog,
+        n_input=len(objects),
+        n_on_detector=len(on),
+        n_invalid_coords=int(np.count_nonzero(~coord_valid)),
+        n_flagged=n_flagged,
+        backend=f"{backend.name}:{backend.device}",
+        timings=timings,
+        provenance={
+            "software_version": __version__,
+            "config": config.model_dump(mode="json"),
+            "backend": f"{backend.name}:{backend.device}",
+            "exposure": _describe(primary),
+            "science": _describe(science) if difference is not None else None,
+            "psf": repr(psf),
+        },
+    )
+
+
+def _describe(exposure: Exposure) -> dict:
+    return {
+        "path": exposure.path,
+        "visit": exposure.visit,
+        "detector": exposure.detector,
+        "calibration_source": exposure.calibration_source,
+        "variance_estimated": exposure.variance_estimated,
+    }
