@@ -1,0 +1,40 @@
+"""diaForcedSourceId determinism and uniqueness; column naming; parquet units."""
+
+import numpy as np
+import pandas as pd
+
+from forcedphot.catalog import aperture_name, encode_catalog, forced_source_ids, unit_of
+
+
+def test_ids_are_deterministic_unique_and_positive():
+    ids = np.arange(1, 200_001, dtype=np.int64) * 7919
+    a = forced_source_ids(ids, 1234, 42)
+    assert np.array_equal(a, forced_source_ids(ids, 1234, 42))
+    assert len(np.unique(a)) == len(ids) and (a >= 0).all()
+    # a permuted table gives each object the same id
+    perm = np.random.default_rng(0).permutation(len(ids))
+    assert np.array_equal(forced_source_ids(ids[perm], 1234, 42), a[perm])
+    # another visit or detector gives other ids
+    assert not np.any(forced_source_ids(ids, 1235, 42) == a)
+    assert not np.any(forced_source_ids(ids, 1234, 43) == a)
+
+
+def test_aperture_names_and_units():
+    assert aperture_name(4.5) == "apFlux_4_5"
+    assert aperture_name(12.0) == "apFlux_12"
+    assert unit_of("apFlux_4_5") == "nJy" and unit_of("apFluxErr_12") == "nJy"
+    assert unit_of("apFlux_4_5_flag") is None
+    assert unit_of("psfFlux") == "nJy" and unit_of("diaObjectId") is None
+
+
+def test_parquet_carries_units_and_provenance():
+    import io
+    import json
+
+    import pyarrow.parquet as pq
+
+    frame = pd.DataFrame({"diaObjectId": [1], "psfFlux": np.float32([3.0]), "apFlux_3": np.float32([2.0])})
+    table = pq.read_table(io.BytesIO(encode_catalog(frame, {"exposure": "x.fits"}, "parquet")))
+    assert table.schema.field("psfFlux").metadata[b"unit"] == b"nJy"
+    assert table.schema.field("apFlux_3").metadata[b"unit"] == b"nJy"
+    assert json.loads(table.schema.metadata[b"forcedphot"])["exposure"] == "x.fits"

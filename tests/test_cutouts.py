@@ -1,0 +1,94 @@
+"""Cutout staging: windows equal direct slices, padding beyond edges, bounded batches."""
+
+import numpy as np
+import pytest
+
+from forcedphot.cutouts import objects_per_batch, stage_cutouts
+
+NO_DATA = 8
+
+
+class ArrayReader:
+    """An in-memory exposure that records which rows were read."""
+
+    def __init__(self, height=120, width=90, seed=0):
+        rng = np.random.default_rng(seed)
+        self.height, self.width = height, width
+        self.image = rng.normal(size=(height, width)).astype(np.float32)
+        self.variance = rng.uniform(1, 2, (height, width)).astype(np.float32)
+        self.mask = rng.integers(0, 4, (height, width)).astype(np.int32)
+        self.reads = []
+
+    def read_rows(self, y_start, y_stop):
+        self.reads.append((y_start, y_stop))
+        return self.image[y_start:y_stop], self.variance[y_start:y_stop], self.mask[y_start:y_stop]
+
+
+def staged(reader, x, y, size, batch_bytes=2**30):
+    stacks = list(stage_cutouts(reader, x, y, size, batch_bytes=batch_bytes, no_data_bit=NO_DATA))
+    n = len(x)
+    out = {k: np.empty((n, size, size), dtype=getattr(stacks[0], k).dtype) for k in ("image", "variance", "mask", "inside")}
+    cx, cy = np.empty(n), np.empty(n)
+    for s in stacks:
+        for k in out:
+            out[k][s.index] = getattr(s, k)
+        cx[s.index], cy[s.index] = s.cx, s.cy
+    return out, cx, cy, stacks
+
+
+def test_windows_match_direct_slices_and_positions():
+    reader = ArrayReader()
+    rng = np.random.default_rng(2)
+    x, y = rng.uniform(10, 79, 40), rng.uniform(10, 109, 40)
+    size, h = 15, 7
+    out, cx, cy, _ = staged(reader, x, y, size)
+    ix, iy = np.floor(x + 0.5).astype(int), np.floor(y + 0.5).astype(int)
+    for k in range(len(x)):
+        window = np.s_[iy[k] - h : iy[k] + h + 1, ix[k] - h : ix[k] + h + 1]
+        np.testing.assert_array_equal(out["image"][k], reader.image[window])
+        np.testing.assert_array_equal(out["mask"][k], reader.mask[window])
+    assert out["inside"].all()
+    np.testing.assert_allclose(cx, h + x - ix)
+    assert np.all((cx >= h - 0.5) & (cx < h + 0.5))
+
+
+def test_padding_beyond_edges_is_no_data():
+    reader = ArrayReader()
+    x = np.array([0.2, 89.4, 45.0, -0.4])
+    y = np.array([60.0, 119.3, 0.0, -0.4])
+    out, *_ = staged(reader, x, y, 11)
+    h = 5
+    # object 0 at column 0: 5 columns to its left are padding
+    assert not out["inside"][0, :, :h].any() and out["inside"][0, :, h:].all()
+    assert np.isnan(out["image"][0, :, :h]).all()
+    assert np.all(out["mask"][0, :, :h] == 1 << NO_DATA)
+    # corner object: only the upper-right quadrant is on the image
+    assert out["inside"][3].sum() == (h + 1) ** 2
+    np.testing.assert_array_equal(out["image"][3, h:, h:], reader.image[: h + 1, : h + 1])
+
+
+def test_batches_respect_the_memory_bound_and_read_bands():
+    reader = ArrayReader(height=400, width=50)
+    rng = np.random.default_rng(3)
+    x, y = rng.uniform(0, 49, 300), rng.uniform(0, 399, 300)
+    size = 9
+    per_batch = 20
+    budget = per_batch * size * size * 93
+    assert objects_per_batch(size, budget) == per_batch
+    full, *_ = staged(reader, x, y, size)
+    out, _, _, stacks = staged(ArrayReader(height=400, width=50), x, y, size, batch_bytes=budget)
+    assert max(len(s.index) for s in stacks) <= per_batch
+    assert sorted(np.concatenate([s.index for s in stacks]).tolist()) == list(range(300))
+    np.testing.assert_array_equal(out["image"], full["image"])
+
+
+def test_band_reads_cover_only_needed_rows():
+    reader = ArrayReader(height=400, width=50)
+    x, y = np.array([10.0, 20.0]), np.array([100.0, 103.0])
+    staged(reader, x, y, 9)
+    assert reader.reads == [(96, 108)]
+
+
+def test_even_size_is_refused():
+    with pytest.raises(ValueError, match="odd"):
+        next(stage_cutouts(ArrayReader(), np.array([1.0]), np.array([1.0]), 10, batch_bytes=10**6, no_data_bit=NO_DATA))

@@ -1,0 +1,81 @@
+"""DiaObject table reading and validation: every bad input names the problem."""
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from forcedphot.objects import InputError, read_objects, validate_objects
+
+
+def table(**columns):
+    base = {"diaObjectId": [1, 2, 3], "ra": [10.0, 10.1, 10.2], "dec": [-5.0, -5.1, -5.2]}
+    base.update(columns)
+    return pd.DataFrame({k: v for k, v in base.items() if v is not None})
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "csv", "json"])
+def test_reads_each_format(tmp_path, fmt):
+    path = tmp_path / f"objects.{fmt}"
+    frame = table()
+    {"parquet": lambda p: frame.to_parquet(p), "csv": lambda p: frame.to_csv(p, index=False),
+     "json": lambda p: frame.to_json(p, orient="records")}[fmt](path)
+    out = read_objects(path)
+    assert out["diaObjectId"].dtype == np.int64
+    np.testing.assert_array_equal(out["ra"], frame["ra"])
+    assert out["coord_valid"].all()
+    again = read_objects(path.read_bytes(), media_type=fmt)
+    pd.testing.assert_frame_equal(out, again)
+
+
+def test_decl_is_accepted_for_dec():
+    out = validate_objects(table(dec=None, decl=[1.0, 2.0, 3.0]))
+    np.testing.assert_array_equal(out["dec"], [1.0, 2.0, 3.0])
+
+
+def test_missing_column_is_named():
+    with pytest.raises(InputError, match=r"missing column\(s\) ra"):
+        validate_objects(table(ra=None))
+
+
+def test_misnamed_column_lists_what_is_there():
+    frame = table().rename(columns={"diaObjectId": "objectId"})
+    with pytest.raises(InputError, match="diaObjectId.*objectId"):
+        validate_objects(frame)
+
+
+def test_duplicate_ids_are_named():
+    with pytest.raises(InputError, match="duplicate diaObjectId 7"):
+        validate_objects(table(diaObjectId=[7, 8, 7]))
+
+
+def test_non_integer_ids_name_the_rows():
+    with pytest.raises(InputError, match="rows 1"):
+        validate_objects(table(diaObjectId=[1, 2.5, 3]))
+
+
+def test_non_numeric_coordinates_name_the_rows():
+    with pytest.raises(InputError, match="column ra must be numeric.*rows 2"):
+        validate_objects(table(ra=[1.0, 2.0, "abc"]))
+
+
+def test_empty_table():
+    with pytest.raises(InputError, match="empty"):
+        validate_objects(table().iloc[:0])
+
+
+def test_bad_coordinates_flag_rows_not_the_table():
+    out = validate_objects(table(ra=[np.nan, 400.0, 10.0], dec=[0.0, 0.0, 95.0]))
+    assert out["coord_valid"].tolist() == [False, False, False]
+    out = validate_objects(table(ra=[359.9, 0.0, 10.0], dec=[90.0, -90.0, 0.0]))
+    assert out["coord_valid"].all()
+
+
+def test_unreadable_file_and_unknown_format(tmp_path):
+    bad = tmp_path / "objects.parquet"
+    bad.write_bytes(b"not a parquet file")
+    with pytest.raises(InputError, match="objects.parquet: cannot read as parquet"):
+        read_objects(bad)
+    with pytest.raises(InputError, match="no such file"):
+        read_objects(tmp_path / "missing.csv")
+    with pytest.raises(InputError, match="unknown table format 'xlsx'"):
+        read_objects(b"", media_type="xlsx")
