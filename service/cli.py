@@ -1,4 +1,4 @@
-"""Command line: ``forcedphot measure``, ``forcedphot demo``.
+"""Command line: ``forcedphot measure``, ``forcedphot demo``, ``forcedphot serve``.
 
 Errors in the caller's input (tables, FITS files, PSF files, options) print one line
 naming the problem and exit with code 2; nothing prints a traceback for them.
@@ -100,6 +100,12 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from .server import run_server
+
+    return run_server(host=args.host, port=args.port, repository=args.repository, workers=args.workers)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="forcedphot", description="Batched forced photometry of DiaObjects.")
     parser.add_argument("--version", action="version", version=f"forcedphot {__version__}")
@@ -125,6 +131,13 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--objects", type=int, default=2000, help="number of DiaObjects (default 2000)")
     d.add_argument("--seed", type=int, default=0)
     d.set_defaults(run=_demo)
+
+    s = commands.add_parser("serve", help="run the HTTP service (an embedded demo repository when none is given)")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--repository", help="root directory of the exposure repository (default: embedded demo)")
+    s.add_argument("--workers", type=int, default=1, help="uvicorn worker processes")
+    s.set_defaults(run=_serve)
     return parser
 
 
@@ -132,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except (InputError, ExposureError, PsfError, BackendError, CliError, ValueError) as exc:
+    except (InputError, ExposureError, PsfError, BackendError, CliError, ValueError, OSError) as exc:
         print(f"forcedphot {args.command}: error: {exc}", file=sys.stderr)
         return USAGE_ERROR
 
