@@ -2,24 +2,12 @@
 
 import numpy as np
 import pytest
-from scipy.special import erf
-
 from forcedphot.kernels.psf_flux import psf_flux
+
+from scenes import integrated_gaussian
 
 SIGMA = 1.5
 K = 25  # 8 sigma half-width: the stamp holds all but ~1e-15 of the flux
-
-
-def integrated_gaussian(cx, cy, sigma, size):
-    """(N, size, size) pixel-integrated unit-flux Gaussian (scipy erf: independent truth)."""
-    edges = np.arange(size + 1) - 0.5
-    s = np.sqrt(2) * sigma
-
-    def profile(c):
-        cdf = 0.5 * erf((edges[None, :] - np.asarray(c)[:, None]) / s)
-        return np.diff(cdf, axis=1)
-
-    return profile(cy)[:, :, None] * profile(cx)[:, None, :]
 
 
 def positions(rng, n):
