@@ -1,0 +1,226 @@
+"""Benchmark the measurement engine against photutils and sep on one demo exposure.
+
+    python bench/engine.py [--size 4096] [--counts 1000,10000,100000] [--photutils-psf-max 1000]
+
+Makes (once, cached in bench/.cache) a ``forcedphot demo`` visit, then for each object
+count runs every method in its own child process and prints objects/s and peak memory
+(the child's max RSS, including the ~100-200 MB of the Python + libraries baseline),
+with ratios against the peers. Methods:
+
+- ``engine``: file to parquet end to end (open exposure, read the object table, select,
+  stage, kernels, catalog, write parquet), as ``forcedphot measure`` does;
+- ``kernels``: all the engine's kernels alone on pre-staged cutout stacks;
+- ``kernels-psf`` / ``kernels-ap``: the PSF-flux kernel alone (PSF-sized stamps) and the
+  aperture kernel alone (stamps just holding the 12 px aperture), for like-for-like
+  comparison with the peers;
+- ``photutils-ap``: ``aperture_photometry(method='exact')`` for the same 5 radii;
+- ``photutils-psf``: ``PSFPhotometry`` with fixed positions and the same Gaussian PSF;
+  slow, so it runs on at most ``--photutils-psf-max`` objects and reports that rate;
+- ``sep-ap``: ``sep.sum_circle(subpix=0)`` for the same 5 radii.
+Peers read the whole image into memory first (not timed), as their APIs need.
+"""
+
+import argparse
+import json
+import os
+from pathlib import Path
+import resource
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+CACHE = Path(__file__).resolve().parent / ".cache"
+RADII = (3.0, 4.5, 6.0, 9.0, 12.0)
+
+
+def demo_dir(size: int) -> Path:
+    """A demo visit of the given size, made once."""
+    from forcedphot.demo import make_demo_visit
+
+    out = CACHE / f"demo{size}"
+    if not (out / "calexp.fits").exists():
+        make_demo_visit(out, size=size, n_objects=500, seed=1)
+    return out
+
+
+def objects_file(directory: Path, count: int) -> Path:
+    """A DiaObject table of ``count`` random positions on the detector (made once)."""
+    import pandas as pd
+
+    from forcedphot.exposure import open_exposure
+
+    path = directory / f"objects_{count}.parquet"
+    if not path.exists():
+        rng = np.random.default_rng(count)
+        with open_exposure(directory / "calexp.fits") as exposure:
+            x = rng.uniform(0, exposure.width - 1, count)
+            y = rng.uniform(0, exposure.height - 1, count)
+            ra, dec = exposure.wcs.all_pix2world(x, y, 0)
+        pd.DataFrame({"diaObjectId": np.arange(count, dtype=np.int64) + 1, "ra": ra, "dec": dec}).to_parquet(path)
+    return path
+
+
+def _load_for_peers(directory: Path, count: int, limit: int | None):
+    """Image, variance and pixel positions, read fully into memory (not timed)."""
+    import pandas as pd
+
+    from forcedphot.exposure import open_exposure
+
+    objects = pd.read_parquet(objects_file(directory, count))
+    if limit is not None:
+        objects = objects.iloc[:limit]
+    with open_exposure(directory / "calexp.fits") as exposure:
+        image, variance, _ = exposure.read_rows(0, exposure.height)
+        image, variance = np.array(image, dtype=np.float64), np.array(variance, dtype=np.float64)
+        x, y = exposure.wcs.all_world2pix(objects["ra"], objects["dec"], 0)
+        fwhm = float(exposure.header["PSF_FWHM"])
+    return image, variance, x, y, fwhm
+
+
+def run_engine(directory: Path, count: int) -> int:
+    from forcedphot.cli import main
+
+    out = directory / f"forced_{count}.parquet"
+    args = ["measure", str(directory / "calexp.fits"), str(objects_file(directory, count)), "-o", str(out), "--backend", "numpy"]
+    with open(os.devnull, "w") as sink:
+        stdout, sys.stdout = sys.stdout, sink
+        try:
+            assert main(args) == 0
+        finally:
+            sys.stdout = stdout
+    return count
+
+
+def run_kernels(directory: Path, count: int, which: str = "all") -> tuple[int, float]:
+    """Stage first (untimed), then time kernels alone; returns (count, seconds).
+
+    ``which``: "all" (every measurement), "psf" (PSF flux on PSF-sized stamps) or "ap"
+    (the five apertures on stamps just large enough for them).
+    """
+    import pandas as pd
+
+    from forcedphot.backend import select_backend
+    from forcedphot.config import MeasurementConfig
+    from forcedphot.cutouts import stage_cutouts
+    from forcedphot.engine import _Kernels, cutout_half_size
+    from forcedphot.exposure import open_exposure
+    from forcedphot.kernels.aperture import aperture_fluxes
+    from forcedphot.psf_models import load_psf
+
+    objects = pd.read_parquet(objects_file(directory, count))
+    config = MeasurementConfig(backend="numpy")
+    with open_exposure(directory / "calexp.fits") as exposure:
+        psf = load_psf(fwhm_pixels=float(exposure.header["PSF_FWHM"]))
+        x, y = exposure.wcs.all_world2pix(objects["ra"], objects["dec"], 0)
+        sigma = psf.sigma(x, y)
+        size = {"all": 2 * cutout_half_size(psf, sigma, config) + 1, "psf": psf.stamp_size, "ap": 2 * int(np.ceil(max(RADII) + 1)) + 1}[which]
+        stacks = list(stage_cutouts(exposure, x, y, size, batch_bytes=config.batch_bytes, no_data_bit=exposure.mask_planes["NO_DATA"]))
+        kernels = _Kernels(select_backend("numpy"), exposure, psf, config)
+        start = time.perf_counter()
+        for stack in stacks:
+            if which == "all":
+                kernels.all(stack, x[stack.index], y[stack.index], sigma[stack.index])
+            elif which == "psf":
+                kernels.psf_only(stack, x[stack.index], y[stack.index])
+            else:
+                valid = stack.inside & np.isfinite(stack.image) & np.isfinite(stack.variance)
+                aperture_fluxes(stack.image, stack.variance, valid, stack.cx, stack.cy, RADII)
+        return count, time.perf_counter() - start
+
+
+def run_photutils_ap(directory: Path, count: int) -> tuple[int, float]:
+    from photutils.aperture import CircularAperture, aperture_photometry
+
+    image, variance, x, y, _ = _load_for_peers(directory, count, None)
+    start = time.perf_counter()
+    apertures = [CircularAperture(np.column_stack([x, y]), r=r) for r in RADII]
+    aperture_photometry(image, apertures, error=np.sqrt(variance), method="exact")
+    return count, time.perf_counter() - start
+
+
+def run_photutils_psf(directory: Path, count: int, limit: int) -> tuple[int, float]:
+    from astropy.table import QTable
+    from photutils.psf import CircularGaussianPRF, PSFPhotometry
+
+    from forcedphot.psf_models import load_psf
+
+    image, variance, x, y, fwhm = _load_for_peers(directory, count, limit)
+    model = CircularGaussianPRF(fwhm=fwhm)
+    model.x_0.fixed = True
+    model.y_0.fixed = True
+    size = load_psf(fwhm_pixels=fwhm).stamp_size
+    phot = PSFPhotometry(model, fit_shape=(size, size), aperture_radius=3)
+    start = time.perf_counter()
+    phot(image, error=np.sqrt(variance), init_params=QTable({"x": x, "y": y, "flux": np.full(len(x), 1000.0)}))
+    return len(x), time.perf_counter() - start
+
+
+def run_sep_ap(directory: Path, count: int) -> tuple[int, float]:
+    import sep
+
+    image, variance, x, y, _ = _load_for_peers(directory, count, None)
+    start = time.perf_counter()
+    for r in RADII:
+        sep.sum_circle(image, x, y, r, var=variance, subpix=0)
+    return count, time.perf_counter() - start
+
+
+def child(method: str, directory: Path, count: int, limit: int) -> None:
+    """Run one method; print JSON with objects, seconds and peak RSS."""
+    if method == "engine":
+        start = time.perf_counter()
+        n = run_engine(directory, count)
+        seconds = time.perf_counter() - start
+    elif method == "photutils-psf":
+        n, seconds = run_photutils_psf(directory, count, limit)
+    elif method.startswith("kernels"):
+        n, seconds = run_kernels(directory, count, method.partition("-")[2] or "all")
+    else:
+        n, seconds = {"photutils-ap": run_photutils_ap, "sep-ap": run_sep_ap}[method](directory, count)
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"objects": n, "seconds": seconds, "peak_mb": peak_mb}))
+
+
+METHODS = ("engine", "kernels", "kernels-psf", "photutils-psf", "kernels-ap", "sep-ap", "photutils-ap")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", type=int, default=4096)
+    parser.add_argument("--counts", default="1000,10000,100000")
+    parser.add_argument("--photutils-psf-max", type=int, default=1000)
+    parser.add_argument("--child", nargs=3, metavar=("METHOD", "DIR", "COUNT"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(args.child[0], Path(args.child[1]), int(args.child[2]), args.photutils_psf_max)
+        return
+
+    directory = demo_dir(args.size)
+    counts = [int(c) for c in args.counts.split(",")]
+    for count in counts:
+        objects_file(directory, count)
+    print(f"demo exposure {args.size}x{args.size}: {directory}; python {sys.version.split()[0]}, {os.cpu_count()} cores")
+    header = f"{'objects':>8} {'method':<14} {'measured':>8} {'seconds':>9} {'objects/s':>11} {'peak MB':>8}"
+    print(header)
+    print("-" * len(header))
+    for count in counts:
+        rates = {}
+        for method in METHODS:
+            cmd = [sys.executable, __file__, "--child", method, str(directory), str(count), "--photutils-psf-max", str(args.photutils_psf_max)]
+            result = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
+            rate = result["objects"] / result["seconds"]
+            rates[method] = rate
+            note = f"  (subsample of {result['objects']})" if result["objects"] < count else ""
+            print(f"{count:>8} {method:<14} {result['objects']:>8} {result['seconds']:>9.3f} {rate:>11.0f} {result['peak_mb']:>8.0f}{note}")
+        print(
+            f"{'':>8} ratios: kernels-psf/photutils-psf = {rates['kernels-psf'] / rates['photutils-psf']:.0f}x, "
+            f"engine/photutils-psf = {rates['engine'] / rates['photutils-psf']:.0f}x, "
+            f"kernels-ap/sep-ap = {rates['kernels-ap'] / rates['sep-ap']:.2f}x, "
+            f"kernels-ap/photutils-ap = {rates['kernels-ap'] / rates['photutils-ap']:.1f}x"
+        )
+
+
+if __name__ == "__main__":
+    main()
