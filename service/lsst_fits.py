@@ -167,6 +167,7 @@ def _archive_hdus(calibration_mean: float, calibration_err: float) -> list[fits.
         ],
         name="PhotoCalib",
     )
+    photocalib.header["EXTNAME"] = "PhotoCalib"  # astropy upper-cases ``name=``; afw does not
     photocalib.header["EXTTYPE"] = "ARCHIVE_DATA"
     photocalib.header["AR_CATN"] = (1, "catalog number within the archive")
     photocalib.header["AR_NAME"] = "PhotoCalib"
@@ -228,7 +229,7 @@ def write_lsst_exposure(
         raise ValueError("wcs has no celestial axes")
 
     primary = fits.PrimaryHDU()
-    primary.header[_card_key("EXPINFO_V")] = (_EXPINFO_VERSION, "Version of ExposureInfo serialization")
+    primary.header[_card_key("EXPINFO_V")] = (_EXPINFO_VERSION, "ExposureInfo FITS version")
     for key, value in (metadata or {}).items():
         primary.header[_card_key(key)] = value
 
