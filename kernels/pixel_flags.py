@@ -1,0 +1,132 @@
+"""Mask-plane flags in the footprint and the central 3x3 box, as LSST ``base_PixelFlags``.
+
+Reference: lsst/meas_base ``src/PixelFlags.cc`` (``PixelFlagsAlgorithm::measure``) and
+``python/lsst/meas/base/forcedMeasurement.py`` (``_attachPsfShapeFootprints``), read for
+this module.
+
+Footprint
+---------
+Forced measurement from a DataFrame builds each footprint from the PSF: the ellipse of
+the PSF second moments at the object's position, scaled by ``psfFootprintScaling = 3``,
+turned into pixels with ``SpanSet::fromShape`` and clipped to the image bbox. For a round
+PSF that is the disc of radius ``footprint_radius = 3 sigma`` with afw's rim rule
+(:func:`~forcedphot.kernels.local_background.disc_membership`: centres at distance
+``<= r``, none on a row tangent to the circle). The footprint's peak, the nearest pixel
+``(floor(cx + 0.5), floor(cy + 0.5))``, is always counted here; LSST records it as a peak
+only, which makes a difference only for ``r < 0.71`` px. Pixels with ``inside`` False
+(padding beyond the image edge) are never looked at: that is the clip to the image.
+
+Flags, for each plane ``p`` with bit ``b``
+----------------------------------------
+* ``p``: bit ``b`` set in any footprint pixel (LSST ``_anyBits``).
+* ``pCenter``: bit set in any pixel of the 3x3 box centred on the nearest pixel
+  (lower-left ``(floor(cx + 0.5) - 1, floor(cy + 0.5) - 1)``, afw ``positionToIndex``),
+  clipped to the image.
+* ``pCenterAll``: bit set in every pixel of that clipped box (LSST ``_allBits``). afw
+  starts ``_allBits`` at all-ones, so when the clipped box is empty (the centre lies more
+  than 1.5 px off the image) every ``CenterAll`` flag is True; kept here (an ``all`` over no
+  pixels).
+* ``nodata`` in the footprint also sets ``edge`` (``PixelFlags.cc``: "Set the EDGE flag if
+  the bitmask has NO_DATA set"), when both names are in ``planes``.
+
+Not here: ``offimage`` (centre outside ``Box2D(bbox)``), which also sets edge, edgeCenter
+and edgeCenterAll, is the caller's; so is the general ``flag`` for a non-finite centre
+(LSST sets the footprint flags and skips the centre ones; here a NaN centre finds no
+pixel: any-flags False, CenterAll True).
+
+Work
+----
+Only the window of stamp rows and columns that holds some object's footprint or box is
+read (its bounds come from the positions and radii), so the cost scales with the
+footprint area, not with ``K^2``.
+"""
+
+from math import ceil, floor
+from typing import Any
+
+from array_api_compat import array_namespace
+
+from .local_background import disc_membership
+
+Array = Any
+
+
+def _window(xp: Any, c: Array, r: Array, k: int) -> tuple[int, int]:
+    """Half-open range of stamp indices along one axis that holds every object's footprint
+    (``c +- r``) and 3x3 box, clipped to ``[0, k)``; empty if no object is finite."""
+    near = xp.floor(c + 0.5)
+    r = xp.where(xp.isfinite(r), r, xp.asarray(0.0, dtype=xp.float64))
+    lo = xp.minimum(near - 1.0, xp.floor(c - r))
+    hi = xp.maximum(near + 1.0, xp.ceil(c + r))
+    ok = xp.isfinite(lo) & xp.isfinite(hi)
+    if not bool(xp.any(ok)):
+        return 0, 0
+    inf = xp.asarray(float("inf"), dtype=xp.float64)
+    start = min(max(floor(float(xp.min(xp.where(ok, lo, inf)))), 0), k)
+    stop = max(min(ceil(float(xp.max(xp.where(ok, hi, -inf)))) + 1, k), start)
+    return start, stop
+
+
+def pixel_flags(
+    mask: Array,
+    inside: Array,
+    cx: Array,
+    cy: Array,
+    footprint_radius: Array,
+    planes: dict[str, int],
+) -> dict[str, Array]:
+    """LSST pixel flags from a stack of mask cutouts.
+
+    Parameters
+    ----------
+    mask : (N, K, K) integer array of mask bits (afw MASK plane values).
+    inside : (N, K, K) bool, pixel lies on the image (padding beyond the edge is False).
+    cx, cy : (N,) float, object position in stamp pixel coordinates (centre of pixel
+        ``[j, i]`` at ``(i, j)``).
+    footprint_radius : (N,) float, footprint radius in px (``3 sigma`` for a PSF
+        footprint); a non-finite radius leaves the peak pixel only.
+    planes : flag name -> bit number (0..30), e.g. ``{"edge": 4, "nodata": 8, ...}``.
+
+    Returns
+    -------
+    dict with, for each name ``p``: ``p``, ``p + "Center"``, ``p + "CenterAll"``, each an
+    (N,) bool array (see the module docstring for their exact meaning).
+    """
+    xp = array_namespace(mask, inside, cx, cy, footprint_radius)
+    if mask.ndim != 3 or mask.shape[1] != mask.shape[2] or inside.shape != mask.shape:
+        raise ValueError(
+            f"pixel_flags: mask and inside must be (N, K, K) alike, got {mask.shape}, {inside.shape}"
+        )
+    if not xp.isdtype(mask.dtype, "integral"):
+        raise ValueError(f"pixel_flags: mask must hold integers, got {mask.dtype}")
+    for name, bit in planes.items():
+        if not 0 <= int(bit) <= 30:
+            raise ValueError(f"pixel_flags: bit for plane {name!r} must be in 0..30, got {bit}")
+    k = mask.shape[1]
+    cx = xp.astype(cx, xp.float64)
+    cy = xp.astype(cy, xp.float64)
+    r = xp.astype(footprint_radius, xp.float64)
+
+    x0, x1 = _window(xp, cx, r, k)
+    y0, y1 = _window(xp, cy, r, k)
+    sub = mask[:, y0:y1, x0:x1]
+    on_image = inside[:, y0:y1, x0:x1]
+    xs = xp.arange(x0, x1, dtype=xp.float64)[None, None, :]
+    ys = xp.arange(y0, y1, dtype=xp.float64)[None, :, None]
+    ccx, ccy, rr = cx[:, None, None], cy[:, None, None], r[:, None, None]
+    near_x, near_y = xp.floor(ccx + 0.5), xp.floor(ccy + 0.5)
+
+    dy2 = (ys - ccy) ** 2
+    footprint = disc_membership((xs - ccx) ** 2 + dy2, dy2, rr * rr)
+    footprint = (footprint | ((xs == near_x) & (ys == near_y))) & on_image
+    box = (xp.abs(xs - near_x) <= 1.0) & (xp.abs(ys - near_y) <= 1.0) & on_image
+
+    out: dict[str, Array] = {}
+    for name, bit in planes.items():
+        has_bit = (sub & (1 << int(bit))) != 0
+        out[name] = xp.any(footprint & has_bit, axis=(1, 2))
+        out[name + "Center"] = xp.any(box & has_bit, axis=(1, 2))
+        out[name + "CenterAll"] = ~xp.any(box & ~has_bit, axis=(1, 2))
+    if "edge" in out and "nodata" in out:
+        out["edge"] = out["edge"] | out["nodata"]
+    return out
