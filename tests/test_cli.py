@@ -1,0 +1,113 @@
+"""The command line contract: outputs, summary line, exit code 2 with a named problem."""
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+from astropy.io import fits
+
+from forcedphot.catalog import read_provenance
+from forcedphot.cli import main
+
+from scenes import render_stars, sip_wcs, write_exposure
+
+SIDE = 160
+SIGMA = 1.5
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cli")
+    rng = np.random.default_rng(4)
+    x, y = rng.uniform(20, 140, 30), rng.uniform(20, 140, 30)
+    flux = rng.uniform(1e3, 1e4, 30)
+    wcs = sip_wcs(SIDE, SIDE)
+    image = render_stars((SIDE, SIDE), x, y, flux, SIGMA) + rng.normal(0, 3, (SIDE, SIDE))
+    exposure = write_exposure(d / "calexp.fits", image, np.full(image.shape, 9.0), wcs=wcs)
+    ra, dec = wcs.all_pix2world(np.append(x, 900.0), np.append(y, 900.0), 0)
+    objects = pd.DataFrame({"diaObjectId": np.arange(31) + 100, "ra": ra, "dec": dec})
+    objects.to_parquet(d / "objects.parquet")
+    objects.to_csv(d / "objects.csv", index=False)
+    return {"dir": d, "exposure": exposure, "objects": d / "objects.parquet", "csv": d / "objects.csv", "wcs": wcs}
+
+
+def measure(files, *extra, objects=None, exposure=None):
+    out = files["dir"] / "out.parquet"
+    args = ["measure", str(exposure or files["exposure"]), str(objects or files["objects"]), "-o", str(out), "--backend", "numpy", *extra]
+    return main(args), out
+
+
+def test_measure_writes_parquet_with_units_and_provenance(files, capsys):
+    code, out = measure(files, "--psf-fwhm", "3.53", "--apertures", "3,6")
+    assert code == 0
+    summary = capsys.readouterr().out
+    assert "31 objects in, 30 on the detector, 1 off" in summary and "numpy:cpu" in summary
+    table = pq.read_table(out)
+    assert table.num_rows == 30
+    assert {"apFlux_3", "apFlux_6", "apFluxErr_6", "psfFlux", "pixelFlags_offimage"} <= set(table.column_names)
+    assert "apFlux_4_5" not in table.column_names
+    assert table.schema.field("psfFlux").metadata[b"unit"] == b"nJy"
+    provenance = read_provenance(out)
+    assert provenance["exposure"]["path"] == str(files["exposure"])
+    assert provenance["config"]["apertures_px"] == [3.0, 6.0]
+
+
+def test_csv_objects_and_csv_output(files):
+    out = files["dir"] / "out.csv"
+    code = main(["measure", str(files["exposure"]), str(files["csv"]), "-o", str(out), "--psf-fwhm", "3.5", "--backend", "numpy"])
+    assert code == 0
+    assert len(pd.read_csv(out)) == 30
+
+
+def bad_objects(files, name, frame):
+    path = files["dir"] / name
+    frame.to_parquet(path)
+    return path
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("missing_column", "missing column(s) dec"),
+        ("duplicate", "duplicate diaObjectId 5"),
+        ("empty", "empty"),
+        ("no_psf", "no PSF given"),
+        ("bad_psf", "bad.psf"),
+        ("no_wcs", "WCS"),
+        ("truncated", "truncated.fits"),
+        ("not_fits", "notfits.fits"),
+        ("cupy", "cupy"),
+    ],
+)
+def test_bad_input_exits_2_with_a_named_problem(files, capsys, case, message):
+    psf = ["--psf-fwhm", "3.5"]
+    kwargs = {}
+    d = files["dir"]
+    if case == "missing_column":
+        kwargs["objects"] = bad_objects(files, "nodec.parquet", pd.DataFrame({"diaObjectId": [1], "ra": [1.0]}))
+    elif case == "duplicate":
+        kwargs["objects"] = bad_objects(files, "dup.parquet", pd.DataFrame({"diaObjectId": [5, 5], "ra": [1.0, 2.0], "dec": [0.0, 0.0]}))
+    elif case == "empty":
+        kwargs["objects"] = bad_objects(files, "empty.parquet", pd.DataFrame({"diaObjectId": pd.Series([], dtype="int64"), "ra": [], "dec": []}))
+    elif case == "no_psf":
+        psf = []
+    elif case == "bad_psf":
+        (d / "bad.psf").write_bytes(b"SIMPLE  = this is not a PSFEx file")
+        psf = ["--psf", str(d / "bad.psf")]
+    elif case == "no_wcs":
+        fits.HDUList([fits.PrimaryHDU(np.zeros((10, 10), np.float32))]).writeto(d / "nowcs.fits", overwrite=True)
+        kwargs["exposure"] = d / "nowcs.fits"
+    elif case == "truncated":
+        data = files["exposure"].read_bytes()
+        (d / "truncated.fits").write_bytes(data[: len(data) // 2])
+        kwargs["exposure"] = d / "truncated.fits"
+    elif case == "not_fits":
+        (d / "notfits.fits").write_text("hello")
+        kwargs["exposure"] = d / "notfits.fits"
+    elif case == "cupy":
+        psf = psf + ["--backend", "cupy"]
+    code, _ = measure(files, *psf, **kwargs)
+    err = capsys.readouterr().err
+    assert code == 2
+    assert message in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
