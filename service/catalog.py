@@ -145,6 +145,7 @@ def build_catalog(
     results: dict[str, np.ndarray],
     *,
     on_image: np.ndarray,
+    coord_valid: np.ndarray,
     cd_matrix: np.ndarray,
     primary,
     science=None,
@@ -154,7 +155,8 @@ def build_catalog(
     """Assemble the DiaForcedSource catalog, one row per object in ``objects``.
 
     ``results`` holds the kernels' instrumental outputs (full length, NaN/False for rows
-    not measured); ``on_image`` marks measured rows, the others are flagged offimage.
+    not measured); ``on_image`` marks measured rows, the others are flagged offimage;
+    ``coord_valid`` False gives ``coord_flag`` (ra/dec non-finite or out of range).
     ``primary`` is the exposure measured (the difference image in difference mode);
     ``science`` and ``science_results`` give ``scienceFlux`` when present.
     """
@@ -225,6 +227,7 @@ def build_catalog(
         localBackground_flag=background_no_good | ~np.isfinite(background),
         localBackground_flag_noGoodPixels=background_no_good,
     )
+    columns["coord_flag"] = ~np.asarray(coord_valid, dtype=bool)
     columns["pixelFlags_offimage"] = off
     for name in ("edge", "nodata", "interpolated", "saturated", "cr", "bad", "suspect"):
         for suffix in ("", "Center", "CenterAll"):

@@ -192,7 +192,10 @@ def measure(
     coord_valid = objects["coord_valid"].to_numpy()
     selection = select_on_image(primary.wcs, primary.width, primary.height, ra, dec, coord_valid)
     on = np.flatnonzero(selection.on_image)
-    rows = np.arange(len(objects)) if config.include_offimage else on
+    # rows returned: on the detector, those with unusable coordinates (flagged, so the
+    # caller sees them), and on request those off the detector
+    returned = selection.on_image | ~coord_valid | config.include_offimage
+    rows = np.flatnonzero(returned)
     measured_mask = selection.on_image[rows]
     measured_rows = np.flatnonzero(measured_mask)  # positions within `rows`
     x, y = selection.x[rows], selection.y[rows]
@@ -237,6 +240,7 @@ def measure(
         y + primary.y0,
         results,
         on_image=measured_mask,
+        coord_valid=coord_valid[rows],
         cd_matrix=cd,
         primary=primary,
         science=science if difference is not None else None,

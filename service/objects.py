@@ -3,8 +3,8 @@
 A table needs ``diaObjectId`` (integer, unique), ``ra`` and ``dec`` (ICRS degrees; older
 tables name it ``decl``). Table-level problems raise :class:`InputError` naming the
 column or the offending ids; per-row coordinate problems (NaN, |dec| > 90, ra outside
-[0, 360)) are not fatal: those rows are marked in the ``coord_valid`` column and reported
-flagged, never measured.
+[0, 360)) are not fatal: those rows are marked in the ``coord_valid`` column; the engine
+returns them with ``coord_flag`` and ``pixelFlags_offimage`` set, never measured.
 """
 
 import io

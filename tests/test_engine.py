@@ -167,3 +167,18 @@ def test_difference_mode(scene, tmp_path):
     np.testing.assert_allclose(cat["scienceFlux"], scene["flux"] * CALIB, rtol=1e-4)
     assert not cat["scienceFlux_flag"].any()
     assert result.provenance["science"]["path"] == str(scene["path"])
+
+
+def test_rows_with_bad_coordinates_come_back_flagged(scene):
+    objects = scene["objects"].copy()
+    objects.loc[0, "ra"] = np.nan
+    objects.loc[1, "dec"] = 91.0
+    result = run(scene["path"], validate_objects(objects.drop(columns="coord_valid")))
+    cat = result.catalog.set_index("diaObjectId")
+    ids = objects["diaObjectId"].to_numpy()
+    assert result.n_invalid_coords == 2 and result.n_on_detector == scene["n_grid"] + 1
+    for k in (0, 1):
+        assert cat.loc[ids[k], "coord_flag"] and cat.loc[ids[k], "pixelFlags_offimage"]
+        assert np.isnan(cat.loc[ids[k], "psfFlux"])
+    assert not cat.loc[ids[2], "coord_flag"]
+    assert ids[-1] not in cat.index  # off the detector, valid coordinates: left out
