@@ -368,8 +368,21 @@ class PsfexPsf:
         return adaptive_moments(self._resampled(x, y, middle, middle, np))
 
     def sigma(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
-        """(N,) adaptive-moment determinant radius of the model at (x, y), pixels."""
-        return determinant_radius(self.shape(x, y))
+        """(N,) adaptive-moment determinant radius of the model near (x, y), pixels.
+
+        Evaluated once per cell of :data:`SIGMA_CELL_PX` pixels, at the cell centre: the
+        model is a low-order polynomial over the whole detector, so the width changes
+        negligibly within a cell, and the cost scales with the cells, not the objects
+        (adaptive moments cost ~0.4 ms per evaluation).
+        """
+        x, y = _positions(x, y)
+        cells = np.floor(np.stack([x, y], axis=1) / SIGMA_CELL_PX)
+        unique, inverse = np.unique(cells, axis=0, return_inverse=True)
+        centres = (unique + 0.5) * SIGMA_CELL_PX
+        return determinant_radius(self.shape(centres[:, 0], centres[:, 1]))[inverse.ravel()]
+
+
+SIGMA_CELL_PX = 128.0
 
 
 def load_psf(*, fwhm_pixels: float | None = None, path: str | None = None,

@@ -13,6 +13,7 @@ from astropy.io import fits
 
 from forcedphot.kernels.psf_stamps import gaussian_stamps
 from forcedphot.psf_models import (
+    determinant_radius,
     GaussianPsf,
     ImagePsf,
     PsfError,
@@ -121,7 +122,10 @@ def test_psfex_dc_conservation_matters(psfex, des):
 
 def test_psfex_sigma_matches_galsim_hsm(psfex, des):
     shape = psfex.shape(X, Y)
-    sigma = psfex.sigma(X, Y)
+    sigma = determinant_radius(shape)
+    # sigma() evaluates once per 128 px cell: within a cell the width changes by at most
+    # 0.2% (measured 2.0e-3 at a CCD corner), i.e. 0.06 px on a 15-sigma annulus radius
+    np.testing.assert_allclose(psfex.sigma(X, Y), sigma, rtol=3e-3)
     for n, (x, y) in enumerate(zip(X, Y)):
         image = des.getPSF(galsim.PositionD(x + 1, y + 1)).drawImage(nx=25, ny=25, scale=1.0,
                                                                       method="no_pixel")
