@@ -1,9 +1,9 @@
 """Stage pixel cutouts of many objects as ``(N, K, K)`` stacks, in memory-bounded batches.
 
 Objects are sorted by row, so each batch covers a band of image rows: the band is read
-once (memory-mapped rows, or a tile-compressed section), padded by ``h = K // 2`` pixels
-on every side with NO_DATA, and every object's window is gathered from it in one
-vectorised indexing step (no Python loop over objects).
+once (a memory-mapped view, or a tile-compressed section) and every object's window is
+gathered from it in one vectorised indexing step (no Python loop over objects); windows
+crossing the image edge are padded with NO_DATA.
 
 Cutout convention: for an object at local position ``(x, y)`` the cutout is centred on
 the nearest pixel ``(floor(x + 0.5), floor(y + 0.5))``; cutout pixel ``[n, j, i]`` is
@@ -79,37 +79,47 @@ def stage_cutouts(reader: RowReader, x: np.ndarray, y: np.ndarray, size: int, *,
 
 
 def _stage_band(reader: RowReader, index, ix, iy, x, y, h: int, no_data_bit: int) -> CutoutStack:
-    """Read the rows the objects need and gather their windows from the padded band."""
-    band_lo, band_hi = int(iy.min()) - h, int(iy.max()) + h + 1  # rows the windows span
-    read_lo, read_hi = max(band_lo, 0), min(band_hi, reader.height)
-    width = reader.width
-    cols_lo, cols_hi = int(ix.min()) - h, int(ix.max()) + h + 1
-    shape = (band_hi - band_lo, cols_hi - cols_lo)
-    image = np.full(shape, np.nan, dtype=np.float32)
-    variance = np.full(shape, np.nan, dtype=np.float32)
-    mask = np.full(shape, 1 << no_data_bit, dtype=np.int32)
-    inside = np.zeros(shape, dtype=bool)
-    if read_lo < read_hi:
-        c_lo, c_hi = max(cols_lo, 0), min(cols_hi, width)
-        if c_lo < c_hi:
-            planes = reader.read_rows(read_lo, read_hi)
-            rows = slice(read_lo - band_lo, read_hi - band_lo)
-            cols = slice(c_lo - cols_lo, c_hi - cols_lo)
-            for padded, plane in zip((image, variance, mask), planes):
-                padded[rows, cols] = plane[:, c_lo:c_hi]
-            inside[rows, cols] = True
-    size = 2 * h + 1
-    row0, col0 = iy - h - band_lo, ix - h - cols_lo  # window corners in the padded band
+    """Gather the objects' windows from the band of rows they span.
 
-    def gather(padded: np.ndarray) -> np.ndarray:
-        return sliding_window_view(padded, (size, size))[row0, col0]
+    Windows wholly on the image are taken straight from the band (a memory-mapped view
+    where the file allows, so only their pages are touched); the few that cross an edge
+    are gathered with clipped indices and padded with NO_DATA.
+    """
+    size = 2 * h + 1
+    height, width = reader.height, reader.width
+    read_lo, read_hi = max(int(iy.min()) - h, 0), min(int(iy.max()) + h + 1, height)
+    planes = reader.read_rows(read_lo, read_hi)
+    n = len(index)
+    image = np.empty((n, size, size), np.float32)
+    variance = np.empty((n, size, size), np.float32)
+    mask = np.empty((n, size, size), np.int32)
+    inside = np.ones((n, size, size), bool)
+    stacks = (image, variance, mask)
+
+    interior = (ix - h >= 0) & (ix + h < width) & (iy - h >= 0) & (iy + h < height)
+    inner = np.flatnonzero(interior)
+    if inner.size:
+        for stack, plane in zip(stacks, planes):
+            stack[inner] = sliding_window_view(plane, (size, size))[iy[inner] - h - read_lo, ix[inner] - h]
+
+    edge = np.flatnonzero(~interior)
+    if edge.size:
+        offsets = np.arange(size) - h
+        rows, cols = iy[edge, None] + offsets, ix[edge, None] + offsets
+        on = ((rows >= 0) & (rows < height))[:, :, None] & ((cols >= 0) & (cols < width))[:, None, :]
+        r = (np.clip(rows, 0, height - 1) - read_lo)[:, :, None]
+        c = np.clip(cols, 0, width - 1)[:, None, :]
+        fills = (np.float32(np.nan), np.float32(np.nan), np.int32(1 << no_data_bit))
+        for stack, plane, fill in zip(stacks, planes, fills):
+            stack[edge] = np.where(on, plane[r, c], fill)
+        inside[edge] = on
 
     return CutoutStack(
         index=index,
-        image=gather(image),
-        variance=gather(variance),
-        mask=gather(mask),
-        inside=gather(inside),
+        image=image,
+        variance=variance,
+        mask=mask,
+        inside=inside,
         cx=h + x[index] - ix,
         cy=h + y[index] - iy,
     )

@@ -145,11 +145,15 @@ class Exposure:
     def read_rows(self, y_start: int, y_stop: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Read local rows ``[y_start, y_stop)`` of the image, variance and mask.
 
-        Returns float32 image (image units), float32 variance (image units squared) and
-        int32 mask arrays, each shaped ``(y_stop - y_start, width)``. Only those rows are
-        read: memory-mapped reads for plain HDUs, only the overlapping tiles for
-        tile-compressed ones (both through astropy's ``.section``). NaN image pixels are
-        returned as NaN. The caller clips the range to ``0 <= y_start <= y_stop <= height``.
+        Returns the image (image units), variance (image units squared), each of float32
+        values, and the int32 mask bits, each shaped ``(y_stop - y_start, width)``. Only
+        those rows are read. Plain unscaled HDUs come back as read-only memory-mapped
+        views in the file's byte order (nothing is copied until a caller gathers from
+        them, so sparse cutouts touch only their pages; a missing variance or mask is a
+        broadcast constant); tile-compressed HDUs decompress only the overlapping tiles
+        (astropy ``.section``) into native arrays. Callers must not write to the result.
+        NaN image pixels are returned as NaN. The caller clips the range to
+        ``0 <= y_start <= y_stop <= height``.
         """
         if not 0 <= y_start <= y_stop <= self.height:
             raise ExposureError(
@@ -161,14 +165,14 @@ class Exposure:
         try:
             image = _read_band(self._image_hdu, y_start, y_stop, np.float32)
             if self._variance_hdu is None:
-                variance = np.full(image.shape, self._constant_variance, dtype=np.float32)
+                variance = np.broadcast_to(np.float32(self._constant_variance), image.shape)
             elif self._variance_is_weight:
                 variance = _weight_to_variance(
                     _read_band(self._variance_hdu, y_start, y_stop, np.float64))
             else:
                 variance = _read_band(self._variance_hdu, y_start, y_stop, np.float32)
             if self._mask_hdu is None:
-                mask = np.zeros(image.shape, dtype=np.int32)
+                mask = np.broadcast_to(np.int32(0), image.shape)
             else:
                 mask = _read_mask_band(self._mask_hdu, y_start, y_stop)
         except (OSError, ValueError, TypeError, IndexError, EOFError) as exc:
@@ -373,13 +377,30 @@ def _merged_header(primary: fits.Header, image: fits.Header, image_is_primary: b
 # --- pixels -----------------------------------------------------------------------------
 
 
+def _memory_mapped(hdu: _ImageHDU) -> np.ndarray | None:
+    """The HDU's pixels as a memory map when they are stored plainly (no compression,
+    no BSCALE/BZERO scaling), else None."""
+    if isinstance(hdu, fits.CompImageHDU):
+        return None
+    if hdu.header.get("BSCALE", 1) != 1 or hdu.header.get("BZERO", 0) != 0:
+        return None
+    return hdu.data
+
+
 def _read_band(hdu: _ImageHDU, y_start: int, y_stop: int, dtype: type) -> np.ndarray:
-    """Rows [y_start, y_stop) of ``hdu`` as a native-endian array of ``dtype`` (a copy)."""
+    """Rows [y_start, y_stop) of ``hdu`` with values of ``dtype``: a memory-mapped view in
+    the file's byte order when the file stores exactly that type, else a decoded copy."""
+    mapped = _memory_mapped(hdu)
+    if mapped is not None and mapped.dtype.newbyteorder("=") == np.dtype(dtype):
+        return mapped[y_start:y_stop]
     return np.array(hdu.section[y_start:y_stop, :], dtype=dtype)
 
 
 def _read_mask_band(hdu: _ImageHDU, y_start: int, y_stop: int) -> np.ndarray:
     """Mask rows as int32 bit fields (uint32 planes are reinterpreted bit for bit)."""
+    mapped = _memory_mapped(hdu)
+    if mapped is not None and mapped.dtype.newbyteorder("=") == np.dtype(np.int32):
+        return mapped[y_start:y_stop]
     band = np.asarray(hdu.section[y_start:y_stop, :])
     if band.dtype.kind == "u" and band.dtype.itemsize == 4:
         return band.astype(np.uint32).view(np.int32)

@@ -92,3 +92,26 @@ def test_band_reads_cover_only_needed_rows():
 def test_even_size_is_refused():
     with pytest.raises(ValueError, match="odd"):
         next(stage_cutouts(ArrayReader(), np.array([1.0]), np.array([1.0]), 10, batch_bytes=10**6, no_data_bit=NO_DATA))
+
+
+class ViewReader(ArrayReader):
+    """Returns what a memory-mapped FITS file gives: big-endian views, broadcast constants."""
+
+    def read_rows(self, y_start, y_stop):
+        self.reads.append((y_start, y_stop))
+        image = self.image.astype(">f4")[y_start:y_stop]
+        variance = np.broadcast_to(np.float32(1.5), image.shape)
+        mask = self.mask.astype(">i4")[y_start:y_stop]
+        return image, variance, mask
+
+
+def test_big_endian_views_and_broadcast_planes_are_converted():
+    reader = ViewReader()
+    x, y = np.array([3.0, 45.2, 88.9]), np.array([60.0, 60.4, 2.0])
+    out, *_ = staged(reader, x, y, 9)
+    expected, *_ = staged(ArrayReader(), x, y, 9)
+    assert out["image"].dtype == np.float32 and out["image"].dtype.isnative
+    np.testing.assert_array_equal(out["image"], expected["image"])
+    np.testing.assert_array_equal(out["mask"], expected["mask"])
+    np.testing.assert_array_equal(out["variance"][out["inside"]], 1.5)
+    assert np.isnan(out["variance"][~out["inside"]]).all()
