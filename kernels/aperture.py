@@ -213,18 +213,26 @@ def aperture_fluxes(
         raise ValueError("radii must contain at least one aperture radius")
 
     zero = xp.asarray(0.0, dtype=f64)
-    data = xp.where(valid, xp.astype(image, f64), zero)
-    var = xp.where(valid, xp.astype(variance, f64), zero)
-    invalid = xp.logical_not(valid)
     cx = xp.astype(cx, f64)
     cy = xp.astype(cy, f64)
+    # Only pixels the largest circle can touch are converted (the stack may be larger,
+    # e.g. sized for a background annulus); smaller circles touch a subset of them.
+    cols_all, rows_all = _touched(xp, cx, max(radii), size), _touched(xp, cy, max(radii), size)
+    crop = (slice(None), slice(rows_all.start, rows_all.stop), slice(cols_all.start, cols_all.stop))
+    data = xp.where(valid[crop], xp.astype(image[crop], f64), zero)
+    var = xp.where(valid[crop], xp.astype(variance[crop], f64), zero)
+    invalid = xp.logical_not(valid[crop])
     lo_edge, hi_edge = -0.5, size - 0.5
 
     fluxes, errors, truncations = [], [], []
     for radius in radii:
         # Only the pixels some circle can touch; all others have w = 0.
         cols, rows = _touched(xp, cx, radius, size), _touched(xp, cy, radius, size)
-        window = (slice(None), slice(rows.start, rows.stop), slice(cols.start, cols.stop))
+        window = (
+            slice(None),
+            slice(rows.start - rows_all.start, rows.stop - rows_all.start),
+            slice(cols.start - cols_all.start, cols.stop - cols_all.start),
+        )
         w = _overlap_window(xp, cx, cy, xp.asarray(radius, dtype=f64), cols, rows)
         fluxes.append(xp.sum(w * data[window], axis=(1, 2)))
         errors.append(xp.sqrt(xp.sum(w * w * var[window], axis=(1, 2))))
