@@ -181,7 +181,9 @@ def _annulus_block(
     # cancellation (afw likewise accumulates about the clip centre).
     # Only runs within the first n_pixels entries are ever summed, so the +inf padding
     # beyond them never reaches a result.
-    ordered = xp.astype(ordered, xp.float64)
+    # Members sort before the +inf padding: columns past the largest count never matter.
+    longest = max(int(xp.max(n_pixels)), 1) if n_obj else 1
+    ordered = xp.astype(ordered[:, :longest], xp.float64)
     shifted = ordered - median[:, None]
     p1 = xp.cumulative_sum(shifted, axis=1)
     p2 = xp.cumulative_sum(shifted * shifted, axis=1)
