@@ -122,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--apertures", type=_radii, help="aperture radii in pixels, e.g. 3,6,12 (default 3,4.5,6,9,12)")
     m.add_argument("--backend", choices=("auto", "numpy", "cupy"), default="auto")
     m.add_argument("--include-offimage", action="store_true", help="also return objects off the detector, flagged")
-    m.add_argument("--batch-mib", type=int, default=512, help="memory bound per cutout batch, MiB (default 512)")
+    m.add_argument("--batch-mib", type=int, default=128, help="memory bound per cutout batch, MiB (default 128)")
     m.set_defaults(run=_measure)
 
     d = commands.add_parser("demo", help="write a synthetic LSST-layout visit with DiaObjects and truth")
