@@ -182,3 +182,37 @@ def test_rows_with_bad_coordinates_come_back_flagged(scene):
         assert np.isnan(cat.loc[ids[k], "psfFlux"])
     assert not cat.loc[ids[2], "coord_flag"]
     assert ids[-1] not in cat.index  # off the detector, valid coordinates: left out
+
+
+def test_psfex_model_through_the_engine(tmp_path):
+    """Stars drawn with the real DES PSFEx model are recovered through the CLI path.
+
+    The image origin is far from (0, 0): the PSF must be evaluated at LOCAL array
+    coordinates (PSFEx was fitted on the array), which the exact recovery checks.
+    """
+    from pathlib import Path
+
+    from forcedphot.psf_models import PsfexPsf
+
+    psf_path = Path(__file__).parent / "data" / "des" / "DECam_00154912_12_psfcat.psf"
+    psf = PsfexPsf(str(psf_path))
+    side, h = 300, psf.stamp_size // 2
+    rng = np.random.default_rng(8)
+    grid = np.arange(40, side - 40, 40)
+    gx, gy = np.meshgrid(grid, grid)
+    x, y = gx.ravel() + rng.uniform(-0.5, 0.5, gx.size), gy.ravel() + rng.uniform(-0.5, 0.5, gx.size)
+    flux = rng.uniform(1e3, 1e4, x.size)
+    image = np.zeros((side, side))
+    ix, iy = np.floor(x + 0.5).astype(int), np.floor(y + 0.5).astype(int)
+    for k, stamp in enumerate(psf.stamps(x, y, np)):
+        image[iy[k] - h : iy[k] + h + 1, ix[k] - h : ix[k] + h + 1] += flux[k] * stamp
+    wcs = sip_wcs(side, side)
+    path = write_exposure(tmp_path / "psfex.fits", image, np.full(image.shape, 1.0), wcs=wcs, x0=1500, y0=3000)
+    ra, dec = wcs.all_pix2world(x, y, 0)
+    objects = validate_objects(pd.DataFrame({"diaObjectId": np.arange(x.size), "ra": ra, "dec": dec}))
+    with open_exposure(path) as exposure:
+        cat = measure(exposure, objects, psf, MeasurementConfig(backend="numpy")).catalog.sort_values("diaObjectId")
+    np.testing.assert_allclose(cat["psfFlux_instFlux"], flux, rtol=1e-6)
+    # the same objects with a PSF evaluated at parent coordinates would be fitted worse
+    shifted = psf.stamps(x + 1500, y + 3000, np)
+    assert np.max(np.abs(shifted - psf.stamps(x, y, np))) > 1e-4
