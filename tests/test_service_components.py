@@ -1,0 +1,159 @@
+"""Service parts on their own: exposure cache (LRU in bytes, single flight), settings sources."""
+
+import os
+import threading
+
+import numpy as np
+import pytest
+
+from forcedphot import exposure_cache
+from forcedphot.exposure import ExposureError, open_exposure
+from forcedphot.exposure_cache import BYTES_PER_PIXEL, ExposureCache
+from forcedphot.settings import Settings, SettingsError, load_settings
+
+from scenes import sip_wcs, write_exposure
+
+SIDE = 64
+ENTRY_BYTES = SIDE * SIDE * BYTES_PER_PIXEL
+
+
+@pytest.fixture
+def files(tmp_path):
+    rng = np.random.default_rng(3)
+    paths = []
+    for i in range(3):
+        image = rng.normal(0, 1, (SIDE, SIDE))
+        paths.append(write_exposure(tmp_path / f"e{i}.fits", image, np.ones_like(image), wcs=sip_wcs(SIDE, SIDE), visit=i))
+    return paths
+
+
+@pytest.fixture
+def opened(monkeypatch):
+    """Counts open_exposure calls made by the cache."""
+    calls = []
+
+    def counting(path):
+        calls.append(str(path))
+        return open_exposure(path)
+
+    monkeypatch.setattr(exposure_cache, "open_exposure", counting)
+    return calls
+
+
+def test_lease_gives_the_file_pixels_and_metadata(files):
+    cache = ExposureCache(10 * ENTRY_BYTES)
+    with cache.lease(files[0]) as (cached, outcome), open_exposure(files[0]) as direct:
+        assert outcome == "miss"
+        for got, want in zip(cached.read_rows(5, 20), direct.read_rows(5, 20)):
+            np.testing.assert_array_equal(got, want)
+        assert (cached.width, cached.height, cached.visit, cached.calibration_mean) == (direct.width, direct.height, 0, direct.calibration_mean)
+        assert cached.wcs is not direct.wcs and np.allclose(cached.wcs.all_pix2world(3.0, 4.0, 0), direct.wcs.all_pix2world(3.0, 4.0, 0))
+        with pytest.raises(ValueError):
+            cached.read_rows(0, 1)[0][0, 0] = 1.0  # cached planes are read-only
+        with pytest.raises(ExposureError, match="outside"):
+            cached.read_rows(0, SIDE + 1)
+    assert cache.nbytes == ENTRY_BYTES and len(cache) == 1
+
+
+def test_lru_eviction_is_bounded_in_bytes(files, opened):
+    cache = ExposureCache(2 * ENTRY_BYTES)
+    outcomes = []
+    for path in (files[0], files[1], files[0], files[2], files[1], files[0]):
+        with cache.lease(path) as (_, outcome):
+            outcomes.append(outcome)
+            assert cache.nbytes <= 2 * ENTRY_BYTES
+    # e0 miss, e1 miss, e0 hit, e2 miss evicts e1 (least recent), e1 miss evicts e0, e0 miss
+    assert outcomes == ["miss", "miss", "hit", "miss", "miss", "miss"]
+    assert len(opened) == 5
+
+
+def test_concurrent_leases_open_the_file_once(files, opened, monkeypatch):
+    cache = ExposureCache(10 * ENTRY_BYTES)
+    gate = threading.Barrier(8)
+    slow_load = exposure_cache.InMemoryExposure.load
+
+    def load(exposure):
+        threading.Event().wait(0.2)  # hold the load so every thread arrives meanwhile
+        return slow_load(exposure)
+
+    monkeypatch.setattr(exposure_cache.InMemoryExposure, "load", staticmethod(load))
+    outcomes = []
+
+    def worker():
+        gate.wait()
+        with cache.lease(files[0]) as (exposure, outcome):
+            outcomes.append((outcome, float(exposure.read_rows(0, 1)[0][0, 0])))
+
+    threads = [threading.Thread(target=worker) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(opened) == 1
+    assert sorted(o for o, _ in outcomes) == ["hit"] * 7 + ["miss"]
+    assert len({v for _, v in outcomes}) == 1
+
+
+def test_replaced_file_is_read_again_and_too_large_bypasses(files, opened, tmp_path):
+    cache = ExposureCache(10 * ENTRY_BYTES)
+    with cache.lease(files[0]):
+        pass
+    os.replace(files[1], files[0])
+    with cache.lease(files[0]) as (exposure, outcome):
+        assert outcome == "miss" and exposure.visit == 1
+    small = ExposureCache(ENTRY_BYTES - 1)
+    with small.lease(files[2]) as (exposure, outcome):
+        assert outcome == "bypass" and exposure.height == SIDE
+    assert small.nbytes == 0
+    with pytest.raises(ExposureError, match="cannot read"):
+        with cache.lease(tmp_path / "missing.fits"):
+            pass
+
+
+def test_failed_load_is_not_cached_and_reaches_every_waiter(tmp_path, opened):
+    bad = tmp_path / "bad.fits"
+    bad.write_bytes(b"not fits at all" * 100)
+    cache = ExposureCache(10 * ENTRY_BYTES)
+    for _ in range(2):
+        with pytest.raises(ExposureError, match="bad.fits"):
+            with cache.lease(bad):
+                pass
+    assert len(opened) == 2 and len(cache) == 0
+
+
+# --- settings -------------------------------------------------------------------------------
+
+
+def test_settings_from_environment_lists_and_precedence(tmp_path, monkeypatch):
+    config = tmp_path / "forcedphot.toml"
+    config.write_text('max_objects = 10\ncache_bytes = 1234\npath_template = "{datasetType}/{visit}-{detector}.fits"\n')
+    monkeypatch.setenv("FORCEDPHOT_CONFIG_FILE", str(config))
+    monkeypatch.setenv("FORCEDPHOT_REPOSITORY_ROOTS", f"{tmp_path}/a, {tmp_path}/b")
+    monkeypatch.setenv("FORCEDPHOT_API_KEYS", "k" * 16 + "," + "j" * 16)
+    monkeypatch.setenv("FORCEDPHOT_MAX_OBJECTS", "20")
+    settings = load_settings(cache_bytes=99, port=None)  # keyword > env > file; None means unset
+    assert settings.repository_roots == [tmp_path / "a", tmp_path / "b"]
+    assert [k.get_secret_value() for k in settings.api_keys] == ["k" * 16, "j" * 16]
+    assert (settings.max_objects, settings.cache_bytes) == (20, 99)
+    assert settings.path_template == "{datasetType}/{visit}-{detector}.fits"
+    assert not settings.demo_mode
+
+
+def test_settings_json_file_and_errors(tmp_path, monkeypatch):
+    config = tmp_path / "settings.json"
+    config.write_text('{"demo_size": 512, "backend": "numpy"}')
+    assert Settings(config_file=config).demo_size == 512
+    config.write_text("{broken")
+    with pytest.raises(SettingsError, match="settings.json"):
+        load_settings(config_file=config)
+    monkeypatch.setenv("FORCEDPHOT_REPOSITORY_ROOTS", str(tmp_path))
+    with pytest.raises(SettingsError, match="API keys are required"):
+        load_settings()
+    with pytest.raises(SettingsError, match="at least 16"):
+        load_settings(api_keys="short")
+    with pytest.raises(SettingsError, match="max_objects"):
+        load_settings(api_keys="x" * 16, max_objects=0)
+    with pytest.raises(SettingsError, match="must use the field"):
+        load_settings(api_keys="x" * 16, path_template="{visit}.fits")
+    with pytest.raises(SettingsError, match="unknown_setting|extra"):
+        load_settings(api_keys="x" * 16, unknown_setting=1)
