@@ -38,16 +38,21 @@ def make_repository(root: Path) -> dict:
     variance = np.full(image.shape, 9.0)
     write_exposure(folder / "calexp.fits", image, variance, wcs=wcs, visit=VISIT, detector=DETECTOR)
     write_exposure(folder / "difference.fits", change, 2 * variance, wcs=wcs, visit=VISIT, detector=DETECTOR)
+    second = root / str(VISIT + 1) / str(DETECTOR)
+    second.mkdir(parents=True)
+    image2 = render_stars((SIDE, SIDE), x, y, flux, sigma) + rng.normal(0, 3, (SIDE, SIDE))
+    write_exposure(second / "calexp.fits", image2, variance, wcs=wcs, visit=VISIT + 1, detector=DETECTOR)
     ra, dec = wcs.all_pix2world(np.append(x, 900.0), np.append(y, 900.0), 0)
     objects = pd.DataFrame({"diaObjectId": np.arange(N_ON + 1) + 100, "ra": ra, "dec": dec})
     (root / "tables").mkdir()
     objects.to_parquet(root / "tables" / "objects.parquet", index=False)
     objects.to_csv(root / "tables" / "objects.csv", index=False)
-    return {"root": root, "calexp": folder / "calexp.fits", "difference": folder / "difference.fits", "objects": objects}
+    return {"root": root, "calexp": folder / "calexp.fits", "difference": folder / "difference.fits",
+            "calexp2": second / "calexp.fits", "objects": objects}
 
 
-def data_id(kind: str = "calexp") -> dict:
-    return {"visit": VISIT, "detector": DETECTOR, "datasetType": kind}
+def data_id(kind: str = "calexp", visit: int = VISIT) -> dict:
+    return {"visit": visit, "detector": DETECTOR, "datasetType": kind}
 
 
 def settings_for(root: Path, data_dir: Path, **overrides) -> Settings:
