@@ -105,7 +105,7 @@ def run_kernels(directory: Path, count: int, which: str = "all") -> tuple[int, f
     from forcedphot.backend import select_backend
     from forcedphot.config import MeasurementConfig
     from forcedphot.cutouts import stage_cutouts
-    from forcedphot.engine import _Kernels, cutout_half_size
+    from forcedphot.engine import KernelRunner, cutout_half_size
     from forcedphot.exposure import open_exposure
     from forcedphot.kernels.aperture import aperture_fluxes
     from forcedphot.psf_models import load_psf
@@ -118,7 +118,7 @@ def run_kernels(directory: Path, count: int, which: str = "all") -> tuple[int, f
         sigma = psf.sigma(x, y)
         size = {"all": 2 * cutout_half_size(psf, sigma, config) + 1, "psf": psf.stamp_size, "ap": 2 * int(np.ceil(max(RADII) + 1)) + 1}[which]
         stacks = list(stage_cutouts(exposure, x, y, size, batch_bytes=config.batch_bytes, no_data_bit=exposure.mask_planes["NO_DATA"]))
-        kernels = _Kernels(select_backend("numpy"), exposure, psf, config)
+        kernels = KernelRunner(select_backend("numpy"), exposure, psf, config)
         start = time.perf_counter()
         for stack in stacks:
             if which == "all":

@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+from astropy.time import Time
 
 from . import __version__
 
@@ -246,6 +247,4 @@ def build_catalog(
 
 
 def _now_mjd_tai() -> float:
-    from astropy.time import Time
-
     return float(Time.now().tai.mjd)

@@ -84,7 +84,7 @@ def cutout_half_size(psf: PsfModel, sigma: np.ndarray, config: MeasurementConfig
     )
 
 
-class _Kernels:
+class KernelRunner:
     """Runs every kernel on one staged stack, on one backend."""
 
     def __init__(self, backend: Backend, exposure: Exposure, psf: PsfModel, config: MeasurementConfig):
@@ -149,7 +149,7 @@ def _scatter(results: dict[str, np.ndarray], batch: dict[str, np.ndarray], index
         results[name][index] = values
 
 
-def _science_psf_flux(science: Exposure, kernels: _Kernels, ra, dec, config: MeasurementConfig, progress_tick) -> dict[str, np.ndarray]:
+def _science_psf_flux(science: Exposure, kernels: KernelRunner, ra, dec, config: MeasurementConfig) -> dict[str, np.ndarray]:
     """PSF flux on the direct image at the objects' sky positions (difference mode)."""
     x, y = sky_to_pixel(science.wcs, ra, dec)
     h = kernels.psf.stamp_size // 2
@@ -161,7 +161,6 @@ def _science_psf_flux(science: Exposure, kernels: _Kernels, ra, dec, config: Mea
     for stack in stage_cutouts(science, x[rows], y[rows], 2 * h + 1, batch_bytes=config.batch_bytes, no_data_bit=no_data):
         index = rows[stack.index]
         _scatter(results, kernels.psf_only(stack, x[index], y[index]), index, len(ra))
-        progress_tick()
     if "flag" not in results:  # nothing landed on the direct image
         results = {"instFlux": np.full(len(ra), np.nan), "instFluxErr": np.full(len(ra), np.nan), "flag": np.ones(len(ra), bool)}
     results["flag"] = results["flag"] | ~near
@@ -203,7 +202,7 @@ def measure(
     sigma[measured_rows] = psf.sigma(x[measured_rows], y[measured_rows])
     timings["select"] = time.perf_counter() - start
 
-    kernels = _Kernels(backend, primary, psf, config)
+    kernels = KernelRunner(backend, primary, psf, config)
     size = 2 * cutout_half_size(psf, sigma[measured_rows], config) + 1
     no_data = primary.mask_planes.get("NO_DATA", DEFAULT_NO_DATA_BIT)
     results: dict[str, np.ndarray] = {}
@@ -226,7 +225,7 @@ def measure(
     science_results = None
     if difference is not None:
         t1 = time.perf_counter()
-        science_results = _science_psf_flux(science, kernels, ra[rows], dec[rows], config, lambda: None)
+        science_results = _science_psf_flux(science, kernels, ra[rows], dec[rows], config)
         kernel_time += time.perf_counter() - t1
         if progress:
             progress(total, total)
