@@ -1,0 +1,201 @@
+"""End to end: a real ``forcedphot serve`` process on 127.0.0.1 (demo mode), driven with httpx.
+
+The demo request's catalog equals ``forcedphot measure`` on the same files; concurrent
+requests all succeed; /healthz stays fast while kernels run; a server killed (SIGKILL)
+during a job and started again completes the job.
+"""
+
+import io
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pandas as pd
+import pytest
+
+from forcedphot.cli import main as cli_main
+
+from service_helpers import assert_same_catalog, wait_until
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """``python -m forcedphot.cli serve`` in a subprocess with its own data directory."""
+
+    def __init__(self, data_dir: Path, **env: str):
+        self.data_dir, self.port = data_dir, free_port()
+        self.env = {**os.environ, "FORCEDPHOT_DATA_DIR": str(data_dir), "FORCEDPHOT_BACKEND": "numpy", **env}
+        for key in ("FORCEDPHOT_REPOSITORY_ROOTS", "FORCEDPHOT_API_KEYS", "FORCEDPHOT_CONFIG_FILE"):
+            self.env.pop(key, None)
+        self.log = data_dir / f"server-{self.port}.log"
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> "Server":
+        with open(self.log, "wb") as log:
+            self.process = subprocess.Popen([sys.executable, "-m", "forcedphot.cli", "serve", "--port", str(self.port)],
+                                            env=self.env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            wait_until(self._ready, timeout=90, interval=0.2)
+        except AssertionError:
+            self.stop()
+            raise AssertionError(f"server did not become ready; log:\n{self.log.read_text()[-3000:]}") from None
+        return self
+
+    def _ready(self) -> bool:
+        assert self.process.poll() is None, f"server exited: {self.log.read_text()[-3000:]}"
+        try:
+            return httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    def kill(self) -> None:
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(10)
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("served")
+
+
+FAST_RECOVERY = {"FORCEDPHOT_JOB_HEARTBEAT_SECONDS": "0.2", "FORCEDPHOT_JOB_STALE_SECONDS": "1"}
+
+
+@pytest.fixture(scope="module")
+def server(data_dir):
+    running = Server(data_dir, **FAST_RECOVERY).start()  # default demo repository: 2 visits of 2048 x 2048
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="module")
+def demo(server):
+    info = httpx.get(f"{server.url}/v1/info").json()
+    visits = info["demo"]
+    assert len(visits) == 2 and info["settings"]["demo_size"] == 2048
+    return visits
+
+
+def demo_request(visit: dict, objects=None) -> dict:
+    ref = {"visit": visit["visit"], "detector": visit["detector"]}
+    return {"exposure": {**ref, "datasetType": "calexp"}, "difference": {**ref, "datasetType": "difference"},
+            "objects": objects or {"uri": visit["objects"]}}
+
+
+def visit_dir(data_dir: Path, visit: dict) -> Path:
+    return data_dir / "demo-repository" / str(visit["visit"]) / str(visit["detector"])
+
+
+def many_objects(data_dir: Path, visit: dict, n: int) -> list[dict]:
+    """``n`` DiaObjects spread over the demo detector (inside the truth table's sky box)."""
+    truth = pd.read_parquet(visit_dir(data_dir, visit) / "truth.parquet")
+    on = truth[truth["on_detector"]]
+    rng = np.random.default_rng(5)
+    ra = rng.uniform(on["ra"].min(), on["ra"].max(), n)
+    dec = rng.uniform(on["dec"].min(), on["dec"].max(), n)
+    return [{"diaObjectId": int(i) + 1, "ra": float(r), "dec": float(d)} for i, r, d in zip(range(n), ra, dec)]
+
+
+def test_demo_request_equals_forcedphot_measure(server, demo, data_dir, tmp_path):
+    response = httpx.post(f"{server.url}/v1/forced-photometry", json=demo_request(demo[0]), timeout=60)
+    assert response.status_code == 200, response.text
+    folder = visit_dir(data_dir, demo[0])
+    out = tmp_path / "measured.parquet"
+    code = cli_main(["measure", str(folder / "calexp.fits"), str(folder / "diaObjects.parquet"),
+                     "--difference", str(folder / "difference.fits"), "-o", str(out), "--backend", "numpy"])
+    assert code == 0
+    served = pd.read_parquet(io.BytesIO(response.content))
+    assert_same_catalog(served, pd.read_parquet(out))
+    assert int(response.headers["x-objects-measured"]) == len(served) > 400
+
+
+def test_concurrent_requests_all_succeed(server, demo):
+    def one(i: int) -> httpx.Response:
+        accept = ("application/vnd.apache.parquet", "application/json", "text/csv")[i % 3]
+        return httpx.post(f"{server.url}/v1/forced-photometry", json=demo_request(demo[i % 2]),
+                          headers={"Accept": accept}, timeout=120)
+
+    with ThreadPoolExecutor(12) as pool:
+        responses = list(pool.map(one, range(24)))
+    assert [r.status_code for r in responses] == [200] * 24
+    measured = {r.headers["x-objects-measured"] for r in responses[0::2]}  # visit 0 only
+    assert len(measured) == 1
+
+
+def test_healthz_answers_while_kernels_run(server, demo, data_dir):
+    objects = many_objects(data_dir, demo[1], 30_000)
+    result: dict = {}
+
+    def big():
+        result["r"] = httpx.post(f"{server.url}/v1/forced-photometry", json=demo_request(demo[1], objects), timeout=120)
+
+    worker = threading.Thread(target=big)
+    worker.start()
+    latencies = []
+    while worker.is_alive():
+        start = time.perf_counter()
+        assert httpx.get(f"{server.url}/healthz", timeout=5).status_code == 200
+        latencies.append(time.perf_counter() - start)
+        time.sleep(0.02)
+    worker.join()
+    assert result["r"].status_code == 200 and int(result["r"].headers["x-objects-in"]) == 30_000
+    kernel_ms = float(result["r"].headers["server-timing"].split("kernels;dur=")[1].split(",")[0])
+    assert kernel_ms > 300, "the request must keep the kernels busy for the check to mean anything"
+    assert len(latencies) >= 5 and max(latencies) < 0.25, latencies
+
+
+def test_job_survives_sigkill(server, data_dir, demo):
+    """Runs last: it kills the module's server, then starts another on the same data directory."""
+    objects = many_objects(data_dir, demo[0], 20_000)
+    body = {"exposures": [{k: v for k, v in demo_request(visit).items() if k != "objects"} for visit in demo], "objects": objects}
+    try:
+        job = httpx.post(f"{server.url}/v1/jobs", json=body, headers={"Idempotency-Key": "kill-test"}, timeout=60).json()
+        wait_until(lambda: httpx.get(f"{server.url}/v1/jobs/{job['id']}").json()["state"] == "running", timeout=30, interval=0.01)
+        server.kill()
+    finally:
+        server.stop()
+    restarted = Server(data_dir, **FAST_RECOVERY).start()
+    try:
+        again = httpx.post(f"{restarted.url}/v1/jobs", json=body, headers={"Idempotency-Key": "kill-test"}, timeout=60)
+        assert again.status_code == 200 and again.json()["id"] == job["id"]  # the retry finds the accepted job
+        status = wait_until(lambda: _finished(restarted, job["id"]), timeout=90, interval=0.2)
+        result = httpx.get(f"{restarted.url}{status['result']}", timeout=60)
+        singles = [httpx.post(f"{restarted.url}/v1/forced-photometry", json=demo_request(visit, objects), timeout=120)
+                   for visit in demo]
+    finally:
+        restarted.stop()
+    assert status["state"] == "succeeded" and status["attempts"] == 2 and status["errors"] == []
+    catalog = pd.read_parquet(io.BytesIO(result.content))
+    expected = pd.concat([pd.read_parquet(io.BytesIO(r.content)) for r in singles], ignore_index=True)
+    for visit in expected["visit"].unique():
+        assert_same_catalog(catalog[catalog["visit"] == visit], expected[expected["visit"] == visit])
+
+
+def _finished(server: Server, job_id: str):
+    status = httpx.get(f"{server.url}/v1/jobs/{job_id}").json()
+    return status if status["state"] in ("succeeded", "failed") else None
