@@ -22,12 +22,16 @@ def run(xp, data, variance, psf, inside=None, usable=None):
     return {k: np.asarray(v) for k, v in out.items()}
 
 
-def test_noiseless_flux_recovered_to_1e4(xp, rng):
-    n = 200
+def stars_and_psf(rng, n, low, high):
+    """True fluxes, unit-flux star images and their PSF (normalised over the stamp)."""
     cx, cy = positions(rng, n)
-    truth = rng.uniform(100, 1e5, n)
+    truth = rng.uniform(low, high, n)
     stars = integrated_gaussian(cx, cy, SIGMA, K)
-    psf = stars / stars.sum(axis=(1, 2), keepdims=True)
+    return truth, stars, stars / stars.sum(axis=(1, 2), keepdims=True)
+
+
+def test_noiseless_flux_recovered_to_1e4(xp, rng):
+    truth, stars, psf = stars_and_psf(rng, 200, 100, 1e5)
     out = run(xp, truth[:, None, None] * stars, np.ones_like(stars), psf)
     assert np.max(np.abs(out["instFlux"] / truth - 1)) < 1e-4
     assert np.all(out["npixels"] == K * K)
@@ -72,11 +76,7 @@ def test_non_finite_error_sets_general_flag(xp, rng):
 
 def test_pulls_and_chi2(xp, rng):
     """(flux - true) / err ~ N(0, 1) and chi2 ~ npixels - 1 under sky + Poisson-like noise."""
-    n = 4000
-    cx, cy = positions(rng, n)
-    truth = rng.uniform(200, 5000, n)
-    stars = integrated_gaussian(cx, cy, SIGMA, K)
-    psf = stars / stars.sum(axis=(1, 2), keepdims=True)
+    truth, stars, psf = stars_and_psf(rng, 4000, 200, 5000)
     model = truth[:, None, None] * stars
     variance = 400.0 + model  # sky variance 400 (counts^2) plus source shot noise
     data = model + rng.normal(size=model.shape) * np.sqrt(variance)
