@@ -9,7 +9,7 @@ on it and ``scienceFlux`` stays null.
 """
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 import math
 import time
 
@@ -84,8 +84,43 @@ def cutout_half_size(psf: PsfModel, sigma: np.ndarray, config: MeasurementConfig
     )
 
 
+@dataclass(frozen=True)
+class KernelInputs:
+    """Host arrays for one kernel call. Inputs of several requests with the same cutout
+    and PSF stamp sizes concatenate (:func:`concatenate_inputs`), so a service can
+    measure them in one batch."""
+
+    image: np.ndarray  # (n, K, K) float32
+    variance: np.ndarray  # (n, K, K) float32
+    mask: np.ndarray  # (n, K, K) int32
+    inside: np.ndarray  # (n, K, K) bool
+    cx: np.ndarray  # (n,) cutout coordinates, px
+    cy: np.ndarray
+    sigma: np.ndarray  # (n,) PSF determinant radius, px
+    psf: np.ndarray  # (n, Kp, Kp) PSF stamps, each summing to 1
+
+    def __len__(self) -> int:
+        return self.image.shape[0]
+
+    @property
+    def shape_key(self) -> tuple:
+        """Inputs with equal keys can be concatenated."""
+        return self.image.shape[1:] + self.psf.shape[1:]
+
+
+def concatenate_inputs(parts: list[KernelInputs]) -> KernelInputs:
+    """One batch from several (equal :attr:`KernelInputs.shape_key`)."""
+    return KernelInputs(*(np.concatenate([getattr(p, f.name) for p in parts]) for f in fields(KernelInputs)))
+
+
+def split_results(results: dict[str, np.ndarray], sizes: list[int]) -> list[dict[str, np.ndarray]]:
+    """Undo :func:`concatenate_inputs` on a kernel result."""
+    bounds = np.cumsum([0] + sizes)
+    return [{k: v[a:b] for k, v in results.items()} for a, b in zip(bounds[:-1], bounds[1:])]
+
+
 class KernelRunner:
-    """Runs every kernel on one staged stack, on one backend."""
+    """Runs the kernels on staged cutouts, on one backend, for one exposure's mask planes."""
 
     def __init__(self, backend: Backend, exposure: Exposure, psf: PsfModel, config: MeasurementConfig):
         self.backend, self.psf, self.config = backend, psf, config
@@ -94,34 +129,37 @@ class KernelRunner:
         self.background_reject_bits = mask_bits(planes, BACKGROUND_REJECT_PLANES)
         self.flag_bits = {name: planes[plane] for name, plane in PIXEL_FLAG_PLANES.items() if plane in planes}
 
-    def _device(self, stack: CutoutStack):
-        to = self.backend.to_device
-        return to(stack.image), to(stack.variance), to(stack.mask), to(stack.inside)
+    @property
+    def key(self) -> tuple:
+        """Runners with equal keys compute identically: their inputs may share a batch."""
+        return (self.backend.name, self.bad_fit_bits, self.background_reject_bits, tuple(sorted(self.flag_bits.items())), self.config.model_dump_json())
 
-    def _psf_fit(self, xp, image, variance, mask, inside, x, y) -> dict:
+    def inputs(self, stack: CutoutStack, x: np.ndarray, y: np.ndarray, sigma: np.ndarray | None = None) -> KernelInputs:
+        """Kernel inputs for a staged stack; x, y local positions, sigma PSF widths (px)."""
+        sigma = np.full(len(x), np.nan) if sigma is None else sigma
+        return KernelInputs(stack.image, stack.variance, stack.mask, stack.inside, stack.cx, stack.cy, sigma, self.psf.stamps(x, y, np))
+
+    def _psf_fit(self, xp, image, variance, mask, inside, psf) -> dict:
         """PSF flux on the central PSF-stamp-sized part of the stack."""
-        kp = self.psf.stamp_size
+        kp = psf.shape[1]
         start = image.shape[1] // 2 - kp // 2
         crop = (slice(None), slice(start, start + kp), slice(start, start + kp))
         image, variance, mask, inside = image[crop], variance[crop], mask[crop], inside[crop]
         usable = inside & xp.isfinite(image) & xp.isfinite(variance)
         if self.bad_fit_bits:
             usable = usable & ((mask & xp.asarray(self.bad_fit_bits, dtype=mask.dtype)) == 0)
-        return psf_flux(image, variance, self.psf.stamps(x, y, xp), inside, usable)
+        return psf_flux(image, variance, psf, inside, usable)
 
-    def psf_only(self, stack: CutoutStack, x: np.ndarray, y: np.ndarray) -> dict[str, np.ndarray]:
-        """PSF flux alone (the direct image in difference mode)."""
-        image, variance, mask, inside = self._device(stack)
+    def run(self, inputs: KernelInputs, full: bool = True) -> dict[str, np.ndarray]:
+        """Every measurement (``full``) or the PSF flux alone; host arrays out."""
         xp = self.backend.xp
-        return {k: to_numpy(v) for k, v in self._psf_fit(xp, image, variance, mask, inside, x, y).items()}
-
-    def all(self, stack: CutoutStack, x: np.ndarray, y: np.ndarray, sigma: np.ndarray) -> dict[str, np.ndarray]:
-        """Every measurement; x, y are the objects' local positions, sigma their PSF widths."""
-        xp = self.backend.xp
-        image, variance, mask, inside = self._device(stack)
-        cx, cy = self.backend.to_device(stack.cx), self.backend.to_device(stack.cy)
-        sigma_dev = self.backend.to_device(sigma)
-        out = {f"psfFlux_{k}": v for k, v in self._psf_fit(xp, image, variance, mask, inside, x, y).items()}
+        to = self.backend.to_device
+        image, variance, mask, inside = to(inputs.image), to(inputs.variance), to(inputs.mask), to(inputs.inside)
+        fit = self._psf_fit(xp, image, variance, mask, inside, to(inputs.psf))
+        if not full:
+            return {k: to_numpy(v) for k, v in fit.items()}
+        cx, cy, sigma = to(inputs.cx), to(inputs.cy), to(inputs.sigma)
+        out = {f"psfFlux_{k}": v for k, v in fit.items()}
 
         valid = inside & xp.isfinite(image) & xp.isfinite(variance)
         flux, err, truncated = aperture_fluxes(image, variance, valid, cx, cy, self.config.apertures_px)
@@ -129,15 +167,23 @@ class KernelRunner:
 
         clean = valid & ((mask & xp.asarray(self.background_reject_bits, dtype=mask.dtype)) == 0)
         mean, std, _, no_good = local_background(
-            image, clean, cx, cy, sigma_dev,
+            image, clean, cx, cy, sigma,
             inner=self.config.background_inner_sigma, outer=self.config.background_outer_sigma,
             n_iter=self.config.background_iterations, n_sigma=self.config.background_clip_sigma,
         )
         out.update(localBackground_instFlux=mean, localBackground_instFluxErr=std, localBackground_flag_noGoodPixels=no_good)
 
-        flags = pixel_flags(mask, inside, cx, cy, self.config.psf_footprint_scaling * sigma_dev, self.flag_bits)
+        flags = pixel_flags(mask, inside, cx, cy, self.config.psf_footprint_scaling * sigma, self.flag_bits)
         out.update({f"pixelFlags_{k}": v for k, v in flags.items()})
         return {k: to_numpy(v) for k, v in out.items()}
+
+
+Execute = Callable[[KernelRunner, KernelInputs, bool], dict[str, np.ndarray]]
+
+
+def run_directly(runner: KernelRunner, inputs: KernelInputs, full: bool) -> dict[str, np.ndarray]:
+    """The default executor: run the kernels now, in this thread."""
+    return runner.run(inputs, full)
 
 
 def _scatter(results: dict[str, np.ndarray], batch: dict[str, np.ndarray], index: np.ndarray, n: int) -> None:
@@ -149,7 +195,7 @@ def _scatter(results: dict[str, np.ndarray], batch: dict[str, np.ndarray], index
         results[name][index] = values
 
 
-def _science_psf_flux(science: Exposure, kernels: KernelRunner, ra, dec, config: MeasurementConfig) -> dict[str, np.ndarray]:
+def _science_psf_flux(science: Exposure, kernels: KernelRunner, ra, dec, config: MeasurementConfig, execute: Execute) -> dict[str, np.ndarray]:
     """PSF flux on the direct image at the objects' sky positions (difference mode)."""
     x, y = sky_to_pixel(science.wcs, ra, dec)
     h = kernels.psf.stamp_size // 2
@@ -160,7 +206,7 @@ def _science_psf_flux(science: Exposure, kernels: KernelRunner, ra, dec, config:
     no_data = science.mask_planes.get("NO_DATA", DEFAULT_NO_DATA_BIT)
     for stack in stage_cutouts(science, x[rows], y[rows], 2 * h + 1, batch_bytes=config.batch_bytes, no_data_bit=no_data):
         index = rows[stack.index]
-        _scatter(results, kernels.psf_only(stack, x[index], y[index]), index, len(ra))
+        _scatter(results, execute(kernels, kernels.inputs(stack, x[index], y[index]), False), index, len(ra))
     if "flag" not in results:  # nothing landed on the direct image
         results = {"instFlux": np.full(len(ra), np.nan), "instFluxErr": np.full(len(ra), np.nan), "flag": np.ones(len(ra), bool)}
     results["flag"] = results["flag"] | ~near
@@ -176,10 +222,13 @@ def measure(
     difference: Exposure | None = None,
     backend: Backend | None = None,
     progress: Progress | None = None,
+    execute: Execute = run_directly,
 ) -> Measurement:
     """Forced photometry of validated ``objects`` (see :func:`objects.validate_objects`).
 
-    ``progress(done, total)`` is called after every batch of cutouts.
+    ``progress(done, total)`` is called after every batch of cutouts. ``execute`` runs
+    the kernels on each batch's inputs; a service may pass one that coalesces the
+    batches of concurrent requests into one kernel call.
     """
     config = config or MeasurementConfig()
     backend = backend or select_backend(config.backend)
@@ -213,7 +262,7 @@ def measure(
     for stack in stage_cutouts(primary, mx, my, size, batch_bytes=config.batch_bytes, no_data_bit=no_data):
         t1 = time.perf_counter()
         index = measured_rows[stack.index]
-        _scatter(results, kernels.all(stack, x[index], y[index], sigma[index]), index, len(rows))
+        _scatter(results, execute(kernels, kernels.inputs(stack, x[index], y[index], sigma[index]), True), index, len(rows))
         t2 = time.perf_counter()
         stage_time += t1 - t0
         kernel_time += t2 - t1
@@ -225,7 +274,7 @@ def measure(
     science_results = None
     if difference is not None:
         t1 = time.perf_counter()
-        science_results = _science_psf_flux(science, kernels, ra[rows], dec[rows], config)
+        science_results = _science_psf_flux(science, kernels, ra[rows], dec[rows], config, execute)
         kernel_time += time.perf_counter() - t1
         if progress:
             progress(total, total)

@@ -216,3 +216,29 @@ def test_psfex_model_through_the_engine(tmp_path):
     # the same objects with a PSF evaluated at parent coordinates would be fitted worse
     shifted = psf.stamps(x + 1500, y + 3000, np)
     assert np.max(np.abs(shifted - psf.stamps(x, y, np))) > 1e-4
+
+
+def test_batched_execution_equals_separate_runs(scene):
+    """Inputs of two requests measured in one kernel call give each request's own results."""
+    from forcedphot.engine import concatenate_inputs, run_directly, split_results
+
+    seen = []
+
+    def record(runner, inputs, full):
+        seen.append((runner, inputs))
+        return run_directly(runner, inputs, full)
+
+    objects = scene["objects"]
+    with open_exposure(scene["path"]) as exposure:
+        psf, config = GaussianPsf(FWHM), MeasurementConfig(backend="numpy")
+        first = measure(exposure, objects.iloc[:10].reset_index(drop=True), psf, config, execute=record)
+        second = measure(exposure, objects.iloc[10:].reset_index(drop=True), psf, config, execute=record)
+    (runner_a, a), (runner_b, b) = seen
+    assert runner_a.key == runner_b.key and a.shape_key == b.shape_key
+    together = split_results(run_directly(runner_a, concatenate_inputs([a, b]), True), [len(a), len(b)])
+    for inputs, result in zip((a, b), together):
+        alone = run_directly(runner_a, inputs, True)
+        assert alone.keys() == result.keys()
+        for key in alone:
+            np.testing.assert_array_equal(alone[key], result[key])
+    assert len(first.catalog) == 10 and len(second.catalog) == len(objects) - 10 - 2
