@@ -196,12 +196,13 @@ def _parse_ref(name: str, text: str) -> ExposureRef:
 def _form_options(form: FormData) -> dict[str, Any]:
     """The measurement options given as plain form fields."""
     options: dict[str, Any] = {}
-    for key in ("psf_fwhm", "include_offimage"):
-        if key in form:
-            options[key] = form[key] if isinstance(form[key], str) else None
-    if "apertures" in form:
-        text = form["apertures"]
-        options["apertures"] = [part.strip() for part in text.split(",") if part.strip()] if isinstance(text, str) else None
+    for key in ("psf_fwhm", "include_offimage", "apertures"):
+        if key not in form:
+            continue
+        value = form[key]
+        if not isinstance(value, str):
+            raise Problem(422, "invalid-request", f"form field {key!r} must be a plain field, not a file part")
+        options[key] = [part.strip() for part in value.split(",") if part.strip()] if key == "apertures" else value
     return options
 
 

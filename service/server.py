@@ -8,6 +8,7 @@ the data directory (job store, demo repository).
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 
@@ -23,6 +24,8 @@ def app_from_environment():
     """Application factory for uvicorn (``--factory``): settings from the environment."""
     from .app import create_app
 
+    if not logging.getLogger().handlers:  # uvicorn configures only its own loggers
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(name)s: %(message)s")
     return create_app(load_settings())
 
 

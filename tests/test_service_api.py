@@ -206,6 +206,8 @@ def test_multipart_errors(client, repo):
     only_objects = client.post("/v1/forced-photometry", files={"objects": ("o.csv", b"diaObjectId,ra,dec\n1,150,2\n", "text/csv")})
     assert_problem(only_objects, 422, "'exposure'")
     assert_problem(client.post("/v1/forced-photometry", files={"x": ("a", b"1")}), 422, "unknown form field")
+    as_file = client.post("/v1/forced-photometry", files={"psf_fwhm": ("f", b"3")}, data={"exposure_ref": json.dumps(data_id())})
+    assert_problem(as_file, 422, "'psf_fwhm' must be a plain field")
     assert not list((client.app.state.runtime.upload_dir).glob("*"))
 
 

@@ -6,7 +6,6 @@ import sqlite3
 import threading
 import time
 
-import pandas as pd
 import pytest
 from fastapi.testclient import TestClient
 
