@@ -157,3 +157,18 @@ def test_settings_json_file_and_errors(tmp_path, monkeypatch):
         load_settings(api_keys="x" * 16, path_template="{visit}.fits")
     with pytest.raises(SettingsError, match="unknown_setting|extra"):
         load_settings(api_keys="x" * 16, unknown_setting=1)
+
+
+def test_serve_refuses_unusable_settings_with_exit_code_2(tmp_path, monkeypatch, capsys):
+    from forcedphot.cli import main
+
+    monkeypatch.setenv("FORCEDPHOT_REPOSITORY_ROOTS", "")  # restored afterwards: serve writes it
+    monkeypatch.delenv("FORCEDPHOT_API_KEYS", raising=False)
+    assert main(["serve", "--repository", str(tmp_path)]) == 2
+    assert "API keys are required" in capsys.readouterr().err
+    monkeypatch.setenv("FORCEDPHOT_API_KEYS", "k" * 16)
+    assert main(["serve", "--repository", str(tmp_path / "missing")]) == 2
+    assert "is not a directory" in capsys.readouterr().err
+    monkeypatch.setenv("FORCEDPHOT_BACKEND", "cupy")
+    assert main(["serve", "--repository", str(tmp_path)]) == 2
+    assert "cupy" in capsys.readouterr().err
