@@ -3,7 +3,7 @@
 Requests and jobs both go through :meth:`MeasureService.run`. Requests await
 :meth:`MeasureService.measure`, which runs it on a bounded thread pool (the kernels spend
 their time in NumPy, which releases the GIL, so the event loop keeps answering). A
-batching executor that coalesces concurrent requests would replace :meth:`measure`.
+batching executor that coalesces concurrent requests is given as ``batcher``: every kernel call then goes through it.
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ import pandas as pd
 from .backend import Backend
 from .catalog import encode_catalog
 from .config import MeasurementConfig
-from .engine import Measurement, measure
+from .batching import KernelBatcher
+from .engine import Measurement, measure, run_directly
 from .exposure import open_exposure
 from .exposure_cache import ExposureCache
 from .psf_models import PsfError, PsfModel, load_psf
@@ -89,8 +90,9 @@ def _psf_for(task: MeasureTask, science) -> PsfModel:
 class MeasureService:
     """Runs measurements on a shared backend and exposure cache."""
 
-    def __init__(self, cache: ExposureCache, backend: Backend, threads: int):
-        self.cache, self.backend = cache, backend
+    def __init__(self, cache: ExposureCache, backend: Backend, threads: int, batcher: KernelBatcher | None = None):
+        self.cache, self.backend, self.batcher = cache, backend, batcher
+        self._execute = batcher.execute if batcher is not None else run_directly
         self._executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="measure")
 
     def _open(self, stack: ExitStack, source: ExposureInput) -> tuple[object, str]:
@@ -107,7 +109,7 @@ class MeasureService:
             read_seconds = time.perf_counter() - start
             psf = _psf_for(task, science)
             result = measure(science, task.objects, psf, task.config, difference=difference,
-                             backend=self.backend, progress=progress)
+                             backend=self.backend, progress=progress, execute=self._execute)
         # name inputs by their references, not by server paths
         result.provenance["exposure"]["path"] = (task.difference or task.science).label
         if result.provenance.get("science"):
@@ -130,4 +132,6 @@ class MeasureService:
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
+        if self.batcher is not None:
+            self.batcher.close()
 

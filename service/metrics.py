@@ -32,6 +32,8 @@ class ServiceMetrics:
         self.in_flight = Gauge("forcedphot_measurements_in_flight", "measurement requests being served", registry=r)
         self.queue_depth = Gauge("forcedphot_job_queue_depth", "jobs queued or running", registry=r)
         self.jobs = Counter("forcedphot_jobs_finished", "jobs finished by final state", ["state"], registry=r)
+        self.kernel_calls = Gauge("forcedphot_batcher_kernel_calls", "kernel calls made by the dynamic batcher", registry=r)
+        self.batched_requests = Gauge("forcedphot_batcher_requests", "measurement batches served by the dynamic batcher", registry=r)
         self.device_memory = Gauge("forcedphot_device_memory_bytes", "GPU memory held by the CuPy memory pool", registry=r)
 
     def watch(self, gauge: Gauge, read: Callable[[], float]) -> None:

@@ -14,6 +14,7 @@ import threading
 
 from .auth import ApiKeys
 from .backend import select_backend
+from .batching import KernelBatcher
 from .demo_repository import DemoVisitId, ensure_demo_repository
 from .exposure_cache import ExposureCache
 from .intake import Intake
@@ -37,7 +38,8 @@ class ServiceRuntime:
         self.keys = ApiKeys(settings.api_keys)
         self.backend = select_backend(settings.backend)
         self.cache = ExposureCache(settings.cache_bytes, on_event=lambda outcome: self.metrics.cache.labels(outcome).inc())
-        self.service = MeasureService(self.cache, self.backend, settings.measure_threads)
+        batcher = KernelBatcher(settings.batch_wait_ms / 1000, settings.batch_max_objects) if settings.batching else None
+        self.service = MeasureService(self.cache, self.backend, settings.measure_threads, batcher)
         self.jobs = JobStore(settings.data_dir / "jobs")
         self.runner = JobRunner(self.jobs, self.service, workers=settings.job_workers,
                                 heartbeat_seconds=settings.job_heartbeat_seconds, stale_seconds=settings.job_stale_seconds,
@@ -51,6 +53,9 @@ class ServiceRuntime:
         self.metrics.watch(self.metrics.cache_bytes, lambda: float(self.cache.nbytes))
         self.metrics.watch(self.metrics.queue_depth, lambda: float(self.jobs.count_active()))
         self.metrics.watch(self.metrics.in_flight, lambda: float(self.in_flight))
+        if batcher is not None:
+            self.metrics.watch(self.metrics.kernel_calls, lambda: float(batcher.stats.kernel_calls))
+            self.metrics.watch(self.metrics.batched_requests, lambda: float(batcher.stats.requests))
         reader = device_memory_reader(self.backend.name)
         if reader:
             self.metrics.watch(self.metrics.device_memory, reader)

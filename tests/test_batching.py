@@ -70,3 +70,29 @@ def test_errors_reach_every_caller_and_the_batcher_survives(scene):
 def test_bad_settings_are_refused():
     with pytest.raises(ValueError):
         KernelBatcher(max_wait_seconds=-1)
+
+
+def test_service_coalesces_concurrent_requests(tmp_path):
+    """Through the app: concurrent requests share kernel calls, answers equal the engine's."""
+    import io
+
+    from fastapi.testclient import TestClient
+
+    from forcedphot.app import create_app
+    from service_helpers import AUTH, FWHM, assert_same_catalog, data_id, engine_catalog, make_repository, settings_for
+
+    repo = make_repository(tmp_path / "repo")
+    settings = settings_for(repo["root"], tmp_path / "data", batch_wait_ms=300.0, measure_threads=8)
+    request = {"exposure": data_id("calexp"), "objects": {"uri": "tables/objects.parquet"}, "psf_fwhm": FWHM}
+    with TestClient(create_app(settings), headers=AUTH) as client:
+        assert client.post("/v1/forced-photometry", json=request).status_code == 200  # warm the cache
+        with ThreadPoolExecutor(6) as pool:
+            responses = list(pool.map(lambda _: client.post("/v1/forced-photometry", json=request), range(6)))
+        metrics = client.get("/metrics").text
+    expected = engine_catalog(repo["calexp"], repo["objects"])
+    for response in responses:
+        assert response.status_code == 200
+        assert_same_catalog(pd.read_parquet(io.BytesIO(response.content)), expected)
+    value = {line.split()[0]: float(line.split()[1]) for line in metrics.splitlines() if line.startswith("forcedphot_batcher_")}
+    assert value["forcedphot_batcher_requests"] == 7
+    assert value["forcedphot_batcher_kernel_calls"] < 7
