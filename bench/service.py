@@ -1,0 +1,196 @@
+"""Benchmark the HTTP service with alert-like requests, dynamic batching on and off.
+
+    python bench/service.py [--size 4096] [--objects 200] [--requests 400] [--concurrency 1,8,32]
+
+Makes (once, cached in bench/.cache) a repository with one ``forcedphot demo`` detector
+(science + difference image). For each batching mode it starts ``forcedphot serve`` on
+127.0.0.1 (a free port), warms its exposure cache, then drives it from a second process
+(this one; the server is its own process) with httpx at each concurrency: every request
+is one detector, ``--objects`` DiaObjects sent inline as JSON records, the difference
+image measured as DiaForcedSourceTask does, parquet back. It prints requests/s and
+latency p50/p99 per concurrency and mode, and the engine's own time per request
+(``measure`` in-process on the same files and objects, files already open) for comparison.
+All traffic stays on the loopback interface; every loop is bounded by --requests.
+"""
+
+import argparse
+import asyncio
+import os
+from pathlib import Path
+import secrets
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+CACHE = Path(__file__).resolve().parent / ".cache"
+VISIT_DIR = "{visit}/{detector}"
+
+
+def repository(size: int) -> tuple[Path, int, int]:
+    """A repository root holding one demo detector: <root>/<visit>/<detector>/{calexp,difference}.fits."""
+    from forcedphot.demo import make_demo_visit
+    from forcedphot.exposure import open_exposure
+
+    root = CACHE / f"service-repo-{size}"
+    marker = root / "ready"
+    if not marker.exists():
+        staging = CACHE / f"service-demo-{size}"
+        visit = make_demo_visit(staging, size=size, n_objects=500, seed=7)
+        folder = root / VISIT_DIR.format(visit=visit.visit, detector=visit.detector)
+        folder.mkdir(parents=True, exist_ok=True)
+        for name in ("calexp.fits", "difference.fits"):
+            (staging / name).replace(folder / name)
+        marker.write_text(f"{visit.visit} {visit.detector}")
+    visit, detector = (int(v) for v in marker.read_text().split())
+    with open_exposure(root / VISIT_DIR.format(visit=visit, detector=detector) / "calexp.fits") as exposure:
+        assert exposure.width == size
+    return root, visit, detector
+
+
+def alert_objects(root: Path, visit: int, detector: int, count: int, seed: int = 0) -> list[dict]:
+    """``count`` DiaObjects at random positions on the detector, as JSON records."""
+    from forcedphot.exposure import open_exposure
+
+    rng = np.random.default_rng(seed)
+    with open_exposure(root / VISIT_DIR.format(visit=visit, detector=detector) / "calexp.fits") as exposure:
+        x, y = rng.uniform(0, exposure.width - 1, count), rng.uniform(0, exposure.height - 1, count)
+        ra, dec = exposure.wcs.all_pix2world(x, y, 0)
+    return [{"diaObjectId": int(i) + 1, "ra": float(r), "dec": float(d)} for i, r, d in zip(range(count), ra, dec)]
+
+
+def engine_seconds(root: Path, visit: int, detector: int, records: list[dict], repeats: int = 30) -> float:
+    """Median in-process engine time for one request (files open, as the cache holds them)."""
+    import pandas as pd
+
+    from forcedphot.config import MeasurementConfig
+    from forcedphot.engine import measure
+    from forcedphot.exposure import open_exposure
+    from forcedphot.objects import validate_objects
+    from forcedphot.psf_models import load_psf
+
+    folder = root / VISIT_DIR.format(visit=visit, detector=detector)
+    objects = validate_objects(pd.DataFrame(records))
+    times = []
+    with open_exposure(folder / "calexp.fits") as science, open_exposure(folder / "difference.fits") as difference:
+        psf = load_psf(fwhm_pixels=float(science.header["PSF_FWHM"]))
+        config = MeasurementConfig(backend="numpy")
+        for _ in range(repeats + 3):
+            start = time.perf_counter()
+            measure(science, objects, psf, config, difference=difference)
+            times.append(time.perf_counter() - start)
+    return statistics.median(times[3:])
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """A ``forcedphot serve`` process on the loopback interface."""
+
+    def __init__(self, root: Path, batching: bool, key: str, workers: int):
+        self.port = free_port()
+        self.data = tempfile.TemporaryDirectory(prefix="forcedphot-bench-")
+        env = dict(os.environ, FORCEDPHOT_API_KEYS=key, FORCEDPHOT_BACKEND="numpy", FORCEDPHOT_DATA_DIR=self.data.name,
+                   FORCEDPHOT_BATCHING="true" if batching else "false", FORCEDPHOT_MAX_CONCURRENT_REQUESTS="64",
+                   FORCEDPHOT_MEASURE_THREADS="32")
+        cli = Path(sys.executable).with_name("forcedphot")
+        self.process = subprocess.Popen([str(cli), "serve", "--port", str(self.port), "--repository", str(root), "--workers", str(workers)],
+                                        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        import httpx
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(self.url + "/readyz", timeout=1.0).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            if self.process.poll() is not None:
+                raise RuntimeError("the server exited during start-up")
+            time.sleep(0.2)
+        raise RuntimeError("the server did not become ready")
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=30)
+        self.data.cleanup()
+
+
+async def drive(url: str, key: str, body: dict, concurrency: int, total: int) -> tuple[float, list[float]]:
+    """``total`` requests, ``concurrency`` at a time; returns (wall seconds, latencies)."""
+    import httpx
+
+    latencies: list[float] = []
+    queue: asyncio.Queue[int] = asyncio.Queue()
+    for i in range(total):
+        queue.put_nowait(i)
+    headers = {"Authorization": f"Bearer {key}"}
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+
+    async with httpx.AsyncClient(base_url=url, headers=headers, timeout=120.0, limits=limits) as client:
+
+        async def worker() -> None:
+            while not queue.empty():
+                queue.get_nowait()
+                start = time.perf_counter()
+                response = await client.post("/v1/forced-photometry", json=body)
+                latencies.append(time.perf_counter() - start)
+                if response.status_code != 200:
+                    raise RuntimeError(f"HTTP {response.status_code}: {response.text[:300]}")
+
+        start = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        return time.perf_counter() - start, latencies
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", type=int, default=4096)
+    parser.add_argument("--objects", type=int, default=200)
+    parser.add_argument("--requests", type=int, default=400, help="requests per concurrency level")
+    parser.add_argument("--concurrency", default="1,8,32")
+    parser.add_argument("--workers", type=int, default=os.cpu_count(), help="uvicorn worker processes (default: one a core)")
+    args = parser.parse_args()
+
+    root, visit, detector = repository(args.size)
+    records = alert_objects(root, visit, detector, args.objects)
+    body = {
+        "exposure": {"visit": visit, "detector": detector, "datasetType": "calexp"},
+        "difference": {"visit": visit, "detector": detector, "datasetType": "difference"},
+        "objects": records,
+    }
+    engine = engine_seconds(root, visit, detector, records)
+    print(f"{args.size}x{args.size} detector, {args.objects} DiaObjects a request (difference + science), "
+          f"python {sys.version.split()[0]}, {os.cpu_count()} cores, {args.workers} uvicorn workers, NumPy backend")
+    print(f"engine alone, in-process, files open: {engine * 1e3:.1f} ms a request ({1 / engine:.0f} requests/s on one thread)")
+    header = f"{'batching':>8} {'conc':>5} {'requests':>8} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8}"
+    print(header)
+    print("-" * len(header))
+    key = secrets.token_hex(16)
+    for batching in (True, False):
+        server = Server(root, batching, key, args.workers)
+        try:
+            server.wait_ready()
+            asyncio.run(drive(server.url, key, body, 2, 20))  # warm the exposure cache and the code paths
+            for concurrency in (int(c) for c in args.concurrency.split(",")):
+                wall, latencies = asyncio.run(drive(server.url, key, body, concurrency, args.requests))
+                ms = np.array(latencies) * 1e3
+                print(f"{'on' if batching else 'off':>8} {concurrency:>5} {len(ms):>8} {len(ms) / wall:>8.1f} "
+                      f"{np.percentile(ms, 50):>8.1f} {np.percentile(ms, 99):>8.1f}")
+        finally:
+            server.stop()
+
+
+if __name__ == "__main__":
+    main()
