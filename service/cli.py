@@ -16,10 +16,9 @@ from .catalog import write_catalog
 from .config import MeasurementConfig
 from .exposure import Exposure, ExposureError, open_exposure
 from .objects import InputError, read_objects
-from .psf_models import PsfError, PsfModel, load_psf
+from .psf_models import PSF_FWHM_KEYWORD, PsfError, PsfModel, header_fwhm_pixels, load_psf
 
 USAGE_ERROR = 2
-PSF_FWHM_KEYWORD = "PSF_FWHM"  # pixels; the demo generator writes it
 
 
 class CliError(Exception):
@@ -38,8 +37,9 @@ def _psf_for(args: argparse.Namespace, exposure: Exposure) -> PsfModel:
         return load_psf(path=args.psf)
     if args.psf_fwhm is not None:
         return load_psf(fwhm_pixels=args.psf_fwhm)
-    if PSF_FWHM_KEYWORD in exposure.header:
-        return load_psf(fwhm_pixels=float(exposure.header[PSF_FWHM_KEYWORD]))
+    fwhm = header_fwhm_pixels(exposure.header, exposure.path)
+    if fwhm is not None:
+        return load_psf(fwhm_pixels=fwhm)
     raise CliError(f"{exposure.path}: no PSF given and no {PSF_FWHM_KEYWORD} keyword in its header; use --psf-fwhm PIX or --psf FILE")
 
 

@@ -52,6 +52,7 @@ from astropy.wcs import WCS, Sip
 
 from .kernels.psf_stamps import gaussian_stamps
 from .lsst_fits import AFW_DEFAULT_MASK_PLANES, afw_visit_metadata, write_lsst_exposure
+from .psf_models import PSF_FWHM_KEYWORD
 
 PIXEL_SCALE_ARCSEC = 0.2
 ZERO_POINT_MAG = 28.5  # magnitude of 1 count
@@ -272,7 +273,7 @@ def make_demo_visit(
         physical_filter=PHYSICAL_FILTER,
     )
     metadata["DETNAME"] = DETNAME
-    metadata["PSF_FWHM"] = (float(fwhm_pixels), "[pixel] FWHM of the Gaussian PSF (demo)")
+    metadata[PSF_FWHM_KEYWORD] = (float(fwhm_pixels), "[pixel] FWHM of the Gaussian PSF (demo)")
     x0, y0 = ORIGIN
     common = dict(mask_planes=BITS, x0=x0, y0=y0, calibration_mean=CALIBRATION_NJY_PER_COUNT,
                   calibration_err=0.005 * CALIBRATION_NJY_PER_COUNT, metadata=metadata)

@@ -26,10 +26,8 @@ from .batching import KernelBatcher
 from .engine import Measurement, measure, run_directly
 from .exposure import open_exposure
 from .exposure_cache import ExposureCache
-from .psf_models import PsfError, PsfModel, load_psf
+from .psf_models import PSF_FWHM_KEYWORD, PsfError, PsfModel, header_fwhm_pixels, load_psf
 from .schemas import MAX_PSF_FWHM_PX
-
-PSF_FWHM_KEYWORD = "PSF_FWHM"  # pixels, written by the demo generator
 
 
 @dataclass(frozen=True)
@@ -78,11 +76,8 @@ def _psf_for(task: MeasureTask, science) -> PsfModel:
         return load_psf(path=str(task.psf_path))
     if task.psf_fwhm is not None:
         return load_psf(fwhm_pixels=check_psf_fwhm(task.psf_fwhm, "psf_fwhm"))
-    if PSF_FWHM_KEYWORD in science.header:
-        try:
-            value = float(science.header[PSF_FWHM_KEYWORD])
-        except (TypeError, ValueError):
-            raise PsfError(f"{task.science.label}: header keyword {PSF_FWHM_KEYWORD} is not a number") from None
+    value = header_fwhm_pixels(science.header, task.science.label)
+    if value is not None:
         return load_psf(fwhm_pixels=check_psf_fwhm(value, f"{task.science.label} {PSF_FWHM_KEYWORD}"))
     raise PsfError(f"{task.science.label}: no PSF given and no {PSF_FWHM_KEYWORD} keyword in its header; send psf_fwhm (pixels)")
 

@@ -385,6 +385,23 @@ class PsfexPsf:
 SIGMA_CELL_PX = 128.0
 
 
+PSF_FWHM_KEYWORD = "PSF_FWHM"  # Gaussian PSF FWHM in pixels; the demo generator writes it
+
+
+def header_fwhm_pixels(header, source: str) -> float | None:
+    """The Gaussian PSF FWHM (pixels) an exposure header declares in ``PSF_FWHM``.
+
+    None when the keyword is absent; :class:`PsfError` naming ``source`` when it is not a
+    number.
+    """
+    if PSF_FWHM_KEYWORD not in header:
+        return None
+    try:
+        return float(header[PSF_FWHM_KEYWORD])
+    except (TypeError, ValueError):
+        raise PsfError(f"{source}: header keyword {PSF_FWHM_KEYWORD} is not a number") from None
+
+
 def load_psf(*, fwhm_pixels: float | None = None, path: str | None = None,
              hdu: int | str | None = None) -> PsfModel:
     """Build the PSF model from exactly one of a FWHM (pixels) or a file.
