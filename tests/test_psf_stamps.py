@@ -34,12 +34,18 @@ def test_erfc_fractional_accuracy(xp):
     assert np.max(np.abs(ours / scipy_erfc(x) - 1.0)) < 1.2e-7
 
 
+def centred_stamps(xp, rng, n, size, sigma_low, sigma_high):
+    """Gaussian stamps at random sub-pixel offsets from the central pixel, as NumPy arrays."""
+    cx = size // 2 + rng.uniform(-0.5, 0.5, n)
+    cy = size // 2 + rng.uniform(-0.5, 0.5, n)
+    sigma = rng.uniform(sigma_low, sigma_high, n)
+    stamps = np.asarray(gaussian_stamps(xp.asarray(cx), xp.asarray(cy), xp.asarray(sigma), size))
+    return cx, cy, sigma, stamps
+
+
 def test_gaussian_stamps_enclosed_fraction(xp, rng):
     n, size = 40, 15
-    cx = 7.0 + rng.uniform(-0.5, 0.5, n)
-    cy = 7.0 + rng.uniform(-0.5, 0.5, n)
-    sigma = rng.uniform(0.8, 4.0, n)
-    stamps = np.asarray(gaussian_stamps(xp.asarray(cx), xp.asarray(cy), xp.asarray(sigma), size))
+    cx, cy, sigma, stamps = centred_stamps(xp, rng, n, size, 0.8, 4.0)
     assert stamps.shape == (n, size, size)
 
     def inside(c):
@@ -52,12 +58,9 @@ def test_gaussian_stamps_enclosed_fraction(xp, rng):
 
 def test_gaussian_stamps_moments(xp, rng):
     n, size = 30, 41
-    cx = 20.0 + rng.uniform(-0.5, 0.5, n)
-    cy = 20.0 + rng.uniform(-0.5, 0.5, n)
     # sigma >= 1: the pixel-sampled moments then equal the continuous ones (plus Sheppard's
     # 1/12) up to aliasing terms ~ exp(-2 pi^2 sigma^2) < 3e-9 (1e-3 at sigma = 0.5).
-    sigma = rng.uniform(1.0, 3.0, n)
-    stamps = np.asarray(gaussian_stamps(xp.asarray(cx), xp.asarray(cy), xp.asarray(sigma), size))
+    cx, cy, sigma, stamps = centred_stamps(xp, rng, n, size, 1.0, 3.0)
     grid = np.arange(size, dtype=float)
     flux = stamps.sum(axis=(1, 2))
     mx = np.einsum("nji,i->n", stamps, grid) / flux
