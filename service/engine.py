@@ -10,6 +10,7 @@ on it and ``scienceFlux`` stays null.
 
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
+from functools import cached_property
 import math
 import time
 
@@ -129,7 +130,7 @@ class KernelRunner:
         self.background_reject_bits = mask_bits(planes, BACKGROUND_REJECT_PLANES)
         self.flag_bits = {name: planes[plane] for name, plane in PIXEL_FLAG_PLANES.items() if plane in planes}
 
-    @property
+    @cached_property
     def key(self) -> tuple:
         """Runners with equal keys compute identically: their inputs may share a batch."""
         return (self.backend.name, self.bad_fit_bits, self.background_reject_bits, tuple(sorted(self.flag_bits.items())), self.config.model_dump_json())
