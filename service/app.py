@@ -13,7 +13,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
-import pandas as pd
+import pyarrow.parquet as pq
 
 from fastapi import Depends, FastAPI, Header, Request, Response, Security
 from fastapi.openapi.utils import get_openapi
@@ -239,7 +239,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
 def _reencode(path: Path, fmt: str) -> bytes:
     """A stored parquet catalog in another format."""
-    return encode_catalog(pd.read_parquet(path), read_provenance(path), fmt)
+    return encode_catalog(pq.read_table(path), read_provenance(path), fmt)
 
 
 def _install_openapi(app: FastAPI) -> None:

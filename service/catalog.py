@@ -4,8 +4,10 @@ Columns follow lsst/sdm_schemas' DiaForcedSource, plus the LSST forced-source ex
 (``x``, ``y`` in PARENT pixels, ``psfFlux_*`` diagnostics, ``apFlux_<r>``,
 ``localBackground_*``, ``pixelFlags_*``, ``localPhotoCalib``, ``localWcs_CDMatrix_*``).
 Fluxes named ``*Flux``/``*FluxErr``/``apFlux_*`` are in nJy; ``*_instFlux`` in image units.
-Parquet files carry each column's unit in its field metadata and the provenance
-(software version, configuration, exposure sources) in the schema metadata.
+The catalog is built as an Arrow table (one array per column, no pandas on the
+request path); each column's unit is in its field metadata, and parquet files add the
+provenance (software version, configuration, exposure sources) to the schema metadata.
+:func:`to_pandas` gives the DataFrame view (nullable ``visit``/``detector``).
 """
 
 import io
@@ -91,39 +93,56 @@ def unit_of(column: str) -> str | None:
     return None
 
 
-def to_arrow(catalog: pd.DataFrame, provenance: dict) -> pa.Table:
-    """Arrow table with per-column units and the provenance in the schema metadata."""
-    table = pa.Table.from_pandas(catalog, preserve_index=False)
+def table_with_units(columns: dict[str, pa.Array | np.ndarray]) -> pa.Table:
+    """An Arrow table of ``columns`` whose fields carry their unit (see :func:`unit_of`)."""
+    arrays = [c if isinstance(c, pa.Array) else pa.array(c) for c in columns.values()]
     fields = []
-    for field in table.schema:
-        unit = unit_of(field.name)
-        fields.append(field.with_metadata({"unit": unit}) if unit else field)
+    for name, array in zip(columns, arrays):
+        unit = unit_of(name)
+        fields.append(pa.field(name, array.type, metadata={"unit": unit} if unit else None))
+    return pa.Table.from_arrays(arrays, schema=pa.schema(fields))
+
+
+def with_provenance(table: pa.Table, provenance: dict) -> pa.Table:
+    """``table`` with the provenance in its schema metadata (key ``forcedphot``)."""
     metadata = dict(table.schema.metadata or {})
     metadata[b"forcedphot"] = json.dumps({"software": "forcedphot", "version": __version__, **provenance}, default=str).encode()
-    return table.cast(pa.schema(fields, metadata=metadata))
+    return table.replace_schema_metadata(metadata)
+
+
+_NULLABLE = {"visit": "Int64", "detector": "Int16"}
+
+
+def to_pandas(table: pa.Table) -> pd.DataFrame:
+    """The catalog as a DataFrame; ``visit`` and ``detector`` keep their nulls (Int64, Int16)."""
+    frame = table.to_pandas()
+    for name, dtype in _NULLABLE.items():
+        if name in frame:
+            frame[name] = frame[name].astype(dtype)
+    return frame
 
 
 FORMATS = {"parquet": "application/vnd.apache.parquet", "csv": "text/csv", "json": "application/json"}
 
 
-def encode_catalog(catalog: pd.DataFrame, provenance: dict, fmt: str) -> bytes:
+def encode_catalog(table: pa.Table, provenance: dict, fmt: str) -> bytes:
     """Serialise a catalog as parquet (with units and provenance), CSV or JSON records."""
     if fmt == "parquet":
         sink = io.BytesIO()
-        pq.write_table(to_arrow(catalog, provenance), sink)
+        pq.write_table(with_provenance(table, provenance), sink)
         return sink.getvalue()
     if fmt == "csv":
-        return catalog.to_csv(index=False).encode()
+        return to_pandas(table).to_csv(index=False).encode()
     if fmt == "json":
-        return catalog.to_json(orient="records", double_precision=15).encode()
+        return to_pandas(table).to_json(orient="records", double_precision=15).encode()
     raise ValueError(f"unknown output format {fmt!r}; choose one of {', '.join(FORMATS)}")
 
 
-def write_catalog(catalog: pd.DataFrame, provenance: dict, path: str | Path) -> None:
+def write_catalog(table: pa.Table, provenance: dict, path: str | Path) -> None:
     """Write a catalog; the format follows the suffix (.parquet, .csv, .json)."""
     path = Path(path)
     fmt = path.suffix.lower().lstrip(".") or "parquet"
-    path.write_bytes(encode_catalog(catalog, provenance, fmt))
+    path.write_bytes(encode_catalog(table, provenance, fmt))
 
 
 def read_provenance(path: str | Path) -> dict:
@@ -152,8 +171,8 @@ def build_catalog(
     science=None,
     science_results: dict[str, np.ndarray] | None = None,
     apertures_px=(),
-) -> pd.DataFrame:
-    """Assemble the DiaForcedSource catalog, one row per object in ``objects``.
+) -> pa.Table:
+    """Assemble the DiaForcedSource catalog (an Arrow table), one row per object in ``objects``.
 
     ``results`` holds the kernels' instrumental outputs (full length, NaN/False for rows
     not measured); ``on_image`` marks measured rows, the others are flagged offimage;
@@ -175,13 +194,13 @@ def build_catalog(
     def flag(name: str) -> np.ndarray:
         return _column(results, name, n, False) | off
 
-    columns: dict[str, object] = {
+    columns: dict[str, pa.Array | np.ndarray] = {
         "diaForcedSourceId": source_ids,
         "diaObjectId": ids,
         "ra": objects["ra"].to_numpy(np.float64),
         "dec": objects["dec"].to_numpy(np.float64),
-        "visit": pd.array([primary.visit] * n, dtype="Int64"),
-        "detector": pd.array([primary.detector] * n, dtype="Int16"),
+        "visit": pa.nulls(n, pa.int64()) if primary.visit is None else np.full(n, primary.visit, np.int64),
+        "detector": pa.nulls(n, pa.int16()) if primary.detector is None else np.full(n, primary.detector, np.int16),
         "psfFlux": (flux("psfFlux_instFlux") * calib).astype(np.float32),
         "psfFluxErr": (flux("psfFlux_instFluxErr") * calib).astype(np.float32),
     }
@@ -195,7 +214,7 @@ def build_catalog(
         columns["scienceFlux_flag"] = np.ones(n, dtype=bool)
     columns.update(
         midpointMjdTai=np.full(n, np.nan if primary.midpoint_mjd_tai is None else primary.midpoint_mjd_tai),
-        band=pd.array([primary.band] * n, dtype="string"),
+        band=pa.array([primary.band] * n, pa.string()),
         timeProcessedMjdTai=np.full(n, _now_mjd_tai()),
         timeWithdrawnMjdTai=np.full(n, np.nan),
         x=np.asarray(x_parent, dtype=np.float64),
@@ -243,7 +262,7 @@ def build_catalog(
         localWcs_CDMatrix_2_1=cd_matrix[:, 1, 0],
         localWcs_CDMatrix_2_2=cd_matrix[:, 1, 1],
     )
-    return pd.DataFrame(columns)
+    return table_with_units(columns)
 
 
 def _now_mjd_tai() -> float:

@@ -81,12 +81,12 @@ def _measure(args: argparse.Namespace) -> int:
         progress = _ProgressLine()
         result = measure(science, objects, psf, config, difference=difference, backend=backend, progress=progress)
         progress.close()
-    write_catalog(result.catalog, result.provenance, args.output)
+    write_catalog(result.table, result.provenance, args.output)
     elapsed = time.perf_counter() - start
     print(
         f"{result.n_input} objects in, {result.n_on_detector} on the detector, {result.n_off_detector} off, "
         f"{result.n_invalid_coords} with invalid coordinates, {result.n_flagged} flagged; "
-        f"{len(result.catalog)} rows -> {args.output} in {elapsed:.2f} s ({result.backend})"
+        f"{result.table.num_rows} rows -> {args.output} in {elapsed:.2f} s ({result.backend})"
     )
     return 0
 

@@ -16,10 +16,11 @@ import time
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 
 from . import __version__
 from .backend import Backend, select_backend, to_numpy
-from .catalog import build_catalog
+from .catalog import build_catalog, to_pandas
 from .config import MeasurementConfig
 from .cutouts import CutoutStack, stage_cutouts
 from .exposure import Exposure
@@ -51,7 +52,7 @@ Progress = Callable[[int, int], None]
 class Measurement:
     """A catalog and what it took to make it."""
 
-    catalog: pd.DataFrame
+    table: pa.Table  # the DiaForcedSource catalog, one row per returned object
     n_input: int
     n_on_detector: int
     n_invalid_coords: int
@@ -59,6 +60,11 @@ class Measurement:
     backend: str
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
     provenance: dict = field(default_factory=dict)
+
+    @cached_property
+    def catalog(self) -> pd.DataFrame:
+        """The catalog as a DataFrame (see :func:`catalog.to_pandas`)."""
+        return to_pandas(self.table)
 
     @property
     def n_off_detector(self) -> int:
@@ -297,14 +303,16 @@ def measure(
         apertures_px=config.apertures_px,
     )
     timings["catalog"] = time.perf_counter() - start
-    flag_columns = [c for c in catalog.columns if c.startswith("pixelFlags_")] + ["psfFlux_flag"]
-    n_flagged = int(catalog[flag_columns].any(axis=1).sum()) if len(catalog) else 0
+    flag_columns = [c for c in catalog.column_names if c.startswith("pixelFlags_")] + ["psfFlux_flag"]
+    flagged = np.zeros(catalog.num_rows, bool)
+    for column in flag_columns:
+        flagged |= catalog[column].to_numpy()
     return Measurement(
-        catalog=catalog,
+        table=catalog,
         n_input=len(objects),
         n_on_detector=len(on),
         n_invalid_coords=int(np.count_nonzero(~coord_valid)),
-        n_flagged=n_flagged,
+        n_flagged=int(np.count_nonzero(flagged)),
         backend=f"{backend.name}:{backend.device}",
         timings=timings,
         provenance={

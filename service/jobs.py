@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import pyarrow as pa
 
 from .catalog import encode_catalog
 from .config import MeasurementConfig
@@ -366,18 +367,18 @@ class JobRunner:
             except (InputError, ExposureError, PsfError, OSError) as exc:
                 errors.append({"exposure": (difference or science).label, "detail": str(exc)})
                 continue
-            catalogs.append(outcome.measurement.catalog)
+            catalogs.append(outcome.measurement.table)
             provenances.append(outcome.measurement.provenance)
             self.store.progress(job.id, self.owner, i + 1, (i + 1) / n)
         self._check(job.id)
         rows = None
         if catalogs:
-            catalog = pd.concat(catalogs, ignore_index=True)
+            catalog = pa.concat_tables(catalogs)
             target = self.store.result_path(job.id)
             partial = target.with_suffix(".partial")
             partial.write_bytes(encode_catalog(catalog, {"job": job.id, "exposures": provenances, "errors": errors}, "parquet"))
             os.replace(partial, target)
-            rows = len(catalog)
+            rows = catalog.num_rows
         state = "succeeded" if catalogs else "failed"
         if self.store.finish(job.id, self.owner, state=state, errors=errors, rows=rows):
             self.on_finished(state)

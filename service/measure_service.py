@@ -120,7 +120,7 @@ class MeasureService:
 
         def work() -> tuple[bytes, float]:
             start = time.perf_counter()
-            body = encode_catalog(outcome.measurement.catalog, outcome.measurement.provenance, fmt)
+            body = encode_catalog(outcome.measurement.table, outcome.measurement.provenance, fmt)
             return body, time.perf_counter() - start
 
         return await asyncio.wrap_future(self._executor.submit(work))

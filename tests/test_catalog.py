@@ -1,9 +1,8 @@
 """diaForcedSourceId determinism and uniqueness; column naming; parquet units."""
 
 import numpy as np
-import pandas as pd
 
-from forcedphot.catalog import aperture_name, encode_catalog, forced_source_ids, unit_of
+from forcedphot.catalog import table_with_units, aperture_name, encode_catalog, forced_source_ids, unit_of
 
 
 def test_ids_are_deterministic_unique_and_positive():
@@ -33,8 +32,26 @@ def test_parquet_carries_units_and_provenance():
 
     import pyarrow.parquet as pq
 
-    frame = pd.DataFrame({"diaObjectId": [1], "psfFlux": np.float32([3.0]), "apFlux_3": np.float32([2.0])})
-    table = pq.read_table(io.BytesIO(encode_catalog(frame, {"exposure": "x.fits"}, "parquet")))
+    catalog = table_with_units({"diaObjectId": np.array([1]), "psfFlux": np.float32([3.0]), "apFlux_3": np.float32([2.0])})
+    table = pq.read_table(io.BytesIO(encode_catalog(catalog, {"exposure": "x.fits"}, "parquet")))
     assert table.schema.field("psfFlux").metadata[b"unit"] == b"nJy"
     assert table.schema.field("apFlux_3").metadata[b"unit"] == b"nJy"
     assert json.loads(table.schema.metadata[b"forcedphot"])["exposure"] == "x.fits"
+
+
+def test_unknown_visit_stays_null_in_every_format():
+    import io
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from forcedphot.catalog import to_pandas
+
+    catalog = table_with_units({"diaObjectId": np.array([1, 2]), "visit": pa.nulls(2, pa.int64()), "detector": np.int16([5, 5])})
+    frame = to_pandas(catalog)
+    assert str(frame["visit"].dtype) == "Int64" and frame["visit"].isna().all()
+    assert str(frame["detector"].dtype) == "Int16" and list(frame["detector"]) == [5, 5]
+    assert pq.read_table(io.BytesIO(encode_catalog(catalog, {}, "parquet")))["visit"].null_count == 2
+    assert [row["visit"] for row in json.loads(encode_catalog(catalog, {}, "json"))] == [None, None]
+    assert encode_catalog(catalog, {}, "csv").decode().splitlines()[1] == "1,,5"
