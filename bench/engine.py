@@ -197,6 +197,9 @@ def main() -> None:
     parser.add_argument("--photutils-psf-max", type=int, default=1000)
     parser.add_argument("--child", nargs=3, metavar=("METHOD", "DIR", "COUNT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    from forcedphot.allocator import keep_temporaries_on_heap
+
+    keep_temporaries_on_heap()  # as the CLI and the service do (peers measured in this process benefit too)
     if args.child:
         child(args.child[0], Path(args.child[1]), int(args.child[2]), args.photutils_psf_max)
         return

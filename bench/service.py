@@ -162,6 +162,9 @@ def main() -> None:
     parser.add_argument("--concurrency", default="1,8,32")
     parser.add_argument("--workers", type=int, default=os.cpu_count(), help="uvicorn worker processes (default: one a core)")
     args = parser.parse_args()
+    from forcedphot.allocator import keep_temporaries_on_heap
+
+    keep_temporaries_on_heap()  # as the CLI and the service do (peers measured in this process benefit too)
 
     root, visit, detector = repository(args.size)
     records = alert_objects(root, visit, detector, args.objects)

@@ -11,6 +11,7 @@ import sys
 import time
 
 from . import __version__
+from .allocator import keep_temporaries_on_heap
 from .backend import BackendError, select_backend
 from .catalog import write_catalog
 from .config import MeasurementConfig
@@ -143,6 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    keep_temporaries_on_heap()
     try:
         return args.run(args)
     except (InputError, ExposureError, PsfError, BackendError, CliError, ValueError, OSError) as exc:

@@ -35,8 +35,8 @@ def free_port() -> int:
 class Server:
     """``python -m forcedphot.cli serve`` in a subprocess with its own data directory."""
 
-    def __init__(self, data_dir: Path, **env: str):
-        self.data_dir, self.port = data_dir, free_port()
+    def __init__(self, data_dir: Path, *args: str, **env: str):
+        self.data_dir, self.port, self.args = data_dir, free_port(), list(args)
         self.env = {**os.environ, "FORCEDPHOT_DATA_DIR": str(data_dir), "FORCEDPHOT_BACKEND": "numpy", **env}
         for key in ("FORCEDPHOT_REPOSITORY_ROOTS", "FORCEDPHOT_API_KEYS", "FORCEDPHOT_CONFIG_FILE"):
             self.env.pop(key, None)
@@ -49,7 +49,7 @@ class Server:
 
     def start(self) -> "Server":
         with open(self.log, "wb") as log:
-            self.process = subprocess.Popen([sys.executable, "-m", "forcedphot.cli", "serve", "--port", str(self.port)],
+            self.process = subprocess.Popen([sys.executable, "-m", "forcedphot.cli", "serve", "--port", str(self.port), *self.args],
                                             env=self.env, stdout=log, stderr=subprocess.STDOUT)
         try:
             wait_until(self._ready, timeout=90, interval=0.2)
@@ -167,6 +167,24 @@ def test_healthz_answers_while_kernels_run(server, demo, data_dir):
     kernel_ms = float(result["r"].headers["server-timing"].split("kernels;dur=")[1].split(",")[0])
     assert kernel_ms > 300, "the request must keep the kernels busy for the check to mean anything"
     assert len(latencies) >= 5 and max(latencies) < 0.25, latencies
+
+
+def test_worker_processes_send_responses_without_delay(data_dir, demo):
+    """With --workers 2, every connection has Nagle's algorithm off: a response written
+    in parts must not wait for the client's delayed ACK (~40 ms on Linux)."""
+    workers = Server(data_dir, "--workers", "2").start()
+    try:
+        body = demo_request(demo[0], objects=many_objects(data_dir, demo[0], 5))
+        with httpx.Client(base_url=workers.url, timeout=30) as client:  # one keep-alive connection
+            client.post("/v1/forced-photometry", json=body).raise_for_status()  # warm the cache
+            seconds = []
+            for _ in range(15):
+                start = time.perf_counter()
+                client.post("/v1/forced-photometry", json=body).raise_for_status()
+                seconds.append(time.perf_counter() - start)
+        assert np.median(seconds) < 0.03, f"median {np.median(seconds) * 1e3:.1f} ms: responses wait for delayed ACKs"
+    finally:
+        workers.stop()
 
 
 def test_job_survives_sigkill(server, data_dir, demo):
