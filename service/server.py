@@ -74,7 +74,6 @@ def run_server(*, host: str = "127.0.0.1", port: int = 8000, repository: str | N
     try:
         uvicorn.run("forcedphot.server:app_from_environment", factory=True, host=host, port=port, workers=workers,
                     http="forcedphot.server:NoDelayHTTPProtocol",
-
                     timeout_graceful_shutdown=30, log_level="info")
     except SystemExit as exc:  # uvicorn exits this way when it cannot start (e.g. port in use)
         return exc.code if isinstance(exc.code, int) else 1
