@@ -184,8 +184,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 raise Problem(415, "unsupported-media-type",
                               f"send application/json (references) or multipart/form-data (uploads), not {media_type or 'no Content-Type'!r}")
             parse_seconds = time.perf_counter() - start
-            outcome = await runtime.service.measure(task)
-            content, encode_seconds = await runtime.service.encode(outcome, fmt)
+            outcome, content, encode_seconds = await runtime.service.measure_encoded(task, fmt)
         finally:
             if uploads:
                 await run_in_threadpool(remove_uploads, uploads)

@@ -1,25 +1,41 @@
 """The one place the service calls the engine: a task in, a measurement out, off the event loop.
 
 Requests and jobs both go through :meth:`MeasureService.run`. Requests await
-:meth:`MeasureService.measure`, which runs it on a bounded thread pool (the kernels spend
-their time in NumPy, which releases the GIL, so the event loop keeps answering). A
-batching executor that coalesces concurrent requests is given as ``batcher``: every kernel call then goes through it.
+:meth:`MeasureService.measure_encoded`, which measures and encodes the catalog either
+
+* in a bounded thread pool of this process (the kernels spend much of their time in
+  NumPy, which releases the GIL, so the event loop keeps answering); a batching executor
+  that coalesces concurrent requests is given as ``batcher``: every kernel call then goes
+  through it. This is the mode for a GPU: one process owns the device.
+* or, with ``processes > 0``, in a pool of measurement processes, each with its own
+  exposure cache. On a CPU backend this spreads requests over the cores one request at a
+  time, whatever connection they came on: uvicorn worker processes instead share
+  connections, and a few long-lived keep-alive connections may all land on one worker
+  (seen: 8 client connections, one busy worker, half the machine idle).
+
+Jobs always run in this process.
 """
 
 from __future__ import annotations
 
 import asyncio
 import math
+import multiprocessing
+import multiprocessing.connection
+import os
+import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 
-from .backend import Backend
+from .allocator import keep_temporaries_on_heap
+from .backend import Backend, select_backend
 from .catalog import encode_catalog
 from .config import MeasurementConfig
 from .batching import KernelBatcher
@@ -82,13 +98,33 @@ def _psf_for(task: MeasureTask, science) -> PsfModel:
     raise PsfError(f"{task.science.label}: no PSF given and no {PSF_FWHM_KEYWORD} keyword in its header; send psf_fwhm (pixels)")
 
 
-class MeasureService:
-    """Runs measurements on a shared backend and exposure cache."""
+class MeasurementProcessDied(RuntimeError):
+    """A measurement process exited during a request (killed, or out of memory)."""
 
-    def __init__(self, cache: ExposureCache, backend: Backend, threads: int, batcher: KernelBatcher | None = None):
+
+class MeasureService:
+    """Runs measurements on a shared backend and exposure cache (or a pool of processes)."""
+
+    def __init__(self, cache: ExposureCache, backend: Backend, threads: int, batcher: KernelBatcher | None = None,
+                 processes: int = 0, on_process_cache_event: Callable[[str], None] | None = None):
+        """``processes`` > 0 measures requests in that many processes, each with a cache of
+        ``cache.max_bytes``; ``on_process_cache_event`` is told their cache outcomes."""
         self.cache, self.backend, self.batcher = cache, backend, batcher
+        self._on_process_cache_event = on_process_cache_event or (lambda outcome: None)
         self._execute = batcher.execute if batcher is not None else run_directly
         self._executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="measure")
+        self.processes = processes
+        self._pool = self._new_pool() if processes else None
+
+    def _new_pool(self) -> ProcessPoolExecutor:
+        return ProcessPoolExecutor(self.processes, mp_context=multiprocessing.get_context("spawn"),
+                                   initializer=_start_process, initargs=(self.backend.name, self.cache.max_bytes))
+
+    def warm_up(self) -> None:
+        """Start every measurement process now (each imports the engine: about a second)."""
+        if self._pool is not None:
+            for future in [self._pool.submit(_process_ready) for _ in range(self.processes)]:
+                future.result()
 
     def _open(self, stack: ExitStack, source: ExposureInput) -> tuple[object, str]:
         if source.cacheable:
@@ -111,22 +147,59 @@ class MeasureService:
             result.provenance["science"]["path"] = task.science.label
         return MeasureOutcome(result, read_seconds, cache)
 
-    async def measure(self, task: MeasureTask) -> MeasureOutcome:
-        """Measure ``task`` on the thread pool, without blocking the event loop."""
-        return await asyncio.wrap_future(self._executor.submit(self.run, task))
+    def run_encoded(self, task: MeasureTask, fmt: str) -> tuple[MeasureOutcome, bytes, float]:
+        """Measure ``task`` here and serialise its catalog as ``fmt``: (outcome, body, encode seconds)."""
+        outcome = self.run(task)
+        start = time.perf_counter()
+        body = encode_catalog(outcome.measurement.table, outcome.measurement.provenance, fmt)
+        return outcome, body, time.perf_counter() - start
 
-    async def encode(self, outcome: MeasureOutcome, fmt: str) -> tuple[bytes, float]:
-        """The catalog serialised as ``fmt``, and the seconds it took (on the thread pool)."""
-
-        def work() -> tuple[bytes, float]:
-            start = time.perf_counter()
-            body = encode_catalog(outcome.measurement.table, outcome.measurement.provenance, fmt)
-            return body, time.perf_counter() - start
-
-        return await asyncio.wrap_future(self._executor.submit(work))
+    async def measure_encoded(self, task: MeasureTask, fmt: str) -> tuple[MeasureOutcome, bytes, float]:
+        """:meth:`run_encoded` off the event loop: in a measurement process, else on the thread pool."""
+        if self._pool is None:
+            return await asyncio.wrap_future(self._executor.submit(self.run_encoded, task, fmt))
+        pool = self._pool
+        try:
+            result = await asyncio.wrap_future(pool.submit(_run_encoded_in_process, task, fmt))
+        except BrokenProcessPool:
+            if self._pool is pool:  # the first request to notice replaces the pool
+                self._pool = self._new_pool()
+            raise MeasurementProcessDied("a measurement process exited during the request; retry it") from None
+        self._on_process_cache_event(result[0].cache)
+        return result
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
+        if self._pool is not None:  # waits for running measurements (milliseconds), so no process outlives the server
+            self._pool.shutdown(wait=True, cancel_futures=True)
         if self.batcher is not None:
             self.batcher.close()
 
+
+_PROCESS_SERVICE: MeasureService | None = None  # the service of a measurement process
+
+
+def _exit_with_parent() -> None:
+    """End this process when the server process ends, however it ends (even SIGKILL):
+    a measurement process waits on a queue it holds both ends of, so it would never
+    notice on its own."""
+    parent = multiprocessing.parent_process()
+    if parent is not None:
+        multiprocessing.connection.wait([parent.sentinel])
+        os._exit(0)
+
+
+def _start_process(backend_name: str, cache_bytes: int) -> None:
+    """Initialise a measurement process: its allocator, backend and exposure cache."""
+    global _PROCESS_SERVICE
+    threading.Thread(target=_exit_with_parent, name="exit-with-parent", daemon=True).start()
+    keep_temporaries_on_heap()
+    _PROCESS_SERVICE = MeasureService(ExposureCache(cache_bytes), select_backend(backend_name), threads=1)
+
+
+def _process_ready() -> bool:
+    return _PROCESS_SERVICE is not None
+
+
+def _run_encoded_in_process(task: MeasureTask, fmt: str) -> tuple[MeasureOutcome, bytes, float]:
+    return _PROCESS_SERVICE.run_encoded(task, fmt)

@@ -4,7 +4,8 @@ A :class:`Problem` raised anywhere in a request becomes a response with ``type``
 ``title``, ``status``, ``detail`` (naming what is wrong) and ``instance`` (the request
 path). The engine's input errors (:class:`~forcedphot.objects.InputError`,
 :class:`~forcedphot.exposure.ExposureError`, :class:`~forcedphot.psf_models.PsfError`)
-and the repository's reference errors are mapped to 4xx problems here, in one place.
+and the repository's reference errors are mapped to 4xx problems here, in one place; a
+measurement process that died mid-request is a 503 with ``Retry-After``.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .exposure import ExposureError
+from .measure_service import MeasurementProcessDied
 from .objects import InputError
 from .psf_models import PsfError
 from .repository import RepositoryError
@@ -89,6 +91,8 @@ def from_exception(exc: Exception) -> Problem | None:
         return Problem(422, "invalid-psf", str(exc))
     if isinstance(exc, ValidationError):
         return invalid_request(exc.errors(include_url=False))
+    if isinstance(exc, MeasurementProcessDied):
+        return Problem(503, "measurement-process-died", str(exc), headers={"Retry-After": "1"})
     return None
 
 
@@ -110,7 +114,7 @@ def install_problem_handlers(app: FastAPI) -> None:
         slug = HTTPStatus(exc.status_code).phrase.lower().replace(" ", "-").replace("'", "")
         return problem_response(request, Problem(exc.status_code, slug, detail, headers=dict(exc.headers or {})))
 
-    for kind in (Problem, RepositoryError, InputError, ExposureError, PsfError, ValidationError, Exception):
+    for kind in (Problem, RepositoryError, InputError, ExposureError, PsfError, ValidationError, MeasurementProcessDied, Exception):
         app.add_exception_handler(kind, on_problem)
     app.add_exception_handler(RequestValidationError, on_validation)
     app.add_exception_handler(StarletteHTTPException, on_http)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import threading
 
 from .auth import ApiKeys
@@ -29,6 +30,13 @@ from .settings import Settings
 log = logging.getLogger("forcedphot.service")
 
 
+def measure_processes(settings: Settings, backend_name: str) -> int:
+    """How many measurement processes to run: the setting, else one per core on NumPy."""
+    if settings.measure_processes is not None:
+        return settings.measure_processes
+    return (os.cpu_count() or 1) if backend_name == "numpy" else 0
+
+
 class ServiceRuntime:
     """Everything a request needs, shared by all requests of one server process."""
 
@@ -37,9 +45,11 @@ class ServiceRuntime:
         self.metrics = ServiceMetrics()
         self.keys = ApiKeys(settings.api_keys)
         self.backend = select_backend(settings.backend)
-        self.cache = ExposureCache(settings.cache_bytes, on_event=lambda outcome: self.metrics.cache.labels(outcome).inc())
+        count_cache = lambda outcome: self.metrics.cache.labels(outcome).inc()  # noqa: E731
+        self.cache = ExposureCache(settings.cache_bytes, on_event=count_cache)
         batcher = KernelBatcher(settings.batch_wait_ms / 1000, settings.batch_max_objects) if settings.batching else None
-        self.service = MeasureService(self.cache, self.backend, settings.measure_threads, batcher)
+        self.service = MeasureService(self.cache, self.backend, settings.measure_threads, batcher,
+                                      processes=measure_processes(settings, self.backend.name), on_process_cache_event=count_cache)
         self.jobs = JobStore(settings.data_dir / "jobs")
         self.runner = JobRunner(self.jobs, self.service, workers=settings.job_workers,
                                 heartbeat_seconds=settings.job_heartbeat_seconds, stale_seconds=settings.job_stale_seconds,
@@ -47,9 +57,11 @@ class ServiceRuntime:
                                 on_finished=lambda state: self.metrics.jobs.labels(state).inc())
         self.upload_dir = settings.data_dir / "uploads"
         self.demo_visits: list[DemoVisitId] = []
+        self._processes_ready = self.service.processes == 0
         self.in_flight = 0
         self._repository: Repository | None = None
-        self._startup_error: str | None = None
+        self._startup_error: str | None = None  # the demo repository's
+        self._process_error: str | None = None
         self.metrics.watch(self.metrics.cache_bytes, lambda: float(self.cache.nbytes))
         self.metrics.watch(self.metrics.queue_depth, lambda: float(self.jobs.count_active()))
         self.metrics.watch(self.metrics.in_flight, lambda: float(self.in_flight))
@@ -70,12 +82,23 @@ class ServiceRuntime:
         for stale in self.upload_dir.glob("*.fits"):  # uploads of a process that died
             stale.unlink(missing_ok=True)
         self.runner.start()
+        if not self._processes_ready:
+            threading.Thread(target=self._start_processes, name="measure-processes", daemon=True).start()
         if self.settings.demo_mode:
             threading.Thread(target=self._make_demo, name="demo-repository", daemon=True).start()
 
     def stop(self) -> None:
         self.runner.stop()
         self.service.close()
+
+    def _start_processes(self) -> None:
+        try:
+            self.service.warm_up()
+            self._processes_ready = True
+            log.info("%d measurement processes ready", self.service.processes)
+        except Exception as exc:  # reported by /readyz
+            log.exception("the measurement processes could not start")
+            self._process_error = f"the measurement processes could not start: {exc}"
 
     def _make_demo(self) -> None:
         s = self.settings
@@ -101,6 +124,10 @@ class ServiceRuntime:
             issues = self._repository.readable()
             if issues:
                 failing["repository"] = "; ".join(issues)
+        if self._process_error:
+            failing["measure"] = self._process_error
+        elif not self._processes_ready:
+            failing["measure"] = f"the {self.service.processes} measurement processes are starting"
         try:
             self.jobs.count_active()
         except Exception as exc:  # sqlite3 or OS errors

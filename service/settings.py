@@ -55,7 +55,10 @@ class Settings(BaseSettings):
     max_objects: int = Field(100_000, gt=0, description="most DiaObjects in one request or job; beyond it 413")
     max_concurrent_requests: int = Field(16, gt=0, description="measurements in flight; beyond it 429")
     measure_threads: int = Field(8, gt=0, description="threads measuring requests off the event loop (they stage cutouts; with batching they mostly wait for the batcher)")
-    batching: bool = Field(True, description="coalesce concurrent requests' kernel calls into one batch (dynamic batching)")
+    measure_processes: int | None = Field(None, ge=0, le=1024, description=(
+        "processes measuring requests, each with its own exposure cache; 0: threads of the server process "
+        "(needed for dynamic batching and for a GPU); default: one per core on the NumPy backend, else 0"))
+    batching: bool = Field(True, description="coalesce concurrent in-process measurements' kernel calls into one batch (dynamic batching)")
     batch_wait_ms: float = Field(2.0, ge=0, le=1000, description="how long the batcher waits for more requests before a kernel call")
     batch_max_objects: int = Field(50_000, gt=0, description="objects in one coalesced kernel call at most")
     max_active_jobs: int = Field(64, gt=0, description="queued plus running jobs; beyond it 429")

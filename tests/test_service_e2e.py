@@ -65,6 +65,20 @@ class Server:
         except httpx.TransportError:
             return False
 
+    def descendants(self) -> list[int]:
+        """Process ids of the server's children and their children (Linux /proc)."""
+        found, todo = [], [self.process.pid]
+        while todo:
+            pid = todo.pop()
+            for task in Path(f"/proc/{pid}/task").glob("*"):
+                try:
+                    children = [int(c) for c in (task / "children").read_text().split()]
+                except OSError:
+                    continue
+                found += children
+                todo += children
+        return found
+
     def kill(self) -> None:
         self.process.send_signal(signal.SIGKILL)
         self.process.wait(10)
@@ -172,7 +186,7 @@ def test_healthz_answers_while_kernels_run(server, demo, data_dir):
 def test_worker_processes_send_responses_without_delay(data_dir, demo):
     """With --workers 2, every connection has Nagle's algorithm off: a response written
     in parts must not wait for the client's delayed ACK (~40 ms on Linux)."""
-    workers = Server(data_dir, "--workers", "2").start()
+    workers = Server(data_dir, "--workers", "2", FORCEDPHOT_MEASURE_PROCESSES="0").start()
     try:
         body = demo_request(demo[0], objects=many_objects(data_dir, demo[0], 5))
         with httpx.Client(base_url=workers.url, timeout=30) as client:  # one keep-alive connection
@@ -183,8 +197,11 @@ def test_worker_processes_send_responses_without_delay(data_dir, demo):
                 client.post("/v1/forced-photometry", json=body).raise_for_status()
                 seconds.append(time.perf_counter() - start)
         assert np.median(seconds) < 0.03, f"median {np.median(seconds) * 1e3:.1f} ms: responses wait for delayed ACKs"
+        helpers = workers.descendants()
     finally:
         workers.stop()
+    assert len(helpers) >= 2
+    wait_until(lambda: not any(Path(f"/proc/{pid}").exists() for pid in helpers), timeout=20, interval=0.1)  # none outlives the server
 
 
 def test_job_survives_sigkill(server, data_dir, demo):
@@ -194,9 +211,13 @@ def test_job_survives_sigkill(server, data_dir, demo):
     try:
         job = httpx.post(f"{server.url}/v1/jobs", json=body, headers={"Idempotency-Key": "kill-test"}, timeout=60).json()
         wait_until(lambda: httpx.get(f"{server.url}/v1/jobs/{job['id']}").json()["state"] == "running", timeout=30, interval=0.01)
+        helpers = server.descendants()
         server.kill()
     finally:
         server.stop()
+    assert helpers, "the server runs measurement processes by default"
+    # they follow the killed server out instead of lingering as orphans
+    wait_until(lambda: not any(Path(f"/proc/{pid}").exists() for pid in helpers), timeout=20, interval=0.1)
     restarted = Server(data_dir, **FAST_RECOVERY).start()
     try:
         again = httpx.post(f"{restarted.url}/v1/jobs", json=body, headers={"Idempotency-Key": "kill-test"}, timeout=60)

@@ -1,0 +1,69 @@
+"""Requests measured in a pool of measurement processes (the default on the NumPy backend):
+same answers as the engine, errors still named, a dead process costs one 503 and no more."""
+
+import os
+import signal
+
+import pytest
+from fastapi.testclient import TestClient
+
+from forcedphot.app import create_app
+
+from service_helpers import AUTH, FWHM, assert_same_catalog, data_id, engine_catalog, make_repository, read_parquet, settings_for, wait_until
+
+PROCESSES = 2
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory):
+    return make_repository(tmp_path_factory.mktemp("repo"))
+
+
+@pytest.fixture(scope="module")
+def client(repo, tmp_path_factory):
+    app = create_app(settings_for(repo["root"], tmp_path_factory.mktemp("data"), measure_processes=PROCESSES))
+    with TestClient(app, headers=AUTH) as c:
+        wait_until(lambda: c.get("/readyz").status_code == 200, timeout=60, interval=0.1)
+        yield c
+
+
+def request(**extra) -> dict:
+    return {"exposure": data_id("calexp"), "difference": data_id("difference"), "objects": {"uri": "tables/objects.parquet"},
+            "psf_fwhm": FWHM, **extra}
+
+
+def test_answers_equal_the_engine_and_are_measured_in_other_processes(client, repo):
+    expected = engine_catalog(repo["calexp"], repo["objects"], repo["difference"])
+    responses = [client.post("/v1/forced-photometry", json=request()) for _ in range(2 * PROCESSES + 1)]
+    for response in responses:
+        assert response.status_code == 200, response.text
+        assert_same_catalog(read_parquet(response.content), expected)
+    runtime = client.app.state.runtime
+    assert len(runtime.cache) == 0, "the server process itself should not have read the exposure"
+    outcomes = [r.headers["x-exposure-cache"] for r in responses]
+    assert set(outcomes) <= {"hit", "miss"} and outcomes.count("miss") <= PROCESSES  # each process reads it once
+    metrics = client.get("/metrics").text
+    counted = sum(float(line.split()[-1]) for line in metrics.splitlines()
+                  if line.startswith("forcedphot_exposure_cache_requests_total{"))
+    assert counted >= len(responses)  # the processes' cache outcomes reach the server's metrics
+
+
+def test_errors_raised_in_a_process_are_named(client, repo):
+    (repo["root"] / "broken.fits").write_bytes(b"SIMPLE  =                    T" + b" " * 50)
+    response = client.post("/v1/forced-photometry", json=request(exposure={"uri": "broken.fits"}, difference=None))
+    assert response.status_code == 422 and "broken.fits" in response.json()["detail"], response.text
+    response = client.post("/v1/forced-photometry", json=request(psf_fwhm=None))  # the test files carry no PSF_FWHM
+    assert response.status_code == 422 and "no PSF given" in response.json()["detail"], response.text
+
+
+def test_a_killed_process_costs_one_503_then_the_pool_is_replaced(client, repo):
+    pool = client.app.state.runtime.service._pool
+    victim = next(iter(pool._processes))
+    os.kill(victim, signal.SIGKILL)
+    wait_until(lambda: pool._broken, timeout=10, interval=0.05)
+    died = client.post("/v1/forced-photometry", json=request())
+    assert died.status_code == 503 and died.headers["retry-after"] == "1", died.text
+    assert "retry" in died.json()["detail"]
+    again = client.post("/v1/forced-photometry", json=request())
+    assert again.status_code == 200, again.text
+    assert_same_catalog(read_parquet(again.content), engine_catalog(repo["calexp"], repo["objects"], repo["difference"]))
