@@ -1,15 +1,23 @@
-"""Benchmark the HTTP service with alert-like requests, dynamic batching on and off.
+"""Benchmark the HTTP service with alert-like requests, in its three ways of measuring.
 
     python bench/service.py [--size 4096] [--objects 200] [--requests 400] [--concurrency 1,8,32]
 
 Makes (once, cached in bench/.cache) a repository with one ``forcedphot demo`` detector
-(science + difference image). For each batching mode it starts ``forcedphot serve`` on
-127.0.0.1 (a free port), warms its exposure cache, then drives it from a second process
-(this one; the server is its own process) with httpx at each concurrency: every request
-is one detector, ``--objects`` DiaObjects sent inline as JSON records, the difference
-image measured as DiaForcedSourceTask does, parquet back. It prints requests/s and
-latency p50/p99 per concurrency and mode, and the engine's own time per request
-(``measure`` in-process on the same files and objects, files already open) for comparison.
+(science + difference image). For each mode it starts ``forcedphot serve`` on 127.0.0.1
+(a free port), warms its exposure cache, then drives it from a second process (this one;
+the server is its own process) with httpx at each concurrency: every request is one
+detector, ``--objects`` DiaObjects sent inline as JSON records, the difference image
+measured as DiaForcedSourceTask does, parquet back. Modes:
+
+* ``processes``: the default on NumPy: one uvicorn worker, requests measured in a pool
+  of one measurement process per core;
+* ``threads+batch``: one uvicorn worker per core, requests measured in threads of the
+  worker, concurrent kernel calls coalesced (dynamic batching, the GPU set-up);
+* ``threads``: the same without batching.
+
+It prints requests/s and latency p50/p99 per concurrency and mode, the CPU time per
+request of the server's processes and of this client, and the engine's own time per
+request (``measure`` in-process on the same files and objects, files already open).
 All traffic stays on the loopback interface; every loop is bounded by --requests.
 """
 
@@ -92,19 +100,41 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+MODES = {  # name -> (uvicorn workers or None for one per core, environment)
+    "processes": (1, {}),
+    "threads+batch": (None, {"FORCEDPHOT_MEASURE_PROCESSES": "0", "FORCEDPHOT_BATCHING": "true"}),
+    "threads": (None, {"FORCEDPHOT_MEASURE_PROCESSES": "0", "FORCEDPHOT_BATCHING": "false"}),
+}
+
+
 class Server:
     """A ``forcedphot serve`` process on the loopback interface."""
 
-    def __init__(self, root: Path, batching: bool, key: str, workers: int):
+    def __init__(self, root: Path, mode: str, key: str):
+        workers, mode_env = MODES[mode]
         self.port = free_port()
         self.data = tempfile.TemporaryDirectory(prefix="forcedphot-bench-")
         env = dict(os.environ, FORCEDPHOT_API_KEYS=key, FORCEDPHOT_BACKEND="numpy", FORCEDPHOT_DATA_DIR=self.data.name,
-                   FORCEDPHOT_BATCHING="true" if batching else "false", FORCEDPHOT_MAX_CONCURRENT_REQUESTS="64",
-                   FORCEDPHOT_MEASURE_THREADS="32")
+                   FORCEDPHOT_MAX_CONCURRENT_REQUESTS="64", FORCEDPHOT_MEASURE_THREADS="32", **mode_env)
         cli = Path(sys.executable).with_name("forcedphot")
-        self.process = subprocess.Popen([str(cli), "serve", "--port", str(self.port), "--repository", str(root), "--workers", str(workers)],
+        self.process = subprocess.Popen([str(cli), "serve", "--port", str(self.port), "--repository", str(root),
+                                         "--workers", str(workers or os.cpu_count())],
                                         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self.url = f"http://127.0.0.1:{self.port}"
+
+    def cpu_seconds(self) -> float:
+        """CPU time used so far by the server and all its processes (Linux /proc)."""
+        total, todo = 0.0, [self.process.pid]
+        while todo:
+            pid = todo.pop()
+            try:
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+                total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+                for task in Path(f"/proc/{pid}/task").iterdir():
+                    todo += [int(c) for c in (task / "children").read_text().split()]
+            except OSError:  # gone meanwhile
+                continue
+        return total
 
     def wait_ready(self, timeout: float = 60.0) -> None:
         import httpx
@@ -160,7 +190,6 @@ def main() -> None:
     parser.add_argument("--objects", type=int, default=200)
     parser.add_argument("--requests", type=int, default=400, help="requests per concurrency level")
     parser.add_argument("--concurrency", default="1,8,32")
-    parser.add_argument("--workers", type=int, default=os.cpu_count(), help="uvicorn worker processes (default: one a core)")
     args = parser.parse_args()
     from forcedphot.allocator import keep_temporaries_on_heap
 
@@ -175,22 +204,25 @@ def main() -> None:
     }
     engine = engine_seconds(root, visit, detector, records)
     print(f"{args.size}x{args.size} detector, {args.objects} DiaObjects a request (difference + science), "
-          f"python {sys.version.split()[0]}, {os.cpu_count()} cores, {args.workers} uvicorn workers, NumPy backend")
+          f"python {sys.version.split()[0]}, {os.cpu_count()} cores, NumPy backend")
     print(f"engine alone, in-process, files open: {engine * 1e3:.1f} ms a request ({1 / engine:.0f} requests/s on one thread)")
-    header = f"{'batching':>8} {'conc':>5} {'requests':>8} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8}"
+    header = (f"{'mode':>13} {'conc':>5} {'requests':>8} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} "
+              f"{'server CPU ms/req':>17} {'client CPU ms/req':>17}")
     print(header)
     print("-" * len(header))
     key = secrets.token_hex(16)
-    for batching in (True, False):
-        server = Server(root, batching, key, args.workers)
+    for mode in MODES:
+        server = Server(root, mode, key)
         try:
             server.wait_ready()
-            asyncio.run(drive(server.url, key, body, 2, 20))  # warm the exposure cache and the code paths
+            asyncio.run(drive(server.url, key, body, 2, 20))  # warm the exposure caches and the code paths
             for concurrency in (int(c) for c in args.concurrency.split(",")):
+                server_cpu, client_cpu = server.cpu_seconds(), time.process_time()
                 wall, latencies = asyncio.run(drive(server.url, key, body, concurrency, args.requests))
+                server_cpu, client_cpu = server.cpu_seconds() - server_cpu, time.process_time() - client_cpu
                 ms = np.array(latencies) * 1e3
-                print(f"{'on' if batching else 'off':>8} {concurrency:>5} {len(ms):>8} {len(ms) / wall:>8.1f} "
-                      f"{np.percentile(ms, 50):>8.1f} {np.percentile(ms, 99):>8.1f}")
+                print(f"{mode:>13} {concurrency:>5} {len(ms):>8} {len(ms) / wall:>8.1f} {np.percentile(ms, 50):>8.1f} "
+                      f"{np.percentile(ms, 99):>8.1f} {server_cpu / len(ms) * 1e3:>17.1f} {client_cpu / len(ms) * 1e3:>17.1f}")
         finally:
             server.stop()
 

@@ -8,7 +8,7 @@ Requests and jobs both go through :meth:`MeasureService.run`. Requests await
   that coalesces concurrent requests is given as ``batcher``: every kernel call then goes
   through it. This is the mode for a GPU: one process owns the device.
 * or, with ``processes > 0``, in a pool of measurement processes, each with its own
-  exposure cache. On a CPU backend this spreads requests over the cores one request at a
+  exposure cache (a share of the cache size). On a CPU backend this spreads requests over the cores one request at a
   time, whatever connection they came on: uvicorn worker processes instead share
   connections, and a few long-lived keep-alive connections may all land on one worker
   (seen: 8 client connections, one busy worker, half the machine idle).
@@ -107,8 +107,9 @@ class MeasureService:
 
     def __init__(self, cache: ExposureCache, backend: Backend, threads: int, batcher: KernelBatcher | None = None,
                  processes: int = 0, on_process_cache_event: Callable[[str], None] | None = None):
-        """``processes`` > 0 measures requests in that many processes, each with a cache of
-        ``cache.max_bytes``; ``on_process_cache_event`` is told their cache outcomes."""
+        """``processes`` > 0 measures requests in that many processes, which share out
+        ``cache.max_bytes`` equally for their own caches; ``on_process_cache_event`` is
+        told their cache outcomes. Jobs use ``cache`` in this process."""
         self.cache, self.backend, self.batcher = cache, backend, batcher
         self._on_process_cache_event = on_process_cache_event or (lambda outcome: None)
         self._execute = batcher.execute if batcher is not None else run_directly
@@ -118,7 +119,7 @@ class MeasureService:
 
     def _new_pool(self) -> ProcessPoolExecutor:
         return ProcessPoolExecutor(self.processes, mp_context=multiprocessing.get_context("spawn"),
-                                   initializer=_start_process, initargs=(self.backend.name, self.cache.max_bytes))
+                                   initializer=_start_process, initargs=(self.backend.name, self.cache.max_bytes // self.processes))
 
     def warm_up(self) -> None:
         """Start every measurement process now (each imports the engine: about a second)."""
@@ -202,4 +203,9 @@ def _process_ready() -> bool:
 
 
 def _run_encoded_in_process(task: MeasureTask, fmt: str) -> tuple[MeasureOutcome, bytes, float]:
-    return _PROCESS_SERVICE.run_encoded(task, fmt)
+    """:meth:`MeasureService.run_encoded` in a measurement process. The catalog travels
+    back encoded; its table is replaced by an empty one of the same schema, which halves
+    what crosses the process boundary (and the server process's unpickling work)."""
+    outcome, body, encode_seconds = _PROCESS_SERVICE.run_encoded(task, fmt)
+    outcome.measurement.table = outcome.measurement.table.schema.empty_table()
+    return outcome, body, encode_seconds

@@ -50,7 +50,9 @@ class Settings(BaseSettings):
     api_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list, description="accepted bearer tokens")
     backend: Literal["auto", "numpy", "cupy"] = "auto"
     batch_bytes: int = Field(256 * MiB, gt=0, description="memory bound of one cutout batch")
-    cache_bytes: int = Field(2048 * MiB, ge=0, description="exposure cache size (pixels held in memory)")
+    cache_bytes: int = Field(2048 * MiB, ge=0, description=(
+        "exposure cache size (pixels held in memory); the measurement processes share it out, and jobs, "
+        "which run in the server process, have a cache of this size of their own"))
     max_body_bytes: int = Field(512 * MiB, gt=0, description="largest request body; beyond it 413")
     max_objects: int = Field(100_000, gt=0, description="most DiaObjects in one request or job; beyond it 413")
     max_concurrent_requests: int = Field(16, gt=0, description="measurements in flight; beyond it 429")
