@@ -31,10 +31,13 @@ log = logging.getLogger("forcedphot.service")
 
 
 def measure_processes(settings: Settings, backend_name: str) -> int:
-    """How many measurement processes to run: the setting, else one per core on NumPy."""
+    """How many measurement processes to run: the setting, else one per core this process
+    may run on (its CPU affinity; a container's CPU quota is not seen) on NumPy, else 0."""
     if settings.measure_processes is not None:
         return settings.measure_processes
-    return (os.cpu_count() or 1) if backend_name == "numpy" else 0
+    if backend_name != "numpy":
+        return 0
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 class ServiceRuntime:
