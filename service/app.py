@@ -155,6 +155,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             "name": "forcedphot",
             "version": __version__,
             "backend": {"name": runtime.backend.name, "device": runtime.backend.device},
+            "measure_processes": runtime.service.processes,  # 0: requests are measured in threads
             "settings": settings.public(),
             "measurement_defaults": MeasurementConfig().model_dump(mode="json"),
             "formats": FORMATS,
