@@ -48,11 +48,10 @@ class ServiceRuntime:
         self.metrics = ServiceMetrics()
         self.keys = ApiKeys(settings.api_keys)
         self.backend = select_backend(settings.backend)
-        count_cache = lambda outcome: self.metrics.cache.labels(outcome).inc()  # noqa: E731
-        self.cache = ExposureCache(settings.cache_bytes, on_event=count_cache)
+        self.cache = ExposureCache(settings.cache_bytes, on_event=self._count_cache)
         batcher = KernelBatcher(settings.batch_wait_ms / 1000, settings.batch_max_objects) if settings.batching else None
         self.service = MeasureService(self.cache, self.backend, settings.measure_threads, batcher,
-                                      processes=measure_processes(settings, self.backend.name), on_process_cache_event=count_cache)
+                                      processes=measure_processes(settings, self.backend.name), on_process_cache_event=self._count_cache)
         self.jobs = JobStore(settings.data_dir / "jobs")
         self.runner = JobRunner(self.jobs, self.service, workers=settings.job_workers,
                                 heartbeat_seconds=settings.job_heartbeat_seconds, stale_seconds=settings.job_stale_seconds,
@@ -76,6 +75,10 @@ class ServiceRuntime:
             self.metrics.watch(self.metrics.device_memory, reader)
         if not settings.demo_mode:
             self._repository = Repository(settings.repository_roots, settings.path_template)
+
+    def _count_cache(self, outcome: str) -> None:
+        """Count an exposure cache outcome ("hit", "miss", "bypass") of any process."""
+        self.metrics.cache.labels(outcome).inc()
 
     # --- lifecycle ---------------------------------------------------------------------
 
