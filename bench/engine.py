@@ -66,6 +66,7 @@ def _load_for_peers(directory: Path, count: int, limit: int | None):
     import pandas as pd
 
     from forcedphot.exposure import open_exposure
+    from forcedphot.psf_models import PSF_FWHM_KEYWORD
 
     objects = pd.read_parquet(objects_file(directory, count))
     if limit is not None:
@@ -74,7 +75,7 @@ def _load_for_peers(directory: Path, count: int, limit: int | None):
         image, variance, _ = exposure.read_rows(0, exposure.height)
         image, variance = np.array(image, dtype=np.float64), np.array(variance, dtype=np.float64)
         x, y = exposure.wcs.all_world2pix(objects["ra"], objects["dec"], 0)
-        fwhm = float(exposure.header["PSF_FWHM"])
+        fwhm = float(exposure.header[PSF_FWHM_KEYWORD])
     return image, variance, x, y, fwhm
 
 
@@ -108,12 +109,12 @@ def run_kernels(directory: Path, count: int, which: str = "all") -> tuple[int, f
     from forcedphot.engine import KernelRunner, cutout_half_size
     from forcedphot.exposure import open_exposure
     from forcedphot.kernels.aperture import aperture_fluxes
-    from forcedphot.psf_models import load_psf
+    from forcedphot.psf_models import PSF_FWHM_KEYWORD, load_psf
 
     objects = pd.read_parquet(objects_file(directory, count))
     config = MeasurementConfig(backend="numpy")
     with open_exposure(directory / "calexp.fits") as exposure:
-        psf = load_psf(fwhm_pixels=float(exposure.header["PSF_FWHM"]))
+        psf = load_psf(fwhm_pixels=float(exposure.header[PSF_FWHM_KEYWORD]))
         x, y = exposure.wcs.all_world2pix(objects["ra"], objects["dec"], 0)
         sigma = psf.sigma(x, y)
         size = {"all": 2 * cutout_half_size(psf, sigma, config) + 1, "psf": psf.stamp_size, "ap": 2 * int(np.ceil(max(RADII) + 1)) + 1}[which]

@@ -79,13 +79,13 @@ def engine_seconds(root: Path, visit: int, detector: int, records: list[dict], r
     from forcedphot.engine import measure
     from forcedphot.exposure import open_exposure
     from forcedphot.objects import validate_objects
-    from forcedphot.psf_models import load_psf
+    from forcedphot.psf_models import PSF_FWHM_KEYWORD, load_psf
 
     folder = root / VISIT_DIR.format(visit=visit, detector=detector)
     objects = validate_objects(pd.DataFrame(records))
     times = []
     with open_exposure(folder / "calexp.fits") as science, open_exposure(folder / "difference.fits") as difference:
-        psf = load_psf(fwhm_pixels=float(science.header["PSF_FWHM"]))
+        psf = load_psf(fwhm_pixels=float(science.header[PSF_FWHM_KEYWORD]))
         config = MeasurementConfig(backend="numpy")
         for _ in range(repeats + 3):
             start = time.perf_counter()
