@@ -48,7 +48,7 @@ def objects_file(directory: Path, count: int) -> Path:
     """A DiaObject table of ``count`` random positions on the detector (made once)."""
     import pandas as pd
 
-    from forcedphot.exposure import open_exposure
+    from forcedphot.photometry.exposure import open_exposure
 
     path = directory / f"objects_{count}.parquet"
     if not path.exists():
@@ -65,8 +65,8 @@ def _load_for_peers(directory: Path, count: int, limit: int | None):
     """Image, variance and pixel positions, read fully into memory (not timed)."""
     import pandas as pd
 
-    from forcedphot.exposure import open_exposure
-    from forcedphot.psf_models import PSF_FWHM_KEYWORD
+    from forcedphot.photometry.exposure import open_exposure
+    from forcedphot.photometry.psf_models import PSF_FWHM_KEYWORD
 
     objects = pd.read_parquet(objects_file(directory, count))
     if limit is not None:
@@ -103,13 +103,13 @@ def run_kernels(directory: Path, count: int, which: str = "all") -> tuple[int, f
     """
     import pandas as pd
 
-    from forcedphot.backend import select_backend
-    from forcedphot.config import MeasurementConfig
-    from forcedphot.cutouts import stage_cutouts
-    from forcedphot.engine import KernelRunner, cutout_half_size
-    from forcedphot.exposure import open_exposure
     from forcedphot.kernels.aperture import aperture_fluxes
-    from forcedphot.psf_models import PSF_FWHM_KEYWORD, load_psf
+    from forcedphot.photometry.backend import select_backend
+    from forcedphot.photometry.config import MeasurementConfig
+    from forcedphot.photometry.cutouts import stage_cutouts
+    from forcedphot.photometry.exposure import open_exposure
+    from forcedphot.photometry.psf_models import PSF_FWHM_KEYWORD, load_psf
+    from forcedphot.photometry.runner import KernelRunner, cutout_half_size
 
     objects = pd.read_parquet(objects_file(directory, count))
     config = MeasurementConfig(backend="numpy")
@@ -144,7 +144,7 @@ def run_photutils_psf(directory: Path, count: int, limit: int) -> tuple[int, flo
     from astropy.table import QTable
     from photutils.psf import CircularGaussianPRF, PSFPhotometry
 
-    from forcedphot.psf_models import load_psf
+    from forcedphot.photometry.psf_models import load_psf
 
     image, variance, x, y, fwhm = _load_for_peers(directory, count, limit)
     model = CircularGaussianPRF(fwhm=fwhm)
@@ -198,7 +198,7 @@ def main() -> None:
     parser.add_argument("--photutils-psf-max", type=int, default=1000)
     parser.add_argument("--child", nargs=3, metavar=("METHOD", "DIR", "COUNT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    from forcedphot.allocator import keep_temporaries_on_heap
+    from forcedphot.serving.allocator import keep_temporaries_on_heap
 
     keep_temporaries_on_heap()  # as the CLI and the service do (peers measured in this process benefit too)
     if args.child:

@@ -42,7 +42,7 @@ VISIT_DIR = "{visit}/{detector}"
 def repository(size: int) -> tuple[Path, int, int]:
     """A repository root holding one demo detector: <root>/<visit>/<detector>/{calexp,difference}.fits."""
     from forcedphot.demo import make_demo_visit
-    from forcedphot.exposure import open_exposure
+    from forcedphot.photometry.exposure import open_exposure
 
     root = CACHE / f"service-repo-{size}"
     marker = root / "ready"
@@ -62,7 +62,7 @@ def repository(size: int) -> tuple[Path, int, int]:
 
 def alert_objects(root: Path, visit: int, detector: int, count: int, seed: int = 0) -> list[dict]:
     """``count`` DiaObjects at random positions on the detector, as JSON records."""
-    from forcedphot.exposure import open_exposure
+    from forcedphot.photometry.exposure import open_exposure
 
     rng = np.random.default_rng(seed)
     with open_exposure(root / VISIT_DIR.format(visit=visit, detector=detector) / "calexp.fits") as exposure:
@@ -75,11 +75,11 @@ def engine_seconds(root: Path, visit: int, detector: int, records: list[dict], r
     """Median in-process engine time for one request (files open, as the cache holds them)."""
     import pandas as pd
 
-    from forcedphot.config import MeasurementConfig
-    from forcedphot.engine import measure
-    from forcedphot.exposure import open_exposure
-    from forcedphot.objects import validate_objects
-    from forcedphot.psf_models import PSF_FWHM_KEYWORD, load_psf
+    from forcedphot.photometry.config import MeasurementConfig
+    from forcedphot.photometry.exposure import open_exposure
+    from forcedphot.photometry.measure import measure
+    from forcedphot.photometry.objects import validate_objects
+    from forcedphot.photometry.psf_models import PSF_FWHM_KEYWORD, load_psf
 
     folder = root / VISIT_DIR.format(visit=visit, detector=detector)
     objects = validate_objects(pd.DataFrame(records))
@@ -191,7 +191,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=400, help="requests per concurrency level")
     parser.add_argument("--concurrency", default="1,8,32")
     args = parser.parse_args()
-    from forcedphot.allocator import keep_temporaries_on_heap
+    from forcedphot.serving.allocator import keep_temporaries_on_heap
 
     keep_temporaries_on_heap()  # as the CLI and the service do (peers measured in this process benefit too)
 

@@ -10,3 +10,25 @@ is at cutout coordinates ``(x=i, y=j)``; pixel ``[n, j, i]`` covers
 ``[i - 0.5, i + 0.5) x [j - 0.5, j + 0.5)``. Positions ``cx, cy`` are in those
 coordinates, in pixels.
 """
+
+from forcedphot.kernels.aperture import ApertureFluxes, aperture_fluxes, circle_overlap_fractions
+from forcedphot.kernels.local_background import LocalBackground, disc_membership, local_background
+from forcedphot.kernels.pixel_flags import PixelFlags, pixel_flags
+from forcedphot.kernels.psf_flux import PsfFluxResult, psf_flux
+from forcedphot.kernels.psf_stamps import gaussian_stamps, lanczos_resample, lanczos_weights
+
+__all__ = [
+    "ApertureFluxes",
+    "LocalBackground",
+    "PixelFlags",
+    "PsfFluxResult",
+    "aperture_fluxes",
+    "circle_overlap_fractions",
+    "disc_membership",
+    "gaussian_stamps",
+    "lanczos_resample",
+    "lanczos_weights",
+    "local_background",
+    "pixel_flags",
+    "psf_flux",
+]

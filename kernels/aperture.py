@@ -42,11 +42,29 @@ on a warped difference image) is not accounted for by either.
 
 from collections.abc import Sequence
 from math import ceil, floor, isfinite
-from typing import Any
+from typing import Any, NamedTuple
 
 from array_api_compat import array_namespace
 
 Array = Any
+
+
+class ApertureFluxes(NamedTuple):
+    """Results of :func:`aperture_fluxes`, each ``(N, R)`` for ``R`` radii.
+
+    Attributes
+    ----------
+    flux : float64
+        ``sum(w D)`` over valid pixels, image unit x px.
+    flux_err : float64
+        ``sqrt(sum(w^2 V))`` over valid pixels.
+    truncated : bool
+        An invalid pixel is touched, or the circle reaches beyond the stack.
+    """
+
+    flux: Array
+    flux_err: Array
+    truncated: Array
 
 
 def _corner_area(xp: Any, u: Array, v: Array, r: Array) -> Array:
@@ -165,7 +183,7 @@ def aperture_fluxes(
     cx: Array,
     cy: Array,
     radii: Sequence[float],
-) -> tuple[Array, Array, Array]:
+) -> ApertureFluxes:
     """Sum a stack of stamps in circular apertures with exact pixel overlap weights.
 
     Parameters
@@ -183,6 +201,8 @@ def aperture_fluxes(
 
     Returns
     -------
+    ApertureFluxes, whose fields are:
+
     flux : (N, R) float64
         ``sum(w D)`` over valid pixels, image unit x px (``w`` = overlap fraction).
     flux_err : (N, R) float64
@@ -241,4 +261,4 @@ def aperture_fluxes(
             (cx - radius < lo_edge) | (cx + radius > hi_edge) | (cy - radius < lo_edge) | (cy + radius > hi_edge)
         )
         truncations.append(bad_touched | beyond)
-    return xp.stack(fluxes, axis=1), xp.stack(errors, axis=1), xp.stack(truncations, axis=1)
+    return ApertureFluxes(xp.stack(fluxes, axis=1), xp.stack(errors, axis=1), xp.stack(truncations, axis=1))

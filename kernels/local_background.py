@@ -61,11 +61,32 @@ fully vectorised. NumPy, N = 10000, K = 53, sigma = 1.7 px (~1600 annulus pixels
 candidates per object): ~0.5 s on one core of this machine.
 """
 
-from typing import Any
+from typing import Any, NamedTuple
 
 from array_api_compat import array_namespace
 
 Array = Any
+
+
+class LocalBackground(NamedTuple):
+    """Results of :func:`local_background`, each ``(N,)``.
+
+    Attributes
+    ----------
+    mean : float64
+        Clipped mean per pixel, image units (LSST ``localBackground_instFlux``).
+    std : float64
+        Clipped standard deviation per pixel (``localBackground_instFluxErr``).
+    n_pixels : int64
+        Good annulus pixels before clipping.
+    flag_no_good_pixels : bool
+        ``n_pixels == 0``; mean and std are NaN there.
+    """
+
+    mean: Array
+    std: Array
+    n_pixels: Array
+    flag_no_good_pixels: Array
 
 IQ_TO_STDEV = 0.741301109252802
 """Gaussian sigma per unit interquartile range, as afw ``Statistics`` uses it."""
@@ -217,7 +238,7 @@ def local_background(
     outer: float = 15.0,
     n_iter: int = 3,
     n_sigma: float = 3.0,
-) -> tuple[Array, Array, Array, Array]:
+) -> LocalBackground:
     """Sigma-clipped background per pixel in an annulus around each object.
 
     Parameters
@@ -235,6 +256,8 @@ def local_background(
 
     Returns
     -------
+    LocalBackground, whose fields are:
+
     mean : (N,) float64, clipped mean per pixel (LSST ``localBackground_instFlux``).
     std : (N,) float64, clipped standard deviation per pixel (``_instFluxErr``).
     n_pixels : (N,) int64, number of good annulus pixels (before clipping).
@@ -281,4 +304,4 @@ def local_background(
         mean = std = xp.zeros((0,), dtype=xp.float64)
         n_pixels = xp.zeros((0,), dtype=xp.int64)
     no_good = n_pixels == 0
-    return mean, std, n_pixels, no_good
+    return LocalBackground(mean, std, n_pixels, no_good)

@@ -42,13 +42,40 @@ footprint area, not with ``K^2``.
 """
 
 from math import ceil, floor
-from typing import Any
+from typing import Any, NamedTuple
 
 from array_api_compat import array_namespace
 
 from .local_background import disc_membership
 
 Array = Any
+
+
+class PixelFlags(NamedTuple):
+    """Results of :func:`pixel_flags`: ``(N, P)`` bool arrays, column ``p`` for the
+    ``p``-th entry of the ``planes`` argument.
+
+    Attributes
+    ----------
+    any : bool
+        The plane's bit is set in some footprint pixel (LSST ``pixelFlags_<name>``).
+    center : bool
+        Set in some pixel of the clipped central 3x3 box (``<name>Center``).
+    center_all : bool
+        Set in every pixel of that box (``<name>CenterAll``).
+    """
+
+    any: Array
+    center: Array
+    center_all: Array
+
+    def as_dict(self, names: list[str]) -> dict[str, Array]:
+        """``{name: any, name + "Center": center, name + "CenterAll": center_all}`` for
+        the planes ``names`` (in the order they were given to :func:`pixel_flags`)."""
+        out: dict[str, Array] = {}
+        for p, name in enumerate(names):
+            out[name], out[name + "Center"], out[name + "CenterAll"] = self.any[:, p], self.center[:, p], self.center_all[:, p]
+        return out
 
 
 def _window(xp: Any, c: Array, r: Array, k: int) -> tuple[int, int]:
@@ -74,7 +101,7 @@ def pixel_flags(
     cy: Array,
     footprint_radius: Array,
     planes: dict[str, int],
-) -> dict[str, Array]:
+) -> PixelFlags:
     """LSST pixel flags from a stack of mask cutouts.
 
     Parameters
@@ -89,8 +116,9 @@ def pixel_flags(
 
     Returns
     -------
-    dict with, for each name ``p``: ``p``, ``p + "Center"``, ``p + "CenterAll"``, each an
-    (N,) bool array (see the module docstring for their exact meaning).
+    PixelFlags
+        ``(N, P)`` bool arrays, one column per entry of ``planes`` in its order (see the
+        module docstring for their exact meaning; :meth:`PixelFlags.as_dict` names them).
     """
     xp = array_namespace(mask, inside, cx, cy, footprint_radius)
     if mask.ndim != 3 or mask.shape[1] != mask.shape[2] or inside.shape != mask.shape:
@@ -121,12 +149,16 @@ def pixel_flags(
     footprint = (footprint | ((xs == near_x) & (ys == near_y))) & on_image
     box = (xp.abs(xs - near_x) <= 1.0) & (xp.abs(ys - near_y) <= 1.0) & on_image
 
-    out: dict[str, Array] = {}
-    for name, bit in planes.items():
+    names = list(planes)
+    if not names:
+        none = xp.zeros((mask.shape[0], 0), dtype=xp.bool)
+        return PixelFlags(none, none, none)
+    any_, center, center_all = [], [], []
+    for bit in planes.values():
         has_bit = (sub & (1 << int(bit))) != 0
-        out[name] = xp.any(footprint & has_bit, axis=(1, 2))
-        out[name + "Center"] = xp.any(box & has_bit, axis=(1, 2))
-        out[name + "CenterAll"] = ~xp.any(box & ~has_bit, axis=(1, 2))
-    if "edge" in out and "nodata" in out:
-        out["edge"] = out["edge"] | out["nodata"]
-    return out
+        any_.append(xp.any(footprint & has_bit, axis=(1, 2)))
+        center.append(xp.any(box & has_bit, axis=(1, 2)))
+        center_all.append(~xp.any(box & ~has_bit, axis=(1, 2)))
+    if "edge" in planes and "nodata" in planes:
+        any_[names.index("edge")] = any_[names.index("edge")] | any_[names.index("nodata")]
+    return PixelFlags(xp.stack(any_, axis=1), xp.stack(center, axis=1), xp.stack(center_all, axis=1))

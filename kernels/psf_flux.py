@@ -14,14 +14,46 @@ Units: fluxes in the image's units times pixels (instrumental flux, "instFlux");
 in pixels; ``chi2`` dimensionless.
 """
 
-from typing import Any
+from typing import Any, NamedTuple
 
 from array_api_compat import array_namespace
 
 Array = Any
 
 
-def psf_flux(data: Array, variance: Array, psf: Array, inside: Array, usable: Array) -> dict[str, Array]:
+class PsfFluxResult(NamedTuple):
+    """Per-object results of :func:`psf_flux`, each an ``(N,)`` array.
+
+    Attributes
+    ----------
+    inst_flux, inst_flux_err : float64
+        Fitted amplitude and its standard deviation, image units x px (LSST
+        ``instFlux``, ``instFluxErr``); NaN where undefined.
+    area : float64
+        Effective area ``(sum P)^2 / sum P^2``, px.
+    chi2 : float64
+        ``sum (D - instFlux P)^2 / V`` over the fit pixels, dimensionless.
+    npixels : int64
+        Pixels fitted.
+    flag : bool
+        General failure: edge, no good pixels, or a non-finite result.
+    flag_edge : bool
+        The stamp is clipped by the image edge.
+    flag_no_good_pixels : bool
+        No pixel left to fit.
+    """
+
+    inst_flux: Array
+    inst_flux_err: Array
+    area: Array
+    chi2: Array
+    npixels: Array
+    flag: Array
+    flag_edge: Array
+    flag_no_good_pixels: Array
+
+
+def psf_flux(data: Array, variance: Array, psf: Array, inside: Array, usable: Array) -> PsfFluxResult:
     """Fit the PSF amplitude of every object in a stack.
 
     Parameters
@@ -39,10 +71,9 @@ def psf_flux(data: Array, variance: Array, psf: Array, inside: Array, usable: Ar
 
     Returns
     -------
-    dict of (N,) arrays
-        ``instFlux``, ``instFluxErr``, ``area``, ``chi2`` (float64, NaN where undefined),
-        ``npixels`` (int64), and bool flags ``flag`` (general), ``flag_edge`` (stamp
-        clipped by the image edge), ``flag_noGoodPixels`` (no pixel left to fit).
+    PsfFluxResult
+        ``(N,)`` arrays: fluxes, area and chi2 float64 (NaN where undefined), pixel count
+        int64, and the flags (see :class:`PsfFluxResult`).
     """
     xp = array_namespace(data, variance, psf, inside, usable)
     f64 = xp.float64
@@ -69,13 +100,4 @@ def psf_flux(data: Array, variance: Array, psf: Array, inside: Array, usable: Ar
     finite = xp.logical_and(xp.isfinite(flux), xp.isfinite(flux_err))
     flux = xp.where(finite, flux, nan)
     flag = xp.logical_or(xp.logical_or(flag_edge, xp.logical_not(good)), xp.logical_not(finite))
-    return {
-        "instFlux": flux,
-        "instFluxErr": flux_err,
-        "area": area,
-        "chi2": chi2,
-        "npixels": npixels,
-        "flag": flag,
-        "flag_edge": flag_edge,
-        "flag_noGoodPixels": xp.logical_not(good),
-    }
+    return PsfFluxResult(flux, flux_err, area, chi2, npixels, flag, flag_edge, xp.logical_not(good))

@@ -6,24 +6,20 @@ naming the problem and exit with code 2; nothing prints a traceback for them.
 
 import argparse
 from contextlib import ExitStack
-from pathlib import Path
 import sys
 import time
 
-from . import __version__
-from .allocator import keep_temporaries_on_heap
-from .backend import BackendError, select_backend
-from .catalog import write_catalog
-from .config import MeasurementConfig
-from .exposure import Exposure, ExposureError, open_exposure
-from .objects import InputError, read_objects
-from .psf_models import PSF_FWHM_KEYWORD, PsfError, PsfModel, header_fwhm_pixels, load_psf
+from forcedphot.api.settings import SettingsError
+from forcedphot.photometry.backend import BackendError, select_backend
+from forcedphot.photometry.config import MeasurementConfig
+from forcedphot.photometry.exposure import ExposureError, open_exposure
+from forcedphot.photometry.formats import write_catalog
+from forcedphot.photometry.objects import InputError, read_objects
+from forcedphot.photometry.psf_models import PsfError, choose_psf
+from forcedphot.serving.allocator import keep_temporaries_on_heap
+from forcedphot.version import __version__
 
 USAGE_ERROR = 2
-
-
-class CliError(Exception):
-    """A problem with the command line itself."""
 
 
 def _radii(text: str) -> tuple[float, ...]:
@@ -31,17 +27,6 @@ def _radii(text: str) -> tuple[float, ...]:
         return tuple(float(r) for r in text.split(",") if r.strip())
     except ValueError:
         raise argparse.ArgumentTypeError(f"--apertures takes radii in pixels separated by commas, got {text!r}") from None
-
-
-def _psf_for(args: argparse.Namespace, exposure: Exposure) -> PsfModel:
-    if args.psf:
-        return load_psf(path=args.psf)
-    if args.psf_fwhm is not None:
-        return load_psf(fwhm_pixels=args.psf_fwhm)
-    fwhm = header_fwhm_pixels(exposure.header, exposure.path)
-    if fwhm is not None:
-        return load_psf(fwhm_pixels=fwhm)
-    raise CliError(f"{exposure.path}: no PSF given and no {PSF_FWHM_KEYWORD} keyword in its header; use --psf-fwhm PIX or --psf FILE")
 
 
 class _ProgressLine:
@@ -64,7 +49,7 @@ class _ProgressLine:
 
 
 def _measure(args: argparse.Namespace) -> int:
-    from .engine import measure
+    from forcedphot.photometry.measure import measure
 
     start = time.perf_counter()
     config = MeasurementConfig(
@@ -78,7 +63,8 @@ def _measure(args: argparse.Namespace) -> int:
     with ExitStack() as stack:
         science = stack.enter_context(open_exposure(args.exposure))
         difference = stack.enter_context(open_exposure(args.difference)) if args.difference else None
-        psf = _psf_for(args, science)
+        psf = choose_psf(science.header, str(args.exposure), path=args.psf, fwhm_pixels=args.psf_fwhm,
+                         fwhm_name="--psf-fwhm", how="use --psf-fwhm PIX or --psf FILE")
         progress = _ProgressLine()
         result = measure(science, objects, psf, config, difference=difference, backend=backend, progress=progress)
         progress.close()
@@ -93,7 +79,7 @@ def _measure(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from .demo import make_demo_visit
+    from forcedphot.demo.visit import make_demo_visit
 
     start = time.perf_counter()
     visit = make_demo_visit(args.directory, size=args.size, n_objects=args.objects, seed=args.seed)
@@ -102,7 +88,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from .server import run_server
+    from forcedphot.api.server import run_server
 
     return run_server(host=args.host, port=args.port, repository=args.repository, workers=args.workers)
 
@@ -147,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     keep_temporaries_on_heap()
     try:
         return args.run(args)
-    except (InputError, ExposureError, PsfError, BackendError, CliError, ValueError, OSError) as exc:
+    except (InputError, ExposureError, PsfError, BackendError, SettingsError, ValueError, OSError) as exc:
         print(f"forcedphot {args.command}: error: {exc}", file=sys.stderr)
         return USAGE_ERROR
 

@@ -1,12 +1,12 @@
 """Synthetic scenes for tests: pixel-integrated Gaussian stars (scipy erf, independent
 of the project's own PSF code) and small LSST-layout exposures with a TAN-SIP WCS."""
 
-import numpy as np
 from astropy.time import Time
 from astropy.wcs import WCS, Sip
+import numpy as np
 from scipy.special import erf
 
-from forcedphot.lsst_fits import AFW_DEFAULT_MASK_PLANES, afw_visit_metadata, write_lsst_exposure
+from forcedphot.photometry.lsst_fits import AFW_DEFAULT_MASK_PLANES, afw_visit_metadata, write_lsst_exposure
 
 
 def integrated_gaussian(cx, cy, sigma, size):

@@ -1,21 +1,20 @@
 """Shared pieces of the service tests: a small exposure repository and app construction."""
 
-import io
-import time
 from contextlib import ExitStack
+import io
 from pathlib import Path
+import time
 
 import numpy as np
 import pandas as pd
-
-from forcedphot.config import MeasurementConfig
-from forcedphot.engine import measure
-from forcedphot.exposure import open_exposure
-from forcedphot.objects import validate_objects
-from forcedphot.psf_models import load_psf
-from forcedphot.settings import Settings
-
 from scenes import render_stars, sip_wcs, write_exposure
+
+from forcedphot.api.settings import Settings
+from forcedphot.photometry.config import MeasurementConfig
+from forcedphot.photometry.exposure import open_exposure
+from forcedphot.photometry.measure import measure
+from forcedphot.photometry.objects import validate_objects
+from forcedphot.photometry.psf_models import load_psf
 
 SIDE = 160
 FWHM = 3.5

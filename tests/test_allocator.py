@@ -6,7 +6,7 @@ import sys
 
 def test_glibc_accepts_the_thresholds():
     # a fresh interpreter, so the tuning cannot leak into the test process
-    code = "from forcedphot.allocator import keep_temporaries_on_heap; print(keep_temporaries_on_heap())"
+    code = "from forcedphot.serving.allocator import keep_temporaries_on_heap; print(keep_temporaries_on_heap())"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     import platform
 

@@ -7,11 +7,11 @@ the same pixels, and from noise realisations (pulls).
 
 import array_api_strict
 import numpy as np
-import pytest
-import sep
 from photutils.aperture import CircularAperture, aperture_photometry
+import pytest
 from scipy.integrate import quad
 from scipy.special import ndtr
+import sep
 
 from forcedphot.kernels.aperture import aperture_fluxes, circle_overlap_fractions
 

@@ -5,15 +5,14 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pandas as pd
 import pytest
-
-from forcedphot.batching import KernelBatcher
-from forcedphot.config import MeasurementConfig
-from forcedphot.engine import measure
-from forcedphot.exposure import open_exposure
-from forcedphot.objects import validate_objects
-from forcedphot.psf_models import GaussianPsf
-
 from scenes import render_stars, sip_wcs, write_exposure
+
+from forcedphot.photometry.config import MeasurementConfig
+from forcedphot.photometry.exposure import open_exposure
+from forcedphot.photometry.measure import measure
+from forcedphot.photometry.objects import validate_objects
+from forcedphot.photometry.psf_models import GaussianPsf
+from forcedphot.serving.batching import KernelBatcher
 
 SIDE = 200
 
@@ -77,9 +76,9 @@ def test_service_coalesces_concurrent_requests(tmp_path):
     import io
 
     from fastapi.testclient import TestClient
-
-    from forcedphot.app import create_app
     from service_helpers import AUTH, FWHM, assert_same_catalog, data_id, engine_catalog, make_repository, settings_for
+
+    from forcedphot.api.app import create_app
 
     repo = make_repository(tmp_path / "repo")
     settings = settings_for(repo["root"], tmp_path / "data", batch_wait_ms=300.0, measure_threads=8)

@@ -2,7 +2,8 @@
 
 import numpy as np
 
-from forcedphot.catalog import table_with_units, aperture_name, encode_catalog, forced_source_ids, unit_of
+from forcedphot.photometry.catalog import aperture_name, forced_source_ids, table_with_units, unit_of
+from forcedphot.photometry.formats import encode_catalog
 
 
 def test_ids_are_deterministic_unique_and_positive():
@@ -46,7 +47,7 @@ def test_unknown_visit_stays_null_in_every_format():
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from forcedphot.catalog import to_pandas
+    from forcedphot.photometry.formats import to_pandas
 
     catalog = table_with_units({"diaObjectId": np.array([1, 2]), "visit": pa.nulls(2, pa.int64()), "detector": np.int16([5, 5])})
     frame = to_pandas(catalog)

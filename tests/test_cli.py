@@ -1,15 +1,14 @@
 """The command line contract: outputs, summary line, exit code 2 with a named problem."""
 
+from astropy.io import fits
 import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
-from astropy.io import fits
-
-from forcedphot.catalog import read_provenance
-from forcedphot.cli import main
-
 from scenes import render_stars, sip_wcs, write_exposure
+
+from forcedphot.cli import main
+from forcedphot.photometry.formats import read_provenance
 
 SIDE = 160
 SIGMA = 1.5
@@ -130,7 +129,7 @@ def test_demo_then_measure_recovers_the_truth(tmp_path, capsys):
     pull = (clean["psfFlux"] - t["difference_flux_nJy"]) / clean["psfFluxErr"]
     assert abs(pull.mean()) < 0.15 and abs(pull.std() - 1) < 0.1
     # catalog x, y are PARENT pixels: the truth's local pixels plus the image origin
-    from forcedphot.exposure import open_exposure
+    from forcedphot.photometry.exposure import open_exposure
 
     with open_exposure(demo / "calexp.fits") as exposure:
         assert exposure.x0 != 0

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from forcedphot.cutouts import objects_per_batch, stage_cutouts
+from forcedphot.photometry.cutouts import objects_per_batch, stage_cutouts
 
 NO_DATA = 8
 

@@ -4,14 +4,14 @@ Read back with astropy only (independent of the project's reader), except one ch
 the project's reader sees the same origin, calibration and visit metadata.
 """
 
+from astropy.io import fits
+from astropy.wcs import WCS
 import numpy as np
 import pandas as pd
 import pytest
-from astropy.io import fits
-from astropy.wcs import WCS
 
 from forcedphot.demo import CALIBRATION_NJY_PER_COUNT, make_demo_visit
-from forcedphot.exposure import open_exposure
+from forcedphot.photometry.exposure import open_exposure
 
 SIZE, N_OBJECTS, FWHM = 512, 300, 3.5
 BITS = {"BAD": 0, "SAT": 1, "CR": 3, "EDGE": 4}

@@ -2,16 +2,16 @@
 
 import tracemalloc
 
+from astropy.io import fits
+from astropy.time import Time
 import astropy.units as u
+from astropy.wcs import WCS, Sip
 import galsim
 import numpy as np
 import pytest
-from astropy.io import fits
-from astropy.time import Time
-from astropy.wcs import WCS, Sip
 
-from forcedphot.exposure import ExposureError, open_exposure
-from forcedphot.lsst_fits import AFW_DEFAULT_MASK_PLANES, afw_visit_metadata, write_lsst_exposure
+from forcedphot.photometry.exposure import ExposureError, open_exposure
+from forcedphot.photometry.lsst_fits import AFW_DEFAULT_MASK_PLANES, afw_visit_metadata, write_lsst_exposure
 
 SHAPE = (300, 200)  # (ny, nx)
 CUSTOM_PLANES = {"SAT": 0, "BAD": 3, "EDGE": 7, "NO_DATA": 12, "SUSPECT": 13, "CR": 2,

@@ -4,7 +4,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from forcedphot.objects import InputError, read_objects, validate_objects
+from forcedphot.photometry.objects import InputError, read_objects, validate_objects
 
 
 def table(**columns):

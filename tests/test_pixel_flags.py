@@ -47,7 +47,7 @@ def reference_flags(mask, inside, cx, cy, radius, planes):
 def run(xp, mask, inside, cx, cy, radius, planes=PLANES):
     """pixel_flags under namespace ``xp`` on NumPy inputs; NumPy outputs."""
     out = pixel_flags(*(xp.asarray(a) for a in (mask, inside, cx, cy, radius)), planes)
-    return {name: np.asarray(v) for name, v in out.items()}
+    return {name: np.asarray(v) for name, v in out.as_dict(list(planes)).items()}
 
 
 K, H = 21, 10

@@ -1,10 +1,9 @@
 """base_PsfFlux kernel: analytic truth, noise properties, flags, peer (photutils)."""
 
 import numpy as np
-import pytest
-from forcedphot.kernels.psf_flux import psf_flux
-
 from scenes import integrated_gaussian
+
+from forcedphot.kernels.psf_flux import psf_flux
 
 SIGMA = 1.5
 K = 25  # 8 sigma half-width: the stamp holds all but ~1e-15 of the flux
@@ -19,7 +18,7 @@ def run(xp, data, variance, psf, inside=None, usable=None):
     inside = np.ones(data.shape, bool) if inside is None else inside
     usable = inside if usable is None else usable
     out = psf_flux(*(xp.asarray(a) for a in (data, variance, psf, inside, usable)))
-    return {k: np.asarray(v) for k, v in out.items()}
+    return type(out)(*(np.asarray(v) for v in out))
 
 
 def stars_and_psf(rng, n, low, high):
@@ -33,11 +32,11 @@ def stars_and_psf(rng, n, low, high):
 def test_noiseless_flux_recovered_to_1e4(xp, rng):
     truth, stars, psf = stars_and_psf(rng, 200, 100, 1e5)
     out = run(xp, truth[:, None, None] * stars, np.ones_like(stars), psf)
-    assert np.max(np.abs(out["instFlux"] / truth - 1)) < 1e-4
-    assert np.all(out["npixels"] == K * K)
-    assert not out["flag"].any() and not out["flag_edge"].any()
+    assert np.max(np.abs(out.inst_flux / truth - 1)) < 1e-4
+    assert np.all(out.npixels == K * K)
+    assert not out.flag.any() and not out.flag_edge.any()
     # effective area of a pixel-integrated Gaussian ~ 4 pi (sigma^2 + 1/12)
-    np.testing.assert_allclose(out["area"], 4 * np.pi * (SIGMA**2 + 1 / 12), rtol=0.01)
+    np.testing.assert_allclose(out.area, 4 * np.pi * (SIGMA**2 + 1 / 12), rtol=0.01)
 
 
 def test_edge_clipped_stamp_is_flagged_and_still_unbiased(xp, rng):
@@ -49,9 +48,9 @@ def test_edge_clipped_stamp_is_flagged_and_still_unbiased(xp, rng):
     inside[:, :, :8] = False  # left 8 columns beyond the image edge
     data = np.where(inside, 1000.0 * stars, np.nan)
     out = run(xp, data, np.where(inside, 1.0, np.nan), psf, inside=inside)
-    assert out["flag_edge"].all() and out["flag"].all()
-    assert np.all(out["npixels"] == K * (K - 8))
-    np.testing.assert_allclose(out["instFlux"], 1000.0, rtol=1e-10)
+    assert out.flag_edge.all() and out.flag.all()
+    assert np.all(out.npixels == K * (K - 8))
+    np.testing.assert_allclose(out.inst_flux, 1000.0, rtol=1e-10)
 
 
 def test_no_good_pixels(xp, rng):
@@ -59,8 +58,8 @@ def test_no_good_pixels(xp, rng):
     stars = integrated_gaussian(cx, cy, SIGMA, K)
     usable = np.zeros(stars.shape, bool)
     out = run(xp, stars, np.ones_like(stars), stars, usable=usable)
-    assert out["flag_noGoodPixels"].all() and out["flag"].all()
-    assert np.isnan(out["instFlux"]).all() and np.all(out["npixels"] == 0)
+    assert out.flag_no_good_pixels.all() and out.flag.all()
+    assert np.isnan(out.inst_flux).all() and np.all(out.npixels == 0)
 
 
 def test_non_finite_error_sets_general_flag(xp, rng):
@@ -69,9 +68,9 @@ def test_non_finite_error_sets_general_flag(xp, rng):
     variance = np.ones_like(stars)
     variance[0, K // 2, K // 2] = np.inf
     out = run(xp, stars, variance, stars)
-    assert out["flag"][0] and not out["flag"][1]
-    assert np.isnan(out["instFlux"][0]) and np.isfinite(out["instFlux"][1])
-    assert not out["flag_edge"].any() and not out["flag_noGoodPixels"].any()
+    assert out.flag[0] and not out.flag[1]
+    assert np.isnan(out.inst_flux[0]) and np.isfinite(out.inst_flux[1])
+    assert not out.flag_edge.any() and not out.flag_no_good_pixels.any()
 
 
 def test_pulls_and_chi2(xp, rng):
@@ -81,10 +80,10 @@ def test_pulls_and_chi2(xp, rng):
     variance = 400.0 + model  # sky variance 400 (counts^2) plus source shot noise
     data = model + rng.normal(size=model.shape) * np.sqrt(variance)
     out = run(xp, data, variance, psf)
-    pull = (out["instFlux"] - truth) / out["instFluxErr"]
+    pull = (out.inst_flux - truth) / out.inst_flux_err
     assert abs(pull.mean()) < 0.05
     assert abs(pull.std() - 1) < 0.05
-    assert abs(out["chi2"].mean() / (K * K - 1) - 1) < 0.01
+    assert abs(out.chi2.mean() / (K * K - 1) - 1) < 0.01
 
 
 def test_strict_matches_numpy(rng):
@@ -97,8 +96,8 @@ def test_strict_matches_numpy(rng):
     inside = rng.uniform(size=stars.shape) > 0.1
     a = run(np, data, np.ones_like(data), stars, inside=inside)
     b = run(array_api_strict, data, np.ones_like(data), stars, inside=inside)
-    for key in a:
-        np.testing.assert_allclose(a[key], b[key], rtol=1e-12, atol=0, equal_nan=True)
+    for mine, strict in zip(a, b):
+        np.testing.assert_allclose(mine, strict, rtol=1e-12, atol=0, equal_nan=True)
 
 
 def test_matches_photutils_fixed_position_psf_photometry(rng):
@@ -130,5 +129,5 @@ def test_matches_photutils_fixed_position_psf_photometry(rng):
     ours = run(np, cutouts, np.full(cutouts.shape, 25.0), psf)
     theirs = np.asarray(table["flux_fit"])
     # Same linear estimator: agreement far below the statistical error (5 counts x ~2.7 px)
-    assert np.max(np.abs(ours["instFlux"] - theirs) / ours["instFluxErr"]) < 1e-3
-    np.testing.assert_allclose(ours["instFluxErr"], np.asarray(table["flux_err"]), rtol=1e-3)
+    assert np.max(np.abs(ours.inst_flux - theirs) / ours.inst_flux_err) < 1e-3
+    np.testing.assert_allclose(ours.inst_flux_err, np.asarray(table["flux_err"]), rtol=1e-3)

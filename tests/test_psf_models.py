@@ -5,15 +5,14 @@ clear errors for bad PSF files."""
 import copy
 from pathlib import Path
 
+from astropy.io import fits
 import galsim
 import galsim.des
 import numpy as np
 import pytest
-from astropy.io import fits
 
 from forcedphot.kernels.psf_stamps import gaussian_stamps
-from forcedphot.psf_models import (
-    determinant_radius,
+from forcedphot.photometry.psf_models import (
     GaussianPsf,
     ImagePsf,
     PsfError,

@@ -1,10 +1,10 @@
 """Selection as df2RefCat: WCS inverse, half-open Box2D, invalid coordinates."""
 
-import numpy as np
 from astropy.wcs import WCS
+import numpy as np
 
-from forcedphot.local_wcs import local_cd_matrix
-from forcedphot.selection import select_on_image, sky_to_pixel
+from forcedphot.photometry.local_wcs import local_cd_matrix
+from forcedphot.photometry.selection import select_on_image, sky_to_pixel
 
 WIDTH, HEIGHT = 100, 80
 

@@ -6,17 +6,28 @@ import json
 import threading
 import time
 
+from fastapi.testclient import TestClient
 import numpy as np
 import pandas as pd
 import pytest
-from fastapi.testclient import TestClient
+from service_helpers import (
+    API_KEY,
+    AUTH,
+    DETECTOR,
+    FWHM,
+    N_ON,
+    VISIT,
+    assert_same_catalog,
+    data_id,
+    engine_catalog,
+    make_repository,
+    read_parquet,
+    settings_for,
+)
 
-from forcedphot.app import create_app
-from forcedphot.negotiation import choose_format
-from forcedphot.problems import PROBLEM_MEDIA_TYPE
-
-from service_helpers import (AUTH, API_KEY, DETECTOR, FWHM, N_ON, VISIT, assert_same_catalog, data_id, engine_catalog,
-                             make_repository, read_parquet, settings_for)
+from forcedphot.api.app import create_app
+from forcedphot.api.negotiation import choose_format
+from forcedphot.api.problems import PROBLEM_MEDIA_TYPE
 
 
 @pytest.fixture(scope="module")
@@ -363,7 +374,7 @@ def test_concurrency_limit_is_429_with_retry_after(repo, tmp_path):
 
 
 def test_demo_mode_serves_the_embedded_repository_without_keys(tmp_path):
-    from forcedphot.settings import Settings
+    from forcedphot.api.settings import Settings
 
     settings = Settings(data_dir=tmp_path, demo_visits=1, demo_size=256, demo_objects=50, backend="numpy")
     with TestClient(create_app(settings)) as c:

@@ -5,13 +5,12 @@ import threading
 
 import numpy as np
 import pytest
-
-from forcedphot import exposure_cache
-from forcedphot.exposure import ExposureError, open_exposure
-from forcedphot.exposure_cache import BYTES_PER_PIXEL, ExposureCache
-from forcedphot.settings import Settings, SettingsError, load_settings
-
 from scenes import sip_wcs, write_exposure
+
+from forcedphot.api.settings import Settings, SettingsError, load_settings
+from forcedphot.photometry.exposure import ExposureError, open_exposure
+from forcedphot.serving import exposure_cache
+from forcedphot.serving.exposure_cache import BYTES_PER_PIXEL, ExposureCache
 
 SIDE = 64
 ENTRY_BYTES = SIDE * SIDE * BYTES_PER_PIXEL

@@ -5,25 +5,24 @@ requests all succeed; /healthz stays fast while kernels run; a server killed (SI
 during a job and started again completes the job.
 """
 
+from concurrent.futures import ThreadPoolExecutor
 import io
 import os
+from pathlib import Path
 import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import httpx
 import numpy as np
 import pandas as pd
 import pytest
+from service_helpers import assert_same_catalog, wait_until
 
 from forcedphot.cli import main as cli_main
-
-from service_helpers import assert_same_catalog, wait_until
 
 
 def free_port() -> int:

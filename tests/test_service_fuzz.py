@@ -7,15 +7,14 @@ requests carry the API key so they reach the measurement code, not just the auth
 
 import collections
 
-import pytest
-import schemathesis
 from hypothesis import HealthCheck, given, settings
 from hypothesis.errors import Unsatisfiable
+import pytest
+import schemathesis
 from schemathesis.generation import GenerationMode
-
-from forcedphot.app import create_app
-
 from service_helpers import AUTH, FWHM, data_id, make_repository, settings_for
+
+from forcedphot.api.app import create_app
 
 
 @pytest.fixture(scope="module")

@@ -6,13 +6,23 @@ import sqlite3
 import threading
 import time
 
-import pytest
 from fastapi.testclient import TestClient
+import pytest
+from service_helpers import (
+    AUTH,
+    FWHM,
+    N_ON,
+    VISIT,
+    assert_same_catalog,
+    data_id,
+    engine_catalog,
+    make_repository,
+    read_parquet,
+    settings_for,
+    wait_until,
+)
 
-from forcedphot.app import create_app
-
-from service_helpers import (AUTH, FWHM, N_ON, VISIT, assert_same_catalog, data_id, engine_catalog, make_repository,
-                             read_parquet, settings_for, wait_until)
+from forcedphot.api.app import create_app
 
 
 @pytest.fixture(scope="module")

@@ -4,12 +4,11 @@ same answers as the engine, errors still named, a dead process costs one 503 and
 import os
 import signal
 
-import pytest
 from fastapi.testclient import TestClient
-
-from forcedphot.app import create_app
-
+import pytest
 from service_helpers import AUTH, FWHM, assert_same_catalog, data_id, engine_catalog, make_repository, read_parquet, settings_for, wait_until
+
+from forcedphot.api.app import create_app
 
 PROCESSES = 2
 

@@ -1,0 +1,198 @@
+"""The service's long-lived parts, built from settings: backend, cache, measurement, jobs.
+
+:class:`ServiceRuntime` owns them, starts them in the application's lifespan (job
+runners; the demo repository is written in a background thread so ``/healthz`` answers
+at once) and says whether the service is ready.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import threading
+
+from forcedphot.api.auth import ApiKeys
+from forcedphot.api.intake import Intake
+from forcedphot.api.metrics import ServiceMetrics, device_memory_reader
+from forcedphot.api.problems import Problem
+from forcedphot.api.schemas import JobRequest
+from forcedphot.api.settings import Settings
+from forcedphot.demo.repository import DemoVisitId, ensure_demo_repository
+from forcedphot.photometry.backend import select_backend
+from forcedphot.serving.batching import KernelBatcher
+from forcedphot.serving.executor import MeasureService
+from forcedphot.serving.exposure_cache import ExposureCache
+from forcedphot.serving.jobs import IdempotencyConflict, Job, JobLimitReached, JobRunner, JobStore, job_spec
+from forcedphot.serving.repository import Repository
+
+log = logging.getLogger("forcedphot.service")
+
+
+def measure_processes(settings: Settings, backend_name: str) -> int:
+    """How many measurement processes to run: the setting, else one per core this process
+    may run on (its CPU affinity; a container's CPU quota is not seen) on NumPy, else 0."""
+    if settings.measure_processes is not None:
+        return settings.measure_processes
+    if backend_name != "numpy":
+        return 0
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+class ServiceRuntime:
+    """Everything a request needs, shared by all requests of one server process."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.metrics = ServiceMetrics()
+        self.keys = ApiKeys(settings.api_keys)
+        self.backend = select_backend(settings.backend)
+        self.cache = ExposureCache(settings.cache_bytes, on_event=self._count_cache)
+        batcher = KernelBatcher(settings.batch_wait_ms / 1000, settings.batch_max_objects) if settings.batching else None
+        self.service = MeasureService(self.cache, self.backend, settings.measure_threads, batcher,
+                                      processes=measure_processes(settings, self.backend.name), on_process_cache_event=self._count_cache)
+        self.jobs = JobStore(settings.data_dir / "jobs")
+        self.runner = JobRunner(self.jobs, self.service, workers=settings.job_workers,
+                                heartbeat_seconds=settings.job_heartbeat_seconds, stale_seconds=settings.job_stale_seconds,
+                                max_attempts=settings.job_max_attempts,
+                                on_finished=lambda state: self.metrics.jobs.labels(state).inc())
+        self.upload_dir = settings.data_dir / "uploads"
+        self.demo_visits: list[DemoVisitId] = []
+        self._processes_ready = self.service.processes == 0
+        self.in_flight = 0
+        self._repository: Repository | None = None
+        self._startup_error: str | None = None  # the demo repository's
+        self._process_error: str | None = None
+        self.metrics.watch(self.metrics.cache_bytes, lambda: float(self.cache.nbytes))
+        self.metrics.watch(self.metrics.queue_depth, lambda: float(self.jobs.count_active()))
+        self.metrics.watch(self.metrics.in_flight, lambda: float(self.in_flight))
+        if batcher is not None:
+            self.metrics.watch(self.metrics.kernel_calls, lambda: float(batcher.stats.kernel_calls))
+            self.metrics.watch(self.metrics.batched_requests, lambda: float(batcher.stats.requests))
+        reader = device_memory_reader(self.backend.name)
+        if reader:
+            self.metrics.watch(self.metrics.device_memory, reader)
+        if not settings.demo_mode:
+            self._repository = Repository(settings.repository_roots, settings.path_template)
+
+    def _count_cache(self, outcome: str) -> None:
+        """Count an exposure cache outcome ("hit", "miss", "bypass") of any process."""
+        self.metrics.cache.labels(outcome).inc()
+
+    # --- lifecycle ---------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the job runners, and write the demo repository in the background if needed."""
+        self.upload_dir.mkdir(parents=True, exist_ok=True)
+        for stale in self.upload_dir.glob("*.fits"):  # uploads of a process that died
+            stale.unlink(missing_ok=True)
+        self.runner.start()
+        if not self._processes_ready:
+            threading.Thread(target=self._start_processes, name="measure-processes", daemon=True).start()
+        if self.settings.demo_mode:
+            threading.Thread(target=self._make_demo, name="demo-repository", daemon=True).start()
+
+    def stop(self) -> None:
+        self.runner.stop()
+        self.service.close()
+
+    def _start_processes(self) -> None:
+        try:
+            self.service.warm_up()
+            self._processes_ready = True
+            log.info("%d measurement processes ready", self.service.processes)
+        except Exception as exc:  # reported by /readyz
+            log.exception("the measurement processes could not start")
+            self._process_error = f"the measurement processes could not start: {exc}"
+
+    def _make_demo(self) -> None:
+        s = self.settings
+        try:
+            log.info("preparing the demo repository in %s", s.demo_repository)
+            self.demo_visits = ensure_demo_repository(s.demo_repository, visits=s.demo_visits, size=s.demo_size, objects=s.demo_objects)
+            self._repository = Repository([s.demo_repository], s.path_template)
+            log.info("demo repository ready: visits %s", ", ".join(str(v.visit) for v in self.demo_visits))
+        except Exception as exc:  # reported by /readyz
+            log.exception("the demo repository could not be written")
+            self._startup_error = f"the demo repository could not be written in {s.demo_repository}: {exc}"
+
+    # --- state -------------------------------------------------------------------------
+
+    def problems(self) -> dict[str, str]:
+        """Readiness checks that fail, by name (empty when ready)."""
+        failing: dict[str, str] = {}
+        if self._startup_error:
+            failing["repository"] = self._startup_error
+        elif self._repository is None:
+            failing["repository"] = "the demo repository is being written"
+        else:
+            issues = self._repository.readable()
+            if issues:
+                failing["repository"] = "; ".join(issues)
+        if self._process_error:
+            failing["measure"] = self._process_error
+        elif not self._processes_ready:
+            failing["measure"] = f"the {self.service.processes} measurement processes are starting"
+        try:
+            self.jobs.count_active()
+        except Exception as exc:  # sqlite3 or OS errors
+            failing["jobs"] = f"job store unusable: {exc}"
+        return failing
+
+    def intake(self) -> Intake:
+        """Request parsing against the repository; 503 while it is not there yet."""
+        if self._repository is None:
+            raise Problem(503, "not-ready", self._startup_error or "the service is starting (writing the demo repository); retry shortly",
+                          headers={"Retry-After": str(max(1, self.settings.retry_after_seconds))})
+        s = self.settings
+        return Intake(self._repository, s.max_objects, s.batch_bytes, self.backend.name, self.upload_dir)
+
+    # --- jobs --------------------------------------------------------------------------
+
+    def submit_job(self, intake: Intake, request: JobRequest, key: str | None) -> tuple[Job, bool]:
+        """Validate and accept a job: ``(job, True)``, or ``(earlier job, False)`` for a known key.
+
+        Every reference is resolved and the object table validated now, so an accepted
+        job can only fail on the files' contents.
+        """
+        s = self.settings
+        fingerprint = hashlib.sha256(json.dumps(request.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
+        if key is not None:
+            earlier = self.jobs.by_key(key)
+            if earlier is not None:
+                if earlier.fingerprint != fingerprint:
+                    raise Problem(422, "idempotency-key-reused", "this Idempotency-Key was used for a different request")
+                return earlier, False
+        if len(request.exposures) > s.max_job_exposures:
+            raise Problem(413, "too-many-exposures", f"{len(request.exposures)} exposures, more than the {s.max_job_exposures} allowed per job")
+        exposures = [(intake.exposure(item.exposure), intake.exposure(item.difference) if item.difference else None)
+                     for item in request.exposures]
+        labels = [(d or e).label for e, d in exposures]
+        repeated = sorted({label for label in labels if labels.count(label) > 1})
+        if repeated:
+            raise Problem(422, "invalid-request", f"exposure(s) listed more than once: {', '.join(repeated)}")
+        objects = intake.objects(request.objects)
+        spec = job_spec(exposures, intake.config(request), request.psf_fwhm)
+        try:
+            job, created = self.jobs.create(spec=spec, objects=objects, fingerprint=fingerprint, key=key, max_active=s.max_active_jobs)
+        except JobLimitReached as exc:
+            raise Problem(429, "too-many-jobs", f"{exc}; retry later", headers={"Retry-After": str(s.retry_after_seconds)}) from None
+        except IdempotencyConflict as exc:
+            raise Problem(422, "idempotency-key-reused", str(exc)) from None
+        if created:
+            self.runner.notify()
+        return job, created
+
+    def job(self, job_id: str) -> Job:
+        """The job, or a 404 problem."""
+        job = self.jobs.get(job_id)
+        if job is None:
+            raise Problem(404, "unknown-job", f"no job {job_id!r} (never accepted, or deleted)")
+        return job
+
+    def delete_job(self, job_id: str) -> None:
+        """Cancel (if active) and delete a job; 404 if unknown."""
+        self.job(job_id)
+        self.runner.deleted(job_id)
+        self.jobs.delete(job_id)

@@ -1,0 +1,73 @@
+"""Request and response bodies of the HTTP API (pydantic models; they make the OpenAPI schema)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from forcedphot.photometry.psf_models import MAX_PSF_FWHM_PX
+from forcedphot.serving.jobs import JobError, JobProgress, JobStatus
+from forcedphot.serving.repository import ExposureRef, UriRef
+
+__all__ = ["Health", "JobError", "JobExposure", "JobProgress", "JobRequest", "JobStatus", "MeasureOptions", "MeasureRequest"]
+
+MAX_APERTURE_PX = 50.0
+MAX_APERTURES = 16
+
+Radius = Annotated[float, Field(gt=0, le=MAX_APERTURE_PX, allow_inf_nan=False)]
+ObjectRecord = dict[str, Any]
+Objects = Annotated[
+    list[ObjectRecord] | UriRef,
+    Field(description="DiaObjects: inline records with diaObjectId, ra, dec (ICRS deg; 'decl' accepted), "
+                      "or {\"uri\": ...} naming a parquet/CSV/JSON table in the repository"),
+]
+
+
+class MeasureOptions(BaseModel):
+    """How to measure; every field is optional."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    psf_fwhm: float | None = Field(None, gt=0, le=MAX_PSF_FWHM_PX, allow_inf_nan=False,
+                                   description="circular Gaussian PSF FWHM, pixels; default: the exposure's PSF_FWHM keyword")
+    apertures: list[Radius] | None = Field(None, min_length=1, max_length=MAX_APERTURES,
+                                           description="aperture radii in pixels (default 3, 4.5, 6, 9, 12)")
+    include_offimage: bool = Field(False, description="also return objects off the detector, flagged pixelFlags_offimage")
+
+
+class MeasureRequest(MeasureOptions):
+    """One exposure (optionally with its difference image) and the DiaObjects to measure on it."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{
+        "exposure": {"visit": 2026112400042, "detector": 94, "datasetType": "calexp"},
+        "difference": {"visit": 2026112400042, "detector": 94, "datasetType": "difference"},
+        "objects": [{"diaObjectId": 1, "ra": 150.0, "dec": 2.0}],
+    }]})
+
+    exposure: ExposureRef = Field(description="the science (direct) exposure")
+    difference: ExposureRef | None = Field(None, description="its difference image: psfFlux is measured there, scienceFlux on the exposure")
+    objects: Objects
+
+
+class JobExposure(BaseModel):
+    """One exposure of a job, optionally with its difference image."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    exposure: ExposureRef
+    difference: ExposureRef | None = None
+
+
+class JobRequest(MeasureOptions):
+    """Many exposures, one DiaObject table: one catalog with the rows of every exposure."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    exposures: list[JobExposure] = Field(min_length=1, description="exposures to measure the objects on")
+    objects: Objects
+
+
+class Health(BaseModel):
+    status: str
+    checks: dict[str, str] = {}

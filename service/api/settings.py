@@ -1,0 +1,169 @@
+"""Service settings: environment variables ``FORCEDPHOT_*``, an optional config file, defaults.
+
+Precedence, highest first: keyword arguments (the command line), environment variables,
+the config file (TOML or JSON, named by ``config_file`` or ``FORCEDPHOT_CONFIG_FILE``),
+the defaults below. List settings (``repository_roots``, ``api_keys``) read from the
+environment are comma-separated (a JSON list also works). Sizes are in bytes.
+
+With no repository root the service runs in *demo mode*: it serves an embedded demo
+repository (synthetic visits written once into ``data_dir``) and needs no API key. Outside
+demo mode at least one API key is required.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+import tomllib
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic.fields import FieldInfo
+from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
+
+ENV_PREFIX = "FORCEDPHOT_"
+DEFAULT_PATH_TEMPLATE = "{visit}/{detector}/{datasetType}.fits"
+MiB = 2**20
+
+
+def default_data_dir() -> Path:
+    """``$XDG_DATA_HOME/forcedphot``, else ``~/.local/share/forcedphot``."""
+    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
+    return Path(base) / "forcedphot"
+
+
+class SettingsError(ValueError):
+    """The settings cannot be used; the message names the setting."""
+
+
+class Settings(BaseSettings):
+    """Everything the service can be configured with."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", frozen=True)
+
+    config_file: Path | None = Field(None, description="TOML or JSON file with any of these settings")
+    data_dir: Path = Field(default_factory=default_data_dir, description="job store, results, uploads, demo repository")
+    repository_roots: Annotated[list[Path], NoDecode] = Field(
+        default_factory=list, description="directories exposures are served from; none: demo mode")
+    path_template: str = Field(DEFAULT_PATH_TEMPLATE, description="data id -> path inside a root; fields visit, detector, datasetType")
+    api_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list, description="accepted bearer tokens")
+    backend: Literal["auto", "numpy", "cupy"] = "auto"
+    batch_bytes: int = Field(256 * MiB, gt=0, description="memory bound of one cutout batch")
+    cache_bytes: int = Field(2048 * MiB, ge=0, description=(
+        "exposure cache size (pixels held in memory); the measurement processes share it out, and jobs, "
+        "which run in the server process, have a cache of this size of their own"))
+    max_body_bytes: int = Field(512 * MiB, gt=0, description="largest request body; beyond it 413")
+    max_objects: int = Field(100_000, gt=0, description="most DiaObjects in one request or job; beyond it 413")
+    max_concurrent_requests: int = Field(16, gt=0, description="measurements in flight; beyond it 429")
+    measure_threads: int = Field(8, gt=0, description="threads measuring requests off the event loop (they stage cutouts; with batching they mostly wait for the batcher)")
+    measure_processes: int | None = Field(None, ge=0, le=1024, description=(
+        "processes measuring requests, each with its own exposure cache; 0: threads of the server process "
+        "(needed for dynamic batching and for a GPU); default: one per core on the NumPy backend, else 0"))
+    batching: bool = Field(True, description="coalesce concurrent in-process measurements' kernel calls into one batch (dynamic batching)")
+    batch_wait_ms: float = Field(2.0, ge=0, le=1000, description="how long the batcher waits for more requests before a kernel call")
+    batch_max_objects: int = Field(50_000, gt=0, description="objects in one coalesced kernel call at most")
+    max_active_jobs: int = Field(64, gt=0, description="queued plus running jobs; beyond it 429")
+    max_job_exposures: int = Field(1000, gt=0, description="most exposures in one job")
+    job_workers: int = Field(1, gt=0, description="threads running jobs")
+    job_heartbeat_seconds: float = Field(2.0, gt=0, description="how often a running job's owner says it is alive")
+    job_stale_seconds: float = Field(15.0, gt=0, description="a running job silent this long is re-queued")
+    job_max_attempts: int = Field(3, gt=0, description="runs of one job interrupted by server deaths before it fails")
+    retry_after_seconds: int = Field(1, ge=0, description="Retry-After sent with 429 and 503")
+    demo_visits: int = Field(2, ge=1, le=20, description="visits in the embedded demo repository")
+    demo_size: int = Field(2048, ge=64, le=8192, description="side of each demo exposure, pixels")
+    demo_objects: int = Field(500, ge=1, le=100_000, description="DiaObjects per demo visit")
+
+    @field_validator("repository_roots", "api_keys", mode="before")
+    @classmethod
+    def _split_list(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                return json.loads(text)
+            return [part.strip() for part in text.split(",") if part.strip()]
+        return value
+
+    @field_validator("path_template")
+    @classmethod
+    def _template_fields(cls, template: str) -> str:
+        for name in ("{visit", "{detector", "{datasetType"):
+            if name not in template:
+                raise ValueError(f"path_template {template!r} must use the field {name}}}")
+        if template.startswith("/") or ".." in template.split("/"):
+            raise ValueError(f"path_template {template!r} must be a relative path without '..'")
+        return template
+
+    @model_validator(mode="after")
+    def _keys_outside_demo(self) -> Settings:
+        if not self.demo_mode and not self.api_keys:
+            raise ValueError(
+                "API keys are required when serving a repository: set FORCEDPHOT_API_KEYS "
+                "(comma-separated) or api_keys in the config file; only the demo mode runs without")
+        if any(len(key.get_secret_value()) < 16 for key in self.api_keys):
+            raise ValueError("every API key must be at least 16 characters long")
+        return self
+
+    @property
+    def demo_mode(self) -> bool:
+        """True when no repository root is configured: the embedded demo repository is served."""
+        return not self.repository_roots
+
+    @property
+    def demo_repository(self) -> Path:
+        """Where the embedded demo repository lives."""
+        return self.data_dir / "demo-repository"
+
+    def public(self) -> dict[str, Any]:
+        """The settings safe to show a client (no keys, no server paths)."""
+        shown = self.model_dump(mode="json", exclude={"api_keys", "config_file", "data_dir", "repository_roots"})
+        shown["auth"] = "api-key" if self.api_keys else "none"
+        shown["demo_mode"] = self.demo_mode
+        return shown
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings):
+        return init_settings, env_settings, _ConfigFileSource(settings_cls, init_settings), file_secret_settings
+
+
+class _ConfigFileSource(PydanticBaseSettingsSource):
+    """Settings from the TOML or JSON file named by ``config_file`` / ``FORCEDPHOT_CONFIG_FILE``."""
+
+    def __init__(self, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource):
+        super().__init__(settings_cls)
+        self._init_kwargs = getattr(init_settings, "init_kwargs", {})
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False  # unused: __call__ reads the whole file
+
+    def __call__(self) -> dict[str, Any]:
+        path = self._init_kwargs.get("config_file") or os.environ.get(f"{ENV_PREFIX}CONFIG_FILE")
+        if not path:
+            return {}
+        path = Path(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+            data = tomllib.loads(text) if path.suffix.lower() == ".toml" else json.loads(text)
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            raise SettingsError(f"config file {path}: cannot read it as {'TOML' if path.suffix.lower() == '.toml' else 'JSON'}: {exc}") from None
+        if not isinstance(data, dict):
+            raise SettingsError(f"config file {path}: expected a table of settings at the top level")
+        return data
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Settings from the environment and config file, ``overrides`` winning (None values ignored).
+
+    Raises :class:`SettingsError` with one line per invalid setting.
+    """
+    from pydantic import ValidationError
+
+    given = {k: v for k, v in overrides.items() if v is not None}
+    try:
+        return Settings(**given)
+    except ValidationError as exc:
+        lines = []
+        for error in exc.errors(include_url=False, include_input=False):
+            where = ".".join(str(part) for part in error["loc"]) or "settings"
+            lines.append(f"{where}: {error['msg']}")
+        raise SettingsError("; ".join(lines)) from None

@@ -1,0 +1,200 @@
+"""Build the DiaForcedSource catalog from the kernels' results.
+
+Columns follow lsst/sdm_schemas' DiaForcedSource, plus the LSST forced-source extras
+(``x``, ``y`` in PARENT pixels, ``psfFlux_*`` diagnostics, ``apFlux_<r>``,
+``localBackground_*``, ``pixelFlags_*``, ``localPhotoCalib``, ``localWcs_CDMatrix_*``).
+Fluxes named ``*Flux``/``*FluxErr``/``apFlux_*`` are in nJy; ``*_instFlux`` in image units.
+The catalog is built as an Arrow table (one array per column, no pandas on the
+request path); each column's unit is in its field metadata. Writing it is
+:mod:`forcedphot.photometry.formats`'s job.
+"""
+
+from astropy.time import Time
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+
+from forcedphot.kernels import PsfFluxResult
+from forcedphot.photometry.runner import PIXEL_FLAG_NAMES, KernelResults
+
+_MASK63 = np.uint64((1 << 63) - 1)
+
+
+def _splitmix64(values: np.ndarray) -> np.ndarray:
+    """SplitMix64 finaliser: a bijection of uint64 that scatters nearby inputs."""
+    z = values.astype(np.uint64, copy=True)
+    with np.errstate(over="ignore"):
+        z += np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+def forced_source_ids(dia_object_ids: np.ndarray, visit: int | None, detector: int | None) -> np.ndarray:
+    """Deterministic ``diaForcedSourceId`` for each (diaObjectId, visit, detector).
+
+    ``id = splitmix64(diaObjectId + splitmix64(visit * 2**16 + detector))`` with the top
+    bit cleared (positive int64). The same triple always gives the same id (retries are
+    idempotent); within one exposure ids are distinct unless two objects collide in 63
+    bits, which :func:`build_catalog` checks. Across a survey the collision probability
+    for n sources is about n**2 / 2**64.
+    """
+    exposure_key = np.array([(visit or 0) * (1 << 16) + (detector or 0)], dtype=np.int64).view(np.uint64)
+    salt = _splitmix64(exposure_key)[0]
+    with np.errstate(over="ignore"):
+        mixed = _splitmix64(np.asarray(dia_object_ids, dtype=np.int64).view(np.uint64) + salt)
+    return (mixed & _MASK63).astype(np.int64)
+
+
+NJY = "nJy"
+UNITS: dict[str, str] = {
+    "ra": "deg",
+    "dec": "deg",
+    "x": "pixel",
+    "y": "pixel",
+    "psfFlux": NJY,
+    "psfFluxErr": NJY,
+    "scienceFlux": NJY,
+    "scienceFluxErr": NJY,
+    "midpointMjdTai": "d",
+    "timeProcessedMjdTai": "d",
+    "timeWithdrawnMjdTai": "d",
+    "psfFlux_instFlux": "count",
+    "psfFlux_instFluxErr": "count",
+    "psfFlux_area": "pixel",
+    "localBackground_instFlux": "count / pixel",
+    "localBackground_instFluxErr": "count / pixel",
+    "localPhotoCalib": "nJy / count",
+    "localPhotoCalibErr": "nJy / count",
+    "localWcs_CDMatrix_1_1": "rad / pixel",
+    "localWcs_CDMatrix_1_2": "rad / pixel",
+    "localWcs_CDMatrix_2_1": "rad / pixel",
+    "localWcs_CDMatrix_2_2": "rad / pixel",
+}
+
+
+def aperture_name(radius: float) -> str:
+    """Column stem for an aperture radius in pixels: 4.5 -> 'apFlux_4_5', 6 -> 'apFlux_6'."""
+    text = f"{radius:g}".replace(".", "_")
+    return f"apFlux_{text}"
+
+
+def unit_of(column: str) -> str | None:
+    """The unit of a catalog column, or None for ids, counts and flags."""
+    if column in UNITS:
+        return UNITS[column]
+    if column.startswith(("apFlux_", "apFluxErr_")) and "_flag" not in column:
+        return NJY
+    return None
+
+
+def table_with_units(columns: dict[str, pa.Array | np.ndarray]) -> pa.Table:
+    """An Arrow table of ``columns`` whose fields carry their unit (see :func:`unit_of`)."""
+    arrays = [c if isinstance(c, pa.Array) else pa.array(c) for c in columns.values()]
+    fields = []
+    for name, array in zip(columns, arrays):
+        unit = unit_of(name)
+        fields.append(pa.field(name, array.type, metadata={"unit": unit} if unit else None))
+    return pa.Table.from_arrays(arrays, schema=pa.schema(fields))
+
+
+def build_catalog(
+    objects: pd.DataFrame,
+    x_parent: np.ndarray,
+    y_parent: np.ndarray,
+    results: KernelResults,
+    *,
+    on_image: np.ndarray,
+    coord_valid: np.ndarray,
+    cd_matrix: np.ndarray,
+    primary,
+    science=None,
+    science_psf: PsfFluxResult | None = None,
+    apertures_px=(),
+) -> pa.Table:
+    """Assemble the DiaForcedSource catalog (an Arrow table), one row per object in ``objects``.
+
+    ``results`` holds the kernels' instrumental outputs, one row per object (NaN/False
+    for rows not measured); ``on_image`` marks measured rows, the others are flagged
+    offimage; ``coord_valid`` False gives ``coord_flag`` (ra/dec non-finite or out of
+    range). ``primary`` is the exposure measured (the difference image in difference
+    mode); ``science`` and ``science_psf`` (the PSF fit on it) give ``scienceFlux``.
+    """
+    n = len(objects)
+    calib, calib_err = primary.calibration_mean, primary.calibration_err
+    off = ~np.asarray(on_image, dtype=bool)
+    ids = objects["diaObjectId"].to_numpy(np.int64)
+    source_ids = forced_source_ids(ids, primary.visit, primary.detector)
+    if len(np.unique(source_ids)) != n:
+        raise RuntimeError("diaForcedSourceId collision within one exposure; report this with the input table")
+    psf, apertures, background, flags = results
+
+    columns: dict[str, pa.Array | np.ndarray] = {
+        "diaForcedSourceId": source_ids,
+        "diaObjectId": ids,
+        "ra": objects["ra"].to_numpy(np.float64),
+        "dec": objects["dec"].to_numpy(np.float64),
+        "visit": pa.nulls(n, pa.int64()) if primary.visit is None else np.full(n, primary.visit, np.int64),
+        "detector": pa.nulls(n, pa.int16()) if primary.detector is None else np.full(n, primary.detector, np.int16),
+        "psfFlux": (psf.inst_flux * calib).astype(np.float32),
+        "psfFluxErr": (psf.inst_flux_err * calib).astype(np.float32),
+    }
+    if science is not None and science_psf is not None:
+        columns["scienceFlux"] = (science_psf.inst_flux * science.calibration_mean).astype(np.float32)
+        columns["scienceFluxErr"] = (science_psf.inst_flux_err * science.calibration_mean).astype(np.float32)
+        columns["scienceFlux_flag"] = science_psf.flag | off
+    else:
+        columns["scienceFlux"] = np.full(n, np.nan, dtype=np.float32)
+        columns["scienceFluxErr"] = np.full(n, np.nan, dtype=np.float32)
+        columns["scienceFlux_flag"] = np.ones(n, dtype=bool)
+    columns.update(
+        midpointMjdTai=np.full(n, np.nan if primary.midpoint_mjd_tai is None else primary.midpoint_mjd_tai),
+        band=pa.array([primary.band] * n, pa.string()),
+        timeProcessedMjdTai=np.full(n, _now_mjd_tai()),
+        timeWithdrawnMjdTai=np.full(n, np.nan),
+        x=np.asarray(x_parent, dtype=np.float64),
+        y=np.asarray(y_parent, dtype=np.float64),
+        psfFlux_instFlux=psf.inst_flux,
+        psfFlux_instFluxErr=psf.inst_flux_err,
+        psfFlux_area=psf.area.astype(np.float32),
+        psfFlux_chi2=psf.chi2.astype(np.float32),
+        psfFlux_npixels=psf.npixels.astype(np.int32),
+        psfFlux_flag=psf.flag | off,
+        psfFlux_flag_edge=psf.flag_edge | off,
+        psfFlux_flag_noGoodPixels=psf.flag_no_good_pixels | off,
+    )
+    for k, radius in enumerate(apertures_px):
+        stem = aperture_name(radius)
+        value, error = apertures.flux[:, k] * calib, apertures.flux_err[:, k] * calib
+        truncated = apertures.truncated[:, k] | off
+        columns[stem] = value.astype(np.float32)
+        columns[stem.replace("apFlux_", "apFluxErr_")] = error.astype(np.float32)
+        columns[f"{stem}_flag"] = truncated | ~np.isfinite(value)
+        columns[f"{stem}_flag_apertureTruncated"] = truncated
+    background_no_good = background.flag_no_good_pixels | off
+    columns.update(
+        localBackground_instFlux=background.mean.astype(np.float32),
+        localBackground_instFluxErr=background.std.astype(np.float32),
+        localBackground_flag=background_no_good | ~np.isfinite(background.mean),
+        localBackground_flag_noGoodPixels=background_no_good,
+    )
+    columns["coord_flag"] = ~np.asarray(coord_valid, dtype=bool)
+    columns["pixelFlags_offimage"] = off
+    for p, name in enumerate(PIXEL_FLAG_NAMES):
+        edge = off if name == "edge" else False  # offimage sets every edge flag (LSST)
+        columns[f"pixelFlags_{name}"] = flags.any[:, p] | edge
+        columns[f"pixelFlags_{name}Center"] = flags.center[:, p] | edge
+        columns[f"pixelFlags_{name}CenterAll"] = flags.center_all[:, p] | edge
+    columns.update(
+        localPhotoCalib=np.full(n, calib, dtype=np.float32),
+        localPhotoCalibErr=np.full(n, calib_err, dtype=np.float32),
+        localWcs_CDMatrix_1_1=cd_matrix[:, 0, 0],
+        localWcs_CDMatrix_1_2=cd_matrix[:, 0, 1],
+        localWcs_CDMatrix_2_1=cd_matrix[:, 1, 0],
+        localWcs_CDMatrix_2_2=cd_matrix[:, 1, 1],
+    )
+    return table_with_units(columns)
+
+
+def _now_mjd_tai() -> float:
+    return float(Time.now().tai.mjd)

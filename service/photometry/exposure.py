@@ -1,0 +1,637 @@
+"""Open an exposure (image, variance, mask, WCS, calibration, visit info) from FITS.
+
+Two layouts are understood:
+
+(a) LSST afw layout (see :mod:`forcedphot.photometry.lsst_fits`): extensions ``IMAGE``, ``MASK``,
+    ``VARIANCE`` (plain or tile-compressed), visit metadata in the primary header, image
+    origin in ``CRVAL1A/2A`` (``CTYPE1A = 'LINEAR'``) or ``LTV1/2``, an optional
+    ``PhotoCalib`` archive table. A file whose IMAGE header carries afw's
+    ``EXTTYPE = 'IMAGE'`` must have its MASK and VARIANCE too (else it is reported as
+    truncated or incomplete).
+(b) Plain FITS: the image is the primary HDU if it has data, otherwise the first image
+    extension not named like an auxiliary plane; its header holds the WCS. Optional planes,
+    found by ``EXTNAME``: variance ``VARIANCE``/``VAR``; inverse-variance weight
+    ``WEIGHT``/``WHT``/``WGT``/``IVAR``/``INVVAR`` (variance = 1/weight; weight <= 0 or
+    non-finite gives an infinite variance, i.e. a pixel with no information); mask
+    ``MASK``/``MSK``/``BPM``/``DQ`` (integer bits, ``MP_*`` keys or the afw defaults).
+    ``WGT``/``MSK`` are the DES names. Without a variance or weight plane a constant
+    variance is estimated (see :func:`_estimate_variance`) and ``variance_estimated`` set.
+
+Pixel convention: ``Exposure.wcs`` maps *local* 0-based array coordinates (astropy
+``origin=0``; the centre of ``image[j, i]`` is x=i, y=j) to ICRS degrees; parent (LSST)
+coordinates are local + (x0, y0). With TAN-SIP use the ``all_*``/``*_to_world``/
+``world_to_*`` methods (they apply SIP), not ``wcs_*``.
+
+Calibration (nJy per image unit), first found wins: ``PhotoCalib`` archive table
+(calibrationMean, calibrationErr) > ``BUNIT = 'nJy'`` (1.0) > ``FLUXMAG0`` (> 0;
+3630.78e9 / FLUXMAG0, error 3630.78e9 * FLUXMAG0ERR / FLUXMAG0**2 as afw) > a zero-point
+keyword ``MAGZERO``, ``MAGZPT``, ``ZEROPT``, ``ZP``, ``MAGZP`` (10**((31.4 - ZP)/2.5),
+error 0) > none (NaN, NaN).
+
+Visit information (primary header merged with the image header, image keys winning):
+visit from ``LSST BUTLER DATAID VISIT``, ``IDNUM``, ``VISIT``, ``EXPID``, ``EXPNUM``;
+detector from ``LSST BUTLER DATAID DETECTOR``, ``DETECTOR``, ``CCDNUM`` (integers only;
+``DETNAME`` such as 'R22_S11' is not a detector number); band from
+``LSST BUTLER DATAID BAND`` or ``BAND`` as written, else derived from a physical filter
+name (``LSST BUTLER DATAID PHYSICAL_FILTER``, ``FILTER``) as its first one-letter token,
+splitting at blanks, '_' and '-' ('r_57' -> 'r', 'HSC-R' -> 'r',
+'r DECam SDSS c0002 6415.0 1480.0' -> 'r'; 'VR DECam c0007' -> None). Exposure midpoint
+as TAI MJD from, in order: ``DATE-AVG`` (ISO-8601 in ``TIMESYS``, FITS default UTC; afw
+writes TAI; a trailing 'Z' means UTC), ``TIME-MID`` (old afw key, always UTC),
+``MJD-AVG`` (in TIMESYS), ``MJD-OBS`` + EXPTIME/2, ``DATE-OBS`` + EXPTIME/2 (both need
+EXPTIME, else they are skipped). Unknown TIMESYS values skip the key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+import math
+import os
+import re
+import warnings
+
+from astropy.io import fits
+from astropy.time import Time, TimeDelta
+from astropy.wcs import WCS, FITSFixedWarning
+import numpy as np
+
+from forcedphot.photometry.lsst_fits import AFW_DEFAULT_MASK_PLANES
+
+__all__ = ["REFERENCE_FLUX_NJY", "Exposure", "ExposureError", "open_exposure"]
+
+#: AB zero-magnitude flux density in nJy (afw ``utils::referenceFlux``): 10**(31.4/2.5).
+REFERENCE_FLUX_NJY = 10.0 ** (31.4 / 2.5)
+
+_VARIANCE_NAMES = ("VARIANCE", "VAR")
+_WEIGHT_NAMES = ("WEIGHT", "WHT", "WGT", "IVAR", "INVVAR")
+_MASK_NAMES = ("MASK", "MSK", "BPM", "DQ")
+_ZERO_POINT_KEYS = ("MAGZERO", "MAGZPT", "ZEROPT", "ZP", "MAGZP")
+_VISIT_KEYS = ("LSST BUTLER DATAID VISIT", "IDNUM", "VISIT", "EXPID", "EXPNUM")
+_DETECTOR_KEYS = ("LSST BUTLER DATAID DETECTOR", "DETECTOR", "CCDNUM")
+_BAND_KEYS = ("LSST BUTLER DATAID BAND", "BAND")
+_PHYSICAL_FILTER_KEYS = ("LSST BUTLER DATAID PHYSICAL_FILTER", "FILTER")
+_TIME_SCALES = {"TAI": "tai", "UTC": "utc", "TT": "tt", "TDB": "tdb", "TCG": "tcg",
+                "TCB": "tcb", "UT1": "ut1"}
+_STRUCTURAL_KEY = re.compile(
+    r"^(SIMPLE|BITPIX|NAXIS\d*|EXTEND|XTENSION|PCOUNT|GCOUNT|EXTNAME|EXTVER|INHERIT|"
+    r"BSCALE|BZERO|BLANK|CHECKSUM|DATASUM)$"
+)
+#: Rows sampled (evenly spaced) when the variance has to be estimated from the image.
+_VARIANCE_SAMPLE_ROWS = 64
+#: 1 / Phi^-1(3/4): converts a median absolute deviation into a Gaussian sigma.
+_MAD_TO_SIGMA = 1.482602218505602
+_FITS_BLOCK = 2880
+
+_ImageHDU = fits.PrimaryHDU | fits.ImageHDU | fits.CompImageHDU
+
+
+class ExposureError(ValueError):
+    """An exposure file cannot be used; the message names the file and the problem."""
+
+
+@dataclass
+class Exposure:
+    """An open exposure; pixel planes are read on demand by :meth:`read_rows`.
+
+    Attributes
+    ----------
+    path : str
+        The FITS file.
+    width, height : int
+        Array shape along x (columns) and y (rows).
+    x0, y0 : int
+        Parent origin (LSST XY0): parent pixel = local pixel + (x0, y0).
+    wcs : astropy.wcs.WCS
+        Local 0-based pixel <-> ICRS sky (degrees).
+    mask_planes : dict[str, int]
+        Mask plane name -> bit number (``MP_*`` keys, afw defaults when absent).
+    calibration_mean, calibration_err : float
+        nJy per image unit and its 1-sigma error (NaN when no calibration was found).
+    calibration_source : str
+        "PhotoCalib", "BUNIT", "FLUXMAG0", "keyword:<KEY>" or "none".
+    visit, detector, band, midpoint_mjd_tai
+        Visit metadata, None where absent; midpoint as MJD in the TAI scale [d].
+    variance_estimated : bool
+        True when the file has no variance/weight plane and a constant was estimated.
+    header : astropy.io.fits.Header
+        Primary metadata merged with the image header (image keys win), without
+        structural keys.
+    """
+
+    path: str
+    width: int
+    height: int
+    x0: int
+    y0: int
+    wcs: WCS
+    mask_planes: dict[str, int]
+    calibration_mean: float
+    calibration_err: float
+    calibration_source: str
+    visit: int | None
+    detector: int | None
+    band: str | None
+    midpoint_mjd_tai: float | None
+    variance_estimated: bool
+    header: fits.Header = field(repr=False)
+    _hdul: fits.HDUList = field(repr=False, compare=False)
+    _image_hdu: _ImageHDU = field(repr=False, compare=False)
+    _variance_hdu: _ImageHDU | None = field(repr=False, compare=False)
+    _variance_is_weight: bool = field(repr=False, compare=False)
+    _mask_hdu: _ImageHDU | None = field(repr=False, compare=False)
+    _constant_variance: float = field(repr=False, compare=False)
+    _file_size: int = field(repr=False, compare=False)
+
+    def read_rows(self, y_start: int, y_stop: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Read local rows ``[y_start, y_stop)`` of the image, variance and mask.
+
+        Returns the image (image units), variance (image units squared), each of float32
+        values, and the int32 mask bits, each shaped ``(y_stop - y_start, width)``. Only
+        those rows are read. Plain unscaled HDUs come back as read-only memory-mapped
+        views in the file's byte order (nothing is copied until a caller gathers from
+        them, so sparse cutouts touch only their pages; a missing variance or mask is a
+        broadcast constant); tile-compressed HDUs decompress only the overlapping tiles
+        (astropy ``.section``) into native arrays. Callers must not write to the result.
+        NaN image pixels are returned as NaN. The caller clips the range to
+        ``0 <= y_start <= y_stop <= height``.
+        """
+        if not 0 <= y_start <= y_stop <= self.height:
+            raise ExposureError(
+                f"{self.path}: row range [{y_start}, {y_stop}) is outside [0, {self.height}]"
+            )
+        if os.path.getsize(self.path) < self._file_size:
+            # reading a memory map beyond the end of a file that shrank kills the process
+            raise ExposureError(f"{self.path}: the file was truncated after it was opened")
+        try:
+            image = _read_band(self._image_hdu, y_start, y_stop, np.float32)
+            if self._variance_hdu is None:
+                variance = np.broadcast_to(np.float32(self._constant_variance), image.shape)
+            elif self._variance_is_weight:
+                variance = _weight_to_variance(
+                    _read_band(self._variance_hdu, y_start, y_stop, np.float64))
+            else:
+                variance = _read_band(self._variance_hdu, y_start, y_stop, np.float32)
+            if self._mask_hdu is None:
+                mask = np.broadcast_to(np.int32(0), image.shape)
+            else:
+                mask = _read_mask_band(self._mask_hdu, y_start, y_stop)
+        except (OSError, ValueError, TypeError, IndexError, EOFError) as exc:
+            raise ExposureError(
+                f"{self.path}: cannot read rows [{y_start}, {y_stop}) (truncated or damaged "
+                f"file?): {exc}"
+            ) from exc
+        return image, variance, mask
+
+    def close(self) -> None:
+        """Close the underlying file."""
+        self._hdul.close()
+
+    def __enter__(self) -> Exposure:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def open_exposure(path: str | os.PathLike) -> Exposure:
+    """Open ``path`` (either layout, see the module docstring) and read its metadata.
+
+    Raises
+    ------
+    ExposureError
+        Missing file, not FITS, truncated FITS, no image HDU, non-2-D image, no celestial
+        WCS, planes whose shape differs from the image, floating-point mask.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise ExposureError(f"{path}: no such file")
+    hdul = _open_fits(path)
+    try:
+        return _build_exposure(path, hdul)
+    except BaseException:
+        hdul.close()
+        raise
+
+
+# --- file level -------------------------------------------------------------------------
+
+
+def _open_fits(path: str) -> fits.HDUList:
+    """Open the file and read every header now; a truncated or damaged file raises here.
+
+    Checked: astropy can parse it, no header was cut short (astropy only warns and stops),
+    and every HDU's data ends within the file.
+    """
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            hdul = fits.open(path, mode="readonly", memmap=True, lazy_load_hdus=False)
+        except (OSError, ValueError, TypeError, IndexError, EOFError, UnicodeDecodeError) as exc:
+            raise ExposureError(
+                f"{path}: not a readable FITS file (damaged or truncated?): {exc}") from exc
+    # astropy stops at an HDU whose header is cut short, with only a warning
+    problems = [str(w.message).splitlines()[0] for w in caught
+                if "Error validating header" in str(w.message)]
+    size = os.path.getsize(path)
+    for index in range(len(hdul)):
+        info = hdul.fileinfo(index)
+        # datSpan is padded to 2880 bytes: less than (span - 2879) bytes means lost data.
+        if info["datSpan"] and size < info["datLoc"] + info["datSpan"] - (_FITS_BLOCK - 1):
+            problems.append(f"HDU {index} needs bytes up to {info['datLoc'] + info['datSpan']}, "
+                            f"the file has {size}")
+    if problems:
+        hdul.close()
+        raise ExposureError(f"{path}: truncated or damaged FITS file: {problems[0]}")
+    return hdul
+
+
+def _build_exposure(path: str, hdul: fits.HDUList) -> Exposure:
+    _check_afw_archive(path, hdul)
+    image_index = _find_image_hdu(path, hdul)
+    image_hdu = hdul[image_index]
+    shape = tuple(image_hdu.shape)
+    if len(shape) != 2:
+        raise ExposureError(
+            f"{path}: image HDU {image_index} ({image_hdu.name or 'PRIMARY'}) has "
+            f"{len(shape)} axes {shape}; expected a 2-D image"
+        )
+    variance_hdu = _find_plane(path, hdul, _VARIANCE_NAMES, shape, image_index)
+    weight_hdu = None if variance_hdu is not None else _find_plane(
+        path, hdul, _WEIGHT_NAMES, shape, image_index)
+    mask_hdu = _find_plane(path, hdul, _MASK_NAMES, shape, image_index)
+    _check_afw_planes(path, image_hdu, variance_hdu, mask_hdu)
+    if mask_hdu is not None and mask_hdu.header.get("BITPIX", 0) < 0:
+        raise ExposureError(
+            f"{path}: mask HDU {mask_hdu.name} holds floating-point data; expected integer bits"
+        )
+
+    header = _merged_header(hdul[0].header, image_hdu.header, image_index == 0)
+    wcs = _celestial_wcs(path, header, shape)
+    height, width = shape
+    x0, y0 = _origin(path, header)
+    calibration_mean, calibration_err, calibration_source = _calibration(path, hdul, header)
+    plane_hdu = variance_hdu if variance_hdu is not None else weight_hdu
+    constant_variance = math.nan
+    if plane_hdu is None:
+        constant_variance = _estimate_variance(path, image_hdu, mask_hdu, height)
+    return Exposure(
+        path=path,
+        width=width,
+        height=height,
+        x0=x0,
+        y0=y0,
+        wcs=wcs,
+        mask_planes=_mask_planes(mask_hdu),
+        calibration_mean=calibration_mean,
+        calibration_err=calibration_err,
+        calibration_source=calibration_source,
+        visit=_first_int(header, _VISIT_KEYS),
+        detector=_first_int(header, _DETECTOR_KEYS),
+        band=_band(header),
+        midpoint_mjd_tai=_midpoint_mjd_tai(header),
+        variance_estimated=plane_hdu is None,
+        header=header,
+        _hdul=hdul,
+        _image_hdu=image_hdu,
+        _variance_hdu=plane_hdu,
+        _variance_is_weight=weight_hdu is not None,
+        _mask_hdu=mask_hdu,
+        _constant_variance=constant_variance,
+        _file_size=os.path.getsize(path),
+    )
+
+
+def _is_image(hdu: object) -> bool:
+    return isinstance(hdu, (fits.PrimaryHDU, fits.ImageHDU, fits.CompImageHDU))
+
+
+def _find_image_hdu(path: str, hdul: fits.HDUList) -> int:
+    """Index of the science image: EXTNAME IMAGE, else primary with data, else first image."""
+    aux_names = set(_VARIANCE_NAMES + _WEIGHT_NAMES + _MASK_NAMES)
+    for index, hdu in enumerate(hdul):
+        if _is_image(hdu) and hdu.name.upper() == "IMAGE":
+            return index
+    if hdul[0].header.get("NAXIS", 0) > 0:
+        return 0
+    for index, hdu in enumerate(hdul[1:], start=1):
+        if _is_image(hdu) and hdu.name.upper() not in aux_names and hdu.header.get("NAXIS", 0) > 0:
+            return index
+    raise ExposureError(f"{path}: no image HDU (primary is empty and no image extension found)")
+
+
+def _find_plane(path: str, hdul: fits.HDUList, names: tuple[str, ...], shape: tuple[int, ...],
+                image_index: int) -> _ImageHDU | None:
+    """The image HDU whose EXTNAME is one of ``names``, checked against the image shape."""
+    for index, hdu in enumerate(hdul):
+        if index != image_index and _is_image(hdu) and hdu.name.upper() in names:
+            if tuple(hdu.shape) != shape:
+                raise ExposureError(
+                    f"{path}: {hdu.name} plane has shape {tuple(hdu.shape)}, the image {shape}"
+                )
+            return hdu
+    return None
+
+
+def _check_afw_planes(path: str, image_hdu: _ImageHDU, variance_hdu: _ImageHDU | None,
+                      mask_hdu: _ImageHDU | None) -> None:
+    """An IMAGE written by afw (``EXTTYPE = 'IMAGE'``) comes with its MASK and VARIANCE."""
+    if str(image_hdu.header.get("EXTTYPE", "")).strip().upper() != "IMAGE":
+        return
+    missing = [name for name, hdu in (("MASK", mask_hdu), ("VARIANCE", variance_hdu))
+               if hdu is None]
+    if missing:
+        raise ExposureError(
+            f"{path}: afw-layout file lacks its {' and '.join(missing)} HDU "
+            "(truncated or incomplete)"
+        )
+
+
+def _check_afw_archive(path: str, hdul: fits.HDUList) -> None:
+    """The HDU counts announced by ``AR_HDU`` (primary) and ``AR_NCAT`` (index) exist."""
+    archive_hdu = _header_int(hdul[0].header, "AR_HDU")
+    if archive_hdu is not None and archive_hdu > len(hdul):
+        raise ExposureError(
+            f"{path}: primary header puts the archive in HDU {archive_hdu} (1-based) but the "
+            f"file has {len(hdul)} HDUs (truncated or incomplete)"
+        )
+    if "ARCHIVE_INDEX" in hdul:
+        index_position = hdul.index_of("ARCHIVE_INDEX")
+        n_catalogs = _header_int(hdul[index_position].header, "AR_NCAT")
+        if n_catalogs is not None and index_position + n_catalogs > len(hdul):
+            raise ExposureError(
+                f"{path}: ARCHIVE_INDEX announces {n_catalogs} catalogs (with itself), the file "
+                f"has {len(hdul) - index_position} from there on (truncated or incomplete)"
+            )
+
+
+def _merged_header(primary: fits.Header, image: fits.Header, image_is_primary: bool) -> fits.Header:
+    """Primary metadata updated with the image header's keys, without structural keys."""
+    merged = fits.Header([card for card in primary.cards
+                          if not _STRUCTURAL_KEY.match(card.keyword)])
+    if not image_is_primary:
+        merged.extend([card for card in image.cards if not _STRUCTURAL_KEY.match(card.keyword)],
+                      update=True)
+    return merged
+
+
+# --- pixels -----------------------------------------------------------------------------
+
+
+def _memory_mapped(hdu: _ImageHDU) -> np.ndarray | None:
+    """The HDU's pixels as a memory map when they are stored plainly (no compression,
+    no BSCALE/BZERO scaling), else None."""
+    if isinstance(hdu, fits.CompImageHDU):
+        return None
+    if hdu.header.get("BSCALE", 1) != 1 or hdu.header.get("BZERO", 0) != 0:
+        return None
+    return hdu.data
+
+
+def _read_band(hdu: _ImageHDU, y_start: int, y_stop: int, dtype: type) -> np.ndarray:
+    """Rows [y_start, y_stop) of ``hdu`` with values of ``dtype``: a memory-mapped view in
+    the file's byte order when the file stores exactly that type, else a decoded copy."""
+    mapped = _memory_mapped(hdu)
+    if mapped is not None and mapped.dtype.newbyteorder("=") == np.dtype(dtype):
+        return mapped[y_start:y_stop]
+    return np.array(hdu.section[y_start:y_stop, :], dtype=dtype)
+
+
+def _read_mask_band(hdu: _ImageHDU, y_start: int, y_stop: int) -> np.ndarray:
+    """Mask rows as int32 bit fields (uint32 planes are reinterpreted bit for bit)."""
+    mapped = _memory_mapped(hdu)
+    if mapped is not None and mapped.dtype.newbyteorder("=") == np.dtype(np.int32):
+        return mapped[y_start:y_stop]
+    band = np.asarray(hdu.section[y_start:y_stop, :])
+    if band.dtype.kind == "u" and band.dtype.itemsize == 4:
+        return band.astype(np.uint32).view(np.int32)
+    return band.astype(np.int32)
+
+
+def _weight_to_variance(weight: np.ndarray) -> np.ndarray:
+    """Variance = 1 / weight; weight <= 0 or non-finite -> +inf (no information)."""
+    usable = np.isfinite(weight) & (weight > 0)
+    variance = np.full(weight.shape, np.inf)
+    np.divide(1.0, weight, out=variance, where=usable)
+    return variance.astype(np.float32)
+
+
+def _estimate_variance(path: str, image_hdu: _ImageHDU, mask_hdu: _ImageHDU | None,
+                       height: int) -> float:
+    """Constant per-pixel noise variance from the image itself.
+
+    Uses up to 64 evenly spaced rows; in each, differences of horizontally adjacent
+    pixels that are both finite and unmasked (mask == 0). For white noise of variance
+    s2 a difference has variance 2 s2, so s2 = (1.4826 MAD(d))**2 / 2. Differences cancel
+    any smooth background; the MAD ignores sparse sources. Pixel-correlated noise (e.g.
+    resampled images) biases the estimate low.
+    """
+    rows = np.unique(np.linspace(0, height - 1, min(height, _VARIANCE_SAMPLE_ROWS)).astype(int))
+    differences = []
+    for row in rows:
+        values = _read_band(image_hdu, row, row + 1, np.float64)[0]
+        good = np.isfinite(values)
+        if mask_hdu is not None:
+            good &= _read_mask_band(mask_hdu, row, row + 1)[0] == 0
+        pair_good = good[1:] & good[:-1]
+        differences.append((values[1:] - values[:-1])[pair_good])
+    sample = np.concatenate(differences)
+    if sample.size == 0:
+        raise ExposureError(
+            f"{path}: no variance plane and no finite unmasked pixel pairs to estimate one from"
+        )
+    mad = np.median(np.abs(sample - np.median(sample)))
+    return float((_MAD_TO_SIGMA * mad) ** 2 / 2.0)
+
+
+# --- geometry ---------------------------------------------------------------------------
+
+
+def _celestial_wcs(path: str, header: fits.Header, shape: tuple[int, int]) -> WCS:
+    """The 2-axis celestial WCS of the local array, or ExposureError."""
+    if "CTYPE1" not in header or "CTYPE2" not in header:
+        raise ExposureError(f"{path}: no WCS in the image header (CTYPE1/CTYPE2 missing)")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FITSFixedWarning)
+        try:
+            wcs = WCS(header, naxis=2)
+        except Exception as exc:  # astropy/wcslib raise many types for malformed WCS
+            raise ExposureError(f"{path}: cannot parse the image WCS: {exc}") from exc
+    if not wcs.is_celestial:
+        raise ExposureError(
+            f"{path}: the image WCS is not celestial (CTYPE = {list(wcs.wcs.ctype)})"
+        )
+    wcs.array_shape = shape
+    return wcs
+
+
+def _origin(path: str, header: fits.Header) -> tuple[int, int]:
+    """Parent origin (X0, Y0): afw LINEAR 'A' WCS, else IRAF LTV1/2, else (0, 0)."""
+    if (str(header.get("CTYPE1A", "")).strip().upper() == "LINEAR"
+            and "CRVAL1A" in header and "CRVAL2A" in header):
+        # parent = CRVALnA + (local + 1 - CRPIXnA), so X0 = CRVAL1A + 1 - CRPIX1A
+        origin = [float(header[f"CRVAL{n}A"]) + 1.0 - float(header.get(f"CRPIX{n}A", 1.0))
+                  for n in (1, 2)]
+    else:
+        origin = [-float(header.get(f"LTV{n}", 0.0)) for n in (1, 2)]
+    rounded = [round(value) for value in origin]
+    if any(abs(value - r) > 1e-6 for value, r in zip(origin, rounded)):
+        raise ExposureError(f"{path}: image origin {origin} is not a whole pixel")
+    return rounded[0], rounded[1]
+
+
+def _mask_planes(mask_hdu: _ImageHDU | None) -> dict[str, int]:
+    """Plane name -> bit from ``MP_<NAME>`` keys; afw defaults when there are none."""
+    if mask_hdu is None:
+        return dict(AFW_DEFAULT_MASK_PLANES)
+    planes = {key[3:]: int(value) for key, value in mask_hdu.header.items()
+              if key.startswith("MP_") and isinstance(value, int) and not isinstance(value, bool)}
+    return planes or dict(AFW_DEFAULT_MASK_PLANES)
+
+
+# --- calibration ------------------------------------------------------------------------
+
+
+def _calibration(path: str, hdul: fits.HDUList, header: fits.Header) -> tuple[float, float, str]:
+    """(nJy per image unit, its error, source name) by the precedence in the module doc."""
+    photocalib = _photocalib(path, hdul)
+    if photocalib is not None:
+        return photocalib[0], photocalib[1], "PhotoCalib"
+    if str(header.get("BUNIT", "")).strip().lower() == "njy":
+        return 1.0, 0.0, "BUNIT"
+    fluxmag0 = _header_float(header, "FLUXMAG0")
+    if fluxmag0 is not None and fluxmag0 > 0:
+        fluxmag0_err = _header_float(header, "FLUXMAG0ERR") or 0.0
+        return (REFERENCE_FLUX_NJY / fluxmag0,
+                REFERENCE_FLUX_NJY * fluxmag0_err / fluxmag0**2, "FLUXMAG0")
+    for key in _ZERO_POINT_KEYS:
+        zero_point = _header_float(header, key)
+        if zero_point is not None:
+            return 10.0 ** ((31.4 - zero_point) / 2.5), 0.0, f"keyword:{key}"
+    return math.nan, math.nan, "none"
+
+
+def _photocalib(path: str, hdul: fits.HDUList) -> tuple[float, float] | None:
+    """(calibrationMean, calibrationErr) of the exposure's PhotoCalib archive record.
+
+    The record is located through the archive: the primary ``ARCHIVE_ID_PHOTOCALIB`` (or
+    ``PHOTOCALIB_ID``) id -> ``ARCHIVE_INDEX`` row -> catalog ``AR_CATN`` and ``row0``;
+    when any link is missing, the first row of the first ``PhotoCalib`` table is used.
+    """
+    tables = [hdu for hdu in hdul
+              if isinstance(hdu, fits.BinTableHDU) and hdu.name.upper() == "PHOTOCALIB"]
+    if not tables:
+        return None
+    table, row = tables[0], 0
+    located = _archive_location(hdul, "PhotoCalib")
+    if located is not None:
+        catalog, row0 = located
+        for candidate in tables:
+            if _header_int(candidate.header, "AR_CATN") == catalog:
+                table, row = candidate, row0
+    names = {name.lower(): name for name in table.columns.names}
+    if "calibrationmean" not in names or row >= len(table.data):
+        raise ExposureError(f"{path}: PhotoCalib table has no calibrationMean in row {row}")
+    mean = float(table.data[names["calibrationmean"]][row])
+    err = float(table.data[names["calibrationerr"]][row]) if "calibrationerr" in names else 0.0
+    return mean, err
+
+
+def _archive_location(hdul: fits.HDUList, name: str) -> tuple[int, int] | None:
+    """(catalog number, first row) of the primary's archive id for component ``name``."""
+    primary = hdul[0].header
+    archive_id = _header_int(primary, f"ARCHIVE_ID_{name.upper()}")
+    if archive_id is None:
+        archive_id = _header_int(primary, f"{name.upper()}_ID")
+    if archive_id is None or "ARCHIVE_INDEX" not in hdul:
+        return None
+    index = hdul["ARCHIVE_INDEX"]
+    columns = {column.lower().replace(".", "_"): column for column in index.columns.names}
+    if not {"id", "cat_archive", "row0"} <= columns.keys():
+        return None
+    for entry in index.data:
+        if int(entry[columns["id"]]) == archive_id:
+            return int(entry[columns["cat_archive"]]), int(entry[columns["row0"]])
+    return None
+
+
+# --- visit metadata ---------------------------------------------------------------------
+
+
+def _header_float(header: fits.Header, key: str) -> float | None:
+    """Finite numeric value of ``key`` (numbers or numeric strings), else None."""
+    value = header.get(key)
+    if value is None or isinstance(value, bool):
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _header_int(header: fits.Header, key: str) -> int | None:
+    """Integral value of ``key`` (int, integral float or digit string), else None."""
+    number = _header_float(header, key)
+    if number is None or number != int(number):
+        return None
+    return int(number)
+
+
+def _first_int(header: fits.Header, keys: tuple[str, ...]) -> int | None:
+    for key in keys:
+        value = _header_int(header, key)
+        if value is not None:
+            return value
+    return None
+
+
+def _band(header: fits.Header) -> str | None:
+    """Band as written, else the first one-letter token of a physical filter name."""
+    for key in _BAND_KEYS:
+        value = str(header.get(key, "")).strip()
+        if value:
+            return value
+    for key in _PHYSICAL_FILTER_KEYS:
+        for token in re.split(r"[\s_\-]+", str(header.get(key, "")).strip()):
+            if len(token) == 1 and token.isalpha():
+                return token.lower()
+    return None
+
+
+def _midpoint_mjd_tai(header: fits.Header) -> float | None:
+    """Exposure midpoint as a TAI MJD, from the first usable key (module docstring order)."""
+    scale = _TIME_SCALES.get(str(header.get("TIMESYS", "UTC")).strip().upper())
+    exptime = _header_float(header, "EXPTIME")
+    # (key, value is an MJD number, time scale, key is the start so add EXPTIME/2)
+    candidates = (
+        ("DATE-AVG", False, scale, False),
+        ("TIME-MID", False, "utc", False),
+        ("MJD-AVG", True, scale, False),
+        ("MJD-OBS", True, scale, True),
+        ("DATE-OBS", False, scale, True),
+    )
+    for key, is_mjd, key_scale, is_start in candidates:
+        if key not in header or key_scale is None or (is_start and exptime is None):
+            continue
+        if is_mjd:
+            value = _header_float(header, key)
+            time = None if value is None else Time(value, format="mjd", scale=key_scale)
+        else:
+            time = _parse_iso(str(header[key]), key_scale)
+        if time is None:
+            continue
+        if is_start:
+            time = time + TimeDelta(exptime / 2.0, format="sec")
+        return float(time.tai.mjd)
+    return None
+
+
+def _parse_iso(text: str, scale: str) -> Time | None:
+    """ISO-8601 date-time in ``scale`` (a trailing 'Z' means UTC), or None if unparsable."""
+    text = text.strip()
+    if text.endswith("Z"):
+        text, scale = text[:-1], "utc"
+    try:
+        return Time(text, scale=scale)
+    except ValueError:
+        return None

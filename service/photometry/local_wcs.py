@@ -1,0 +1,37 @@
+"""Local linear WCS at each object (LSST ``base_LocalWcs``).
+
+``localWcs_CDMatrix_{1_1,1_2,2_1,2_2}`` is the Jacobian of pixel -> local gnomonic
+(tangent-plane) sky coordinates about the object's own sky position, in radians per
+pixel: ``[[dxi/dx, dxi/dy], [deta/dx, deta/dy]]`` with ``xi`` increasing with right
+ascension (east) and ``eta`` with declination (north). Derivatives are central
+differences over +-0.5 px through the full WCS (SIP included).
+"""
+
+from astropy.wcs import WCS
+import numpy as np
+
+_STEP_PX = 0.5
+
+
+def _gnomonic(ra: np.ndarray, dec: np.ndarray, ra0: np.ndarray, dec0: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Tangent-plane coordinates (radians) of (ra, dec) about (ra0, dec0), all radians."""
+    cos_c = np.sin(dec0) * np.sin(dec) + np.cos(dec0) * np.cos(dec) * np.cos(ra - ra0)
+    xi = np.cos(dec) * np.sin(ra - ra0) / cos_c
+    eta = (np.cos(dec0) * np.sin(dec) - np.sin(dec0) * np.cos(dec) * np.cos(ra - ra0)) / cos_c
+    return xi, eta
+
+
+def local_cd_matrix(wcs: WCS, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """(N, 2, 2) local CD matrices (radians per pixel) at local pixel positions (x, y)."""
+    x = np.asarray(x, dtype=np.float64)
+    y = np.asarray(y, dtype=np.float64)
+    ra0, dec0 = np.deg2rad(wcs.all_pix2world(x, y, 0))
+    cd = np.empty(x.shape + (2, 2))
+    for axis, (dx, dy) in enumerate(((_STEP_PX, 0.0), (0.0, _STEP_PX))):
+        ra_p, dec_p = np.deg2rad(wcs.all_pix2world(x + dx, y + dy, 0))
+        ra_m, dec_m = np.deg2rad(wcs.all_pix2world(x - dx, y - dy, 0))
+        xi_p, eta_p = _gnomonic(ra_p, dec_p, ra0, dec0)
+        xi_m, eta_m = _gnomonic(ra_m, dec_m, ra0, dec0)
+        cd[..., 0, axis] = (xi_p - xi_m) / (2 * _STEP_PX)
+        cd[..., 1, axis] = (eta_p - eta_m) / (2 * _STEP_PX)
+    return cd

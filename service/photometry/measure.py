@@ -1,0 +1,215 @@
+"""The measurement engine: one exposure (plus optionally its difference image) and a
+DiaObject table in, a DiaForcedSource catalog out.
+
+Data path: select (WCS, Box2D) -> stage cutouts in row bands -> kernels on the chosen
+backend -> host arrays -> catalog. With a difference image, as ``DiaForcedSourceTask``:
+every measurement is made on the difference image, and ``scienceFlux`` is the PSF flux
+on the direct image at the same sky position. With one exposure, everything is measured
+on it and ``scienceFlux`` stays null.
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import cached_property
+import time
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+
+from forcedphot.photometry.backend import Backend, select_backend
+from forcedphot.photometry.catalog import build_catalog
+from forcedphot.photometry.config import MeasurementConfig
+from forcedphot.photometry.cutouts import no_data_bit, stage_cutouts
+from forcedphot.photometry.exposure import Exposure
+from forcedphot.photometry.formats import to_pandas
+from forcedphot.photometry.local_wcs import local_cd_matrix
+from forcedphot.photometry.psf_models import PsfModel
+from forcedphot.photometry.runner import (
+    Execute,
+    KernelResults,
+    KernelRunner,
+    cutout_half_size,
+    run_directly,
+    scatter,
+    unmeasured,
+)
+from forcedphot.photometry.selection import select_on_image, sky_to_pixel
+from forcedphot.version import __version__
+
+Progress = Callable[[int, int], None]
+
+
+@dataclass
+class Measurement:
+    """A catalog and what it took to make it."""
+
+    table: pa.Table  # the DiaForcedSource catalog, one row per returned object
+    n_input: int
+    n_on_detector: int
+    n_invalid_coords: int
+    n_flagged: int
+    backend: str
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
+    provenance: dict = field(default_factory=dict)
+
+    @cached_property
+    def catalog(self) -> pd.DataFrame:
+        """The catalog as a DataFrame (see :func:`catalog.to_pandas`)."""
+        return to_pandas(self.table)
+
+    @property
+    def n_off_detector(self) -> int:
+        """Objects with valid coordinates that fall off the detector."""
+        return self.n_input - self.n_on_detector - self.n_invalid_coords
+
+
+@dataclass(frozen=True)
+class RowMap:
+    """Which input objects become catalog rows, and which of those rows are measured.
+
+    ``rows[i]`` is the input position of catalog row ``i``; ``measured`` lists the catalog
+    rows on the detector (the others are flagged offimage or coord_flag, not measured).
+    """
+
+    rows: np.ndarray
+    measured: np.ndarray
+
+    @property
+    def n_rows(self) -> int:
+        return len(self.rows)
+
+    def measured_mask(self) -> np.ndarray:
+        """(n_rows,) bool: True for measured rows."""
+        mask = np.zeros(self.n_rows, bool)
+        mask[self.measured] = True
+        return mask
+
+
+def _science_psf_flux(science: Exposure, kernels: KernelRunner, ra, dec, config: MeasurementConfig, execute: Execute) -> KernelResults:
+    """PSF flux on the direct image at the objects' sky positions (difference mode); rows
+    whose PSF stamp does not reach the direct image are flagged."""
+    x, y = sky_to_pixel(science.wcs, ra, dec)
+    h = kernels.psf.stamp_size // 2
+    with np.errstate(invalid="ignore"):
+        near = (x > -h - 1) & (x < science.width + h) & (y > -h - 1) & (y < science.height + h)
+    results = unmeasured(len(ra), 0, full=False)
+    rows = np.flatnonzero(near)
+    no_data = no_data_bit(science.mask_planes)
+    for stack in stage_cutouts(science, x[rows], y[rows], 2 * h + 1, batch_bytes=config.batch_bytes, no_data_bit=no_data):
+        index = rows[stack.index]
+        scatter(results, execute(kernels, kernels.inputs(stack, x[index], y[index]), False), index)
+    results.psf.flag[~near] = True
+    return results
+
+
+def measure(
+    science: Exposure,
+    objects: pd.DataFrame,
+    psf: PsfModel,
+    config: MeasurementConfig | None = None,
+    *,
+    difference: Exposure | None = None,
+    backend: Backend | None = None,
+    progress: Progress | None = None,
+    execute: Execute = run_directly,
+) -> Measurement:
+    """Forced photometry of validated ``objects`` (see :func:`objects.validate_objects`).
+
+    ``progress(done, total)`` is called after every batch of cutouts, in objects.
+    ``execute`` runs the kernels on each batch's inputs; a service may pass one that
+    coalesces the batches of concurrent requests into one kernel call.
+    """
+    config = config or MeasurementConfig()
+    backend = backend or select_backend(config.backend)
+    primary = difference if difference is not None else science
+    timings: dict[str, float] = {}
+
+    start = time.perf_counter()
+    ra, dec = objects["ra"].to_numpy(), objects["dec"].to_numpy()
+    coord_valid = objects["coord_valid"].to_numpy()
+    selection = select_on_image(primary.wcs, primary.width, primary.height, ra, dec, coord_valid)
+    # rows returned: on the detector, those with unusable coordinates (flagged, so the
+    # caller sees them), and on request those off the detector
+    returned = selection.on_image | ~coord_valid | config.include_offimage
+    rows = np.flatnonzero(returned)
+    row_map = RowMap(rows=rows, measured=np.flatnonzero(selection.on_image[rows]))
+    measured = row_map.measured
+    x, y = selection.x[rows], selection.y[rows]
+    sigma = np.full(len(rows), np.nan)
+    sigma[measured] = psf.sigma(x[measured], y[measured])
+    timings["select"] = time.perf_counter() - start
+
+    kernels = KernelRunner(backend, primary, psf, config)
+    size = 2 * cutout_half_size(psf, sigma[measured], config) + 1
+    no_data = no_data_bit(primary.mask_planes)
+    results = unmeasured(row_map.n_rows, len(config.apertures_px))
+    stage_time = kernel_time = 0.0
+    done = 0
+    t0 = time.perf_counter()
+    for stack in stage_cutouts(primary, x[measured], y[measured], size, batch_bytes=config.batch_bytes, no_data_bit=no_data):
+        t1 = time.perf_counter()
+        index = measured[stack.index]
+        scatter(results, execute(kernels, kernels.inputs(stack, x[index], y[index], sigma[index]), True), index)
+        t2 = time.perf_counter()
+        stage_time += t1 - t0
+        kernel_time += t2 - t1
+        done += len(index)
+        if progress:
+            progress(done, len(measured))
+        t0 = time.perf_counter()
+
+    science_results = None
+    if difference is not None:
+        t1 = time.perf_counter()
+        science_results = _science_psf_flux(science, kernels, ra[rows], dec[rows], config, execute)
+        kernel_time += time.perf_counter() - t1
+    timings["stage"], timings["kernels"] = stage_time, kernel_time
+
+    start = time.perf_counter()
+    cd = local_cd_matrix(primary.wcs, x, y) if len(rows) else np.empty((0, 2, 2))
+    catalog = build_catalog(
+        objects.iloc[rows],
+        x + primary.x0,
+        y + primary.y0,
+        results,
+        on_image=row_map.measured_mask(),
+        coord_valid=coord_valid[rows],
+        cd_matrix=cd,
+        primary=primary,
+        science=science if difference is not None else None,
+        science_psf=science_results.psf if science_results is not None else None,
+        apertures_px=config.apertures_px,
+    )
+    timings["catalog"] = time.perf_counter() - start
+    flag_columns = [c for c in catalog.column_names if c.startswith("pixelFlags_")] + ["psfFlux_flag"]
+    flagged = np.zeros(catalog.num_rows, bool)
+    for column in flag_columns:
+        flagged |= catalog[column].to_numpy()
+    return Measurement(
+        table=catalog,
+        n_input=len(objects),
+        n_on_detector=len(measured),
+        n_invalid_coords=int(np.count_nonzero(~coord_valid)),
+        n_flagged=int(np.count_nonzero(flagged)),
+        backend=f"{backend.name}:{backend.device}",
+        timings=timings,
+        provenance={
+            "software_version": __version__,
+            "config": config.model_dump(mode="json"),
+            "backend": f"{backend.name}:{backend.device}",
+            "exposure": _describe(primary),
+            "science": _describe(science) if difference is not None else None,
+            "psf": repr(psf),
+        },
+    )
+
+
+def _describe(exposure: Exposure) -> dict:
+    return {
+        "path": exposure.path,
+        "visit": exposure.visit,
+        "detector": exposure.detector,
+        "calibration_source": exposure.calibration_source,
+        "variance_estimated": exposure.variance_estimated,
+    }

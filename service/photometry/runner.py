@@ -1,0 +1,225 @@
+"""The kernels on one backend: staged cutouts in, typed per-object results out.
+
+:class:`KernelInputs` holds the host arrays of one batch; :class:`KernelRunner` moves them
+to the backend, runs every kernel and brings back one :class:`KernelResults` (each
+kernel's own result type). Inputs of several requests with the same shapes concatenate,
+and results split again, so a service can batch concurrent requests.
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+from functools import cached_property
+import math
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from forcedphot.kernels import (
+    ApertureFluxes,
+    LocalBackground,
+    PixelFlags,
+    PsfFluxResult,
+    aperture_fluxes,
+    local_background,
+    pixel_flags,
+    psf_flux,
+)
+from forcedphot.photometry.backend import Backend, to_numpy
+from forcedphot.photometry.config import MeasurementConfig
+from forcedphot.photometry.cutouts import CutoutStack
+from forcedphot.photometry.exposure import Exposure
+from forcedphot.photometry.psf_models import PsfModel
+
+# pixelFlags_<name> -> afw mask plane; the one list of pixel flags
+PIXEL_FLAG_PLANES = {
+    "edge": "EDGE",
+    "nodata": "NO_DATA",
+    "interpolated": "INTRP",
+    "saturated": "SAT",
+    "cr": "CR",
+    "bad": "BAD",
+    "suspect": "SUSPECT",
+}
+PIXEL_FLAG_NAMES = tuple(PIXEL_FLAG_PLANES)
+BACKGROUND_REJECT_PLANES = ("BAD", "SAT", "NO_DATA")
+
+
+class KernelResults(NamedTuple):
+    """Every kernel's result for one set of objects (``None``: not measured).
+
+    ``pixel_flags`` columns follow :data:`PIXEL_FLAG_NAMES`, all of them, whether the
+    exposure defines the plane or not (an undefined plane is never set).
+    """
+
+    psf: PsfFluxResult
+    apertures: ApertureFluxes | None = None
+    background: LocalBackground | None = None
+    pixel_flags: PixelFlags | None = None
+
+
+def map_arrays(fn: Callable[..., Any], *results: Any) -> Any:
+    """Apply ``fn`` to the corresponding arrays of ``results`` (nested named tuples of
+    arrays, ``None`` kept), giving a result of the same type."""
+    first = results[0]
+    if first is None:
+        return None
+    if isinstance(first, tuple):
+        return type(first)(*(map_arrays(fn, *parts) for parts in zip(*results)))
+    return fn(*results)
+
+
+def unmeasured(n: int, n_apertures: int, full: bool = True) -> KernelResults:
+    """Results for ``n`` objects no kernel looked at: NaN, 0 and False, every array its own."""
+    def f(*shape):
+        return np.full((n, *shape), np.nan)
+
+    def b(*shape):
+        return np.zeros((n, *shape), bool)
+
+    psf = PsfFluxResult(f(), f(), f(), f(), np.zeros(n, np.int64), b(), b(), b())
+    if not full:
+        return KernelResults(psf)
+    planes = len(PIXEL_FLAG_NAMES)
+    return KernelResults(
+        psf,
+        ApertureFluxes(f(n_apertures), f(n_apertures), b(n_apertures)),
+        LocalBackground(f(), f(), np.zeros(n, np.int64), b()),
+        PixelFlags(b(planes), b(planes), b(planes)),
+    )
+
+
+def scatter(into: KernelResults, batch: KernelResults, rows: np.ndarray) -> None:
+    """Write one batch's results at ``rows`` of the full-length ``into``."""
+    def put(target: np.ndarray, values: np.ndarray) -> None:
+        target[rows] = values
+
+    map_arrays(put, into, batch)
+
+
+def split_results(results: KernelResults, sizes: list[int]) -> list[KernelResults]:
+    """Undo :func:`concatenate_inputs` on a kernel result."""
+    bounds = np.cumsum([0] + sizes)
+    return [map_arrays(lambda a, lo=lo, hi=hi: a[lo:hi], results) for lo, hi in zip(bounds[:-1], bounds[1:])]
+
+
+def mask_bits(planes: dict[str, int], names) -> int:
+    """OR of the bits of the named mask planes that the exposure defines."""
+    return sum(1 << planes[name] for name in set(names) if name in planes)
+
+
+def cutout_half_size(psf: PsfModel, sigma: np.ndarray, config: MeasurementConfig) -> int:
+    """Half-width h (px) of cutouts large enough for every measurement.
+
+    Covers the background annulus (outer radius in PSF sigmas), the largest aperture
+    plus one pixel (so truncation by the cutout cannot happen), and the PSF stamp.
+    """
+    sigma_max = float(np.max(sigma)) if sigma.size else 0.0
+    return max(
+        math.ceil(config.background_outer_sigma * sigma_max),
+        math.ceil(max(config.apertures_px) + 1),
+        psf.stamp_size // 2,
+    )
+
+
+@dataclass(frozen=True)
+class KernelInputs:
+    """Host arrays for one kernel call. Inputs of several requests with the same cutout
+    and PSF stamp sizes concatenate (:func:`concatenate_inputs`), so a service can
+    measure them in one batch."""
+
+    image: np.ndarray  # (n, K, K) float32
+    variance: np.ndarray  # (n, K, K) float32
+    mask: np.ndarray  # (n, K, K) int32
+    inside: np.ndarray  # (n, K, K) bool
+    cx: np.ndarray  # (n,) cutout coordinates, px
+    cy: np.ndarray
+    sigma: np.ndarray  # (n,) PSF determinant radius, px
+    psf: np.ndarray  # (n, Kp, Kp) PSF stamps, each summing to 1
+
+    def __len__(self) -> int:
+        return self.image.shape[0]
+
+    @property
+    def shape_key(self) -> tuple:
+        """Inputs with equal keys can be concatenated."""
+        return self.image.shape[1:] + self.psf.shape[1:]
+
+
+def concatenate_inputs(parts: list[KernelInputs]) -> KernelInputs:
+    """One batch from several (equal :attr:`KernelInputs.shape_key`)."""
+    return KernelInputs(*(np.concatenate([getattr(p, f.name) for p in parts]) for f in fields(KernelInputs)))
+
+
+class KernelRunner:
+    """Runs the kernels on staged cutouts, on one backend, for one exposure's mask planes."""
+
+    def __init__(self, backend: Backend, exposure: Exposure, psf: PsfModel, config: MeasurementConfig):
+        self.backend, self.psf, self.config = backend, psf, config
+        planes = exposure.mask_planes
+        self.bad_fit_bits = mask_bits(planes, config.bad_mask_planes)
+        self.background_reject_bits = mask_bits(planes, BACKGROUND_REJECT_PLANES)
+        # every flag gets a column; a plane the exposure lacks uses no bit (never set)
+        self.flag_bits = {name: planes.get(plane, -1) for name, plane in PIXEL_FLAG_PLANES.items()}
+
+    @cached_property
+    def key(self) -> tuple:
+        """Runners with equal keys compute identically: their inputs may share a batch."""
+        return (self.backend.name, self.bad_fit_bits, self.background_reject_bits, tuple(sorted(self.flag_bits.items())), self.config.model_dump_json())
+
+    def inputs(self, stack: CutoutStack, x: np.ndarray, y: np.ndarray, sigma: np.ndarray | None = None) -> KernelInputs:
+        """Kernel inputs for a staged stack; x, y local positions, sigma PSF widths (px)."""
+        sigma = np.full(len(x), np.nan) if sigma is None else sigma
+        return KernelInputs(stack.image, stack.variance, stack.mask, stack.inside, stack.cx, stack.cy, sigma, self.psf.stamps(x, y, np))
+
+    def _psf_fit(self, xp, image, variance, mask, inside, psf) -> PsfFluxResult:
+        """PSF flux on the central PSF-stamp-sized part of the stack."""
+        kp = psf.shape[1]
+        start = image.shape[1] // 2 - kp // 2
+        crop = (slice(None), slice(start, start + kp), slice(start, start + kp))
+        image, variance, mask, inside = image[crop], variance[crop], mask[crop], inside[crop]
+        usable = inside & xp.isfinite(image) & xp.isfinite(variance)
+        if self.bad_fit_bits:
+            usable = usable & ((mask & xp.asarray(self.bad_fit_bits, dtype=mask.dtype)) == 0)
+        return psf_flux(image, variance, psf, inside, usable)
+
+    def _pixel_flags(self, xp, mask, inside, cx, cy, sigma) -> PixelFlags:
+        defined = {name: bit for name, bit in self.flag_bits.items() if bit >= 0}
+        flags = pixel_flags(mask, inside, cx, cy, self.config.psf_footprint_scaling * sigma, defined)
+        if len(defined) == len(PIXEL_FLAG_NAMES):
+            return flags
+        # columns for the planes the exposure lacks: never set
+        columns = [list(defined).index(name) if name in defined else None for name in PIXEL_FLAG_NAMES]
+        absent = xp.zeros((mask.shape[0],), dtype=xp.bool)
+
+        def widen(a):
+            return xp.stack([a[:, c] if c is not None else absent for c in columns], axis=1)
+
+        return PixelFlags(widen(flags.any), widen(flags.center), widen(flags.center_all))
+
+    def run(self, inputs: KernelInputs, full: bool = True) -> KernelResults:
+        """Every measurement (``full``) or the PSF flux alone; host arrays out."""
+        xp = self.backend.xp
+        to = self.backend.to_device
+        image, variance, mask, inside = to(inputs.image), to(inputs.variance), to(inputs.mask), to(inputs.inside)
+        fit = self._psf_fit(xp, image, variance, mask, inside, to(inputs.psf))
+        if not full:
+            return map_arrays(to_numpy, KernelResults(fit))
+        cx, cy, sigma = to(inputs.cx), to(inputs.cy), to(inputs.sigma)
+        valid = inside & xp.isfinite(image) & xp.isfinite(variance)
+        apertures = aperture_fluxes(image, variance, valid, cx, cy, self.config.apertures_px)
+        clean = valid & ((mask & xp.asarray(self.background_reject_bits, dtype=mask.dtype)) == 0)
+        background = local_background(
+            image, clean, cx, cy, sigma,
+            inner=self.config.background_inner_sigma, outer=self.config.background_outer_sigma,
+            n_iter=self.config.background_iterations, n_sigma=self.config.background_clip_sigma,
+        )
+        flags = self._pixel_flags(xp, mask, inside, cx, cy, sigma)
+        return map_arrays(to_numpy, KernelResults(fit, apertures, background, flags))
+
+
+Execute = Callable[[KernelRunner, KernelInputs, bool], KernelResults]
+
+
+def run_directly(runner: KernelRunner, inputs: KernelInputs, full: bool) -> KernelResults:
+    """The default executor: run the kernels now, in this thread."""
+    return runner.run(inputs, full)

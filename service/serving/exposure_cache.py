@@ -1,0 +1,161 @@
+"""An LRU cache of exposures held in memory, bounded in bytes, with single-flight loading.
+
+An entry is the exposure's metadata plus its image, variance and mask planes read once
+into memory (12 bytes per pixel). Concurrent requests for one file wait for a single
+load. Entries are keyed by the file's real path, size, mtime and inode, so a file that
+is replaced is read again. An exposure larger than the whole cache is never stored: each
+request then reads it memory-mapped and closes it afterwards.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
+from contextlib import contextmanager
+import os
+from pathlib import Path
+import threading
+from typing import Any
+
+import numpy as np
+
+from forcedphot.photometry.exposure import Exposure, ExposureError, open_exposure
+
+BYTES_PER_PIXEL = 4 + 4 + 4  # float32 image, float32 variance, int32 mask
+
+
+class InMemoryExposure:
+    """An :class:`~forcedphot.photometry.exposure.Exposure` whose planes are in memory (read-only).
+
+    Every attribute of the exposure is available; :meth:`read_rows` returns read-only
+    views. :meth:`view` gives a copy with its own WCS object, so threads can use one
+    cached exposure at once (astropy WCS objects are not safe to share between threads).
+    """
+
+    def __init__(self, meta: Exposure, planes: tuple[np.ndarray, np.ndarray, np.ndarray], wcs: Any | None = None):
+        self._meta = meta
+        self._planes = planes
+        self.wcs = meta.wcs if wcs is None else wcs
+
+    @classmethod
+    def load(cls, exposure: Exposure) -> InMemoryExposure:
+        """Read every row of an open exposure into memory."""
+        planes = tuple(np.array(plane, copy=True) for plane in exposure.read_rows(0, exposure.height))
+        for plane in planes:
+            plane.flags.writeable = False
+        return cls(exposure, planes)  # type: ignore[arg-type]
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._meta, name)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(plane.nbytes for plane in self._planes)
+
+    def read_rows(self, y_start: int, y_stop: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Rows ``[y_start, y_stop)`` of image, variance and mask, as read-only views."""
+        if not 0 <= y_start <= y_stop <= self._meta.height:
+            raise ExposureError(f"{self._meta.path}: row range [{y_start}, {y_stop}) is outside [0, {self._meta.height}]")
+        image, variance, mask = self._planes
+        return image[y_start:y_stop], variance[y_start:y_stop], mask[y_start:y_stop]
+
+    def view(self) -> InMemoryExposure:
+        """The same pixels with a private copy of the WCS."""
+        return InMemoryExposure(self._meta, self._planes, self._meta.wcs.deepcopy())
+
+    def close(self) -> None:
+        """Nothing to close: the file was closed after loading."""
+
+
+def _file_key(path: Path) -> tuple:
+    stat = os.stat(path)
+    return (str(path), stat.st_size, stat.st_mtime_ns, stat.st_ino)
+
+
+class ExposureCache:
+    """LRU of :class:`InMemoryExposure` bounded by ``max_bytes``.
+
+    ``on_event(name)`` is called with "hit", "miss" or "bypass" for each lease (metrics).
+    """
+
+    def __init__(self, max_bytes: int, on_event: Callable[[str], None] | None = None):
+        self.max_bytes = int(max_bytes)
+        self._entries: OrderedDict[tuple, InMemoryExposure] = OrderedDict()
+        self._loading: dict[tuple, Future] = {}
+        self._lock = threading.Lock()
+        self._bytes = 0
+        self._on_event = on_event or (lambda name: None)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of pixels held."""
+        return self._bytes
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    @contextmanager
+    def lease(self, path: str | os.PathLike) -> Iterator[tuple[Exposure | InMemoryExposure, str]]:
+        """Yield ``(exposure, outcome)`` for ``path``; outcome is "hit", "miss" or "bypass".
+
+        The exposure is safe to use from the calling thread only, until the block ends.
+        """
+        try:
+            key = _file_key(Path(path))
+        except OSError as exc:
+            raise ExposureError(f"{path}: cannot read: {exc.strerror}") from None
+        cached, outcome = self._get(key, Path(path))
+        self._on_event(outcome)
+        if cached is not None:
+            yield cached.view(), outcome
+            return
+        with open_exposure(path) as exposure:  # too large for the cache: memory-mapped
+            yield exposure, outcome
+
+    def _get(self, key: tuple, path: Path) -> tuple[InMemoryExposure | None, str]:
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is not None:
+                self._entries.move_to_end(key)
+                return entry, "hit"
+            future = self._loading.get(key)
+            leader = future is None
+            if leader:
+                future = self._loading[key] = Future()
+        if not leader:
+            entry = future.result()  # another thread is loading it: wait, share its outcome
+            return entry, "hit" if entry is not None else "bypass"
+        try:
+            entry = self._load(path)
+        except BaseException as exc:
+            with self._lock:
+                del self._loading[key]
+            future.set_exception(exc)
+            raise
+        with self._lock:
+            del self._loading[key]
+            if entry is not None:
+                self._store(key, entry)
+        future.set_result(entry)
+        return entry, "miss" if entry is not None else "bypass"
+
+    def _load(self, path: Path) -> InMemoryExposure | None:
+        with open_exposure(path) as exposure:
+            if exposure.width * exposure.height * BYTES_PER_PIXEL > self.max_bytes:
+                return None
+            return InMemoryExposure.load(exposure)
+
+    def _store(self, key: tuple, entry: InMemoryExposure) -> None:
+        """Insert under the lock, evicting least recently used entries to make room."""
+        while self._entries and self._bytes + entry.nbytes > self.max_bytes:
+            _, evicted = self._entries.popitem(last=False)
+            self._bytes -= evicted.nbytes
+        self._entries[key] = entry
+        self._bytes += entry.nbytes
+
+    def clear(self) -> None:
+        """Drop every entry."""
+        with self._lock:
+            self._entries.clear()
+            self._bytes = 0

@@ -1,0 +1,132 @@
+"""Resolve exposure references to files inside the repository roots, and nowhere else.
+
+A reference is either ``{"uri": "<path relative to a root>"}`` or a data id
+``{"visit": V, "detector": D, "datasetType": "calexp" | "difference"}`` that the path
+template (default ``{visit}/{detector}/{datasetType}.fits``) turns into such a path.
+
+Refused: URLs and any ``scheme:`` prefix (400), backslashes and NUL characters (400),
+absolute paths and ``..`` components (403), and paths that resolve (symlinks followed)
+outside the root they were found in (403). A path that does not exist is 404.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path, PurePosixPath
+import re
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*:")
+MAX_URI_LENGTH = 1024
+
+
+class UriRef(BaseModel):
+    """A file named by its path relative to a repository root."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"uri": "2026112400042/94/calexp.fits"}]})
+
+    uri: str = Field(min_length=1, max_length=MAX_URI_LENGTH, description="path relative to a repository root")
+
+
+class DataIdRef(BaseModel):
+    """An exposure named by its data id, resolved with the repository's path template."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"visit": 2026112400042, "detector": 94, "datasetType": "calexp"}]})
+
+    visit: int = Field(ge=0, le=2**63 - 1)
+    detector: int = Field(ge=0, le=2**31 - 1)
+    datasetType: Literal["calexp", "difference"]  # noqa: N815 (the Butler's spelling)
+
+
+ExposureRef = UriRef | DataIdRef
+
+
+class RepositoryError(Exception):
+    """A reference that cannot be served; ``status`` is the HTTP status that fits."""
+
+    status = 400
+    slug = "bad-reference"
+
+
+class BadReference(RepositoryError):
+    """Malformed: a URL, a scheme, odd characters."""
+
+
+class ForbiddenReference(RepositoryError):
+    """Would leave the repository roots."""
+
+    status = 403
+    slug = "forbidden-reference"
+
+
+class UnknownReference(RepositoryError):
+    """Well-formed but nothing is there."""
+
+    status = 404
+    slug = "unknown-exposure"
+
+
+def describe(ref: ExposureRef) -> str:
+    """A short text naming the reference, for messages and provenance."""
+    if isinstance(ref, UriRef):
+        return ref.uri
+    return f"visit={ref.visit} detector={ref.detector} datasetType={ref.datasetType}"
+
+
+class Repository:
+    """One or more root directories searched in order, and the data id path template."""
+
+    def __init__(self, roots: list[Path], path_template: str):
+        if not roots:
+            raise ValueError("a repository needs at least one root directory")
+        self.roots = [Path(root) for root in roots]
+        self.path_template = path_template
+
+    def readable(self) -> list[str]:
+        """Problems that stop the repository from being served (empty when all is well)."""
+        return [f"repository root {root} is not a readable directory" for root in self.roots
+                if not (root.is_dir() and os.access(root, os.R_OK | os.X_OK))]
+
+    def relative_path(self, ref: ExposureRef) -> str:
+        """The path inside a root that ``ref`` names (not yet checked)."""
+        if isinstance(ref, UriRef):
+            return ref.uri
+        return self.path_template.format(visit=ref.visit, detector=ref.detector, datasetType=ref.datasetType)
+
+    def resolve(self, ref: ExposureRef) -> Path:
+        """The real path of the file ``ref`` names, inside a root; raises :class:`RepositoryError`."""
+        text = self.relative_path(ref)
+        parts = _safe_parts(text)
+        for root in self.roots:
+            candidate = root.joinpath(*parts)
+            if not os.path.lexists(candidate):
+                continue
+            try:
+                real_root, real = root.resolve(strict=True), candidate.resolve(strict=True)
+            except (OSError, RuntimeError):  # dangling or looping symbolic link
+                raise UnknownReference(f"{text!r} is a broken symbolic link in the repository") from None
+            if not real.is_relative_to(real_root):
+                raise ForbiddenReference(f"{text!r} leads out of the repository (through a symbolic link); refused")
+            if not real.is_file():
+                raise UnknownReference(f"{text!r} is not a file in the repository")
+            return real
+        raise UnknownReference(f"no file {text!r} in the repository ({describe(ref)})")
+
+
+def _safe_parts(text: str) -> tuple[str, ...]:
+    """Path components of a relative reference, or raise if it could leave a root."""
+    if "\x00" in text or "\\" in text or any(ord(c) < 32 for c in text):
+        raise BadReference(f"{text!r}: references may not contain NUL, control characters or backslashes")
+    if "://" in text or _SCHEME.match(text):
+        raise BadReference(f"{text!r}: URLs and URI schemes are not accepted; give a path relative to the repository root")
+    path = PurePosixPath(text)
+    if path.is_absolute() or text.startswith("~"):
+        raise ForbiddenReference(f"{text!r}: absolute paths are refused; give a path relative to the repository root")
+    if ".." in path.parts:
+        raise ForbiddenReference(f"{text!r}: '..' is refused in references")
+    parts = tuple(part for part in path.parts if part not in ("", "."))
+    if not parts:
+        raise BadReference(f"{text!r} names no file")
+    return parts
