@@ -11,7 +11,7 @@ import time
 
 from forcedphot.api.settings import SettingsError
 from forcedphot.photometry.backend import BackendError, select_backend
-from forcedphot.photometry.config import MeasurementConfig
+from forcedphot.photometry.config import DEFAULT_BATCH_BYTES, MeasurementConfig
 from forcedphot.photometry.exposure import ExposureError, open_exposure
 from forcedphot.photometry.formats import write_catalog
 from forcedphot.photometry.objects import InputError, read_objects
@@ -109,7 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--apertures", type=_radii, help="aperture radii in pixels, e.g. 3,6,12 (default 3,4.5,6,9,12)")
     m.add_argument("--backend", choices=("auto", "numpy", "cupy"), default="auto")
     m.add_argument("--include-offimage", action="store_true", help="also return objects off the detector, flagged")
-    m.add_argument("--batch-mib", type=int, default=128, help="memory bound per cutout batch, MiB (default 128)")
+    m.add_argument("--batch-mib", type=int, default=DEFAULT_BATCH_BYTES // 2**20,
+                   help=f"memory bound per cutout batch, MiB (default {DEFAULT_BATCH_BYTES // 2**20})")
     m.set_defaults(run=_measure)
 
     d = commands.add_parser("demo", help="write a synthetic LSST-layout visit with DiaObjects and truth")

@@ -17,10 +17,6 @@ class ApiKeys:
     def __init__(self, keys: list[SecretStr]):
         self._keys = [key.get_secret_value().encode() for key in keys]
 
-    @property
-    def required(self) -> bool:
-        return bool(self._keys)
-
     def __repr__(self) -> str:
         return f"ApiKeys({len(self._keys)} keys)"
 

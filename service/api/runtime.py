@@ -158,12 +158,12 @@ class ServiceRuntime:
         """
         s = self.settings
         fingerprint = hashlib.sha256(json.dumps(request.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
-        if key is not None:
-            earlier = self.jobs.by_key(key)
-            if earlier is not None:
-                if earlier.fingerprint != fingerprint:
-                    raise Problem(422, "idempotency-key-reused", "this Idempotency-Key was used for a different request")
-                return earlier, False
+        try:
+            earlier = self.jobs.by_key(key, fingerprint) if key is not None else None
+        except IdempotencyConflict as exc:
+            raise Problem(422, "idempotency-key-reused", str(exc)) from None
+        if earlier is not None:
+            return earlier, False
         if len(request.exposures) > s.max_job_exposures:
             raise Problem(413, "too-many-exposures", f"{len(request.exposures)} exposures, more than the {s.max_job_exposures} allowed per job")
         exposures = [(intake.exposure(item.exposure), intake.exposure(item.difference) if item.difference else None)

@@ -27,8 +27,8 @@ class NoDelayHTTPProtocol(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
     asyncio turns ``TCP_NODELAY`` on only for sockets it knows to be TCP. With
     ``--workers N > 1`` uvicorn hands its listening socket to the worker processes in a
     form asyncio does not recognise, so a response written in two parts (headers, then
-    body) waited for the client's delayed ACK: about 40 ms of idle time a request on
-    Linux (measured: 64 ms instead of 23 ms for an alert request).
+    body) waited for the client's delayed ACK (about 40 ms on Linux; see
+    ``bench/RESULTS.md``).
     """
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]

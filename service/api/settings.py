@@ -22,6 +22,8 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
+from forcedphot.photometry.config import DEFAULT_BATCH_BYTES
+
 ENV_PREFIX = "FORCEDPHOT_"
 DEFAULT_PATH_TEMPLATE = "{visit}/{detector}/{datasetType}.fits"
 MiB = 2**20
@@ -49,7 +51,7 @@ class Settings(BaseSettings):
     path_template: str = Field(DEFAULT_PATH_TEMPLATE, description="data id -> path inside a root; fields visit, detector, datasetType")
     api_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list, description="accepted bearer tokens")
     backend: Literal["auto", "numpy", "cupy"] = "auto"
-    batch_bytes: int = Field(256 * MiB, gt=0, description="memory bound of one cutout batch")
+    batch_bytes: int = Field(DEFAULT_BATCH_BYTES, gt=0, description="memory bound of one cutout batch")
     cache_bytes: int = Field(2048 * MiB, ge=0, description=(
         "exposure cache size (pixels held in memory); the measurement processes share it out, and jobs, "
         "which run in the server process, have a cache of this size of their own"))

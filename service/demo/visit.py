@@ -51,12 +51,13 @@ import numpy as np
 import pandas as pd
 
 from forcedphot.kernels.psf_stamps import gaussian_stamps
+from forcedphot.photometry.exposure import njy_per_count
 from forcedphot.photometry.lsst_fits import AFW_DEFAULT_MASK_PLANES, afw_visit_metadata, write_lsst_exposure
 from forcedphot.photometry.psf_models import PSF_FWHM_KEYWORD
 
 PIXEL_SCALE_ARCSEC = 0.2
 ZERO_POINT_MAG = 28.5  # magnitude of 1 count
-CALIBRATION_NJY_PER_COUNT = 10.0 ** ((31.4 - ZERO_POINT_MAG) / 2.5)
+CALIBRATION_NJY_PER_COUNT = njy_per_count(ZERO_POINT_MAG)
 SKY = 400.0  # counts per pixel (subtracted)
 READ_NOISE = 5.0  # counts
 SATURATION = 60000.0  # raw counts

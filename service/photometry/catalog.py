@@ -180,11 +180,9 @@ def build_catalog(
     )
     columns["coord_flag"] = ~np.asarray(coord_valid, dtype=bool)
     columns["pixelFlags_offimage"] = off
-    for p, name in enumerate(PIXEL_FLAG_NAMES):
-        edge = off if name == "edge" else False  # offimage sets every edge flag (LSST)
-        columns[f"pixelFlags_{name}"] = flags.any[:, p] | edge
-        columns[f"pixelFlags_{name}Center"] = flags.center[:, p] | edge
-        columns[f"pixelFlags_{name}CenterAll"] = flags.center_all[:, p] | edge
+    for name, values in flags.as_dict(PIXEL_FLAG_NAMES).items():
+        # offimage sets every edge flag (LSST)
+        columns[f"pixelFlags_{name}"] = values | off if name.startswith("edge") else values
     columns.update(
         localPhotoCalib=np.full(n, calib, dtype=np.float32),
         localPhotoCalibErr=np.full(n, calib_err, dtype=np.float32),

@@ -5,6 +5,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 DEFAULT_APERTURES_PX = (3.0, 4.5, 6.0, 9.0, 12.0)
+DEFAULT_BATCH_BYTES = 128 * 2**20
 
 
 class MeasurementConfig(BaseModel):
@@ -13,7 +14,7 @@ class MeasurementConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     apertures_px: tuple[float, ...] = Field(DEFAULT_APERTURES_PX, description="circular aperture radii, px")
-    batch_bytes: int = Field(128 * 2**20, gt=0, description="memory bound for one cutout batch and its kernel work")
+    batch_bytes: int = Field(DEFAULT_BATCH_BYTES, gt=0, description="memory bound for one cutout batch and its kernel work")
     psf_footprint_scaling: float = Field(3.0, gt=0, description="footprint radius for pixelFlags, in PSF sigmas")
     background_inner_sigma: float = Field(7.0, gt=0, description="local background annulus inner radius, PSF sigmas")
     background_outer_sigma: float = Field(15.0, gt=0, description="local background annulus outer radius, PSF sigmas")

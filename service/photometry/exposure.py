@@ -57,10 +57,15 @@ import numpy as np
 
 from forcedphot.photometry.lsst_fits import AFW_DEFAULT_MASK_PLANES
 
-__all__ = ["REFERENCE_FLUX_NJY", "Exposure", "ExposureError", "open_exposure"]
+__all__ = ["REFERENCE_FLUX_NJY", "Exposure", "ExposureError", "njy_per_count", "open_exposure"]
 
 #: AB zero-magnitude flux density in nJy (afw ``utils::referenceFlux``): 10**(31.4/2.5).
 REFERENCE_FLUX_NJY = 10.0 ** (31.4 / 2.5)
+
+
+def njy_per_count(zero_point_mag: float) -> float:
+    """Calibration (nJy per count) of an AB zero point (magnitude of one count)."""
+    return REFERENCE_FLUX_NJY * 10.0 ** (-zero_point_mag / 2.5)
 
 _VARIANCE_NAMES = ("VARIANCE", "VAR")
 _WEIGHT_NAMES = ("WEIGHT", "WHT", "WGT", "IVAR", "INVVAR")
@@ -506,7 +511,7 @@ def _calibration(path: str, hdul: fits.HDUList, header: fits.Header) -> tuple[fl
     for key in _ZERO_POINT_KEYS:
         zero_point = _header_float(header, key)
         if zero_point is not None:
-            return 10.0 ** ((31.4 - zero_point) / 2.5), 0.0, f"keyword:{key}"
+            return njy_per_count(zero_point), 0.0, f"keyword:{key}"
     return math.nan, math.nan, "none"
 
 

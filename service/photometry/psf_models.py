@@ -372,8 +372,7 @@ class PsfexPsf:
 
         Evaluated once per cell of :data:`SIGMA_CELL_PX` pixels, at the cell centre: the
         model is a low-order polynomial over the whole detector, so the width changes
-        negligibly within a cell, and the cost scales with the cells, not the objects
-        (adaptive moments cost ~0.4 ms per evaluation).
+        negligibly within a cell, and the cost scales with the cells, not the objects.
         """
         x, y = _positions(x, y)
         cells = np.floor(np.stack([x, y], axis=1) / SIGMA_CELL_PX)

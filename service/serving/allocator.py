@@ -3,8 +3,8 @@
 The kernels create many short-lived work arrays of 1-16 MB. glibc serves each
 allocation above its mmap threshold (128 kB, raised dynamically only after such blocks
 are freed) with a fresh ``mmap``, so every temporary costs a page fault per 4 kB page
-on first touch and an ``munmap`` when freed; on this project's 2-core bench machine that
-was a third of a 200-object measurement (26 ms -> 17 ms with the heap kept). Raising the
+on first touch and an ``munmap`` when freed: a third of a small request's time (see
+``bench/RESULTS.md``). Raising the
 mmap threshold and the trim threshold lets freed blocks be reused, at the price of
 keeping up to ``trim_threshold_bytes`` of freed memory per malloc arena.
 

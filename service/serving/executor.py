@@ -10,8 +10,8 @@ Requests and jobs both go through :meth:`MeasureService.run`. Requests await
 * or, with ``processes > 0``, in a pool of measurement processes, each with its own
   exposure cache (a share of the cache size). On a CPU backend this spreads requests over the cores one request at a
   time, whatever connection they came on: uvicorn worker processes instead share
-  connections, and a few long-lived keep-alive connections may all land on one worker
-  (seen: 8 client connections, one busy worker, half the machine idle).
+  connections, and a few long-lived keep-alive connections may all land on one worker,
+  leaving the other cores idle.
 
 Jobs always run in this process.
 """

@@ -92,9 +92,6 @@ class ExposureCache:
         """Bytes of pixels held."""
         return self._bytes
 
-    def __len__(self) -> int:
-        return len(self._entries)
-
     @contextmanager
     def lease(self, path: str | os.PathLike) -> Iterator[tuple[Exposure | InMemoryExposure, str]]:
         """Yield ``(exposure, outcome)`` for ``path``; outcome is "hit", "miss" or "bypass".
@@ -154,8 +151,3 @@ class ExposureCache:
         self._entries[key] = entry
         self._bytes += entry.nbytes
 
-    def clear(self) -> None:
-        """Drop every entry."""
-        with self._lock:
-            self._entries.clear()
-            self._bytes = 0

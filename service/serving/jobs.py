@@ -184,8 +184,11 @@ class JobStore:
     def get(self, job_id: str) -> Job | None:
         return self._one("SELECT * FROM jobs WHERE id = ?", job_id)
 
-    def by_key(self, key: str) -> Job | None:
-        return self._one("SELECT * FROM jobs WHERE idempotency_key = ?", key)
+    def by_key(self, key: str, fingerprint: str) -> Job | None:
+        """The job accepted under idempotency ``key``, or None; :class:`IdempotencyConflict`
+        when it was accepted for a request with another ``fingerprint``."""
+        job = self._one("SELECT * FROM jobs WHERE idempotency_key = ?", key)
+        return _same_request(job, fingerprint)
 
     def count_active(self) -> int:
         db = self._connect()
@@ -224,10 +227,7 @@ class JobStore:
             db.close()
         if existing is not None:
             shutil.rmtree(self.job_dir(job_id), ignore_errors=True)
-            job = Job.from_row(existing)
-            if job.fingerprint != fingerprint:
-                raise IdempotencyConflict("this Idempotency-Key was used for a different request")
-            return job, False
+            return _same_request(Job.from_row(existing), fingerprint), False
         return self.get(job_id), True  # type: ignore[return-value]
 
     def claim(self, owner: str) -> Job | None:
@@ -281,6 +281,13 @@ class JobStore:
         deleted = self._run("DELETE FROM jobs WHERE id = ?", job_id) == 1
         shutil.rmtree(self.job_dir(job_id), ignore_errors=True)
         return deleted
+
+
+def _same_request(job: Job | None, fingerprint: str) -> Job | None:
+    """``job``, if it was accepted for the request with ``fingerprint``."""
+    if job is not None and job.fingerprint != fingerprint:
+        raise IdempotencyConflict("this Idempotency-Key was used for a different request")
+    return job
 
 
 def job_spec(exposures: list[tuple[ExposureInput, ExposureInput | None]], config: MeasurementConfig,

@@ -193,7 +193,7 @@ def test_psfex_model_through_the_engine(tmp_path):
 
     from forcedphot.photometry.psf_models import PsfexPsf
 
-    psf_path = Path(__file__).parent / "data" / "des" / "DECam_00154912_12_psfcat.psf"
+    psf_path = Path(__file__).parents[1] / "data" / "des" / "DECam_00154912_12_psfcat.psf"
     psf = PsfexPsf(str(psf_path))
     side, h = 300, psf.stamp_size // 2
     rng = np.random.default_rng(8)

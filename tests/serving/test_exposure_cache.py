@@ -1,4 +1,4 @@
-"""Service parts on their own: exposure cache (LRU in bytes, single flight), settings sources."""
+"""The exposure cache on its own: LRU in bytes, single flight, replaced files."""
 
 import os
 import threading
@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 from scenes import sip_wcs, write_exposure
 
-from forcedphot.api.settings import Settings, SettingsError, load_settings
 from forcedphot.photometry.exposure import ExposureError, open_exposure
 from forcedphot.serving import exposure_cache
 from forcedphot.serving.exposure_cache import BYTES_PER_PIXEL, ExposureCache
@@ -51,7 +50,7 @@ def test_lease_gives_the_file_pixels_and_metadata(files):
             cached.read_rows(0, 1)[0][0, 0] = 1.0  # cached planes are read-only
         with pytest.raises(ExposureError, match="outside"):
             cached.read_rows(0, SIDE + 1)
-    assert cache.nbytes == ENTRY_BYTES and len(cache) == 1
+    assert cache.nbytes == ENTRY_BYTES
 
 
 def test_lru_eviction_is_bounded_in_bytes(files, opened):
@@ -117,57 +116,4 @@ def test_failed_load_is_not_cached_and_reaches_every_waiter(tmp_path, opened):
         with pytest.raises(ExposureError, match="bad.fits"):
             with cache.lease(bad):
                 pass
-    assert len(opened) == 2 and len(cache) == 0
-
-
-# --- settings -------------------------------------------------------------------------------
-
-
-def test_settings_from_environment_lists_and_precedence(tmp_path, monkeypatch):
-    config = tmp_path / "forcedphot.toml"
-    config.write_text('max_objects = 10\ncache_bytes = 1234\npath_template = "{datasetType}/{visit}-{detector}.fits"\n')
-    monkeypatch.setenv("FORCEDPHOT_CONFIG_FILE", str(config))
-    monkeypatch.setenv("FORCEDPHOT_REPOSITORY_ROOTS", f"{tmp_path}/a, {tmp_path}/b")
-    monkeypatch.setenv("FORCEDPHOT_API_KEYS", "k" * 16 + "," + "j" * 16)
-    monkeypatch.setenv("FORCEDPHOT_MAX_OBJECTS", "20")
-    settings = load_settings(cache_bytes=99, port=None)  # keyword > env > file; None means unset
-    assert settings.repository_roots == [tmp_path / "a", tmp_path / "b"]
-    assert [k.get_secret_value() for k in settings.api_keys] == ["k" * 16, "j" * 16]
-    assert (settings.max_objects, settings.cache_bytes) == (20, 99)
-    assert settings.path_template == "{datasetType}/{visit}-{detector}.fits"
-    assert not settings.demo_mode
-
-
-def test_settings_json_file_and_errors(tmp_path, monkeypatch):
-    config = tmp_path / "settings.json"
-    config.write_text('{"demo_size": 512, "backend": "numpy"}')
-    assert Settings(config_file=config).demo_size == 512
-    config.write_text("{broken")
-    with pytest.raises(SettingsError, match="settings.json"):
-        load_settings(config_file=config)
-    monkeypatch.setenv("FORCEDPHOT_REPOSITORY_ROOTS", str(tmp_path))
-    with pytest.raises(SettingsError, match="API keys are required"):
-        load_settings()
-    with pytest.raises(SettingsError, match="at least 16"):
-        load_settings(api_keys="short")
-    with pytest.raises(SettingsError, match="max_objects"):
-        load_settings(api_keys="x" * 16, max_objects=0)
-    with pytest.raises(SettingsError, match="must use the field"):
-        load_settings(api_keys="x" * 16, path_template="{visit}.fits")
-    with pytest.raises(SettingsError, match="unknown_setting|extra"):
-        load_settings(api_keys="x" * 16, unknown_setting=1)
-
-
-def test_serve_refuses_unusable_settings_with_exit_code_2(tmp_path, monkeypatch, capsys):
-    from forcedphot.cli import main
-
-    monkeypatch.setenv("FORCEDPHOT_REPOSITORY_ROOTS", "")  # restored afterwards: serve writes it
-    monkeypatch.delenv("FORCEDPHOT_API_KEYS", raising=False)
-    assert main(["serve", "--repository", str(tmp_path)]) == 2
-    assert "API keys are required" in capsys.readouterr().err
-    monkeypatch.setenv("FORCEDPHOT_API_KEYS", "k" * 16)
-    assert main(["serve", "--repository", str(tmp_path / "missing")]) == 2
-    assert "is not a directory" in capsys.readouterr().err
-    monkeypatch.setenv("FORCEDPHOT_BACKEND", "cupy")
-    assert main(["serve", "--repository", str(tmp_path)]) == 2
-    assert "cupy" in capsys.readouterr().err
+    assert len(opened) == 2 and cache.nbytes == 0

@@ -3,12 +3,10 @@
 import galsim
 import numpy as np
 import pytest
-from scipy.special import erf as scipy_erf
 from scipy.special import erfc as scipy_erfc
 from scipy.stats import norm
 
 from forcedphot.kernels.psf_stamps import (
-    erf,
     erfc,
     gaussian_stamps,
     lanczos_resample,
@@ -20,12 +18,6 @@ def sampled_gaussian(size: int, sigma: float, cx: float, cy: float, spacing: flo
     """Circular Gaussian (peak 1) evaluated at sample centres spaced `spacing` pixels."""
     grid = np.arange(size) * spacing
     return np.exp(-0.5 * ((grid[None, :] - cx) ** 2 + (grid[:, None] - cy) ** 2) / sigma**2)
-
-
-def test_erf_matches_scipy(xp):
-    x = np.linspace(-10.0, 10.0, 400_001)
-    ours = np.asarray(erf(xp.asarray(x)))
-    assert np.max(np.abs(ours - scipy_erf(x))) < 1.2e-7
 
 
 def test_erfc_fractional_accuracy(xp):

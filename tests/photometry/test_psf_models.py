@@ -23,7 +23,7 @@ from forcedphot.photometry.psf_models import (
     load_psf,
 )
 
-DES_PSF = Path(__file__).parent / "data" / "des" / "DECam_00154912_12_psfcat.psf"
+DES_PSF = Path(__file__).parents[1] / "data" / "des" / "DECam_00154912_12_psfcat.psf"
 
 # Corners and centre of the 2048 x 4096 CCD (0-based pixel centres), and sub-pixel positions.
 X = np.array([0.0, 2047.0, 0.0, 2047.0, 1023.5, 100.3, 1500.7, 611.49, 1800.5])
