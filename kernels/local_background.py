@@ -97,10 +97,19 @@ _BLOCK_ELEMENTS = 2**21
 def disc_membership(d2: Array, dy2: Array, r2: Array) -> Array:
     """Pixel centres inside a circle as afw ``SpanSet::fromShape`` selects them.
 
-    ``d2``: squared distance (px^2) of pixel centres from the circle's centre, ``dy2``:
-    its y part; ``r2``: squared radius (px^2); all broadcastable. True where
-    ``d2 <= r2`` on a row with ``dy2 < r2`` (a row exactly tangent to the circle holds no
-    pixel: afw's ``PixelRegion`` returns an empty span when ``r^2 - dy^2 <= 0``).
+    Parameters
+    ----------
+    d2, dy2 : float arrays
+        Squared distance of pixel centres from the circle's centre, and its y part, px^2.
+    r2 : float array
+        Squared radius, px^2 (all three broadcastable).
+
+    Returns
+    -------
+    bool array
+        True where ``d2 <= r2`` on a row with ``dy2 < r2`` (a row exactly tangent to the
+        circle holds no pixel: afw's ``PixelRegion`` returns an empty span when
+        ``r^2 - dy^2 <= 0``).
     """
     return (dy2 < r2) & (d2 <= r2)
 
@@ -242,25 +251,29 @@ def local_background(
 
     Parameters
     ----------
-    image : (N, K, K) float array, image units (counts or nJy) per pixel.
-    valid : (N, K, K) bool, pixel lies on the image, is finite and carries none of the
-        BAD / SAT / NO_DATA bits (built by the caller).
-    cx, cy : (N,) float, object position in stamp pixel coordinates (centre of pixel
-        ``[j, i]`` at ``(i, j)``).
-    sigma : (N,) float, PSF determinant radius ``(Ixx Iyy - Ixy^2)^(1/4)`` in px.
-    inner, outer : annulus radii in units of ``sigma``: pixel centres at distance
-        ``<= outer * sigma`` and ``> inner * sigma`` (see :func:`disc_membership` for the
-        exact rim rule).
-    n_iter : clipping passes (LSST ``bgIter``, >= 1); ``n_sigma``: LSST ``bgRej``.
+    image : (N, K, K) float array
+        Image units (counts or nJy) per pixel.
+    valid : (N, K, K) bool array
+        The pixel lies on the image, is finite and carries none of the BAD / SAT / NO_DATA
+        bits (built by the caller).
+    cx, cy : (N,) float arrays
+        Object position in stamp pixel coordinates (centre of pixel ``[j, i]`` at ``(i, j)``).
+    sigma : (N,) float array
+        PSF determinant radius ``(Ixx Iyy - Ixy^2)^(1/4)``, px.
+    inner, outer : float
+        Annulus radii in units of ``sigma``: pixel centres at distance ``<= outer * sigma``
+        and ``> inner * sigma`` (see :func:`disc_membership` for the exact rim rule).
+    n_iter : int
+        Clipping passes (LSST ``bgIter``, >= 1).
+    n_sigma : float
+        Clipping half-width in (robust) standard deviations (LSST ``bgRej``).
 
     Returns
     -------
-    LocalBackground, whose fields are:
-
-    mean : (N,) float64, clipped mean per pixel (LSST ``localBackground_instFlux``).
-    std : (N,) float64, clipped standard deviation per pixel (``_instFluxErr``).
-    n_pixels : (N,) int64, number of good annulus pixels (before clipping).
-    flag_no_good_pixels : (N,) bool, ``n_pixels == 0`` (mean and std are NaN there).
+    LocalBackground
+        ``(N,)`` arrays: clipped mean and standard deviation per pixel (float64, image
+        units; LSST ``localBackground_instFlux(Err)``), good annulus pixels before
+        clipping (int64) and the no-good-pixels flag (mean and std NaN there).
     """
     if n_iter < 1:
         raise ValueError(f"local_background: n_iter must be >= 1, got {n_iter}")

@@ -106,13 +106,17 @@ def pixel_flags(
 
     Parameters
     ----------
-    mask : (N, K, K) integer array of mask bits (afw MASK plane values).
-    inside : (N, K, K) bool, pixel lies on the image (padding beyond the edge is False).
-    cx, cy : (N,) float, object position in stamp pixel coordinates (centre of pixel
-        ``[j, i]`` at ``(i, j)``).
-    footprint_radius : (N,) float, footprint radius in px (``3 sigma`` for a PSF
-        footprint); a non-finite radius leaves the peak pixel only.
-    planes : flag name -> bit number (0..30), e.g. ``{"edge": 4, "nodata": 8, ...}``.
+    mask : (N, K, K) integer array
+        Mask bits (afw MASK plane values).
+    inside : (N, K, K) bool array
+        The pixel lies on the image (padding beyond the edge is False).
+    cx, cy : (N,) float arrays
+        Object position in stamp pixel coordinates (centre of pixel ``[j, i]`` at ``(i, j)``).
+    footprint_radius : (N,) float array
+        Footprint radius, px (``3 sigma`` for a PSF footprint); a non-finite radius leaves
+        the peak pixel only.
+    planes : dict of str to int
+        Flag name -> bit number (0..30), e.g. ``{"edge": 4, "nodata": 8, ...}``.
 
     Returns
     -------

@@ -112,14 +112,26 @@ def _lanczos(t: Array, order: int) -> Array:
 
 
 def lanczos_weights(u: Array, length: int, order: int) -> Array:
-    """(..., length) Lanczos interpolation weights of model samples 0..length-1 at coords u.
+    """Lanczos interpolation weights of model samples ``0 .. length-1`` at coordinates ``u``.
 
-    The weights of each output coordinate are divided by the kernel's sum over its full
-    2*order integer taps around ``u`` (counting taps beyond the model, where the model is
-    zero): the kernel then conserves a constant exactly (GalSim's ``conserve_dc`` aims at
-    the same with an approximate correction; LSST normalises its warping kernels to sum 1).
-    Normalising over the full taps, not over the model samples, keeps the model's edge
-    from being extrapolated beyond it.
+    Parameters
+    ----------
+    u : (...,) float array
+        Coordinates in model samples.
+    length : int
+        Number of model samples.
+    order : int
+        Lanczos order (kernel half-width in samples).
+
+    Returns
+    -------
+    (..., length) float64 array
+        The weights of each output coordinate, divided by the kernel's sum over its full
+        ``2 * order`` integer taps around ``u`` (counting taps beyond the model, where the
+        model is zero): the kernel then conserves a constant exactly (GalSim's
+        ``conserve_dc`` aims at the same with an approximate correction; LSST normalises
+        its warping kernels to sum 1). Normalising over the full taps, not over the model
+        samples, keeps the model's edge from being extrapolated beyond it.
     """
     xp = array_namespace(u)
     dev = device(u)

@@ -25,15 +25,7 @@ from forcedphot.photometry.exposure import Exposure
 from forcedphot.photometry.formats import to_pandas
 from forcedphot.photometry.local_wcs import local_cd_matrix
 from forcedphot.photometry.psf_models import PsfModel
-from forcedphot.photometry.runner import (
-    Execute,
-    KernelResults,
-    KernelRunner,
-    cutout_half_size,
-    run_directly,
-    scatter,
-    unmeasured,
-)
+from forcedphot.photometry.runner import Execute, KernelResults, KernelRunner, cutout_half_size, run_directly, scatter, unmeasured
 from forcedphot.photometry.selection import select_on_image, sky_to_pixel
 from forcedphot.version import __version__
 

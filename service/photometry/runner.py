@@ -14,16 +14,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from forcedphot.kernels import (
-    ApertureFluxes,
-    LocalBackground,
-    PixelFlags,
-    PsfFluxResult,
-    aperture_fluxes,
-    local_background,
-    pixel_flags,
-    psf_flux,
-)
+from forcedphot.kernels import ApertureFluxes, LocalBackground, PixelFlags, PsfFluxResult, aperture_fluxes, local_background, pixel_flags, psf_flux
 from forcedphot.photometry.backend import Backend, to_numpy
 from forcedphot.photometry.config import MeasurementConfig
 from forcedphot.photometry.cutouts import CutoutStack

@@ -10,29 +10,11 @@ from fastapi.testclient import TestClient
 import numpy as np
 import pandas as pd
 import pytest
-from service_helpers import (
-    API_KEY,
-    AUTH,
-    DETECTOR,
-    FWHM,
-    N_ON,
-    VISIT,
-    assert_same_catalog,
-    data_id,
-    engine_catalog,
-    make_repository,
-    read_parquet,
-    settings_for,
-)
+from service_helpers import API_KEY, AUTH, DETECTOR, FWHM, N_ON, VISIT, assert_same_catalog, data_id, engine_catalog, read_parquet, settings_for
 
 from forcedphot.api.app import create_app
 from forcedphot.api.negotiation import choose_format
 from forcedphot.api.problems import PROBLEM_MEDIA_TYPE
-
-
-@pytest.fixture(scope="module")
-def repo(tmp_path_factory):
-    return make_repository(tmp_path_factory.mktemp("repo"))
 
 
 @pytest.fixture(scope="module")

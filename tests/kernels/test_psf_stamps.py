@@ -6,12 +6,7 @@ import pytest
 from scipy.special import erfc as scipy_erfc
 from scipy.stats import norm
 
-from forcedphot.kernels.psf_stamps import (
-    erfc,
-    gaussian_stamps,
-    lanczos_resample,
-    lanczos_weights,
-)
+from forcedphot.kernels.psf_stamps import erfc, gaussian_stamps, lanczos_resample, lanczos_weights
 
 
 def sampled_gaussian(size: int, sigma: float, cx: float, cy: float, spacing: float = 1.0) -> np.ndarray:

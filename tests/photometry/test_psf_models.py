@@ -12,16 +12,7 @@ import numpy as np
 import pytest
 
 from forcedphot.kernels.psf_stamps import gaussian_stamps
-from forcedphot.photometry.psf_models import (
-    GaussianPsf,
-    ImagePsf,
-    PsfError,
-    PsfexPsf,
-    PsfModel,
-    adaptive_moments,
-    determinant_radius,
-    load_psf,
-)
+from forcedphot.photometry.psf_models import GaussianPsf, ImagePsf, PsfError, PsfexPsf, PsfModel, adaptive_moments, determinant_radius, load_psf
 
 DES_PSF = Path(__file__).parents[1] / "data" / "des" / "DECam_00154912_12_psfcat.psf"
 

@@ -7,27 +7,9 @@ import threading
 import time
 
 from fastapi.testclient import TestClient
-import pytest
-from service_helpers import (
-    AUTH,
-    FWHM,
-    N_ON,
-    VISIT,
-    assert_same_catalog,
-    data_id,
-    engine_catalog,
-    make_repository,
-    read_parquet,
-    settings_for,
-    wait_until,
-)
+from service_helpers import AUTH, FWHM, N_ON, VISIT, assert_same_catalog, data_id, engine_catalog, read_parquet, settings_for, wait_until
 
 from forcedphot.api.app import create_app
-
-
-@pytest.fixture(scope="module")
-def repo(tmp_path_factory):
-    return make_repository(tmp_path_factory.mktemp("repo"))
 
 
 def job_body(*exposures, objects=None):

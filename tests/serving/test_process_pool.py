@@ -6,16 +6,11 @@ import signal
 
 from fastapi.testclient import TestClient
 import pytest
-from service_helpers import AUTH, FWHM, assert_same_catalog, data_id, engine_catalog, make_repository, read_parquet, settings_for, wait_until
+from service_helpers import AUTH, FWHM, assert_same_catalog, data_id, engine_catalog, read_parquet, settings_for, wait_until
 
 from forcedphot.api.app import create_app
 
 PROCESSES = 2
-
-
-@pytest.fixture(scope="module")
-def repo(tmp_path_factory):
-    return make_repository(tmp_path_factory.mktemp("repo"))
 
 
 @pytest.fixture(scope="module")
