@@ -3,7 +3,10 @@ the answer's format."""
 
 from __future__ import annotations
 
-from typing import Annotated
+import asyncio
+from collections.abc import Awaitable
+from contextlib import asynccontextmanager
+from typing import Annotated, TypeVar
 
 from fastapi import Depends, Request, Security
 from fastapi.security import HTTPBearer
@@ -13,6 +16,7 @@ from forcedphot.api.problems import PROBLEM_MEDIA_TYPE, Problem
 from forcedphot.api.runtime import ServiceRuntime
 from forcedphot.photometry.formats import FORMATS
 
+T = TypeVar("T")
 _bearer = HTTPBearer(auto_error=False, description="an API key (not needed in demo mode)")
 
 #: OpenAPI response descriptions: a problem document, and the catalog in every format
@@ -40,17 +44,54 @@ def authorised(request: Request, runtime: Runtime, _credentials=Security(_bearer
 AUTH = [Depends(authorised)]
 
 
-async def measurement_slot(runtime: Runtime):
-    """One of ``max_concurrent_requests`` measurement slots, else 429 with Retry-After."""
+@asynccontextmanager
+async def measurement_slot(runtime: ServiceRuntime):
+    """Hold one of ``max_concurrent_requests`` measurement slots, else 429 with a
+    Retry-After spread over callers (see :meth:`ServiceRuntime.retry_after`). Taken only
+    once the request body has been read, so slow senders hold no slot."""
     if runtime.in_flight >= runtime.settings.max_concurrent_requests:
         raise Problem(429, "too-many-requests",
                       f"{runtime.settings.max_concurrent_requests} measurements are in flight already; retry shortly",
-                      headers={"Retry-After": str(runtime.settings.retry_after_seconds)})
+                      headers={"Retry-After": runtime.retry_after()})
     runtime.in_flight += 1
     try:
         yield
     finally:
         runtime.in_flight -= 1
+
+
+async def within_body_timeout(runtime: ServiceRuntime, receiving: Awaitable[T]) -> T:
+    """Await the reading of a request body, at most ``body_timeout_seconds``, else 408."""
+    limit = runtime.settings.body_timeout_seconds
+    try:
+        return await asyncio.wait_for(receiving, limit)
+    except TimeoutError:
+        raise Problem(408, "body-timeout", f"the request body did not arrive within {limit:g} s") from None
+
+
+class ClientGone(Exception):
+    """The client closed its connection before the answer was ready."""
+
+
+async def unless_client_leaves(request: Request, work: Awaitable[T], poll_seconds: float = 0.25) -> T:
+    """Await ``work``; if the client disconnects first, cancel it (a measurement process
+    running it is terminated) and raise :class:`ClientGone`."""
+    working = asyncio.ensure_future(work)
+
+    async def watch() -> None:
+        while not await request.is_disconnected():
+            await asyncio.sleep(poll_seconds)
+
+    watching = asyncio.ensure_future(watch())
+    try:
+        await asyncio.wait({working, watching}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watching.cancel()
+        if not working.done():
+            working.cancel()
+    if working.cancelled():
+        raise ClientGone
+    return working.result()
 
 
 def output_format(request: Request) -> str:

@@ -25,6 +25,7 @@ class ServiceMetrics:
         self.latency = Histogram("forcedphot_http_request_duration_seconds", "HTTP request latency", ["method", "route"],
                                  buckets=LATENCY_BUCKETS, registry=r)
         self.objects = Counter("forcedphot_objects_measured", "DiaObjects measured on a detector", registry=r)
+        self.abandoned = Counter("forcedphot_requests_abandoned", "measurements stopped because the client went away", registry=r)
         self.measure_seconds = Histogram("forcedphot_measure_duration_seconds", "engine time per measurement, by stage",
                                          ["stage"], buckets=LATENCY_BUCKETS, registry=r)
         self.cache = Counter("forcedphot_exposure_cache_requests", "exposure cache look-ups by outcome", ["outcome"], registry=r)

@@ -23,7 +23,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from forcedphot.photometry.exposure import ExposureError
 from forcedphot.photometry.objects import InputError
 from forcedphot.photometry.psf_models import PsfError
-from forcedphot.serving.executor import MeasurementProcessDied
+from forcedphot.serving.executor import MeasurementProcessDied, MeasurementTimedOut
 from forcedphot.serving.repository import RepositoryError
 
 PROBLEM_MEDIA_TYPE = "application/problem+json"
@@ -91,6 +91,8 @@ def from_exception(exc: Exception) -> Problem | None:
         return Problem(422, "invalid-psf", str(exc))
     if isinstance(exc, ValidationError):
         return invalid_request(exc.errors(include_url=False))
+    if isinstance(exc, MeasurementTimedOut):
+        return Problem(504, "measurement-timed-out", str(exc))
     if isinstance(exc, MeasurementProcessDied):
         return Problem(503, "measurement-process-died", str(exc), headers={"Retry-After": "1"})
     return None
@@ -114,7 +116,7 @@ def install_problem_handlers(app: FastAPI) -> None:
         slug = HTTPStatus(exc.status_code).phrase.lower().replace(" ", "-").replace("'", "")
         return problem_response(request, Problem(exc.status_code, slug, detail, headers=dict(exc.headers or {})))
 
-    for kind in (Problem, RepositoryError, InputError, ExposureError, PsfError, ValidationError, MeasurementProcessDied, Exception):
+    for kind in (Problem, RepositoryError, InputError, ExposureError, PsfError, ValidationError, MeasurementProcessDied, MeasurementTimedOut, Exception):
         app.add_exception_handler(kind, on_problem)
     app.add_exception_handler(RequestValidationError, on_validation)
     app.add_exception_handler(StarletteHTTPException, on_http)

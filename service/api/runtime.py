@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import os
+import random
 import threading
 
 from forcedphot.api.auth import ApiKeys
@@ -48,10 +49,12 @@ class ServiceRuntime:
         self.metrics = ServiceMetrics()
         self.keys = ApiKeys(settings.api_keys)
         self.backend = select_backend(settings.backend)
-        self.cache = ExposureCache(settings.cache_bytes, on_event=self._count_cache)
+        limits = settings.exposure_limits
+        self.cache = ExposureCache(settings.cache_bytes, on_event=self._count_cache, limits=limits)
         batcher = KernelBatcher(settings.batch_wait_ms / 1000, settings.batch_max_objects) if settings.batching else None
         self.service = MeasureService(self.cache, self.backend, settings.measure_threads, batcher,
-                                      processes=measure_processes(settings, self.backend.name), on_process_cache_event=self._count_cache)
+                                      processes=measure_processes(settings, self.backend.name), on_process_cache_event=self._count_cache,
+                                      time_limit=settings.request_time_limit_seconds, limits=limits)
         self.jobs = JobStore(settings.data_dir / "jobs")
         self.runner = JobRunner(self.jobs, self.service, workers=settings.job_workers,
                                 heartbeat_seconds=settings.job_heartbeat_seconds, stale_seconds=settings.job_stale_seconds,
@@ -75,6 +78,12 @@ class ServiceRuntime:
             self.metrics.watch(self.metrics.device_memory, reader)
         if not settings.demo_mode:
             self._repository = Repository(settings.repository_roots, settings.path_template)
+
+    def retry_after(self) -> str:
+        """A Retry-After value (seconds) spread at random over ``[r, 3r]`` for the setting
+        ``r`` (at least 1), so refused clients do not come back in lockstep."""
+        base = max(1, self.settings.retry_after_seconds)
+        return str(random.randint(base, 3 * base))
 
     def _count_cache(self, outcome: str) -> None:
         """Count an exposure cache outcome ("hit", "miss", "bypass") of any process."""
@@ -144,7 +153,7 @@ class ServiceRuntime:
         """Request parsing against the repository; 503 while it is not there yet."""
         if self._repository is None:
             raise Problem(503, "not-ready", self._startup_error or "the service is starting (writing the demo repository); retry shortly",
-                          headers={"Retry-After": str(max(1, self.settings.retry_after_seconds))})
+                          headers={"Retry-After": self.retry_after()})
         s = self.settings
         return Intake(self._repository, s.max_objects, s.batch_bytes, self.backend.name, self.upload_dir)
 
@@ -177,7 +186,7 @@ class ServiceRuntime:
         try:
             job, created = self.jobs.create(spec=spec, objects=objects, fingerprint=fingerprint, key=key, max_active=s.max_active_jobs)
         except JobLimitReached as exc:
-            raise Problem(429, "too-many-jobs", f"{exc}; retry later", headers={"Retry-After": str(s.retry_after_seconds)}) from None
+            raise Problem(429, "too-many-jobs", f"{exc}; retry later", headers={"Retry-After": self.retry_after()}) from None
         except IdempotencyConflict as exc:
             raise Problem(422, "idempotency-key-reused", str(exc)) from None
         if created:

@@ -23,6 +23,7 @@ from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
 from forcedphot.photometry.config import DEFAULT_BATCH_BYTES
+from forcedphot.photometry.exposure import DEFAULT_LIMITS, ExposureLimits
 
 ENV_PREFIX = "FORCEDPHOT_"
 DEFAULT_PATH_TEMPLATE = "{visit}/{detector}/{datasetType}.fits"
@@ -58,6 +59,15 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(512 * MiB, gt=0, description="largest request body; beyond it 413")
     max_objects: int = Field(100_000, gt=0, description="most DiaObjects in one request or job; beyond it 413")
     max_concurrent_requests: int = Field(16, gt=0, description="measurements in flight; beyond it 429")
+    request_time_limit_seconds: float = Field(60.0, gt=0, description=(
+        "time budget of one request's measurement in a measurement process; beyond it the process is "
+        "terminated and the request answered 504"))
+    body_timeout_seconds: float = Field(30.0, gt=0, description="time to receive a request body; beyond it 408")
+    header_timeout_seconds: float = Field(10.0, gt=0, description="time for a new connection to send its first request's headers")
+    keep_alive_seconds: float = Field(5.0, gt=0, description="idle keep-alive connections are closed after this")
+    max_hdus: int = Field(DEFAULT_LIMITS.max_hdus, gt=0, description="HDUs a FITS file may have")
+    max_image_pixels: int = Field(DEFAULT_LIMITS.max_pixels, gt=0, description="pixels an image, mask or variance plane may declare")
+    max_tile_pixels: int = Field(DEFAULT_LIMITS.max_tile_pixels, gt=0, description="pixels one compression tile may declare")
     measure_threads: int = Field(8, gt=0, description="threads measuring requests off the event loop (they stage cutouts; with batching they mostly wait for the batcher)")
     measure_processes: int | None = Field(None, ge=0, le=1024, description=(
         "processes measuring requests, each with its own exposure cache; 0: threads of the server process "
@@ -115,6 +125,11 @@ class Settings(BaseSettings):
     def demo_repository(self) -> Path:
         """Where the embedded demo repository lives."""
         return self.data_dir / "demo-repository"
+
+    @property
+    def exposure_limits(self) -> ExposureLimits:
+        """What a FITS file may declare (see :class:`ExposureLimits`)."""
+        return ExposureLimits(max_hdus=self.max_hdus, max_pixels=self.max_image_pixels, max_tile_pixels=self.max_tile_pixels)
 
     def public(self) -> dict[str, Any]:
         """The settings safe to show a client (no keys, no server paths)."""

@@ -57,7 +57,7 @@ import numpy as np
 
 from forcedphot.photometry.lsst_fits import AFW_DEFAULT_MASK_PLANES
 
-__all__ = ["REFERENCE_FLUX_NJY", "Exposure", "ExposureError", "njy_per_count", "open_exposure"]
+__all__ = ["DEFAULT_LIMITS", "REFERENCE_FLUX_NJY", "Exposure", "ExposureError", "ExposureLimits", "njy_per_count", "open_exposure"]
 
 #: AB zero-magnitude flux density in nJy (afw ``utils::referenceFlux``): 10**(31.4/2.5).
 REFERENCE_FLUX_NJY = 10.0 ** (31.4 / 2.5)
@@ -66,6 +66,32 @@ REFERENCE_FLUX_NJY = 10.0 ** (31.4 / 2.5)
 def njy_per_count(zero_point_mag: float) -> float:
     """Calibration (nJy per count) of an AB zero point (magnitude of one count)."""
     return REFERENCE_FLUX_NJY * 10.0 ** (-zero_point_mag / 2.5)
+
+
+@dataclass(frozen=True)
+class ExposureLimits:
+    """What a file may ask of the reader, checked from its headers before any pixel is read.
+
+    A small file can declare a huge amount of work: thousands of empty HDUs, or one
+    compression tile of 20000 x 20000 pixels that must be decompressed whole.
+
+    Attributes
+    ----------
+    max_hdus : int
+        HDUs in the file (LSST calexps have 10-40, archive tables included).
+    max_pixels : int
+        Pixels of the image, variance or mask plane (an LSST detector: 16.8 million).
+    max_tile_pixels : int
+        Pixels of one compression tile (decompressed at once; fpack and afw write one
+        row per tile).
+    """
+
+    max_hdus: int = 256
+    max_pixels: int = 2**28
+    max_tile_pixels: int = 2**25
+
+
+DEFAULT_LIMITS = ExposureLimits()
 
 _VARIANCE_NAMES = ("VARIANCE", "VAR")
 _WEIGHT_NAMES = ("WEIGHT", "WHT", "WGT", "IVAR", "INVVAR")
@@ -102,6 +128,8 @@ class Exposure:
     ----------
     path : str
         The FITS file.
+    name : str
+        How errors refer to it (the path, or the caller's reference).
     width, height : int
         Array shape along x (columns) and y (rows).
     x0, y0 : int
@@ -124,6 +152,7 @@ class Exposure:
     """
 
     path: str
+    name: str
     width: int
     height: int
     x0: int
@@ -162,11 +191,11 @@ class Exposure:
         """
         if not 0 <= y_start <= y_stop <= self.height:
             raise ExposureError(
-                f"{self.path}: row range [{y_start}, {y_stop}) is outside [0, {self.height}]"
+                f"{self.name}: row range [{y_start}, {y_stop}) is outside [0, {self.height}]"
             )
         if os.path.getsize(self.path) < self._file_size:
             # reading a memory map beyond the end of a file that shrank kills the process
-            raise ExposureError(f"{self.path}: the file was truncated after it was opened")
+            raise ExposureError(f"{self.name}: the file was truncated after it was opened")
         try:
             image = _read_band(self._image_hdu, y_start, y_stop, np.float32)
             if self._variance_hdu is None:
@@ -182,7 +211,7 @@ class Exposure:
                 mask = _read_mask_band(self._mask_hdu, y_start, y_stop)
         except (OSError, ValueError, TypeError, IndexError, EOFError) as exc:
             raise ExposureError(
-                f"{self.path}: cannot read rows [{y_start}, {y_stop}) (truncated or damaged "
+                f"{self.name}: cannot read rows [{y_start}, {y_stop}) (truncated or damaged "
                 f"file?): {exc}"
             ) from exc
         return image, variance, mask
@@ -198,21 +227,27 @@ class Exposure:
         self.close()
 
 
-def open_exposure(path: str | os.PathLike) -> Exposure:
+def open_exposure(path: str | os.PathLike, *, name: str | None = None, limits: ExposureLimits = DEFAULT_LIMITS) -> Exposure:
     """Open ``path`` (either layout, see the module docstring) and read its metadata.
+
+    ``name`` is how errors refer to the file (default: its path; a service passes the
+    caller's reference so that no server path reaches a client). ``limits`` bounds what
+    the file may declare (see :class:`ExposureLimits`).
 
     Raises
     ------
     ExposureError
         Missing file, not FITS, truncated FITS, no image HDU, non-2-D image, no celestial
-        WCS, planes whose shape differs from the image, floating-point mask.
+        WCS, planes whose shape differs from the image, floating-point mask, or a file
+        beyond ``limits``.
     """
     path = os.fspath(path)
+    name = name or path
     if not os.path.isfile(path):
-        raise ExposureError(f"{path}: no such file")
-    hdul = _open_fits(path)
+        raise ExposureError(f"{name}: no such file")
+    hdul = _open_fits(path, name, limits)
     try:
-        return _build_exposure(path, hdul)
+        return _build_exposure(path, name, hdul, limits)
     except BaseException:
         hdul.close()
         raise
@@ -221,66 +256,95 @@ def open_exposure(path: str | os.PathLike) -> Exposure:
 # --- file level -------------------------------------------------------------------------
 
 
-def _open_fits(path: str) -> fits.HDUList:
+def _open_fits(path: str, name: str, limits: ExposureLimits) -> fits.HDUList:
     """Open the file and read every header now; a truncated or damaged file raises here.
 
-    Checked: astropy can parse it, no header was cut short (astropy only warns and stops),
-    and every HDU's data ends within the file.
+    Checked: astropy can parse it, it has at most ``limits.max_hdus`` HDUs (headers are
+    read one by one, so a file with too many stops early), no header was cut short
+    (astropy only warns and stops), and every HDU's data ends within the file.
     """
+    size = os.path.getsize(path)
+    problems: list[str] = []
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            hdul = fits.open(path, mode="readonly", memmap=True, lazy_load_hdus=False)
+            hdul = fits.open(path, mode="readonly", memmap=True, lazy_load_hdus=True)
+            for index, hdu in enumerate(hdul):
+                if index >= limits.max_hdus:
+                    hdul.close()
+                    raise ExposureError(f"{name}: more than {limits.max_hdus} HDUs; an exposure has its image, "
+                                        "mask, variance and archive tables only")
+                info = hdu.fileinfo()  # per HDU: HDUList.fileinfo walks every HDU on each call
+                # datSpan is padded to 2880 bytes: less than (span - 2879) bytes means lost data.
+                if info and info["datSpan"] and size < info["datLoc"] + info["datSpan"] - (_FITS_BLOCK - 1):
+                    problems.append(f"HDU {index} needs bytes up to {info['datLoc'] + info['datSpan']}, "
+                                    f"the file has {size}")
+        except ExposureError:
+            raise
         except (OSError, ValueError, TypeError, IndexError, EOFError, UnicodeDecodeError) as exc:
             raise ExposureError(
-                f"{path}: not a readable FITS file (damaged or truncated?): {exc}") from exc
+                f"{name}: not a readable FITS file (damaged or truncated?): {exc}") from exc
     # astropy stops at an HDU whose header is cut short, with only a warning
     problems = [str(w.message).splitlines()[0] for w in caught
-                if "Error validating header" in str(w.message)]
-    size = os.path.getsize(path)
-    for index in range(len(hdul)):
-        info = hdul.fileinfo(index)
-        # datSpan is padded to 2880 bytes: less than (span - 2879) bytes means lost data.
-        if info["datSpan"] and size < info["datLoc"] + info["datSpan"] - (_FITS_BLOCK - 1):
-            problems.append(f"HDU {index} needs bytes up to {info['datLoc'] + info['datSpan']}, "
-                            f"the file has {size}")
+                if "Error validating header" in str(w.message)] + problems
     if problems:
         hdul.close()
-        raise ExposureError(f"{path}: truncated or damaged FITS file: {problems[0]}")
+        raise ExposureError(f"{name}: truncated or damaged FITS file: {problems[0]}")
     return hdul
 
 
-def _build_exposure(path: str, hdul: fits.HDUList) -> Exposure:
-    _check_afw_archive(path, hdul)
-    image_index = _find_image_hdu(path, hdul)
+def _check_size(name: str, hdu: _ImageHDU, limits: ExposureLimits) -> None:
+    """Refuse a plane whose declared size (pixels, compression tile) is beyond ``limits``,
+    from its header alone, before anything is decompressed."""
+    shape = tuple(hdu.shape)
+    pixels = math.prod(shape)
+    label = hdu.name or "PRIMARY"
+    if pixels > limits.max_pixels:
+        raise ExposureError(f"{name}: HDU {label} declares {' x '.join(map(str, shape[::-1]))} = {pixels} pixels, "
+                            f"more than the {limits.max_pixels} allowed")
+    if isinstance(hdu, fits.CompImageHDU):
+        tile = [int(n) for n in hdu.tile_shape]  # from ZTILEn: no pixel is decompressed
+        tile_pixels = math.prod(tile)
+        if tile_pixels > limits.max_tile_pixels:
+            raise ExposureError(f"{name}: HDU {label} is compressed in tiles of {' x '.join(map(str, tile[::-1]))} = "
+                                f"{tile_pixels} pixels, more than the {limits.max_tile_pixels} that may be decompressed at once")
+
+
+def _build_exposure(path: str, name: str, hdul: fits.HDUList, limits: ExposureLimits) -> Exposure:
+    _check_afw_archive(name, hdul)
+    image_index = _find_image_hdu(name, hdul)
     image_hdu = hdul[image_index]
     shape = tuple(image_hdu.shape)
     if len(shape) != 2:
         raise ExposureError(
-            f"{path}: image HDU {image_index} ({image_hdu.name or 'PRIMARY'}) has "
+            f"{name}: image HDU {image_index} ({image_hdu.name or 'PRIMARY'}) has "
             f"{len(shape)} axes {shape}; expected a 2-D image"
         )
-    variance_hdu = _find_plane(path, hdul, _VARIANCE_NAMES, shape, image_index)
+    variance_hdu = _find_plane(name, hdul, _VARIANCE_NAMES, shape, image_index)
     weight_hdu = None if variance_hdu is not None else _find_plane(
         path, hdul, _WEIGHT_NAMES, shape, image_index)
-    mask_hdu = _find_plane(path, hdul, _MASK_NAMES, shape, image_index)
-    _check_afw_planes(path, image_hdu, variance_hdu, mask_hdu)
+    mask_hdu = _find_plane(name, hdul, _MASK_NAMES, shape, image_index)
+    _check_afw_planes(name, image_hdu, variance_hdu, mask_hdu)
+    for plane in (image_hdu, variance_hdu, weight_hdu, mask_hdu):
+        if plane is not None:
+            _check_size(name, plane, limits)
     if mask_hdu is not None and mask_hdu.header.get("BITPIX", 0) < 0:
         raise ExposureError(
-            f"{path}: mask HDU {mask_hdu.name} holds floating-point data; expected integer bits"
+            f"{name}: mask HDU {mask_hdu.name} holds floating-point data; expected integer bits"
         )
 
     header = _merged_header(hdul[0].header, image_hdu.header, image_index == 0)
-    wcs = _celestial_wcs(path, header, shape)
+    wcs = _celestial_wcs(name, header, shape)
     height, width = shape
-    x0, y0 = _origin(path, header)
-    calibration_mean, calibration_err, calibration_source = _calibration(path, hdul, header)
+    x0, y0 = _origin(name, header)
+    calibration_mean, calibration_err, calibration_source = _calibration(name, hdul, header)
     plane_hdu = variance_hdu if variance_hdu is not None else weight_hdu
     constant_variance = math.nan
     if plane_hdu is None:
-        constant_variance = _estimate_variance(path, image_hdu, mask_hdu, height)
+        constant_variance = _estimate_variance(name, image_hdu, mask_hdu, height)
     return Exposure(
         path=path,
+        name=name,
         width=width,
         height=height,
         x0=x0,

@@ -7,8 +7,11 @@ Requests and jobs both go through :meth:`MeasureService.run`. Requests await
   NumPy, which releases the GIL, so the event loop keeps answering); a batching executor
   that coalesces concurrent requests is given as ``batcher``: every kernel call then goes
   through it. This is the mode for a GPU: one process owns the device.
-* or, with ``processes > 0``, in a pool of measurement processes, each with its own
-  exposure cache (a share of the cache size). On a CPU backend this spreads requests over the cores one request at a
+* or, with ``processes > 0``, in a pool of measurement processes (pebble's
+  ``ProcessPool``), each with its own exposure cache (a share of the cache size). A
+  request that outlives its time budget, or whose caller cancels it (the client went
+  away), has its process terminated and replaced; a process that dies costs only the
+  request it was measuring. On a CPU backend this spreads requests over the cores one request at a
   time, whatever connection they came on: uvicorn worker processes instead share
   connections, and a few long-lived keep-alive connections may all land on one worker,
   leaving the other cores idle.
@@ -20,8 +23,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 import multiprocessing
@@ -32,10 +34,11 @@ import threading
 import time
 
 import pandas as pd
+import pebble
 
 from forcedphot.photometry.backend import Backend, select_backend
 from forcedphot.photometry.config import MeasurementConfig
-from forcedphot.photometry.exposure import open_exposure
+from forcedphot.photometry.exposure import DEFAULT_LIMITS, ExposureLimits, open_exposure
 from forcedphot.photometry.formats import encode_catalog
 from forcedphot.photometry.measure import Measurement, measure
 from forcedphot.photometry.psf_models import choose_psf
@@ -83,35 +86,40 @@ class MeasurementProcessDied(RuntimeError):
     """A measurement process exited during a request (killed, or out of memory)."""
 
 
+class MeasurementTimedOut(RuntimeError):
+    """A request outlived its time budget; its measurement process was terminated."""
+
+
 class MeasureService:
     """Runs measurements on a shared backend and exposure cache (or a pool of processes)."""
 
     def __init__(self, cache: ExposureCache, backend: Backend, threads: int, batcher: KernelBatcher | None = None,
-                 processes: int = 0, on_process_cache_event: Callable[[str], None] | None = None):
+                 processes: int = 0, on_process_cache_event: Callable[[str], None] | None = None,
+                 time_limit: float | None = None, limits: ExposureLimits = DEFAULT_LIMITS):
         """``processes`` > 0 measures requests in that many processes, which share out
         ``cache.max_bytes`` equally for their own caches; ``on_process_cache_event`` is
-        told their cache outcomes. Jobs use ``cache`` in this process."""
-        self.cache, self.backend, self.batcher = cache, backend, batcher
+        told their cache outcomes. ``time_limit`` (seconds) bounds a request measured in a
+        process. Jobs use ``cache`` in this process. ``limits`` bound every file opened."""
+        self.cache, self.backend, self.batcher, self.limits = cache, backend, batcher, limits
+        self.time_limit = time_limit
         self._on_process_cache_event = on_process_cache_event or (lambda outcome: None)
         self._execute = batcher.execute if batcher is not None else run_directly
         self._executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="measure")
         self.processes = processes
-        self._pool = self._new_pool() if processes else None
-
-    def _new_pool(self) -> ProcessPoolExecutor:
-        return ProcessPoolExecutor(self.processes, mp_context=multiprocessing.get_context("spawn"),
-                                   initializer=_start_process, initargs=(self.backend.name, self.cache.max_bytes // self.processes))
+        self._pool = pebble.ProcessPool(max_workers=processes, initializer=_start_process,
+                                        initargs=(backend.name, cache.max_bytes // processes, limits),
+                                        context=multiprocessing.get_context("spawn")) if processes else None
 
     def warm_up(self) -> None:
         """Start every measurement process now (each imports the engine: about a second)."""
         if self._pool is not None:
-            for future in [self._pool.submit(_process_ready) for _ in range(self.processes)]:
+            for future in [self._pool.schedule(_process_ready) for _ in range(self.processes)]:
                 future.result()
 
     def _open(self, stack: ExitStack, source: ExposureInput) -> tuple[object, str]:
         if source.cacheable:
-            return stack.enter_context(self.cache.lease(source.path))
-        return stack.enter_context(open_exposure(source.path)), "bypass"
+            return stack.enter_context(self.cache.lease(source.path, name=source.label))
+        return stack.enter_context(open_exposure(source.path, name=source.label, limits=self.limits)), "bypass"
 
     def run(self, task: MeasureTask, progress: Callable[[int, int], None] | None = None) -> MeasureOutcome:
         """Measure ``task`` in the calling thread."""
@@ -137,23 +145,33 @@ class MeasureService:
         return outcome, body, time.perf_counter() - start
 
     async def measure_encoded(self, task: MeasureTask, fmt: str) -> tuple[MeasureOutcome, bytes, float]:
-        """:meth:`run_encoded` off the event loop: in a measurement process, else on the thread pool."""
+        """:meth:`run_encoded` off the event loop: in a measurement process, else on the thread pool.
+
+        Cancelling the awaiting task terminates the measurement process (pebble cancels
+        a running task that way), so no work outlives a caller that went away.
+        """
         if self._pool is None:
             return await asyncio.wrap_future(self._executor.submit(self.run_encoded, task, fmt))
-        pool = self._pool
+        future = self._pool.schedule(_run_encoded_in_process, args=(task, fmt), timeout=self.time_limit)
         try:
-            result = await asyncio.wrap_future(pool.submit(_run_encoded_in_process, task, fmt))
-        except BrokenProcessPool:
-            if self._pool is pool:  # the first request to notice replaces the pool
-                self._pool = self._new_pool()
-            raise MeasurementProcessDied("a measurement process exited during the request; retry it") from None
+            result = await asyncio.wrap_future(future)
+        except TimeoutError:
+            raise MeasurementTimedOut(f"the measurement took longer than the {self.time_limit:g} s allowed a request; "
+                                      "send fewer objects, or submit a job") from None
+        except pebble.ProcessExpired:
+            raise MeasurementProcessDied("the measurement process exited during the request; retry it") from None
         self._on_process_cache_event(result[0].cache)
         return result
 
-    def close(self) -> None:
+    def close(self, timeout: float = 10.0) -> None:
+        """Stop: queued requests are dropped; measurement processes get ``timeout`` seconds
+        to finish what they run, then are terminated (none outlives the server)."""
         self._executor.shutdown(wait=False, cancel_futures=True)
-        if self._pool is not None:  # waits for running measurements (milliseconds), so no process outlives the server
-            self._pool.shutdown(wait=True, cancel_futures=True)
+        if self._pool is not None:
+            self._pool.close()
+            self._pool.join(timeout)
+            self._pool.stop()
+            self._pool.join()
         if self.batcher is not None:
             self.batcher.close()
 
@@ -171,12 +189,12 @@ def _exit_with_parent() -> None:
         os._exit(0)
 
 
-def _start_process(backend_name: str, cache_bytes: int) -> None:
+def _start_process(backend_name: str, cache_bytes: int, limits: ExposureLimits) -> None:
     """Initialise a measurement process: its allocator, backend and exposure cache."""
     global _PROCESS_SERVICE
     threading.Thread(target=_exit_with_parent, name="exit-with-parent", daemon=True).start()
     keep_temporaries_on_heap()
-    _PROCESS_SERVICE = MeasureService(ExposureCache(cache_bytes), select_backend(backend_name), threads=1)
+    _PROCESS_SERVICE = MeasureService(ExposureCache(cache_bytes, limits=limits), select_backend(backend_name), threads=1, limits=limits)
 
 
 def _process_ready() -> bool:

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from forcedphot.photometry.exposure import Exposure, ExposureError, open_exposure
+from forcedphot.photometry.exposure import DEFAULT_LIMITS, Exposure, ExposureError, ExposureLimits, open_exposure
 
 BYTES_PER_PIXEL = 4 + 4 + 4  # float32 image, float32 variance, int32 mask
 
@@ -79,8 +79,9 @@ class ExposureCache:
     ``on_event(name)`` is called with "hit", "miss" or "bypass" for each lease (metrics).
     """
 
-    def __init__(self, max_bytes: int, on_event: Callable[[str], None] | None = None):
+    def __init__(self, max_bytes: int, on_event: Callable[[str], None] | None = None, limits: ExposureLimits = DEFAULT_LIMITS):
         self.max_bytes = int(max_bytes)
+        self.limits = limits
         self._entries: OrderedDict[tuple, InMemoryExposure] = OrderedDict()
         self._loading: dict[tuple, Future] = {}
         self._lock = threading.Lock()
@@ -93,24 +94,26 @@ class ExposureCache:
         return self._bytes
 
     @contextmanager
-    def lease(self, path: str | os.PathLike) -> Iterator[tuple[Exposure | InMemoryExposure, str]]:
+    def lease(self, path: str | os.PathLike, name: str | None = None) -> Iterator[tuple[Exposure | InMemoryExposure, str]]:
         """Yield ``(exposure, outcome)`` for ``path``; outcome is "hit", "miss" or "bypass".
 
-        The exposure is safe to use from the calling thread only, until the block ends.
+        ``name`` is how errors refer to the file (default: its path). The exposure is
+        safe to use from the calling thread only, until the block ends.
         """
+        name = name or os.fspath(path)
         try:
             key = _file_key(Path(path))
         except OSError as exc:
-            raise ExposureError(f"{path}: cannot read: {exc.strerror}") from None
-        cached, outcome = self._get(key, Path(path))
+            raise ExposureError(f"{name}: cannot read: {exc.strerror}") from None
+        cached, outcome = self._get(key, Path(path), name)
         self._on_event(outcome)
         if cached is not None:
             yield cached.view(), outcome
             return
-        with open_exposure(path) as exposure:  # too large for the cache: memory-mapped
+        with open_exposure(path, name=name, limits=self.limits) as exposure:  # too large for the cache: memory-mapped
             yield exposure, outcome
 
-    def _get(self, key: tuple, path: Path) -> tuple[InMemoryExposure | None, str]:
+    def _get(self, key: tuple, path: Path, name: str) -> tuple[InMemoryExposure | None, str]:
         with self._lock:
             entry = self._entries.get(key)
             if entry is not None:
@@ -124,7 +127,7 @@ class ExposureCache:
             entry = future.result()  # another thread is loading it: wait, share its outcome
             return entry, "hit" if entry is not None else "bypass"
         try:
-            entry = self._load(path)
+            entry = self._load(path, name)
         except BaseException as exc:
             with self._lock:
                 del self._loading[key]
@@ -137,8 +140,8 @@ class ExposureCache:
         future.set_result(entry)
         return entry, "miss" if entry is not None else "bypass"
 
-    def _load(self, path: Path) -> InMemoryExposure | None:
-        with open_exposure(path) as exposure:
+    def _load(self, path: Path, name: str) -> InMemoryExposure | None:
+        with open_exposure(path, name=name, limits=self.limits) as exposure:
             if exposure.width * exposure.height * BYTES_PER_PIXEL > self.max_bytes:
                 return None
             return InMemoryExposure.load(exposure)

@@ -347,7 +347,7 @@ def test_concurrency_limit_is_429_with_retry_after(repo, tmp_path):
         release.set()
         worker.join(10)
     assert_problem(refused, 429, "in flight")
-    assert refused.headers["retry-after"] == "3"
+    assert 3 <= int(refused.headers["retry-after"]) <= 9  # spread over [r, 3r]
     assert first["r"].status_code == 200
     assert health.status_code == 200 and health_seconds < 0.5
 

@@ -30,9 +30,9 @@ def opened(monkeypatch):
     """Counts open_exposure calls made by the cache."""
     calls = []
 
-    def counting(path):
+    def counting(path, **options):
         calls.append(str(path))
-        return open_exposure(path)
+        return open_exposure(path, **options)
 
     monkeypatch.setattr(exposure_cache, "open_exposure", counting)
     return calls

@@ -137,7 +137,7 @@ def test_active_job_limit_is_429(repo, tmp_path):
         first = c.post("/v1/jobs", json=job_body())
         second = c.post("/v1/jobs", json=job_body({"exposure": data_id()}))
     assert first.status_code == 202
-    assert second.status_code == 429 and second.headers["retry-after"] == "2"
+    assert second.status_code == 429 and 2 <= int(second.headers["retry-after"]) <= 6  # spread over [r, 3r]
 
 
 def test_delete_queued_and_running_jobs(repo, tmp_path):

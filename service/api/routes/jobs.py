@@ -44,7 +44,7 @@ async def job_result(job_id: str, runtime: Runtime, fmt: OutputFormat) -> Respon
     if job.state != "succeeded":
         detail = f"job {job_id} is {job.state}" + ("; poll GET /v1/jobs/" + job_id if job.state != "failed" else "")
         raise Problem(409, f"job-{job.state}", detail, errors=job.errors,
-                      headers={"Retry-After": str(max(1, runtime.settings.retry_after_seconds))} if job.state != "failed" else None)
+                      headers={"Retry-After": runtime.retry_after()} if job.state != "failed" else None)
     path = runtime.jobs.result_path(job_id)
     if fmt == "parquet":
         return FileResponse(path, media_type=FORMATS[fmt], filename=f"{job_id}.parquet")

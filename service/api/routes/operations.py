@@ -29,9 +29,14 @@ async def readyz(runtime: Runtime) -> Health:
     failing = await run_in_threadpool(runtime.problems)
     if failing:
         raise Problem(503, "not-ready", "; ".join(failing.values()), checks=failing,
-                      headers={"Retry-After": str(max(1, runtime.settings.retry_after_seconds))})
+                      headers={"Retry-After": runtime.retry_after()})
     return Health(status="ready", checks={"backend": f"{runtime.backend.name}:{runtime.backend.device}",
                                           "repository": "ok", "jobs": "ok"})
+
+
+# HEAD answers as GET without the body (load balancers probe with it)
+router.add_api_route("/healthz", healthz, methods=["HEAD"], include_in_schema=False)
+router.add_api_route("/readyz", readyz, methods=["HEAD"], include_in_schema=False)
 
 
 @router.get("/metrics", response_class=Response)

@@ -5,10 +5,20 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import APIRouter, Request, Response
 from starlette.concurrency import run_in_threadpool
 
-from forcedphot.api.dependencies import AUTH, CATALOG_RESPONSE, OutputFormat, Runtime, measurement_slot, problems
+from forcedphot.api.dependencies import (
+    AUTH,
+    CATALOG_RESPONSE,
+    ClientGone,
+    OutputFormat,
+    Runtime,
+    measurement_slot,
+    problems,
+    unless_client_leaves,
+    within_body_timeout,
+)
 from forcedphot.api.intake import remove_uploads
 from forcedphot.api.problems import Problem
 from forcedphot.photometry.formats import FORMATS
@@ -50,8 +60,8 @@ def _measurement_headers(outcome: MeasureOutcome, parse_seconds: float, encode_s
 
 
 @router.post(PATH, dependencies=AUTH, response_class=Response,
-             responses={200: CATALOG_RESPONSE, **problems(400, 401, 403, 404, 406, 413, 415, 422, 429, 503)})
-async def forced_photometry(request: Request, runtime: Runtime, fmt: OutputFormat, _slot: None = Depends(measurement_slot)) -> Response:
+             responses={200: CATALOG_RESPONSE, **problems(400, 401, 403, 404, 406, 408, 413, 415, 422, 429, 503, 504)})
+async def forced_photometry(request: Request, runtime: Runtime, fmt: OutputFormat) -> Response:
     """Measure DiaObjects on one exposure (JSON with references, or multipart uploads)."""
     intake = runtime.intake()
     media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
@@ -59,16 +69,23 @@ async def forced_photometry(request: Request, runtime: Runtime, fmt: OutputForma
     uploads = []
     try:
         if media_type == "application/json":
-            body = await request.body()
+            body = await within_body_timeout(runtime, request.body())
             task = await run_in_threadpool(intake.from_json, body)
         elif media_type == "multipart/form-data":
-            async with request.form(max_files=3, max_fields=16) as form:
+            form = await within_body_timeout(runtime, request.form(max_files=3, max_fields=16))
+            try:
                 task, uploads = await run_in_threadpool(intake.from_form, form)
+            finally:
+                await form.close()
         else:
             raise Problem(415, "unsupported-media-type",
                           f"send application/json (references) or multipart/form-data (uploads), not {media_type or 'no Content-Type'!r}")
         parse_seconds = time.perf_counter() - start
-        outcome, content, encode_seconds = await runtime.service.measure_encoded(task, fmt)
+        async with measurement_slot(runtime):
+            outcome, content, encode_seconds = await unless_client_leaves(request, runtime.service.measure_encoded(task, fmt))
+    except ClientGone:
+        runtime.metrics.abandoned.inc()
+        return Response(status_code=499)  # nobody reads it: the client has gone
     finally:
         if uploads:
             await run_in_threadpool(remove_uploads, uploads)
