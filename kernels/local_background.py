@@ -294,6 +294,9 @@ def local_background(
     r_out = outer * sigma
 
     idx = _candidate_pixels(xp, k, cx, cy, r_in, r_out)
+    if idx.shape[0] == 0:  # no pixel centre can lie in any annulus (e.g. a tiny PSF): all flagged
+        nan = xp.full((n_obj,), float("nan"), dtype=xp.float64)
+        return LocalBackground(nan, nan, xp.zeros((n_obj,), dtype=xp.int64), xp.ones((n_obj,), dtype=xp.bool))
     grid = xp.arange(k, dtype=xp.float64)
     px = xp.take(xp.reshape(xp.broadcast_to(grid[None, :], (k, k)), (k * k,)), idx)
     py = xp.take(xp.reshape(xp.broadcast_to(grid[:, None], (k, k)), (k * k,)), idx)

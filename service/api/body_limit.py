@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import json
 
-from starlette.exceptions import HTTPException
+from forcedphot.api.problems import PROBLEM_MEDIA_TYPE, Problem, problem_body
 
-from forcedphot.api.problems import PROBLEM_MEDIA_TYPE, problem_body
+TOO_LARGE = "content-too-large"  # the one slug of a 413 for a body, announced or streamed
 
 
-class BodyTooLarge(HTTPException):
+class BodyTooLarge(Problem):
     """Raised from ``receive`` once a streamed body passes the limit (rendered as 413)."""
 
     def __init__(self, limit: int):
-        super().__init__(413, f"the request body is larger than the {limit} bytes allowed")
+        super().__init__(413, TOO_LARGE, f"the request body is larger than the {limit} bytes allowed")
 
 
 class BodyLimitMiddleware:
@@ -31,7 +31,7 @@ class BodyLimitMiddleware:
             status = 413 if length.isdigit() else 400
             detail = (f"the request body ({int(length)} bytes) is larger than the {self.max_bytes} bytes allowed"
                       if status == 413 else "the Content-Length header is not a number")
-            await _send_problem(send, status, "content-too-large" if status == 413 else "bad-request", detail, scope.get("path", ""))
+            await _send_problem(send, status, TOO_LARGE if status == 413 else "bad-request", detail, scope.get("path", ""))
             return
         received = 0
 

@@ -21,7 +21,7 @@ from forcedphot.api.problems import Problem, invalid_request
 from forcedphot.api.schemas import MeasureOptions, MeasureRequest
 from forcedphot.photometry.config import MeasurementConfig
 from forcedphot.photometry.formats import DEFAULT_FORMAT, FORMATS, table_format
-from forcedphot.photometry.objects import InputError, read_objects, validate_objects
+from forcedphot.photometry.objects import InputError, read_objects, records_frame, validate_objects
 from forcedphot.serving.executor import ExposureInput, MeasureTask
 from forcedphot.serving.repository import ExposureRef, Repository, UriRef, describe
 
@@ -77,7 +77,7 @@ class Intake:
             for key, value in record.items():
                 if not isinstance(value, _SCALARS):
                     raise InputError(f"{name}: row {row} column {key!r} holds a {type(value).__name__}; values must be numbers or strings")
-        frame = _caller_table_problem(name, lambda: pd.DataFrame.from_records(records))
+        frame = _caller_table_problem(name, lambda: records_frame(records, name))
         return _caller_table_problem(name, lambda: validate_objects(frame, name=name))
 
     def objects_from_bytes(self, data: bytes, fmt: str, name: str) -> pd.DataFrame:

@@ -10,8 +10,10 @@ measurement process that died mid-request is a 503 with ``Retry-After``.
 
 from __future__ import annotations
 
+import errno
 from http import HTTPStatus
 import logging
+import sqlite3
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -27,6 +29,8 @@ from forcedphot.serving.executor import MeasurementProcessDied, MeasurementTimed
 from forcedphot.serving.repository import RepositoryError
 
 PROBLEM_MEDIA_TYPE = "application/problem+json"
+STORAGE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO)  # the server's disk, not the request
+STORE_RETRY_SECONDS = 5
 TYPE_PREFIX = "urn:forcedphot:problem:"
 log = logging.getLogger("forcedphot.service")
 
@@ -91,6 +95,12 @@ def from_exception(exc: Exception) -> Problem | None:
         return Problem(422, "invalid-psf", str(exc))
     if isinstance(exc, ValidationError):
         return invalid_request(exc.errors(include_url=False))
+    if isinstance(exc, sqlite3.Error):
+        return Problem(503, "store-unavailable", f"the job store cannot take this now ({exc}); retry later",
+                       headers={"Retry-After": str(STORE_RETRY_SECONDS)})
+    if isinstance(exc, OSError) and exc.errno in STORAGE_ERRNOS:
+        return Problem(503, "storage-unavailable", f"the server's storage cannot take this now ({exc.strerror}); retry later",
+                       headers={"Retry-After": str(STORE_RETRY_SECONDS)})
     if isinstance(exc, MeasurementTimedOut):
         return Problem(504, "measurement-timed-out", str(exc))
     if isinstance(exc, MeasurementProcessDied):

@@ -10,7 +10,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
+from pathlib import Path
 import random
 import threading
 
@@ -25,7 +27,7 @@ from forcedphot.photometry.backend import select_backend
 from forcedphot.serving.batching import KernelBatcher
 from forcedphot.serving.executor import MeasureService
 from forcedphot.serving.exposure_cache import ExposureCache
-from forcedphot.serving.jobs import IdempotencyConflict, Job, JobLimitReached, JobRunner, JobStore, job_spec
+from forcedphot.serving.jobs import STORE_ERRORS, IdempotencyConflict, Job, JobLimitReached, JobRunner, JobStore, job_spec, store_error_reason
 from forcedphot.serving.repository import Repository
 
 log = logging.getLogger("forcedphot.service")
@@ -55,11 +57,19 @@ class ServiceRuntime:
         self.service = MeasureService(self.cache, self.backend, settings.measure_threads, batcher,
                                       processes=measure_processes(settings, self.backend.name), on_process_cache_event=self._count_cache,
                                       time_limit=settings.request_time_limit_seconds, limits=limits)
-        self.jobs = JobStore(settings.data_dir / "jobs")
-        self.runner = JobRunner(self.jobs, self.service, workers=settings.job_workers,
-                                heartbeat_seconds=settings.job_heartbeat_seconds, stale_seconds=settings.job_stale_seconds,
-                                max_attempts=settings.job_max_attempts,
-                                on_finished=lambda state: self.metrics.jobs.labels(state).inc())
+        self._jobs: JobStore | None = None
+        self.runner: JobRunner | None = None
+        self._jobs_error: str | None = None  # why jobs are unavailable (degraded mode)
+        try:
+            self._jobs = JobStore(settings.data_dir / "jobs")
+        except STORE_ERRORS as exc:  # sync measurement still works; jobs answer 503
+            self._jobs_error = f"the job store cannot be opened ({store_error_reason(exc)})"
+            log.error("jobs unavailable, measuring requests only: %s", self._jobs_error)
+        else:
+            self.runner = JobRunner(self._jobs, self.service, workers=settings.job_workers,
+                                    heartbeat_seconds=settings.job_heartbeat_seconds, stale_seconds=settings.job_stale_seconds,
+                                    max_attempts=settings.job_max_attempts,
+                                    on_finished=lambda state: self.metrics.jobs.labels(state).inc())
         self.upload_dir = settings.data_dir / "uploads"
         self.demo_visits: list[DemoVisitId] = []
         self._processes_ready = self.service.processes == 0
@@ -68,7 +78,7 @@ class ServiceRuntime:
         self._startup_error: str | None = None  # the demo repository's
         self._process_error: str | None = None
         self.metrics.watch(self.metrics.cache_bytes, lambda: float(self.cache.nbytes))
-        self.metrics.watch(self.metrics.queue_depth, lambda: float(self.jobs.count_active()))
+        self.metrics.watch(self.metrics.queue_depth, self._queue_depth)
         self.metrics.watch(self.metrics.in_flight, lambda: float(self.in_flight))
         if batcher is not None:
             self.metrics.watch(self.metrics.kernel_calls, lambda: float(batcher.stats.kernel_calls))
@@ -78,6 +88,20 @@ class ServiceRuntime:
             self.metrics.watch(self.metrics.device_memory, reader)
         if not settings.demo_mode:
             self._repository = Repository(settings.repository_roots, settings.path_template)
+
+    def _queue_depth(self) -> float:
+        try:
+            return float(self._jobs.count_active()) if self._jobs is not None else math.nan
+        except STORE_ERRORS:
+            return math.nan
+
+    @property
+    def jobs(self) -> JobStore:
+        """The job store, or 503 when it could not be opened (degraded mode)."""
+        if self._jobs is None:
+            raise Problem(503, "jobs-unavailable", f"batch jobs are unavailable: {self._jobs_error}; single requests still work",
+                          headers={"Retry-After": self.retry_after()})
+        return self._jobs
 
     def retry_after(self) -> str:
         """A Retry-After value (seconds) spread at random over ``[r, 3r]`` for the setting
@@ -96,14 +120,16 @@ class ServiceRuntime:
         self.upload_dir.mkdir(parents=True, exist_ok=True)
         for stale in self.upload_dir.glob("*.fits"):  # uploads of a process that died
             stale.unlink(missing_ok=True)
-        self.runner.start()
+        if self.runner is not None:
+            self.runner.start()
         if not self._processes_ready:
             threading.Thread(target=self._start_processes, name="measure-processes", daemon=True).start()
         if self.settings.demo_mode:
             threading.Thread(target=self._make_demo, name="demo-repository", daemon=True).start()
 
     def stop(self) -> None:
-        self.runner.stop()
+        if self.runner is not None:
+            self.runner.stop()
         self.service.close()
 
     def _start_processes(self) -> None:
@@ -124,7 +150,7 @@ class ServiceRuntime:
             log.info("demo repository ready: visits %s", ", ".join(str(v.visit) for v in self.demo_visits))
         except Exception as exc:  # reported by /readyz
             log.exception("the demo repository could not be written")
-            self._startup_error = f"the demo repository could not be written in {s.demo_repository}: {exc}"
+            self._startup_error = f"the demo repository could not be written: {store_error_reason(exc)}"
 
     # --- state -------------------------------------------------------------------------
 
@@ -143,10 +169,15 @@ class ServiceRuntime:
             failing["measure"] = self._process_error
         elif not self._processes_ready:
             failing["measure"] = f"the {self.service.processes} measurement processes are starting"
-        try:
-            self.jobs.count_active()
-        except Exception as exc:  # sqlite3 or OS errors
-            failing["jobs"] = f"job store unusable: {exc}"
+        if self._jobs is None:
+            failing["jobs"] = f"batch jobs are unavailable: {self._jobs_error}"
+        else:
+            try:
+                self._jobs.probe_write()  # a write, as jobs make: a full or read-only store fails it
+            except STORE_ERRORS as exc:
+                failing["jobs"] = f"the job store cannot be written ({store_error_reason(exc)})"
+            if self.runner is not None and not self.runner.alive():
+                failing["jobs"] = "the job runner has stopped"
         return failing
 
     def intake(self) -> Intake:
@@ -177,10 +208,13 @@ class ServiceRuntime:
             raise Problem(413, "too-many-exposures", f"{len(request.exposures)} exposures, more than the {s.max_job_exposures} allowed per job")
         exposures = [(intake.exposure(item.exposure), intake.exposure(item.difference) if item.difference else None)
                      for item in request.exposures]
-        labels = [(d or e).label for e, d in exposures]
-        repeated = sorted({label for label in labels if labels.count(label) > 1})
+        by_file: dict[Path, list[str]] = {}
+        for science, difference in exposures:  # the same file under several names counts once
+            measured = difference or science
+            by_file.setdefault(measured.path.resolve(), []).append(measured.label)
+        repeated = [" = ".join(labels) for labels in by_file.values() if len(labels) > 1]
         if repeated:
-            raise Problem(422, "invalid-request", f"exposure(s) listed more than once: {', '.join(repeated)}")
+            raise Problem(422, "invalid-request", f"exposure(s) listed more than once: {'; '.join(repeated)}")
         objects = intake.objects(request.objects)
         spec = job_spec(exposures, intake.config(request), request.psf_fwhm)
         try:

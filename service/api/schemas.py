@@ -6,7 +6,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from forcedphot.photometry.psf_models import MAX_PSF_FWHM_PX
+from forcedphot.photometry.psf_models import MAX_PSF_FWHM_PX, MIN_PSF_FWHM_PX
 from forcedphot.serving.jobs import JobError, JobProgress, JobStatus
 from forcedphot.serving.repository import ExposureRef, UriRef
 
@@ -29,7 +29,7 @@ class MeasureOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    psf_fwhm: float | None = Field(None, gt=0, le=MAX_PSF_FWHM_PX, allow_inf_nan=False,
+    psf_fwhm: float | None = Field(None, ge=MIN_PSF_FWHM_PX, le=MAX_PSF_FWHM_PX, allow_inf_nan=False,
                                    description="circular Gaussian PSF FWHM, pixels; default: the exposure's PSF_FWHM keyword")
     apertures: list[Radius] | None = Field(None, min_length=1, max_length=MAX_APERTURES,
                                            description="aperture radii in pixels (default 3, 4.5, 6, 9, 12)")

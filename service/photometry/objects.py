@@ -8,7 +8,9 @@ returns them with ``coord_flag`` and ``pixelFlags_offimage`` set, never measured
 """
 
 import io
+import json
 from pathlib import Path
+import re
 
 import numpy as np
 import pandas as pd
@@ -51,13 +53,23 @@ def read_objects(source: str | Path | bytes, *, media_type: str | None = None, n
     try:
         if kind == "parquet":
             frame = pd.read_parquet(buffer)
-        elif kind == "csv":
-            frame = pd.read_csv(buffer)
-        else:
-            frame = pd.read_json(buffer, orient="records")
+        elif kind == "csv":  # ids as text, parsed exactly (pandas would take 1e18 as a float)
+            frame = pd.read_csv(buffer, dtype={"diaObjectId": str})
+        else:  # Python's json keeps integers exact; pandas' reader rounds those beyond 2**53
+            frame = records_frame(json.loads(raw if isinstance(raw, bytes) else raw.read_bytes()), name)
     except Exception as exc:  # every reader has its own exception zoo
         raise InputError(f"{name}: cannot read as {kind}: {exc}") from None
     return validate_objects(frame, name=name)
+
+
+def records_frame(records, name: str) -> pd.DataFrame:
+    """A table from JSON records (a list of objects)."""
+    if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
+        raise InputError(f"{name}: a JSON table must be a list of records like {{\"diaObjectId\": 1, \"ra\": 10.0, \"dec\": -5.0}}")
+    frame = pd.DataFrame.from_records(records)
+    if "diaObjectId" in frame:  # keep the values as parsed: exact Python integers
+        frame["diaObjectId"] = pd.Series([r.get("diaObjectId") for r in records], dtype=object)
+    return frame
 
 
 def _format_of(kind: str, name: str) -> str:
@@ -65,6 +77,55 @@ def _format_of(kind: str, name: str) -> str:
     if fmt is None:
         raise InputError(f"{name}: unknown table format {kind!r}; use parquet, CSV or JSON")
     return fmt
+
+
+INT64_MAX = np.iinfo(np.int64).max
+FLOAT_EXACT = 2**53  # floats hold every integer up to this exactly; beyond it they were rounded
+_INTEGER_TEXT = re.compile(r"[+-]?[0-9]+")
+
+
+def _exact_id(value) -> int | None:
+    """``value`` as an exact signed 64-bit integer, else None (never through float)."""
+    if isinstance(value, (bool, np.bool_)):
+        return None
+    if isinstance(value, (int, np.integer)):
+        number = int(value)
+    elif isinstance(value, str) and _INTEGER_TEXT.fullmatch(value.strip()):
+        number = int(value.strip())
+    elif isinstance(value, (float, np.floating)) and np.isfinite(value) and float(value).is_integer() and abs(value) <= FLOAT_EXACT:
+        number = int(value)
+    else:
+        return None
+    return number if -INT64_MAX - 1 <= number <= INT64_MAX else None
+
+
+def _shown(value) -> str:
+    return repr(value) if isinstance(value, str) else str(value)
+
+
+def _exact_ids(column: pd.Series, name: str) -> pd.Series:
+    """The diaObjectId column as int64, every value exact (the APDB type), else
+    :class:`InputError` naming the rows and values that are not."""
+    kind = column.dtype.kind
+    if kind == "i":
+        return column.astype(np.int64)
+    if kind == "u":
+        values = column.to_numpy()
+        bad = np.flatnonzero(values > INT64_MAX)
+    elif kind == "f":
+        values = column.to_numpy()
+        with np.errstate(invalid="ignore"):
+            bad = np.flatnonzero(~np.isfinite(values) | (values != np.floor(values)) | (np.abs(values) > FLOAT_EXACT))
+    else:
+        parsed = [_exact_id(v) for v in column.tolist()]
+        bad = np.array([i for i, v in enumerate(parsed) if v is None], dtype=np.int64)
+        values = np.array([0 if v is None else v for v in parsed], dtype=np.int64)
+    if len(bad):
+        shown = ", ".join(f"row {column.index[i]} ({_shown(column.iloc[i])})" for i in bad[:_SHOWN])
+        more = f" ... ({len(bad)} in all)" if len(bad) > _SHOWN else ""
+        raise InputError(f"{name}: column diaObjectId must hold signed 64-bit integers, written exactly "
+                         f"(floats only up to 2**53); {shown}{more} do not")
+    return pd.Series(np.asarray(values).astype(np.int64), index=column.index)
 
 
 def validate_objects(frame: pd.DataFrame, *, name: str = "objects") -> pd.DataFrame:
@@ -85,17 +146,15 @@ def validate_objects(frame: pd.DataFrame, *, name: str = "objects") -> pd.DataFr
     if len(frame) == 0:
         raise InputError(f"{name}: the object table is empty")
 
-    ids = pd.to_numeric(frame["diaObjectId"], errors="coerce")
-    bad_ids = frame.index[ids.isna() | (ids != np.floor(ids))]
-    if len(bad_ids):
-        rows = _format_examples(bad_ids)
-        raise InputError(f"{name}: column diaObjectId must hold integers; rows {rows} do not")
-    frame["diaObjectId"] = ids.astype(np.int64)
+    frame["diaObjectId"] = _exact_ids(frame["diaObjectId"], name)
     duplicated = frame["diaObjectId"][frame["diaObjectId"].duplicated()].unique()
     if len(duplicated):
         raise InputError(f"{name}: duplicate diaObjectId {_format_examples(duplicated)}")
 
     for column in ("ra", "dec"):
+        booleans = frame.index[frame[column].map(lambda v: isinstance(v, (bool, np.bool_)))]
+        if len(booleans):
+            raise InputError(f"{name}: column {column} must be numeric (degrees); rows {_format_examples(booleans)} hold true/false")
         values = pd.to_numeric(frame[column], errors="coerce")
         not_numbers = frame.index[values.isna() & frame[column].notna()]
         if len(not_numbers):

@@ -385,7 +385,11 @@ SIGMA_CELL_PX = 128.0
 
 
 PSF_FWHM_KEYWORD = "PSF_FWHM"  # Gaussian PSF FWHM in pixels; the demo generator writes it
-MAX_PSF_FWHM_PX = 20.0  # a larger Gaussian FWHM is taken for a mistake (arcsec for pixels, say)
+# A Gaussian FWHM outside this range is taken for a mistake: below 0.5 px a PSF is a
+# single pixel (nothing to fit, no background annulus), above 20 px arcsec were likely
+# given for pixels.
+MIN_PSF_FWHM_PX = 0.5
+MAX_PSF_FWHM_PX = 20.0
 
 
 def header_fwhm_pixels(header, source: str) -> float | None:
@@ -422,8 +426,8 @@ def load_psf(*, fwhm_pixels: float | None = None, path: str | None = None,
 
 def check_psf_fwhm(value: float, source: str) -> float:
     """A usable Gaussian FWHM in pixels, else :class:`PsfError` naming ``source``."""
-    if not (math.isfinite(value) and 0 < value <= MAX_PSF_FWHM_PX):
-        raise PsfError(f"{source}: PSF FWHM {value!r} px is outside (0, {MAX_PSF_FWHM_PX:g}]")
+    if not (math.isfinite(value) and MIN_PSF_FWHM_PX <= value <= MAX_PSF_FWHM_PX):
+        raise PsfError(f"{source}: PSF FWHM {value!r} px is outside [{MIN_PSF_FWHM_PX:g}, {MAX_PSF_FWHM_PX:g}] px")
     return value
 
 

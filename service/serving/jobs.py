@@ -69,6 +69,7 @@ class JobStatus(BaseModel):
 
 
 ACTIVE_STATES = ("queued", "running")
+PARTIAL_RESULT = "result.partial"
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
     id TEXT PRIMARY KEY,
@@ -89,7 +90,9 @@ CREATE TABLE IF NOT EXISTS jobs (
     rows INTEGER
 );
 CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state, created);
+CREATE TABLE IF NOT EXISTS probe (id INTEGER PRIMARY KEY, at REAL);
 """
+STORE_ERRORS = (sqlite3.Error, OSError)  # what a full, read-only or damaged store raises
 
 
 class JobLimitReached(Exception):
@@ -165,6 +168,9 @@ class JobStore:
 
     def result_path(self, job_id: str) -> Path:
         return self.job_dir(job_id) / "result.parquet"
+
+    def partial_path(self, job_id: str) -> Path:
+        return self.job_dir(job_id) / PARTIAL_RESULT
 
     def _one(self, sql: str, *args: Any) -> Job | None:
         db = self._connect()
@@ -247,9 +253,28 @@ class JobStore:
             db.close()
         return self.get(row["id"])
 
-    def beat(self, owner: str) -> None:
-        """Mark ``owner``'s running jobs alive."""
-        self._run("UPDATE jobs SET heartbeat = ? WHERE state = 'running' AND owner = ?", time.time(), owner)
+    def beat(self, owner: str, job_ids: list[str]) -> None:
+        """Mark these running jobs of ``owner`` alive (those whose work progresses)."""
+        for job_id in job_ids:
+            self._run("UPDATE jobs SET heartbeat = ? WHERE id = ? AND state = 'running' AND owner = ?", time.time(), job_id, owner)
+
+    def probe_write(self) -> None:
+        """Write to the database and to the directory, as jobs do; raises (sqlite3 or OS
+        error) when the store cannot take work: disk full, read-only, corrupt."""
+        self._run("INSERT OR REPLACE INTO probe (id, at) VALUES (1, ?)", time.time())
+        probe = self.directory / ".write-probe"
+        with open(probe, "wb") as f:
+            f.write(b"\0" * 4096)
+            f.flush()
+            os.fsync(f.fileno())
+        probe.unlink()
+
+    def remove_partials(self) -> int:
+        """Delete result files left half-written by a run that failed or died."""
+        partials = list(self.directory.glob(f"*/{PARTIAL_RESULT}"))
+        for partial in partials:
+            partial.unlink(missing_ok=True)
+        return len(partials)
 
     def requeue_stale(self, stale_seconds: float, max_attempts: int) -> int:
         """Queue again running jobs whose owner fell silent; fail those out of attempts."""
@@ -309,21 +334,32 @@ class _Stop(Exception):
 
 
 class JobRunner:
-    """Threads that claim and run jobs, and one that keeps heartbeats and requeues stale jobs."""
+    """Threads that claim and run jobs, and one that keeps heartbeats and requeues stale jobs.
+
+    Store errors (a full disk, a read-only database) never end a thread: each store call
+    is retried with exponential backoff while the runner runs. A job is heartbeaten only
+    while its work progresses, so a run stuck for ``stale_seconds`` is re-queued like one
+    whose server died.
+    """
 
     def __init__(self, store: JobStore, service: MeasureService, *, workers: int, heartbeat_seconds: float,
-                 stale_seconds: float, max_attempts: int, on_finished=None):
+                 stale_seconds: float, max_attempts: int, on_finished=None, max_backoff_seconds: float = 30.0):
         self.store, self.service = store, service
         self.workers, self.heartbeat, self.stale, self.max_attempts = workers, heartbeat_seconds, stale_seconds, max_attempts
+        self.max_backoff = max_backoff_seconds
         self.owner = uuid.uuid4().hex
         self.on_finished = on_finished or (lambda state: None)
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._deleted: set[str] = set()
+        self._progressed: dict[str, float] = {}  # job id -> monotonic time of its last progress
         self._threads: list[threading.Thread] = []
 
     def start(self) -> None:
-        self.store.requeue_stale(self.stale, self.max_attempts)
+        removed = self._retrying("removing partial results", self.store.remove_partials)
+        if removed:
+            log.info("removed %d partial job results left by an earlier run", removed)
+        self._retrying("re-queueing stale jobs", self.store.requeue_stale, self.stale, self.max_attempts)
         self._threads = [threading.Thread(target=self._keep, name="jobs-keeper", daemon=True)]
         self._threads += [threading.Thread(target=self._work, name=f"jobs-{i}", daemon=True) for i in range(self.workers)]
         for thread in self._threads:
@@ -333,8 +369,13 @@ class JobRunner:
         """Stop; a job being run is interrupted and queued again for the next start."""
         self._stop.set()
         self._wake.set()
+        deadline = time.monotonic() + timeout
         for thread in self._threads:
-            thread.join(timeout)
+            thread.join(max(0.0, deadline - time.monotonic()))
+
+    def alive(self) -> bool:
+        """Every runner thread is running (false before start and after stop)."""
+        return bool(self._threads) and all(thread.is_alive() for thread in self._threads)
 
     def notify(self) -> None:
         """A job was queued."""
@@ -344,37 +385,76 @@ class JobRunner:
         """A job was deleted: stop running it."""
         self._deleted.add(job_id)
 
+    def _retrying(self, what: str, call, *args, **kwargs):
+        """``call(*args, **kwargs)``, retried with exponential backoff on store errors
+        until it succeeds or the runner stops (then the last error is raised)."""
+        delay = 0.1
+        while True:
+            try:
+                return call(*args, **kwargs)
+            except STORE_ERRORS as exc:
+                if self._stop.is_set():
+                    raise
+                log.warning("job store: %s failed (%s); retrying in %.1f s", what, store_error_reason(exc), delay)
+                self._stop.wait(delay)
+                delay = min(2 * delay, self.max_backoff)
+
+    def _progress_made(self, job_id: str) -> None:
+        self._progressed[job_id] = time.monotonic()
+
     def _keep(self) -> None:
         while not self._stop.wait(self.heartbeat):
+            recent = time.monotonic() - self.stale
+            progressing = [job_id for job_id, at in list(self._progressed.items()) if at > recent]
             try:
-                self.store.beat(self.owner)
+                self.store.beat(self.owner, progressing)
                 if self.store.requeue_stale(self.stale, self.max_attempts):
                     self._wake.set()
-            except sqlite3.Error:
-                log.exception("job store heartbeat failed")
+            except STORE_ERRORS as exc:
+                log.warning("job store heartbeat failed: %s", store_error_reason(exc))
 
     def _work(self) -> None:
         while not self._stop.is_set():
             try:
-                job = self.store.claim(self.owner)
-            except sqlite3.Error:
-                log.exception("claiming a job failed")
-                job = None
+                job = self._retrying("claiming a job", self.store.claim, self.owner)
+            except STORE_ERRORS:  # stopping
+                return
             if job is None:
                 self._wake.wait(self.heartbeat)
                 self._wake.clear()
                 continue
+            self._progress_made(job.id)
             try:
                 self._run(job)
             except _Stop:
                 if job.id not in self._deleted:
-                    self.store.release(job.id, self.owner)
-            except Exception:  # a bug must not kill the runner thread
-                log.exception("job %s failed", job.id)
-                self.store.finish(job.id, self.owner, state="failed", rows=None,
-                                  errors=[{"exposure": "*", "detail": "internal error while running the job; it has been logged"}])
+                    self._finally("releasing a job", self.store.release, job.id, self.owner)
+            except Exception as exc:  # a bug or a store fault must not kill the runner thread
+                self._fail(job, exc)
             finally:
+                self._progressed.pop(job.id, None)
                 self._deleted.discard(job.id)
+
+    def _finally(self, what: str, call, *args, **kwargs):
+        """A store call that must happen; given up only when the runner stops (the job is
+        then re-queued as stale by whichever server notices)."""
+        try:
+            return self._retrying(what, call, *args, **kwargs)
+        except STORE_ERRORS as exc:
+            log.warning("job store: %s given up at shutdown: %s", what, store_error_reason(exc))
+            return None
+
+    def _fail(self, job: Job, exc: Exception) -> None:
+        self.store.partial_path(job.id).unlink(missing_ok=True)
+        if isinstance(exc, STORE_ERRORS):
+            detail = f"the job store could not keep the result: {store_error_reason(exc)}"
+            log.warning("job %s failed: %s", job.id, detail)
+        else:
+            detail = "internal error while running the job; it has been logged"
+            log.exception("job %s failed", job.id)
+        if self._finally("recording a failed job", self.store.finish, job.id, self.owner, state="failed", rows=None,
+                         errors=[{"exposure": "*", "detail": detail}]):
+            self.on_finished("failed")
 
     def _check(self, job_id: str) -> None:
         if self._stop.is_set() or job_id in self._deleted:
@@ -395,9 +475,13 @@ class JobRunner:
 
             def progress(done: int, total: int, i: int = i) -> None:
                 self._check(job.id)
+                self._progress_made(job.id)
                 if time.monotonic() - last[0] > 0.5:
                     last[0] = time.monotonic()
-                    self.store.progress(job.id, self.owner, i, (i + done / max(total, 1)) / n)
+                    try:  # progress within an exposure is for display only
+                        self.store.progress(job.id, self.owner, i, (i + done / max(total, 1)) / n)
+                    except STORE_ERRORS as exc:
+                        log.warning("job store: recording progress failed: %s", store_error_reason(exc))
 
             try:
                 outcome = self.service.run(task, progress)
@@ -406,18 +490,26 @@ class JobRunner:
                 continue
             catalogs.append(outcome.measurement.table)
             provenances.append(outcome.measurement.provenance)
-            self.store.progress(job.id, self.owner, i + 1, (i + 1) / n)
+            self._progress_made(job.id)
+            self._retrying("recording progress", self.store.progress, job.id, self.owner, i + 1, (i + 1) / n)
         self._check(job.id)
         rows = None
         if catalogs:
             catalog = pa.concat_tables(catalogs)
-            target = self.store.result_path(job.id)
-            partial = target.with_suffix(".partial")
+            partial = self.store.partial_path(job.id)
             partial.write_bytes(encode_catalog(catalog, {"job": job.id, "exposures": provenances, "errors": errors}, "parquet"))
-            os.replace(partial, target)
+            os.replace(partial, self.store.result_path(job.id))
             rows = catalog.num_rows
         state = "succeeded" if catalogs else "failed"
-        if self.store.finish(job.id, self.owner, state=state, errors=errors, rows=rows):
+        if self._finally("recording a finished job", self.store.finish, job.id, self.owner, state=state, errors=errors, rows=rows):
             self.on_finished(state)
         elif job.id in self._deleted:
             shutil.rmtree(self.store.job_dir(job.id), ignore_errors=True)
+
+
+def store_error_reason(exc: BaseException) -> str:
+    """What went wrong, without file paths (an OSError's message names its file)."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc)
+

@@ -86,7 +86,7 @@ class Repository:
 
     def readable(self) -> list[str]:
         """Problems that stop the repository from being served (empty when all is well)."""
-        return [f"repository root {root} is not a readable directory" for root in self.roots
+        return [f"repository root {i + 1} of {len(self.roots)} is not a readable directory" for i, root in enumerate(self.roots)
                 if not (root.is_dir() and os.access(root, os.R_OK | os.X_OK))]
 
     def relative_path(self, ref: ExposureRef) -> str:

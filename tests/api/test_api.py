@@ -211,7 +211,11 @@ def test_multipart_errors(client, repo):
     ([{"diaObjectId": 1, "ra": 150.0}], 422, "missing column(s) dec"),
     ([{"diaObjectId": 5, "ra": 150.0, "dec": 2.0}, {"diaObjectId": 5, "ra": 150.1, "dec": 2.0}], 422, "duplicate diaObjectId 5"),
     ([], 422, "empty"),
-    ([{"diaObjectId": 1.5, "ra": 150.0, "dec": 2.0}], 422, "diaObjectId must hold integers"),
+    ([{"diaObjectId": 1.5, "ra": 150.0, "dec": 2.0}], 422, "diaObjectId must hold signed 64-bit integers"),
+    ([{"diaObjectId": 18446744073709551615, "ra": 150.0, "dec": 2.0}], 422, "row 0 (18446744073709551615)"),
+    ([{"diaObjectId": 2**63, "ra": 150.0, "dec": 2.0}], 422, "row 0 (9223372036854775808)"),
+    ([{"diaObjectId": 1e19, "ra": 150.0, "dec": 2.0}], 422, "row 0 (1e+19)"),
+    ([{"diaObjectId": 1, "ra": True, "dec": 2.0}], 422, "true/false"),
     ([{"diaObjectId": 1, "ra": "east", "dec": 2.0}], 422, "column ra must be numeric"),
     ([{"diaObjectId": 1, "ra": [1, 2], "dec": 2.0}], 422, "row 0 column 'ra'"),
     ({"uri": "tables/missing.parquet"}, 404, "tables/missing.parquet"),
@@ -233,6 +237,8 @@ def test_request_schema_errors(client):
     assert_problem(client.post("/v1/forced-photometry", content=b"{not json", headers={"Content-Type": "application/json"}), 422, "body")
     assert_problem(client.post("/v1/forced-photometry", json=body(apertures=[0])), 422, "apertures")
     assert_problem(client.post("/v1/forced-photometry", json=body(psf_fwhm=1000)), 422, "psf_fwhm")
+    for tiny in (0.1, 0.05, 1e-9):  # an empty background annulus made these a 500
+        assert_problem(client.post("/v1/forced-photometry", json=body(psf_fwhm=tiny)), 422, "psf_fwhm")
     assert_problem(client.post("/v1/forced-photometry", json={**body(), "surprise": 1}), 422, "surprise")
     assert_problem(client.post("/v1/forced-photometry", json=body(exposure={"visit": 1, "detector": 2, "datasetType": "raw"})), 422)
     assert_problem(client.post("/v1/forced-photometry", content=b"hello", headers={"Content-Type": "text/plain"}), 415, "text/plain")

@@ -269,3 +269,14 @@ def test_bad_arguments():
         local_background(z, v, c, c, c, inner=5.0, outer=5.0)
     with pytest.raises(ValueError, match=r"\(N, K, K\)"):
         local_background(z, v[:, :8, :], c, c, c)
+
+
+def test_an_empty_annulus_is_a_flagged_row_not_an_exception(xp):
+    """A PSF so small that no pixel centre lies in any 7-15 sigma annulus (objects on
+    pixel centres): every row is NaN and flagged (this raised IndexError before)."""
+    image = xp.asarray(np.zeros((3, 21, 21)))
+    valid = xp.asarray(np.ones((3, 21, 21), dtype=bool))
+    centre = xp.asarray(np.full(3, 10.0))
+    out = local_background(image, valid, centre, centre, xp.asarray(np.full(3, 0.1 / 2.3548)))
+    assert np.all(np.asarray(out.flag_no_good_pixels)) and np.all(np.isnan(np.asarray(out.mean)))
+    assert np.all(np.asarray(out.n_pixels) == 0)

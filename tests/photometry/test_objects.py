@@ -1,5 +1,7 @@
 """DiaObject table reading and validation: every bad input names the problem."""
 
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -49,8 +51,45 @@ def test_duplicate_ids_are_named():
 
 
 def test_non_integer_ids_name_the_rows():
-    with pytest.raises(InputError, match="rows 1"):
+    with pytest.raises(InputError, match=r"row 1 \(2.5\)"):
         validate_objects(table(diaObjectId=[1, 2.5, 3]))
+
+
+@pytest.mark.parametrize("value", [2**64 - 1, 2**63, 1e19, 600000138039884002.0, True, "1e18", "12a"])
+def test_ids_that_are_not_exact_int64_are_refused_naming_row_and_value(value):
+    """No id is wrapped, clipped or rounded: uint64 beyond int64, floats beyond 2**53,
+    booleans and non-integer text are refused (the APDB type is a signed 64-bit int)."""
+    with pytest.raises(InputError, match=r"diaObjectId must hold signed 64-bit integers.*row 1 \("):
+        validate_objects(pd.DataFrame.from_records([{"diaObjectId": 5, "ra": 1.0, "dec": 1.0},
+                                                    {"diaObjectId": value, "ra": 2.0, "dec": 2.0}]))
+
+
+def test_ids_beyond_2_53_stay_exact_in_every_format(tmp_path):
+    big = [600000138039884002, 1000000000000000000, 1000000000000000001, -(2**63), 2**63 - 1]
+    frame = pd.DataFrame({"diaObjectId": big, "ra": [1.0] * 5, "dec": [2.0] * 5})
+    frame.to_parquet(tmp_path / "t.parquet")
+    frame.to_csv(tmp_path / "t.csv", index=False)
+    (tmp_path / "t.json").write_text(json.dumps(frame.to_dict(orient="records")))
+    for suffix in ("parquet", "csv", "json"):
+        assert read_objects(tmp_path / f"t.{suffix}")["diaObjectId"].tolist() == big, suffix
+
+
+def test_uint64_ids_within_int64_are_taken_and_beyond_refused():
+    ids = np.array([5, 2**63 - 1], dtype=np.uint64)
+    assert validate_objects(pd.DataFrame({"diaObjectId": ids, "ra": [1.0, 1.0], "dec": [1.0, 1.0]}))["diaObjectId"].tolist() == [5, 2**63 - 1]
+    with pytest.raises(InputError, match="row 1 \\(18446744073709551615\\)"):
+        validate_objects(pd.DataFrame({"diaObjectId": np.array([5, 2**64 - 1], dtype=np.uint64), "ra": [1.0, 1.0], "dec": [1.0, 1.0]}))
+
+
+def test_csv_ids_written_as_floats_are_not_duplicates_of_each_other():
+    """pandas reads 1e18 as a float, equal to 1000000000000000001 once rounded; here it is refused."""
+    with pytest.raises(InputError, match="row 0 \\('1e18'\\)"):
+        read_objects(b"diaObjectId,ra,dec\n1e18,1,1\n1000000000000000001,2,2\n", media_type="csv")
+
+
+def test_boolean_coordinates_are_refused():
+    with pytest.raises(InputError, match="column ra must be numeric.*true/false"):
+        validate_objects(pd.DataFrame.from_records([{"diaObjectId": 1, "ra": True, "dec": 1.0}]))
 
 
 def test_non_numeric_coordinates_name_the_rows():
