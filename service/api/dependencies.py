@@ -4,6 +4,7 @@ the answer's format."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Awaitable
 from contextlib import asynccontextmanager
 from typing import Annotated, TypeVar
@@ -84,14 +85,16 @@ async def unless_client_leaves(request: Request, work: Awaitable[T], poll_second
 
     watching = asyncio.ensure_future(watch())
     try:
-        await asyncio.wait({working, watching}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
+        done, _ = await asyncio.wait({working, watching}, return_when=asyncio.FIRST_COMPLETED)
+    finally:  # also when this request itself is cancelled (server shutdown)
         watching.cancel()
         if not working.done():
             working.cancel()
-    if working.cancelled():
-        raise ClientGone
-    return working.result()
+    if working in done:
+        return working.result()
+    with contextlib.suppress(asyncio.CancelledError, Exception):
+        await working  # let the cancellation reach the measurement process
+    raise ClientGone
 
 
 def output_format(request: Request) -> str:

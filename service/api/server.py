@@ -20,12 +20,6 @@ from uvicorn.protocols.http.auto import AutoHTTPProtocol
 from forcedphot.api.settings import ENV_PREFIX, SettingsError, load_settings
 from forcedphot.photometry.backend import select_backend
 
-# In-flight requests get this long after SIGTERM, then are cancelled (their measurement
-# processes terminated); the measurement pool then gets MeasureService.close's timeout.
-# Together they stay inside Kubernetes' default 30 s + deploy/'s 45 s grace period.
-GRACEFUL_SHUTDOWN_SECONDS = 20
-
-
 class NoDelayHTTPProtocol(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
     """uvicorn's HTTP protocol with Nagle's algorithm off and a deadline for the first
     request's headers on every connection.
@@ -91,7 +85,7 @@ def run_server(*, host: str = "127.0.0.1", port: int = 8000, repository: str | N
     try:
         uvicorn.run("forcedphot.api.server:app_from_environment", factory=True, host=host, port=port, workers=workers,
                     http="forcedphot.api.server:NoDelayHTTPProtocol",
-                    timeout_keep_alive=settings.keep_alive_seconds, timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
+                    timeout_keep_alive=settings.keep_alive_seconds, timeout_graceful_shutdown=settings.shutdown_grace_seconds,
                     log_level="info")
     except SystemExit as exc:  # uvicorn exits this way when it cannot start (e.g. port in use)
         return exc.code if isinstance(exc.code, int) else 1

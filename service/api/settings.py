@@ -65,6 +65,9 @@ class Settings(BaseSettings):
     body_timeout_seconds: float = Field(30.0, gt=0, description="time to receive a request body; beyond it 408")
     header_timeout_seconds: float = Field(10.0, gt=0, description="time for a new connection to send its first request's headers")
     keep_alive_seconds: float = Field(5.0, gt=0, description="idle keep-alive connections are closed after this")
+    shutdown_grace_seconds: float = Field(20.0, ge=0, description=(
+        "after SIGTERM, how long requests in flight may finish before they are cancelled (their measurement "
+        "processes terminated); with the job runner's and the pool's 10 s each, shutdown ends within this + 20 s"))
     max_hdus: int = Field(DEFAULT_LIMITS.max_hdus, gt=0, description="HDUs a FITS file may have")
     max_image_pixels: int = Field(DEFAULT_LIMITS.max_pixels, gt=0, description="pixels an image, mask or variance plane may declare")
     max_tile_pixels: int = Field(DEFAULT_LIMITS.max_tile_pixels, gt=0, description="pixels one compression tile may declare")

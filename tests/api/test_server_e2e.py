@@ -7,12 +7,7 @@ during a job and started again completes the job.
 
 from concurrent.futures import ThreadPoolExecutor
 import io
-import os
 from pathlib import Path
-import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
 
@@ -20,75 +15,10 @@ import httpx
 import numpy as np
 import pandas as pd
 import pytest
+from server_helpers import Server, demo_request, many_objects, visit_dir
 from service_helpers import assert_same_catalog, wait_until
 
 from forcedphot.cli import main as cli_main
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """``python -m forcedphot.cli serve`` in a subprocess with its own data directory."""
-
-    def __init__(self, data_dir: Path, *args: str, **env: str):
-        self.data_dir, self.port, self.args = data_dir, free_port(), list(args)
-        self.env = {**os.environ, "FORCEDPHOT_DATA_DIR": str(data_dir), "FORCEDPHOT_BACKEND": "numpy", **env}
-        for key in ("FORCEDPHOT_REPOSITORY_ROOTS", "FORCEDPHOT_API_KEYS", "FORCEDPHOT_CONFIG_FILE"):
-            self.env.pop(key, None)
-        self.log = data_dir / f"server-{self.port}.log"
-        self.process: subprocess.Popen | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self) -> "Server":
-        with open(self.log, "wb") as log:
-            self.process = subprocess.Popen([sys.executable, "-m", "forcedphot.cli", "serve", "--port", str(self.port), *self.args],
-                                            env=self.env, stdout=log, stderr=subprocess.STDOUT)
-        try:
-            wait_until(self._ready, timeout=90, interval=0.2)
-        except AssertionError:
-            self.stop()
-            raise AssertionError(f"server did not become ready; log:\n{self.log.read_text()[-3000:]}") from None
-        return self
-
-    def _ready(self) -> bool:
-        assert self.process.poll() is None, f"server exited: {self.log.read_text()[-3000:]}"
-        try:
-            return httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200
-        except httpx.TransportError:
-            return False
-
-    def descendants(self) -> list[int]:
-        """Process ids of the server's children and their children (Linux /proc)."""
-        found, todo = [], [self.process.pid]
-        while todo:
-            pid = todo.pop()
-            for task in Path(f"/proc/{pid}/task").glob("*"):
-                try:
-                    children = [int(c) for c in (task / "children").read_text().split()]
-                except OSError:
-                    continue
-                found += children
-                todo += children
-        return found
-
-    def kill(self) -> None:
-        self.process.send_signal(signal.SIGKILL)
-        self.process.wait(10)
-
-    def stop(self) -> None:
-        if self.process and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                self.kill()
 
 
 @pytest.fixture(scope="module")
@@ -112,26 +42,6 @@ def demo(server):
     visits = info["demo"]
     assert len(visits) == 2 and info["settings"]["demo_size"] == 2048
     return visits
-
-
-def demo_request(visit: dict, objects=None) -> dict:
-    ref = {"visit": visit["visit"], "detector": visit["detector"]}
-    return {"exposure": {**ref, "datasetType": "calexp"}, "difference": {**ref, "datasetType": "difference"},
-            "objects": objects or {"uri": visit["objects"]}}
-
-
-def visit_dir(data_dir: Path, visit: dict) -> Path:
-    return data_dir / "demo-repository" / str(visit["visit"]) / str(visit["detector"])
-
-
-def many_objects(data_dir: Path, visit: dict, n: int) -> list[dict]:
-    """``n`` DiaObjects spread over the demo detector (inside the truth table's sky box)."""
-    truth = pd.read_parquet(visit_dir(data_dir, visit) / "truth.parquet")
-    on = truth[truth["on_detector"]]
-    rng = np.random.default_rng(5)
-    ra = rng.uniform(on["ra"].min(), on["ra"].max(), n)
-    dec = rng.uniform(on["dec"].min(), on["dec"].max(), n)
-    return [{"diaObjectId": int(i) + 1, "ra": float(r), "dec": float(d)} for i, r, d in zip(range(n), ra, dec)]
 
 
 def test_demo_request_equals_forcedphot_measure(server, demo, data_dir, tmp_path):
