@@ -126,7 +126,8 @@ def install_problem_handlers(app: FastAPI) -> None:
         slug = HTTPStatus(exc.status_code).phrase.lower().replace(" ", "-").replace("'", "")
         return problem_response(request, Problem(exc.status_code, slug, detail, headers=dict(exc.headers or {})))
 
-    for kind in (Problem, RepositoryError, InputError, ExposureError, PsfError, ValidationError, MeasurementProcessDied, MeasurementTimedOut, Exception):
+    for kind in (Problem, RepositoryError, InputError, ExposureError, PsfError, ValidationError, MeasurementProcessDied, MeasurementTimedOut,
+                 sqlite3.Error, OSError, Exception):
         app.add_exception_handler(kind, on_problem)
     app.add_exception_handler(RequestValidationError, on_validation)
     app.add_exception_handler(StarletteHTTPException, on_http)
