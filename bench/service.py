@@ -110,12 +110,14 @@ MODES = {  # name -> (uvicorn workers or None for one per core, environment)
 class Server:
     """A ``forcedphot serve`` process on the loopback interface."""
 
-    def __init__(self, root: Path, mode: str, key: str):
+    def __init__(self, root: Path, mode: str, key: str, **settings: str):
+        """``settings``: extra ``FORCEDPHOT_*`` variables, e.g. ``REQUEST_TIME_LIMIT_SECONDS="2"``."""
         workers, mode_env = MODES[mode]
         self.port = free_port()
         self.data = tempfile.TemporaryDirectory(prefix="forcedphot-bench-")
-        env = dict(os.environ, FORCEDPHOT_API_KEYS=key, FORCEDPHOT_BACKEND="numpy", FORCEDPHOT_DATA_DIR=self.data.name,
-                   FORCEDPHOT_MAX_CONCURRENT_REQUESTS="64", FORCEDPHOT_MEASURE_THREADS="32", **mode_env)
+        env = {**os.environ, "FORCEDPHOT_API_KEYS": key, "FORCEDPHOT_BACKEND": "numpy", "FORCEDPHOT_DATA_DIR": self.data.name,
+               "FORCEDPHOT_MAX_CONCURRENT_REQUESTS": "64", "FORCEDPHOT_MEASURE_THREADS": "32", **mode_env,
+               **{f"FORCEDPHOT_{name}": value for name, value in settings.items()}}
         cli = Path(sys.executable).with_name("forcedphot")
         self.process = subprocess.Popen([str(cli), "serve", "--port", str(self.port), "--repository", str(root),
                                          "--workers", str(workers or os.cpu_count())],
