@@ -1,4 +1,4 @@
-"""Command line: ``forcedphot measure``, ``forcedphot demo``, ``forcedphot serve``.
+"""Command line: ``forcedphot measure``, ``lightcurve``, ``index``, ``demo``, ``serve``.
 
 Errors in the caller's input (tables, FITS files, PSF files, options) print one line
 naming the problem and exit with code 2; nothing prints a traceback for them.
@@ -6,6 +6,7 @@ naming the problem and exit with code 2; nothing prints a traceback for them.
 
 import argparse
 from contextlib import ExitStack
+from pathlib import Path
 import sys
 import time
 
@@ -17,9 +18,11 @@ from forcedphot.photometry.formats import write_catalog
 from forcedphot.photometry.objects import InputError, read_objects
 from forcedphot.photometry.psf_models import PsfError, choose_psf
 from forcedphot.serving.allocator import keep_temporaries_on_heap
+from forcedphot.serving.repository import DEFAULT_PATH_TEMPLATE
 from forcedphot.version import __version__
 
 USAGE_ERROR = 2
+DEFAULT_INDEX = ".forcedphot/index.sqlite"
 
 
 def _radii(text: str) -> tuple[float, ...]:
@@ -79,11 +82,76 @@ def _measure(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from forcedphot.demo.visit import make_demo_visit
+    start = time.perf_counter()
+    if args.visits > 1:
+        from forcedphot.demo.survey import make_demo_survey
+
+        written = make_demo_survey(args.directory, visits=args.visits, size=args.size or 512, n_objects=args.objects or 200,
+                                   seed=args.seed)
+        what = "demo repository"
+    else:
+        from forcedphot.demo.visit import make_demo_visit
+
+        written = make_demo_visit(args.directory, size=args.size or 4096, n_objects=args.objects or 2000, seed=args.seed)
+        what = "demo visit"
+    print(f"{what} written to {args.directory} in {time.perf_counter() - start:.1f} s: {written}")
+    return 0
+
+
+def _index_path(args: argparse.Namespace) -> Path:
+    return Path(args.index) if args.index else Path(args.repository) / DEFAULT_INDEX
+
+
+def _open_index(args: argparse.Namespace):
+    from forcedphot.serving.index import ExposureIndex
+
+    if not Path(args.repository).is_dir():
+        raise ValueError(f"repository {args.repository} is not a directory")
+    index = ExposureIndex(_index_path(args))
+    return index, index.refresh([Path(args.repository)], args.template)
+
+
+def _index(args: argparse.Namespace) -> int:
+    index, report = _open_index(args)
+    print(f"{_index_path(args)}: {index.count()} exposures; {report}")
+    return 0
+
+
+def _lightcurve(args: argparse.Namespace) -> int:
+    import pandas as pd
+
+    from forcedphot.photometry.objects import validate_objects
+    from forcedphot.serving.executor import MeasureService
+    from forcedphot.serving.exposure_cache import ExposureCache
+    from forcedphot.serving.lightcurves import plan_lightcurves
 
     start = time.perf_counter()
-    visit = make_demo_visit(args.directory, size=args.size, n_objects=args.objects, seed=args.seed)
-    print(f"demo visit written to {args.directory} in {time.perf_counter() - start:.1f} s: {visit}")
+    if args.objects:
+        objects = read_objects(args.objects)
+    elif args.ra is not None and args.dec is not None:
+        objects = validate_objects(pd.DataFrame({"diaObjectId": [0], "ra": [args.ra], "dec": [args.dec]}))
+    else:
+        raise ValueError("give --objects FILE, or --ra and --dec (degrees)")
+    config = MeasurementConfig(apertures_px=args.apertures or MeasurementConfig().apertures_px, backend=args.backend)
+    index, report = _open_index(args)
+    task = plan_lightcurves(index, objects, config, mjd_min=args.mjd_min, mjd_max=args.mjd_max, bands=args.band, psf_fwhm=args.psf_fwhm)
+    service = MeasureService(ExposureCache(0), select_backend(config.backend), threads=1)
+    try:
+        result = service.run_lightcurves(task)
+    finally:
+        service.close()
+    write_catalog(result.table, {"lightcurves": result.provenance, "errors": result.errors}, args.output)
+    if args.plot:
+        from forcedphot.photometry.formats import to_pandas
+        from forcedphot.photometry.plot import plot_lightcurves
+
+        plot_lightcurves(to_pandas(result.table), args.plot)
+    n_objects = len(set(result.table.column("diaObjectId").to_pylist()))
+    print(f"{len(objects)} objects, {len(task.epochs)} covering exposures ({index.count()} indexed; {report.added + report.updated} "
+          f"read now); {result.table.num_rows} measurements of {n_objects} objects -> {args.output} in "
+          f"{time.perf_counter() - start:.2f} s" + (f"; plot -> {args.plot}" if args.plot else ""))
+    for error in result.errors:
+        print(f"  not measured: {error['exposure']}: {error['detail']}", file=sys.stderr)
     return 0
 
 
@@ -91,6 +159,12 @@ def _serve(args: argparse.Namespace) -> int:
     from forcedphot.api.server import run_server
 
     return run_server(host=args.host, port=args.port, repository=args.repository, workers=args.workers)
+
+
+def _repository_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("repository", help="repository root directory")
+    parser.add_argument("--template", default=DEFAULT_PATH_TEMPLATE, help=f"path template of the files (default {DEFAULT_PATH_TEMPLATE})")
+    parser.add_argument("--index", help=f"index file (default REPOSITORY/{DEFAULT_INDEX}); re-running adds new and changed files only")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -113,12 +187,35 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"memory bound per cutout batch, MiB (default {DEFAULT_BATCH_BYTES // 2**20})")
     m.set_defaults(run=_measure)
 
-    d = commands.add_parser("demo", help="write a synthetic LSST-layout visit with DiaObjects and truth")
+    d = commands.add_parser("demo", help="write a synthetic LSST-layout visit, or a repository of many visits (--visits)")
     d.add_argument("directory", help="output directory")
-    d.add_argument("--size", type=int, default=4096, help="image side, pixels (default 4096)")
-    d.add_argument("--objects", type=int, default=2000, help="number of DiaObjects (default 2000)")
-    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--visits", type=int, default=1,
+                   help="visits to write (default 1: one visit in DIRECTORY; more: a repository of dithered g/r visits over 60 days "
+                        "with variable DiaObjects, in the path template {visit}/{detector}/{datasetType}.fits)")
+    d.add_argument("--size", type=int, help="image side, pixels (default 4096, or 512 for a repository)")
+    d.add_argument("--objects", type=int, help="number of DiaObjects (default 2000, or 200 for a repository)")
+    d.add_argument("--seed", type=int, default=0, help="random seed; the same seed writes the same files")
     d.set_defaults(run=_demo)
+
+    i = commands.add_parser("index", help="index a repository's exposures (sky footprints, times, bands) for light curves")
+    _repository_arguments(i)
+    i.set_defaults(run=_index)
+
+    c = commands.add_parser("lightcurve", help="measure objects on every indexed exposure that covers them")
+    _repository_arguments(c)
+    where = c.add_argument_group("what to measure (--objects, or --ra and --dec)")
+    where.add_argument("--objects", help="DiaObject table: parquet, CSV or JSON with diaObjectId, ra, dec (deg)")
+    where.add_argument("--ra", type=float, help="right ascension of one position, deg (diaObjectId 0)")
+    where.add_argument("--dec", type=float, help="declination of one position, deg")
+    c.add_argument("--mjd-min", type=float, help="earliest exposure midpoint, MJD (TAI)")
+    c.add_argument("--mjd-max", type=float, help="latest exposure midpoint, MJD (TAI)")
+    c.add_argument("--band", action="append", help="only this band (repeat for several)")
+    c.add_argument("--psf-fwhm", type=float, help="Gaussian PSF FWHM, pixels (default: each exposure's PSF_FWHM keyword)")
+    c.add_argument("--apertures", type=_radii, help="aperture radii in pixels, e.g. 3,6,12 (default 3,4.5,6,9,12)")
+    c.add_argument("--backend", choices=("auto", "numpy", "cupy"), default="auto", help="array backend (default auto)")
+    c.add_argument("-o", "--output", required=True, help="table to write (.parquet, .csv or .json), one row per measurement")
+    c.add_argument("--plot", help="also draw the light curves (flux vs time per band) to this PNG")
+    c.set_defaults(run=_lightcurve)
 
     s = commands.add_parser("serve", help="run the HTTP service (an embedded demo repository when none is given)")
     s.add_argument("--host", default="127.0.0.1")

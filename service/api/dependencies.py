@@ -4,8 +4,8 @@ the answer's format."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Awaitable
+import contextlib
 from contextlib import asynccontextmanager
 from typing import Annotated, TypeVar
 

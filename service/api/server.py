@@ -20,6 +20,7 @@ from uvicorn.protocols.http.auto import AutoHTTPProtocol
 from forcedphot.api.settings import ENV_PREFIX, SettingsError, load_settings
 from forcedphot.photometry.backend import select_backend
 
+
 class NoDelayHTTPProtocol(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
     """uvicorn's HTTP protocol with Nagle's algorithm off and a deadline for the first
     request's headers on every connection.

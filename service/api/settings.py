@@ -24,9 +24,9 @@ from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource
 
 from forcedphot.photometry.config import DEFAULT_BATCH_BYTES
 from forcedphot.photometry.exposure import DEFAULT_LIMITS, ExposureLimits
+from forcedphot.serving.repository import DEFAULT_PATH_TEMPLATE
 
 ENV_PREFIX = "FORCEDPHOT_"
-DEFAULT_PATH_TEMPLATE = "{visit}/{detector}/{datasetType}.fits"
 MiB = 2**20
 
 

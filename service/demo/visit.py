@@ -64,7 +64,8 @@ SATURATION = 60000.0  # raw counts
 TEMPLATE_COADD_VISITS = 4
 EDGE_WIDTH = 8  # px
 ORIGIN = (1017, 2046)  # parent X0, Y0
-BAND, PHYSICAL_FILTER, DETNAME = "r", "r_57", "R22_S11"
+BAND, DETNAME = "r", "R22_S11"
+PHYSICAL_FILTERS = {"g": "g_6", "r": "r_57", "i": "i_39"}
 MIDPOINT = Time(61041.21875, format="mjd", scale="tai")
 EXPOSURE_TIME = 30.0
 FWHM_PER_SIGMA = 2.0 * math.sqrt(2.0 * math.log(2.0))
@@ -138,11 +139,11 @@ def _render(shape: tuple[int, int], x: np.ndarray, y: np.ndarray, flux: np.ndarr
     return total.reshape(shape)
 
 
-def _magnitudes_to_counts(mag: np.ndarray) -> np.ndarray:
+def magnitudes_to_counts(mag: np.ndarray) -> np.ndarray:
     return 10.0 ** (-0.4 * (mag - ZERO_POINT_MAG))
 
 
-def _field_stars(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def field_stars(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Static stars: counts rising as 10^(0.3 m) from 16 to 23 mag, plus a few bright
     (11.5 - 13.5 mag) stars that saturate. Returns local x, y and flux in counts."""
     area = (size / 4096.0) ** 2
@@ -153,7 +154,7 @@ def _field_stars(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.nd
     lo, hi = 10.0 ** (0.3 * 16.0), 10.0 ** (0.3 * 23.0)
     mag = np.concatenate([np.log10(lo + u * (hi - lo)) / 0.3, rng.uniform(11.5, 13.5, n_bright)])
     n = n_faint + n_bright
-    return rng.uniform(-10, size + 10, n), rng.uniform(-10, size + 10, n), _magnitudes_to_counts(mag)
+    return rng.uniform(-10, size + 10, n), rng.uniform(-10, size + 10, n), magnitudes_to_counts(mag)
 
 
 def _object_positions(rng: np.random.Generator, n: int, size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -181,8 +182,8 @@ def _object_fluxes(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.nda
     """Template and difference flux (counts) of the DiaObjects: 20 % hostless, hosts of
     19 - 24 mag; 20 % not varying, the rest brightening or fading by 19.5 - 23.5 mag
     (a fade never takes more than the template flux)."""
-    template = np.where(rng.random(n) < 0.2, 0.0, _magnitudes_to_counts(rng.uniform(19.0, 24.0, n)))
-    change = _magnitudes_to_counts(rng.uniform(19.5, 23.5, n)) * np.where(rng.random(n) < 0.5, -1.0, 1.0)
+    template = np.where(rng.random(n) < 0.2, 0.0, magnitudes_to_counts(rng.uniform(19.0, 24.0, n)))
+    change = magnitudes_to_counts(rng.uniform(19.5, 23.5, n)) * np.where(rng.random(n) < 0.5, -1.0, 1.0)
     change = np.where(change < -template, -template * rng.uniform(0.2, 1.0, n), change)
     change = np.where(rng.random(n) < 0.2, 0.0, change)
     return template, change
@@ -202,6 +203,73 @@ def _cosmic_rays(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.nd
     rows = np.clip(np.rint(y[keep]).astype(np.int64), 0, size - 1)
     counts = rng.uniform(300.0, 5000.0, int(keep.sum()))
     return rows, cols, counts
+
+
+@dataclass(frozen=True)
+class VisitImages:
+    """The pixels of one synthetic visit (counts), before they are written."""
+
+    science: np.ndarray
+    science_variance: np.ndarray
+    difference: np.ndarray
+    difference_variance: np.ndarray
+    mask: np.ndarray
+    n_saturated: int
+    n_cosmic_ray: int
+
+
+def render_visit(rng: np.random.Generator, size: int, sigma: float, stars: tuple, objects: tuple) -> VisitImages:
+    """Science and difference images of one visit (see the module docstring).
+
+    ``stars`` is ``(x, y, flux)`` and ``objects`` ``(x, y, template_flux, change_flux)``,
+    local pixel positions and counts; ``sigma`` the Gaussian PSF width in pixels.
+    """
+    star_x, star_y, star_flux = stars
+    obj_x, obj_y, template_flux, change_flux = objects
+    shape = (size, size)
+    all_x = np.concatenate([star_x, obj_x])
+    all_y = np.concatenate([star_y, obj_y])
+    template_model = _render(shape, all_x, all_y, np.concatenate([star_flux, template_flux]), sigma)
+    change_model = _render(shape, obj_x, obj_y, change_flux, sigma)
+    science_model = template_model + change_model
+
+    science_var = SKY + science_model + READ_NOISE**2
+    science = science_model + np.sqrt(science_var) * rng.standard_normal(shape, dtype=np.float32)
+    template_var = (SKY + template_model + READ_NOISE**2) / TEMPLATE_COADD_VISITS
+    template = template_model + np.sqrt(template_var) * rng.standard_normal(shape, dtype=np.float32)
+
+    mask = np.zeros(shape, np.int32)
+    rows, cols, counts = _cosmic_rays(rng, size)
+    np.add.at(science, (rows, cols), counts)
+    mask[rows, cols] |= 1 << BITS["CR"]
+    bad_cols = rng.choice(np.arange(EDGE_WIDTH, size - EDGE_WIDTH), size=max(1, size // 1024), replace=False)
+    science[:, bad_cols] += 300.0  # hot columns
+    mask[:, bad_cols] |= 1 << BITS["BAD"]
+    saturated = science + SKY >= SATURATION
+    science[saturated] = SATURATION - SKY
+    mask[saturated] |= 1 << BITS["SAT"]
+    edge = np.zeros(shape, bool)
+    edge[:EDGE_WIDTH, :] = edge[-EDGE_WIDTH:, :] = True
+    edge[:, :EDGE_WIDTH] = edge[:, -EDGE_WIDTH:] = True
+    mask[edge] |= 1 << BITS["EDGE"]
+    return VisitImages(science, science_var, science - template, science_var + template_var, mask,
+                       int(saturated.sum()), len(np.unique(rows * size + cols)))
+
+
+def write_visit(out: Path, images: VisitImages, wcs: WCS, *, visit: int, detector: int, band: str, midpoint: Time,
+                fwhm_pixels: float) -> None:
+    """Write ``calexp.fits`` and ``difference.fits`` of one visit into ``out`` (LSST layout)."""
+    metadata = afw_visit_metadata(
+        visit=visit, detector=detector, band=band, midpoint=midpoint, exposure_time=EXPOSURE_TIME,
+        physical_filter=PHYSICAL_FILTERS[band],
+    )
+    metadata["DETNAME"] = DETNAME
+    metadata[PSF_FWHM_KEYWORD] = (float(fwhm_pixels), "[pixel] FWHM of the Gaussian PSF (demo)")
+    x0, y0 = ORIGIN
+    common = dict(mask_planes=BITS, x0=x0, y0=y0, calibration_mean=CALIBRATION_NJY_PER_COUNT,
+                  calibration_err=0.005 * CALIBRATION_NJY_PER_COUNT, metadata=metadata)
+    write_lsst_exposure(out / "calexp.fits", images.science, images.science_variance, images.mask, wcs, **common)
+    write_lsst_exposure(out / "difference.fits", images.difference, images.difference_variance, images.mask, wcs, **common)
 
 
 def make_demo_visit(
@@ -236,51 +304,15 @@ def make_demo_visit(
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     sigma = fwhm_pixels / FWHM_PER_SIGMA
-    shape = (size, size)
     wcs = demo_wcs(size)
 
-    star_x, star_y, star_flux = _field_stars(rng, size)
+    star_x, star_y, star_flux = field_stars(rng, size)
     obj_x, obj_y = _object_positions(rng, n_objects, size)
     template_flux, change_flux = _object_fluxes(rng, n_objects)
-
-    all_x = np.concatenate([star_x, obj_x])
-    all_y = np.concatenate([star_y, obj_y])
-    template_model = _render(shape, all_x, all_y, np.concatenate([star_flux, template_flux]), sigma)
-    change_model = _render(shape, obj_x, obj_y, change_flux, sigma)
-    science_model = template_model + change_model
-
-    science_var = SKY + science_model + READ_NOISE**2
-    science = science_model + np.sqrt(science_var) * rng.standard_normal(shape, dtype=np.float32)
-    template_var = (SKY + template_model + READ_NOISE**2) / TEMPLATE_COADD_VISITS
-    template = template_model + np.sqrt(template_var) * rng.standard_normal(shape, dtype=np.float32)
-
-    mask = np.zeros(shape, np.int32)
-    rows, cols, counts = _cosmic_rays(rng, size)
-    np.add.at(science, (rows, cols), counts)
-    mask[rows, cols] |= 1 << BITS["CR"]
-    bad_cols = rng.choice(np.arange(EDGE_WIDTH, size - EDGE_WIDTH), size=max(1, size // 1024), replace=False)
-    science[:, bad_cols] += 300.0  # hot columns
-    mask[:, bad_cols] |= 1 << BITS["BAD"]
-    saturated = science + SKY >= SATURATION
-    science[saturated] = SATURATION - SKY
-    mask[saturated] |= 1 << BITS["SAT"]
-    edge = np.zeros(shape, bool)
-    edge[:EDGE_WIDTH, :] = edge[-EDGE_WIDTH:, :] = True
-    edge[:, :EDGE_WIDTH] = edge[:, -EDGE_WIDTH:] = True
-    mask[edge] |= 1 << BITS["EDGE"]
-
-    metadata = afw_visit_metadata(
-        visit=visit, detector=detector, band=BAND, midpoint=MIDPOINT, exposure_time=EXPOSURE_TIME,
-        physical_filter=PHYSICAL_FILTER,
-    )
-    metadata["DETNAME"] = DETNAME
-    metadata[PSF_FWHM_KEYWORD] = (float(fwhm_pixels), "[pixel] FWHM of the Gaussian PSF (demo)")
-    x0, y0 = ORIGIN
-    common = dict(mask_planes=BITS, x0=x0, y0=y0, calibration_mean=CALIBRATION_NJY_PER_COUNT,
-                  calibration_err=0.005 * CALIBRATION_NJY_PER_COUNT, metadata=metadata)
+    images = render_visit(rng, size, sigma, (star_x, star_y, star_flux), (obj_x, obj_y, template_flux, change_flux))
     paths = {name: out / name for name in ("calexp.fits", "difference.fits", "diaObjects.parquet", "truth.parquet")}
-    write_lsst_exposure(paths["calexp.fits"], science, science_var, mask, wcs, **common)
-    write_lsst_exposure(paths["difference.fits"], science - template, science_var + template_var, mask, wcs, **common)
+    write_visit(out, images, wcs, visit=visit, detector=detector, band=BAND, midpoint=MIDPOINT, fwhm_pixels=fwhm_pixels)
+    x0, y0 = ORIGIN
 
     ra, dec = wcs.all_pix2world(obj_x, obj_y, 0)
     ids = np.sort(rng.choice(2**40, size=n_objects, replace=False)).astype(np.int64) + 600_000_000_000_000_000
@@ -300,5 +332,5 @@ def make_demo_visit(
         detector=int(detector), size=size, x0=x0, y0=y0, fwhm_pixels=float(fwhm_pixels),
         calibration_mean=CALIBRATION_NJY_PER_COUNT, n_objects=n_objects,
         n_on_detector=int(on_detector.sum()), n_stars=len(star_flux),
-        n_saturated_pixels=int(saturated.sum()), n_cosmic_ray_pixels=len(np.unique(rows * size + cols)),
+        n_saturated_pixels=images.n_saturated, n_cosmic_ray_pixels=images.n_cosmic_ray,
     )

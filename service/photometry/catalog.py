@@ -9,13 +9,15 @@ request path); each column's unit is in its field metadata. Writing it is
 :mod:`forcedphot.photometry.formats`'s job.
 """
 
+from types import SimpleNamespace
+
 from astropy.time import Time
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 
 from forcedphot.kernels import PsfFluxResult
-from forcedphot.photometry.runner import PIXEL_FLAG_NAMES, KernelResults
+from forcedphot.photometry.runner import PIXEL_FLAG_NAMES, KernelResults, unmeasured
 
 _MASK63 = np.uint64((1 << 63) - 1)
 
@@ -196,3 +198,14 @@ def build_catalog(
 
 def _now_mjd_tai() -> float:
     return float(Time.now().tai.mjd)
+
+
+def empty_catalog(apertures_px) -> pa.Table:
+    """A catalog of no rows, with every column and unit (for answers that found nothing)."""
+    nothing = SimpleNamespace(calibration_mean=np.nan, calibration_err=np.nan, visit=None, detector=None,
+                              midpoint_mjd_tai=None, band=None)
+    empty = np.zeros(0)
+    return build_catalog(pd.DataFrame({"diaObjectId": np.zeros(0, np.int64), "ra": empty, "dec": empty}), empty, empty,
+                         unmeasured(0, len(apertures_px)), on_image=np.zeros(0, bool), coord_valid=np.zeros(0, bool),
+                         cd_matrix=np.zeros((0, 2, 2)), primary=nothing, apertures_px=apertures_px)
+

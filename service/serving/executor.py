@@ -24,7 +24,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 import multiprocessing
 import multiprocessing.connection
@@ -33,19 +33,21 @@ from pathlib import Path
 import threading
 import time
 
+import numpy as np
 import pandas as pd
 import pebble
 
 from forcedphot.photometry.backend import Backend, select_backend
 from forcedphot.photometry.config import MeasurementConfig
-from forcedphot.photometry.exposure import DEFAULT_LIMITS, ExposureLimits, open_exposure
+from forcedphot.photometry.exposure import DEFAULT_LIMITS, ExposureError, ExposureLimits, open_exposure
 from forcedphot.photometry.formats import encode_catalog
+from forcedphot.photometry.lightcurve import Epoch, LightCurves, measure_epochs, merge_lightcurves
 from forcedphot.photometry.measure import Measurement, measure
-from forcedphot.photometry.psf_models import choose_psf
+from forcedphot.photometry.psf_models import PsfError, choose_psf
 from forcedphot.photometry.runner import run_directly
 from forcedphot.serving.allocator import keep_temporaries_on_heap
 from forcedphot.serving.batching import KernelBatcher
-from forcedphot.serving.exposure_cache import ExposureCache
+from forcedphot.serving.exposure_cache import ExposureCache, HandleCache
 
 
 @dataclass(frozen=True)
@@ -67,6 +69,30 @@ class MeasureTask:
     difference: ExposureInput | None = None
     psf_fwhm: float | None = None  # pixels; None: the exposure's PSF_FWHM keyword
     psf_path: Path | None = None
+
+
+@dataclass(frozen=True)
+class EpochInput:
+    """One exposure of a light curve and the rows of the objects it covers."""
+
+    science: ExposureInput
+    difference: ExposureInput | None
+    rows: np.ndarray = field(repr=False)
+
+
+@dataclass(frozen=True)
+class LightCurveTask:
+    """Everything a light curve needs: the objects, the epochs that cover them, how to measure."""
+
+    epochs: list[EpochInput]
+    objects: pd.DataFrame = field(repr=False)
+    config: MeasurementConfig
+    psf_fwhm: float | None = None  # pixels; None: each exposure's PSF_FWHM keyword
+
+    def chunks(self, n: int) -> list[LightCurveTask]:
+        """``n`` tasks sharing the epochs round-robin (epochs are in time order, so each
+        chunk gets a similar mix)."""
+        return [LightCurveTask(self.epochs[i::n], self.objects, self.config, self.psf_fwhm) for i in range(n) if self.epochs[i::n]]
 
 
 @dataclass
@@ -106,6 +132,7 @@ class MeasureService:
         self._execute = batcher.execute if batcher is not None else run_directly
         self._executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="measure")
         self.processes = processes
+        self.handles = HandleCache(limits=limits)
         self._pool = pebble.ProcessPool(max_workers=processes, initializer=_start_process,
                                         initargs=(backend.name, cache.max_bytes // processes, limits),
                                         context=multiprocessing.get_context("spawn")) if processes else None
@@ -143,6 +170,43 @@ class MeasureService:
         start = time.perf_counter()
         body = encode_catalog(outcome.measurement.table, outcome.measurement.provenance, fmt)
         return outcome, body, time.perf_counter() - start
+
+    def run_lightcurves(self, task: LightCurveTask) -> LightCurves:
+        """Measure every epoch of ``task`` in the calling thread (files through the handle
+        cache); epochs whose files cannot be read are reported, not fatal."""
+
+        def epoch(item: EpochInput) -> Epoch:
+            @contextmanager
+            def files():
+                with ExitStack() as stack:
+                    science = stack.enter_context(self.handles.lease(item.science.path, item.science.label))
+                    difference = stack.enter_context(self.handles.lease(item.difference.path, item.difference.label)) if item.difference else None
+                    yield science, difference
+
+            return Epoch(label=(item.difference or item.science).label, open=files, objects=task.objects.iloc[item.rows],
+                         psf=lambda science: choose_psf(science.header, item.science.label, fwhm_pixels=task.psf_fwhm))
+
+        return measure_epochs((epoch(item) for item in task.epochs), task.config, backend=self.backend, execute=self._execute,
+                              errors_of=(ExposureError, PsfError))
+
+    async def measure_lightcurves(self, task: LightCurveTask) -> LightCurves:
+        """:meth:`run_lightcurves` off the event loop: the epochs shared out over the
+        measurement processes (each with its own handles), else on the thread pool."""
+        if self._pool is None:
+            return await asyncio.wrap_future(self._executor.submit(self.run_lightcurves, task))
+        futures = [self._pool.schedule(_run_lightcurves_in_process, args=(chunk,), timeout=self.time_limit)
+                   for chunk in task.chunks(self.processes)]
+        try:
+            parts = await asyncio.gather(*(asyncio.wrap_future(f) for f in futures))
+        except TimeoutError:
+            raise MeasurementTimedOut(f"the light curves took longer than the {self.time_limit:g} s allowed a request; "
+                                      "ask for fewer objects or a shorter time range, or submit a job") from None
+        except pebble.ProcessExpired:
+            raise MeasurementProcessDied("a measurement process exited during the request; retry it") from None
+        finally:
+            for future in futures:
+                future.cancel()
+        return merge_lightcurves(parts, task.config)
 
     async def measure_encoded(self, task: MeasureTask, fmt: str) -> tuple[MeasureOutcome, bytes, float]:
         """:meth:`run_encoded` off the event loop: in a measurement process, else on the thread pool.
@@ -199,6 +263,10 @@ def _start_process(backend_name: str, cache_bytes: int, limits: ExposureLimits) 
 
 def _process_ready() -> bool:
     return _PROCESS_SERVICE is not None
+
+
+def _run_lightcurves_in_process(task: LightCurveTask) -> LightCurves:
+    return _PROCESS_SERVICE.run_lightcurves(task)
 
 
 def _run_encoded_in_process(task: MeasureTask, fmt: str) -> tuple[MeasureOutcome, bytes, float]:

@@ -154,3 +154,51 @@ class ExposureCache:
         self._entries[key] = entry
         self._bytes += entry.nbytes
 
+
+
+class HandleCache:
+    """An LRU of open, memory-mapped exposures (headers, WCS and file handles; no pixels
+    read), bounded in count. For light curves: one cutout from each of many files, where
+    reading whole planes would waste the time and the memory.
+
+    A handle is used by one thread at a time (:meth:`lease` holds its lock); a replaced
+    file (other size, mtime or inode) is opened again.
+    """
+
+    def __init__(self, max_open: int = 128, limits: ExposureLimits = DEFAULT_LIMITS):
+        self.max_open, self.limits = max_open, limits
+        self._open: OrderedDict[tuple, tuple[Exposure, threading.Lock]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    @contextmanager
+    def lease(self, path: str | os.PathLike, name: str | None = None) -> Iterator[Exposure]:
+        name = name or os.fspath(path)
+        try:
+            key = _file_key(Path(path))
+        except OSError as exc:
+            raise ExposureError(f"{name}: cannot read: {exc.strerror}") from None
+        with self._lock:
+            entry = self._open.get(key)
+            if entry is not None:
+                self._open.move_to_end(key)
+        if entry is None:
+            opened = (open_exposure(path, name=name, limits=self.limits), threading.Lock())
+            with self._lock:
+                entry = self._open.setdefault(key, opened)  # another thread may have opened it meanwhile
+                while len(self._open) > self.max_open:
+                    _, (evicted, lock) = self._open.popitem(last=False)
+                    with lock:
+                        evicted.close()
+            if entry is not opened:
+                opened[0].close()
+        exposure, lock = entry
+        with lock:
+            yield exposure
+
+    def close(self) -> None:
+        """Close every handle."""
+        with self._lock:
+            while self._open:
+                _, (exposure, lock) = self._open.popitem()
+                with lock:
+                    exposure.close()

@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*:")
 MAX_URI_LENGTH = 1024
+DEFAULT_PATH_TEMPLATE = "{visit}/{detector}/{datasetType}.fits"
 
 
 class UriRef(BaseModel):
