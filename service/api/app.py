@@ -19,9 +19,9 @@ from starlette.concurrency import run_in_threadpool
 from forcedphot.api.body_limit import BodyLimitMiddleware
 from forcedphot.api.metrics import MetricsMiddleware
 from forcedphot.api.problems import install_problem_handlers
-from forcedphot.api.routes import jobs, operations, photometry
+from forcedphot.api.routes import jobs, lightcurves, operations, photometry
 from forcedphot.api.runtime import ServiceRuntime
-from forcedphot.api.schemas import MeasureRequest
+from forcedphot.api.schemas import LightCurveRequest, MeasureRequest
 from forcedphot.api.settings import Settings, load_settings
 from forcedphot.version import __version__
 
@@ -50,7 +50,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_problem_handlers(app)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(MetricsMiddleware, metrics=runtime.metrics)
-    for module in (operations, photometry, jobs):
+    for module in (operations, photometry, lightcurves, jobs):
         app.include_router(module.router)
     _install_openapi(app)
     return app
@@ -64,6 +64,10 @@ def _install_openapi(app: FastAPI) -> None:
             return app.openapi_schema
         schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
         photometry.describe_body(schema, MeasureRequest.model_json_schema(ref_template="#/components/schemas/{model}"))
+        lightcurve_schema = LightCurveRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+        components = schema["components"]["schemas"]
+        components.update(lightcurve_schema.pop("$defs", {}))
+        components["LightCurveRequest"] = lightcurve_schema
         app.openapi_schema = schema
         return schema
 

@@ -18,7 +18,7 @@ from pydantic import BaseModel, TypeAdapter, ValidationError
 from starlette.datastructures import FormData, UploadFile
 
 from forcedphot.api.problems import Problem, invalid_request
-from forcedphot.api.schemas import MeasureOptions, MeasureRequest
+from forcedphot.api.schemas import MeasureOptions, MeasureRequest, Position
 from forcedphot.photometry.config import MeasurementConfig
 from forcedphot.photometry.formats import DEFAULT_FORMAT, FORMATS, table_format
 from forcedphot.photometry.objects import InputError, read_objects, records_frame, validate_objects
@@ -98,6 +98,12 @@ class Intake:
 
     def objects(self, objects: list[dict[str, Any]] | UriRef) -> pd.DataFrame:
         return self.objects_from_ref(objects) if isinstance(objects, UriRef) else self.objects_from_records(objects)
+
+    def lightcurve_objects(self, objects: list[dict[str, Any]] | UriRef | Position) -> pd.DataFrame:
+        """The objects of a light-curve request; one position is diaObjectId 0."""
+        if isinstance(objects, Position):
+            return validate_objects(pd.DataFrame({"diaObjectId": [0], "ra": [objects.ra], "dec": [objects.dec]}), name="objects")
+        return self.objects(objects)
 
     def exposure(self, ref: ExposureRef) -> ExposureInput:
         """A repository reference -> the file to read (checked to lie inside a root)."""

@@ -20,14 +20,16 @@ from forcedphot.api.auth import ApiKeys
 from forcedphot.api.intake import Intake
 from forcedphot.api.metrics import ServiceMetrics, device_memory_reader
 from forcedphot.api.problems import Problem
-from forcedphot.api.schemas import JobRequest
+from forcedphot.api.schemas import JobRequest, LightCurveRequest
 from forcedphot.api.settings import Settings
 from forcedphot.demo.repository import DemoVisitId, ensure_demo_repository
 from forcedphot.photometry.backend import select_backend
 from forcedphot.serving.batching import KernelBatcher
-from forcedphot.serving.executor import MeasureService
+from forcedphot.serving.executor import LightCurveTask, MeasureService
 from forcedphot.serving.exposure_cache import ExposureCache
+from forcedphot.serving.index import ExposureIndex, RefreshReport
 from forcedphot.serving.jobs import STORE_ERRORS, IdempotencyConflict, Job, JobLimitReached, JobRunner, JobStore, job_spec, store_error_reason
+from forcedphot.serving.lightcurves import plan_lightcurves
 from forcedphot.serving.repository import Repository
 
 log = logging.getLogger("forcedphot.service")
@@ -86,6 +88,8 @@ class ServiceRuntime:
         reader = device_memory_reader(self.backend.name)
         if reader:
             self.metrics.watch(self.metrics.device_memory, reader)
+        self.index = ExposureIndex(settings.data_dir / "index.sqlite")
+        self.index_report: RefreshReport | None = None  # the last refresh's
         if not settings.demo_mode:
             self._repository = Repository(settings.repository_roots, settings.path_template)
 
@@ -126,6 +130,8 @@ class ServiceRuntime:
             threading.Thread(target=self._start_processes, name="measure-processes", daemon=True).start()
         if self.settings.demo_mode:
             threading.Thread(target=self._make_demo, name="demo-repository", daemon=True).start()
+        else:
+            threading.Thread(target=self._refresh_index_logged, name="index", daemon=True).start()
 
     def stop(self) -> None:
         if self.runner is not None:
@@ -147,10 +153,52 @@ class ServiceRuntime:
             log.info("preparing the demo repository in %s", s.demo_repository)
             self.demo_visits = ensure_demo_repository(s.demo_repository, visits=s.demo_visits, size=s.demo_size, objects=s.demo_objects)
             self._repository = Repository([s.demo_repository], s.path_template)
-            log.info("demo repository ready: visits %s", ", ".join(str(v.visit) for v in self.demo_visits))
+            log.info("demo repository ready: %d visits from %d", len(self.demo_visits), self.demo_visits[0].visit)
+            self._refresh_index_logged()
         except Exception as exc:  # reported by /readyz
             log.exception("the demo repository could not be written")
             self._startup_error = f"the demo repository could not be written: {store_error_reason(exc)}"
+
+    def refresh_index(self) -> RefreshReport:
+        """Bring the exposure index up to date with the repository (new and changed files)."""
+        if self._repository is None:
+            raise Problem(503, "not-ready", "the repository is not ready yet; retry shortly", headers={"Retry-After": self.retry_after()})
+        report = self.index.refresh(self._repository.roots, self.settings.path_template)
+        self.index_report = report
+        return report
+
+    def _refresh_index_logged(self) -> None:
+        try:
+            log.info("exposure index: %s", self.refresh_index())
+        except Exception:  # reported by the light-curve endpoints: the index stays as it was
+            log.exception("the exposure index could not be refreshed")
+
+    def ready_index(self) -> ExposureIndex:
+        """The exposure index, once built at least once; else 503."""
+        if self.index_report is None:
+            raise Problem(503, "index-not-ready", "the exposure index is being built; retry shortly", headers={"Retry-After": self.retry_after()})
+        return self.index
+
+    # --- light curves ----------------------------------------------------------------
+
+    def plan_lightcurves(self, intake: Intake, request: LightCurveRequest) -> LightCurveTask:
+        """Validate the request and find the epochs covering its objects."""
+        objects = intake.lightcurve_objects(request.objects)
+        return plan_lightcurves(self.ready_index(), objects, intake.config(request), mjd_min=request.mjd_min, mjd_max=request.mjd_max,
+                                bands=request.bands, psf_fwhm=request.psf_fwhm)
+
+    def submit_lightcurve_job(self, task: LightCurveTask, request: LightCurveRequest, key: str | None) -> tuple[Job, bool]:
+        """A light-curve request too large to answer at once, accepted as a job (rows sorted
+        as a light curve)."""
+        fingerprint = _fingerprint(request)
+        try:
+            earlier = self.jobs.by_key(key, fingerprint) if key is not None else None
+        except IdempotencyConflict as exc:
+            raise Problem(422, "idempotency-key-reused", str(exc)) from None
+        if earlier is not None:
+            return earlier, False
+        spec = job_spec([(e.science, e.difference) for e in task.epochs], task.config, task.psf_fwhm, order="lightcurve")
+        return self._create_job(spec, task.objects, fingerprint, key)
 
     # --- state -------------------------------------------------------------------------
 
@@ -197,7 +245,7 @@ class ServiceRuntime:
         job can only fail on the files' contents.
         """
         s = self.settings
-        fingerprint = hashlib.sha256(json.dumps(request.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
+        fingerprint = _fingerprint(request)
         try:
             earlier = self.jobs.by_key(key, fingerprint) if key is not None else None
         except IdempotencyConflict as exc:
@@ -217,6 +265,10 @@ class ServiceRuntime:
             raise Problem(422, "invalid-request", f"exposure(s) listed more than once: {'; '.join(repeated)}")
         objects = intake.objects(request.objects)
         spec = job_spec(exposures, intake.config(request), request.psf_fwhm)
+        return self._create_job(spec, objects, fingerprint, key)
+
+    def _create_job(self, spec: dict, objects, fingerprint: str, key: str | None) -> tuple[Job, bool]:
+        s = self.settings
         try:
             job, created = self.jobs.create(spec=spec, objects=objects, fingerprint=fingerprint, key=key, max_active=s.max_active_jobs)
         except JobLimitReached as exc:
@@ -239,3 +291,9 @@ class ServiceRuntime:
         self.job(job_id)
         self.runner.deleted(job_id)
         self.jobs.delete(job_id)
+
+
+def _fingerprint(request) -> str:
+    """What identifies a request for its idempotency key: its canonical JSON."""
+    return hashlib.sha256(json.dumps(request.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
+

@@ -10,7 +10,8 @@ from forcedphot.photometry.psf_models import MAX_PSF_FWHM_PX, MIN_PSF_FWHM_PX
 from forcedphot.serving.jobs import JobError, JobProgress, JobStatus
 from forcedphot.serving.repository import ExposureRef, UriRef
 
-__all__ = ["Health", "JobError", "JobExposure", "JobProgress", "JobRequest", "JobStatus", "MeasureOptions", "MeasureRequest"]
+__all__ = ["Health", "JobError", "JobExposure", "JobProgress", "JobRequest", "JobStatus", "LightCurveRequest", "MeasureOptions",
+           "MeasureRequest", "Position"]
 
 MAX_APERTURE_PX = 50.0
 MAX_APERTURES = 16
@@ -66,6 +67,31 @@ class JobRequest(MeasureOptions):
 
     exposures: list[JobExposure] = Field(min_length=1, description="exposures to measure the objects on")
     objects: Objects
+
+
+class Position(BaseModel):
+    """One sky position, measured as diaObjectId 0."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    ra: float = Field(ge=0, lt=360, allow_inf_nan=False, description="ICRS right ascension, deg")
+    dec: float = Field(ge=-90, le=90, allow_inf_nan=False, description="ICRS declination, deg")
+
+
+class LightCurveRequest(MeasureOptions):
+    """DiaObjects (or one position) measured on every indexed exposure that covers them."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+        {"objects": {"ra": 150.1, "dec": 2.2}, "mjd_min": 61040, "bands": ["g", "r"]},
+    ]})
+
+    objects: Annotated[list[ObjectRecord] | UriRef | Position, Field(
+        description="DiaObjects: inline records (diaObjectId, ra, dec), a {\"uri\": ...} table in the repository, "
+                    "or one position {\"ra\", \"dec\"}")]
+    mjd_min: float | None = Field(None, allow_inf_nan=False, description="earliest exposure midpoint, MJD (TAI)")
+    mjd_max: float | None = Field(None, allow_inf_nan=False, description="latest exposure midpoint, MJD (TAI)")
+    bands: list[Annotated[str, Field(min_length=1, max_length=16)]] | None = Field(None, min_length=1, max_length=16,
+                                                                                  description="only these bands")
 
 
 class Health(BaseModel):

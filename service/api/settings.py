@@ -85,9 +85,11 @@ class Settings(BaseSettings):
     job_stale_seconds: float = Field(15.0, gt=0, description="a running job silent this long is re-queued")
     job_max_attempts: int = Field(3, gt=0, description="runs of one job interrupted by server deaths before it fails")
     retry_after_seconds: int = Field(1, ge=0, description="Retry-After sent with 429 and 503")
-    demo_visits: int = Field(2, ge=1, le=20, description="visits in the embedded demo repository")
-    demo_size: int = Field(2048, ge=64, le=8192, description="side of each demo exposure, pixels")
-    demo_objects: int = Field(500, ge=1, le=100_000, description="DiaObjects per demo visit")
+    demo_visits: int = Field(24, ge=2, le=500, description="visits in the embedded demo repository (60 days, g and r, dithered)")
+    demo_size: int = Field(512, ge=64, le=8192, description="side of each demo exposure, pixels")
+    demo_objects: int = Field(200, ge=1, le=100_000, description="DiaObjects of the demo field")
+    max_lightcurve_pairs: int = Field(20_000, gt=0, description=(
+        "(object, exposure) pairs a light-curve request measures at once; a larger request is accepted as a job"))
 
     @field_validator("repository_roots", "api_keys", mode="before")
     @classmethod

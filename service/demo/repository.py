@@ -1,10 +1,11 @@
-"""The embedded demo repository: a few synthetic visits, written once into the data directory.
+"""The embedded demo repository: a synthetic survey, written once into the data directory.
 
 Layout (matches the default path template ``{visit}/{detector}/{datasetType}.fits``)::
 
-    <root>/<visit>/<detector>/calexp.fits, difference.fits, diaObjects.parquet, truth.parquet
+    <root>/<visit>/<detector>/calexp.fits, difference.fits, diaObjects.parquet
+    <root>/diaObjects.parquet, truth.parquet, objects.parquet
 
-Made with :func:`forcedphot.demo.make_demo_visit`. A file lock makes concurrent server
+Made with :func:`forcedphot.demo.survey.make_demo_survey`. A file lock makes concurrent server
 processes wait for one writer; a marker file records that the repository is complete and
 with which parameters, so a restart reuses it and a change of parameters rebuilds it.
 """
@@ -17,10 +18,8 @@ import json
 from pathlib import Path
 import shutil
 
-from forcedphot.demo.visit import make_demo_visit
+from forcedphot.demo.survey import DETECTOR, FIRST_VISIT, make_demo_survey
 
-FIRST_VISIT = 2026112400042
-DETECTOR = 94
 MARKER = ".complete.json"
 
 
@@ -37,7 +36,7 @@ def demo_visit_ids(visits: int) -> list[DemoVisitId]:
 
 def ensure_demo_repository(root: Path, *, visits: int, size: int, objects: int) -> list[DemoVisitId]:
     """Create the demo repository at ``root`` unless it is already complete; return its data ids."""
-    wanted = {"visits": visits, "size": size, "objects": objects, "first_visit": FIRST_VISIT, "detector": DETECTOR}
+    wanted = {"visits": visits, "size": size, "objects": objects, "first_visit": FIRST_VISIT, "detector": DETECTOR, "kind": "survey"}
     root.parent.mkdir(parents=True, exist_ok=True)
     with open(root.parent / f"{root.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -46,9 +45,7 @@ def ensure_demo_repository(root: Path, *, visits: int, size: int, objects: int) 
             return demo_visit_ids(visits)
         building = root.parent / f"{root.name}.building"
         shutil.rmtree(building, ignore_errors=True)
-        for seed, data_id in enumerate(demo_visit_ids(visits)):
-            make_demo_visit(building / str(data_id.visit) / str(data_id.detector), size=size, n_objects=objects,
-                            seed=seed, visit=data_id.visit, detector=data_id.detector)
+        make_demo_survey(building, visits=visits, size=size, n_objects=objects)
         (building / MARKER).write_text(json.dumps(wanted))
         shutil.rmtree(root, ignore_errors=True)
         building.rename(root)

@@ -33,6 +33,7 @@ from pydantic import BaseModel, Field
 from forcedphot.photometry.config import MeasurementConfig
 from forcedphot.photometry.exposure import ExposureError
 from forcedphot.photometry.formats import encode_catalog
+from forcedphot.photometry.lightcurve import sort_lightcurves
 from forcedphot.photometry.objects import InputError
 from forcedphot.photometry.psf_models import PsfError
 from forcedphot.serving.executor import ExposureInput, MeasureService, MeasureTask
@@ -316,8 +317,9 @@ def _same_request(job: Job | None, fingerprint: str) -> Job | None:
 
 
 def job_spec(exposures: list[tuple[ExposureInput, ExposureInput | None]], config: MeasurementConfig,
-             psf_fwhm: float | None) -> dict[str, Any]:
-    """What a job runs, as stored JSON: resolved files, measurement config, PSF."""
+             psf_fwhm: float | None, order: str = "exposure") -> dict[str, Any]:
+    """What a job runs, as stored JSON: resolved files, measurement config, PSF, and the
+    order of the result's rows ("exposure": as measured; "lightcurve": by object, then time)."""
 
     def side(source: ExposureInput | None) -> dict[str, str] | None:
         return None if source is None else {"path": str(source.path), "label": source.label}
@@ -326,6 +328,7 @@ def job_spec(exposures: list[tuple[ExposureInput, ExposureInput | None]], config
         "exposures": [{"science": side(s), "difference": side(d)} for s, d in exposures],
         "config": config.model_dump(mode="json"),
         "psf_fwhm": psf_fwhm,
+        "order": order,
     }
 
 
@@ -496,6 +499,8 @@ class JobRunner:
         rows = None
         if catalogs:
             catalog = pa.concat_tables(catalogs)
+            if spec.get("order") == "lightcurve":
+                catalog = sort_lightcurves(catalog)
             partial = self.store.partial_path(job.id)
             partial.write_bytes(encode_catalog(catalog, {"job": job.id, "exposures": provenances, "errors": errors}, "parquet"))
             os.replace(partial, self.store.result_path(job.id))
