@@ -11,7 +11,7 @@
 The visits span ``days`` (at least 60) with uneven spacing, alternate between the g and r
 bands, and are dithered by up to a fifth of the detector, so an object near the field's
 edge is covered by only some visits. DiaObjects sit at fixed sky positions around the
-field centre; a third are supernova-like (rise over ~5 days, fall over ~25, peak inside
+field centre, isolated from each other and from field stars; a third are supernova-like (rise over ~5 days, fall over ~25, peak inside
 the survey), a third periodic (sinusoids of period 2 - 20 days around their template
 flux), a third constant (no difference flux). Each visit's images are made as in
 :mod:`forcedphot.demo.visit` (same noise model, masks, calibration and WCS family).
@@ -45,6 +45,7 @@ START_MJD = 61041.0
 BANDS = ("g", "r")
 BAND_SCALE = {"g": 0.8, "r": 1.0}  # variable flux in g relative to r
 KINDS = ("supernova", "periodic", "constant")
+ISOLATION_PX = 16.0  # DiaObjects keep this far from each other and from field stars
 
 
 @dataclass(frozen=True)
@@ -74,11 +75,29 @@ def variable_flux(kind: np.ndarray, params: pd.DataFrame, mjd: float, band: str)
     return np.select([kind == "supernova", kind == "periodic"], [supernova, periodic], 0.0)
 
 
-def _objects(rng: np.random.Generator, n: int, size: int, days: float) -> pd.DataFrame:
-    """Positions (sky) and light-curve parameters of ``n`` DiaObjects around the field."""
-    half = 0.6 * size * PIXEL_SCALE_ARCSEC / 3600.0  # a little beyond the detector's half-width
-    dec = FIELD_DEC + rng.uniform(-half, half, n)
-    ra = FIELD_RA + rng.uniform(-half, half, n) / math.cos(math.radians(FIELD_DEC))
+def _separated(rng: np.random.Generator, n: int, low: float, high: float, avoid: np.ndarray, separation: float) -> np.ndarray:
+    """Up to ``n`` positions uniform in [low, high)^2, each at least ``separation`` from
+    every other and from ``avoid`` (K, 2)."""
+    placed: list[np.ndarray] = []
+    points = avoid.reshape(-1, 2)
+    for _ in range(50 * n):
+        if len(placed) == n:
+            break
+        candidate = rng.uniform(low, high, 2)
+        if not len(points) or np.min(np.hypot(*(points - candidate).T)) >= separation:
+            placed.append(candidate)
+            points = np.vstack([points, candidate])
+    return np.array(placed).reshape(-1, 2)
+
+
+def _objects(rng: np.random.Generator, n: int, size: int, days: float, stars: np.ndarray) -> pd.DataFrame:
+    """Positions (sky) and light-curve parameters of ``n`` DiaObjects around the field,
+    isolated: at least ``ISOLATION_PX`` from each other and from the field stars (so each
+    measurement is of one source, and the truth comparison is fair)."""
+    wcs = demo_wcs(size, FIELD_RA, FIELD_DEC)
+    xy = _separated(rng, n, -0.1 * size, 1.1 * size, stars, ISOLATION_PX)
+    n = len(xy)
+    ra, dec = wcs.all_pix2world(xy[:, 0], xy[:, 1], 0)
     kind = np.array(KINDS)[rng.integers(0, len(KINDS), n)]
     template = np.where(rng.random(n) < 0.3, 0.0, magnitudes_to_counts(rng.uniform(19.5, 23.0, n)))
     amplitude = magnitudes_to_counts(rng.uniform(19.5, 22.0, n))
@@ -101,7 +120,7 @@ def make_demo_survey(root: str | Path, *, visits: int = 24, size: int = 512, n_o
     root : repository root (created if missing; files are overwritten).
     visits : number of visits (>= 2).
     size : detector side in pixels (>= 64).
-    n_objects : DiaObjects of the field.
+    n_objects : DiaObjects of the field (fewer when they do not fit at their isolation).
     days : time span of the visits, days (>= 1).
     seed : seed of the random generator; the same seed gives the same files.
     fwhm_pixels : Gaussian PSF FWHM in pixels, written as ``PSF_FWHM``.
@@ -113,11 +132,13 @@ def make_demo_survey(root: str | Path, *, visits: int = 24, size: int = 512, n_o
     root.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     sigma = fwhm_pixels / FWHM_PER_SIGMA
-    objects = _objects(rng, n_objects, size, days)
     star_x0, star_y0, star_flux = field_stars(rng, size)
     star_ra, star_dec = demo_wcs(size, FIELD_RA, FIELD_DEC).all_pix2world(star_x0, star_y0, 0)
+    objects = _objects(rng, n_objects, size, days, np.stack([star_x0, star_y0], axis=1))
     steps = np.sort(rng.uniform(0, 1, visits - 2))
-    mjds = START_MJD + days * np.concatenate([[0.0], steps, [1.0]]) + rng.uniform(0.1, 0.3, visits)  # nights, uneven
+    night = rng.uniform(0.1, 0.3, visits)  # time of night: uneven spacing, the span at least ``days``
+    night[-1] = night[0] + 0.05
+    mjds = START_MJD + days * np.concatenate([[0.0], steps, [1.0]]) + night
     dither = size * PIXEL_SCALE_ARCSEC / 3600.0 / 5.0
     truth, visit_ids = [], []
     for i, mjd in enumerate(mjds):
@@ -145,5 +166,5 @@ def make_demo_survey(root: str | Path, *, visits: int = 24, size: int = 512, n_o
     objects[["diaObjectId", "ra", "dec"]].to_parquet(root / "diaObjects.parquet", index=False)
     objects.to_parquet(root / "objects.parquet", index=False)
     pd.concat(truth, ignore_index=True).to_parquet(root / "truth.parquet", index=False)
-    return DemoSurvey(root=root, visits=visit_ids, detector=DETECTOR, n_objects=n_objects,
+    return DemoSurvey(root=root, visits=visit_ids, detector=DETECTOR, n_objects=len(objects),
                       mjd_range=(float(mjds[0]), float(mjds[-1])))

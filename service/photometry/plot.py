@@ -11,12 +11,12 @@ import matplotlib.pyplot as plt  # noqa: E402  (after choosing the non-interacti
 import pandas as pd  # noqa: E402
 
 BAND_COLOURS = {"u": "#56b4e9", "g": "#009e73", "r": "#d55e00", "i": "#cc79a7", "z": "#0072b2", "y": "#e69f00"}
-FLAGS = ["psfFlux_flag", "pixelFlags_saturatedCenter", "pixelFlags_crCenter", "pixelFlags_badCenter"]
+FLAGS = ["psfFlux_flag", "pixelFlags_saturated", "pixelFlags_cr", "pixelFlags_bad"]
 
 
 def flagged(catalog: pd.DataFrame) -> pd.Series:
     """Rows whose difference flux should not be trusted (PSF fit flagged, or a saturated,
-    cosmic-ray or bad pixel in the central 3x3)."""
+    cosmic-ray or bad pixel in the 3-sigma footprint)."""
     marks = pd.Series(False, index=catalog.index)
     for column in FLAGS:
         if column in catalog:
