@@ -90,9 +90,12 @@ def visit_dir(data_dir: Path, visit: dict) -> Path:
 
 
 def many_objects(data_dir: Path, visit: dict, n: int) -> list[dict]:
-    """``n`` DiaObjects spread over the demo detector (inside the truth table's sky box)."""
-    truth = pd.read_parquet(visit_dir(data_dir, visit) / "truth.parquet")
-    on = truth[truth["on_detector"]]
+    """``n`` DiaObjects spread over the demo detector (inside the box of the truth's objects
+    on that visit's detector)."""
+    truth = pd.read_parquet(data_dir / "demo-repository" / "truth.parquet")
+    on = truth[truth["on_detector"] & (truth["visit"] == visit["visit"])]
+    objects = pd.read_parquet(data_dir / "demo-repository" / "diaObjects.parquet").set_index("diaObjectId").loc[on["diaObjectId"]]
+    on = objects
     rng = np.random.default_rng(5)
     ra = rng.uniform(on["ra"].min(), on["ra"].max(), n)
     dec = rng.uniform(on["dec"].min(), on["dec"].max(), n)

@@ -23,7 +23,7 @@ LIMITS = {
     "FORCEDPHOT_HEADER_TIMEOUT_SECONDS": "1",
     "FORCEDPHOT_MAX_CONCURRENT_REQUESTS": "3",
 }
-HEAVY = 100_000  # objects: several seconds of kernels on the 2048 x 2048 demo detector
+HEAVY = 100_000  # objects: several seconds of kernels on a demo detector
 
 
 @pytest.fixture(scope="module")

@@ -31,7 +31,7 @@ FAST_RECOVERY = {"FORCEDPHOT_JOB_HEARTBEAT_SECONDS": "0.2", "FORCEDPHOT_JOB_STAL
 
 @pytest.fixture(scope="module")
 def server(data_dir):
-    running = Server(data_dir, **FAST_RECOVERY).start()  # default demo repository: 2 visits of 2048 x 2048
+    running = Server(data_dir, **FAST_RECOVERY).start()  # default demo repository: 24 visits of 512 x 512
     yield running
     running.stop()
 
@@ -40,7 +40,7 @@ def server(data_dir):
 def demo(server):
     info = httpx.get(f"{server.url}/v1/info").json()
     visits = info["demo"]
-    assert len(visits) == 2 and info["settings"]["demo_size"] == 2048
+    assert len(visits) == 24 and info["settings"]["demo_size"] == 512
     return visits
 
 
@@ -54,7 +54,7 @@ def test_demo_request_equals_forcedphot_measure(server, demo, data_dir, tmp_path
     assert code == 0
     served = pd.read_parquet(io.BytesIO(response.content))
     assert_same_catalog(served, pd.read_parquet(out))
-    assert int(response.headers["x-objects-measured"]) == len(served) > 400
+    assert int(response.headers["x-objects-measured"]) == len(served) > 50
 
 
 def test_concurrent_requests_all_succeed(server, demo):
@@ -116,7 +116,8 @@ def test_worker_processes_send_responses_without_delay(data_dir, demo):
 def test_job_survives_sigkill(server, data_dir, demo):
     """Runs last: it kills the module's server, then starts another on the same data directory."""
     objects = many_objects(data_dir, demo[0], 20_000)
-    body = {"exposures": [{k: v for k, v in demo_request(visit).items() if k != "objects"} for visit in demo], "objects": objects}
+    visits = demo[:2]
+    body = {"exposures": [{k: v for k, v in demo_request(visit).items() if k != "objects"} for visit in visits], "objects": objects}
     try:
         job = httpx.post(f"{server.url}/v1/jobs", json=body, headers={"Idempotency-Key": "kill-test"}, timeout=60).json()
         wait_until(lambda: httpx.get(f"{server.url}/v1/jobs/{job['id']}").json()["state"] == "running", timeout=30, interval=0.01)
@@ -134,7 +135,7 @@ def test_job_survives_sigkill(server, data_dir, demo):
         status = wait_until(lambda: _finished(restarted, job["id"]), timeout=90, interval=0.2)
         result = httpx.get(f"{restarted.url}{status['result']}", timeout=60)
         singles = [httpx.post(f"{restarted.url}/v1/forced-photometry", json=demo_request(visit, objects), timeout=120)
-                   for visit in demo]
+                   for visit in visits]
     finally:
         restarted.stop()
     assert status["state"] == "succeeded" and status["attempts"] == 2 and status["errors"] == []
