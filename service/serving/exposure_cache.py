@@ -165,7 +165,7 @@ class HandleCache:
     file (other size, mtime or inode) is opened again.
     """
 
-    def __init__(self, max_open: int = 128, limits: ExposureLimits = DEFAULT_LIMITS):
+    def __init__(self, max_open: int = 512, limits: ExposureLimits = DEFAULT_LIMITS):
         self.max_open, self.limits = max_open, limits
         self._open: OrderedDict[tuple, tuple[Exposure, threading.Lock]] = OrderedDict()
         self._lock = threading.Lock()
