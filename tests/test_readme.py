@@ -4,7 +4,6 @@ curl request against the served demo."""
 import io
 import json
 from pathlib import Path
-import re
 import shlex
 
 from fastapi.testclient import TestClient

@@ -190,11 +190,7 @@ class ServiceRuntime:
     def submit_lightcurve_job(self, task: LightCurveTask, request: LightCurveRequest, key: str | None) -> tuple[Job, bool]:
         """A light-curve request too large to answer at once, accepted as a job (rows sorted
         as a light curve)."""
-        fingerprint = _fingerprint(request)
-        try:
-            earlier = self.jobs.by_key(key, fingerprint) if key is not None else None
-        except IdempotencyConflict as exc:
-            raise Problem(422, "idempotency-key-reused", str(exc)) from None
+        fingerprint, earlier = self._earlier_job(request, key)
         if earlier is not None:
             return earlier, False
         spec = job_spec([(e.science, e.difference) for e in task.epochs], task.config, task.psf_fwhm, order="lightcurve")
@@ -245,11 +241,7 @@ class ServiceRuntime:
         job can only fail on the files' contents.
         """
         s = self.settings
-        fingerprint = _fingerprint(request)
-        try:
-            earlier = self.jobs.by_key(key, fingerprint) if key is not None else None
-        except IdempotencyConflict as exc:
-            raise Problem(422, "idempotency-key-reused", str(exc)) from None
+        fingerprint, earlier = self._earlier_job(request, key)
         if earlier is not None:
             return earlier, False
         if len(request.exposures) > s.max_job_exposures:
@@ -266,6 +258,15 @@ class ServiceRuntime:
         objects = intake.objects(request.objects)
         spec = job_spec(exposures, intake.config(request), request.psf_fwhm)
         return self._create_job(spec, objects, fingerprint, key)
+
+    def _earlier_job(self, request, key: str | None) -> tuple[str, Job | None]:
+        """The request's fingerprint, and the job already accepted under ``key`` (None if
+        none); 422 when the key was used for another request."""
+        fingerprint = _fingerprint(request)
+        try:
+            return fingerprint, self.jobs.by_key(key, fingerprint) if key is not None else None
+        except IdempotencyConflict as exc:
+            raise Problem(422, "idempotency-key-reused", str(exc)) from None
 
     def _create_job(self, spec: dict, objects, fingerprint: str, key: str | None) -> tuple[Job, bool]:
         s = self.settings

@@ -10,9 +10,9 @@ import signal
 import socket
 import time
 
+from hostile_files import compression_bomb, many_hdus
 import httpx
 import pytest
-from hostile_files import compression_bomb, many_hdus
 from server_helpers import Server, demo_request, many_objects
 from service_helpers import wait_until
 
