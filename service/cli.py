@@ -5,16 +5,20 @@ naming the problem and exit with code 2; nothing prints a traceback for them.
 """
 
 import argparse
-from contextlib import ExitStack
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 import sys
 import time
+import warnings
+
+from astropy.utils.exceptions import AstropyWarning
 
 from forcedphot.api.settings import SettingsError
 from forcedphot.photometry.backend import BackendError, select_backend
 from forcedphot.photometry.config import DEFAULT_BATCH_BYTES, MeasurementConfig
 from forcedphot.photometry.exposure import ExposureError, open_exposure
-from forcedphot.photometry.formats import write_catalog
+from forcedphot.photometry.formats import FORMATS, output_format, write_catalog
 from forcedphot.photometry.objects import InputError, read_objects
 from forcedphot.photometry.psf_models import PsfError, choose_psf
 from forcedphot.serving.allocator import keep_temporaries_on_heap
@@ -22,7 +26,10 @@ from forcedphot.serving.repository import DEFAULT_PATH_TEMPLATE
 from forcedphot.version import __version__
 
 USAGE_ERROR = 2
+INTERRUPTED = 130  # 128 + SIGINT, as shells report it
+FLAGGED = "flagged (PSF fit failed, or an edge/saturated/cosmic-ray/bad/... mask bit in the object's footprint: pixelFlags_*)"
 DEFAULT_INDEX = ".forcedphot/index.sqlite"
+EXTRA_HELP = "add psfMag, psfMagErr (AB), psfFlux_snr and psfMagLim5Sigma (5-sigma limiting magnitude) to the catalog"
 
 
 def _radii(text: str) -> tuple[float, ...]:
@@ -55,7 +62,9 @@ def _measure(args: argparse.Namespace) -> int:
     from forcedphot.photometry.measure import measure
 
     start = time.perf_counter()
+    output_format(args.output)  # an unknown suffix fails now, not after the measurement
     config = MeasurementConfig(
+        extra_columns=args.extra_columns,
         apertures_px=args.apertures or MeasurementConfig().apertures_px,
         backend=args.backend,
         include_offimage=args.include_offimage,
@@ -75,7 +84,7 @@ def _measure(args: argparse.Namespace) -> int:
     elapsed = time.perf_counter() - start
     print(
         f"{result.n_input} objects in, {result.n_on_detector} on the detector, {result.n_off_detector} off, "
-        f"{result.n_invalid_coords} with invalid coordinates, {result.n_flagged} flagged; "
+        f"{result.n_invalid_coords} with invalid coordinates, {result.n_flagged} {FLAGGED}; "
         f"{result.table.num_rows} rows -> {args.output} in {elapsed:.2f} s ({result.backend})"
     )
     return 0
@@ -126,13 +135,15 @@ def _lightcurve(args: argparse.Namespace) -> int:
     from forcedphot.serving.lightcurves import plan_lightcurves
 
     start = time.perf_counter()
+    output_format(args.output)
     if args.objects:
         objects = read_objects(args.objects)
     elif args.ra is not None and args.dec is not None:
         objects = validate_objects(pd.DataFrame({"diaObjectId": [0], "ra": [args.ra], "dec": [args.dec]}))
     else:
         raise ValueError("give --objects FILE, or --ra and --dec (degrees)")
-    config = MeasurementConfig(apertures_px=args.apertures or MeasurementConfig().apertures_px, backend=args.backend)
+    config = MeasurementConfig(apertures_px=args.apertures or MeasurementConfig().apertures_px, backend=args.backend,
+                               extra_columns=args.extra_columns)
     index, report = _open_index(args)
     task = plan_lightcurves(index, objects, config, mjd_min=args.mjd_min, mjd_max=args.mjd_max, bands=args.band, psf_fwhm=args.psf_fwhm)
     service = MeasureService(ExposureCache(0), select_backend(config.backend), threads=1)
@@ -172,22 +183,31 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"forcedphot {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    m = commands.add_parser("measure", help="measure DiaObjects on one exposure")
+    def command(name: str, help: str, example: str) -> argparse.ArgumentParser:
+        return commands.add_parser(name, help=help, description=help[0].upper() + help[1:] + ".",
+                                   epilog=f"example:\n  {example}", formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    formats = ", ".join("." + f for f in FORMATS)
+    m = command("measure", "measure DiaObjects on one exposure",
+                "forcedphot measure demo/calexp.fits demo/diaObjects.parquet --difference demo/difference.fits -o forced.parquet")
     m.add_argument("exposure", help="science (direct) exposure, FITS")
     m.add_argument("objects", help="DiaObject table: parquet, CSV or JSON with diaObjectId, ra, dec (deg)")
-    m.add_argument("-o", "--output", required=True, help="catalog to write (.parquet, .csv or .json)")
+    m.add_argument("-o", "--output", required=True, help=f"catalog to write; the suffix picks the format ({formats})")
     m.add_argument("--difference", help="difference image: psfFlux is measured on it, scienceFlux on EXPOSURE")
     psf = m.add_mutually_exclusive_group()
     psf.add_argument("--psf-fwhm", type=float, help="circular Gaussian PSF of this FWHM, pixels")
     psf.add_argument("--psf", help="PSF file: PSFEx .psf, or a FITS PSF image")
     m.add_argument("--apertures", type=_radii, help="aperture radii in pixels, e.g. 3,6,12 (default 3,4.5,6,9,12)")
-    m.add_argument("--backend", choices=("auto", "numpy", "cupy"), default="auto")
+    m.add_argument("--backend", choices=("auto", "numpy", "cupy"), default="auto",
+                   help="array backend (default auto: cupy when a CUDA device answers, else numpy)")
+    m.add_argument("--extra-columns", action="store_true", help=EXTRA_HELP)
     m.add_argument("--include-offimage", action="store_true", help="also return objects off the detector, flagged")
     m.add_argument("--batch-mib", type=int, default=DEFAULT_BATCH_BYTES // 2**20,
                    help=f"memory bound per cutout batch, MiB (default {DEFAULT_BATCH_BYTES // 2**20})")
     m.set_defaults(run=_measure)
 
-    d = commands.add_parser("demo", help="write a synthetic LSST-layout visit, or a repository of many visits (--visits)")
+    d = command("demo", "write a synthetic LSST-layout visit, or a repository of many visits (--visits)",
+                "forcedphot demo survey --visits 24")
     d.add_argument("directory", help="output directory")
     d.add_argument("--visits", type=int, default=1,
                    help="visits to write (default 1: one visit in DIRECTORY; more: a repository of dithered g/r visits over 60 days "
@@ -197,11 +217,12 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=0, help="random seed; the same seed writes the same files")
     d.set_defaults(run=_demo)
 
-    i = commands.add_parser("index", help="index a repository's exposures (sky footprints, times, bands) for light curves")
+    i = command("index", "index a repository's exposures (sky footprints, times, bands) for light curves", "forcedphot index survey")
     _repository_arguments(i)
     i.set_defaults(run=_index)
 
-    c = commands.add_parser("lightcurve", help="measure objects on every indexed exposure that covers them")
+    c = command("lightcurve", "measure objects on every indexed exposure that covers them",
+                "forcedphot lightcurve survey --ra 150.1 --dec 2.2 --band g --band r -o lc.parquet --plot lc.png")
     _repository_arguments(c)
     where = c.add_argument_group("what to measure (--objects, or --ra and --dec)")
     where.add_argument("--objects", help="DiaObject table: parquet, CSV or JSON with diaObjectId, ra, dec (deg)")
@@ -213,13 +234,15 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--psf-fwhm", type=float, help="Gaussian PSF FWHM, pixels (default: each exposure's PSF_FWHM keyword)")
     c.add_argument("--apertures", type=_radii, help="aperture radii in pixels, e.g. 3,6,12 (default 3,4.5,6,9,12)")
     c.add_argument("--backend", choices=("auto", "numpy", "cupy"), default="auto", help="array backend (default auto)")
-    c.add_argument("-o", "--output", required=True, help="table to write (.parquet, .csv or .json), one row per measurement")
+    c.add_argument("-o", "--output", required=True, help=f"table to write, one row per measurement; the suffix picks the format ({formats})")
+    c.add_argument("--extra-columns", action="store_true", help=EXTRA_HELP)
     c.add_argument("--plot", help="also draw the light curves (flux vs time per band) to this PNG")
     c.set_defaults(run=_lightcurve)
 
-    s = commands.add_parser("serve", help="run the HTTP service (an embedded demo repository when none is given)")
-    s.add_argument("--host", default="127.0.0.1")
-    s.add_argument("--port", type=int, default=8000)
+    s = command("serve", "run the HTTP service (an embedded demo repository when none is given)",
+                "FORCEDPHOT_API_KEYS=$(openssl rand -hex 16) forcedphot serve --repository /data/repo --port 8000")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    s.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
     s.add_argument("--repository", help="root directory of the exposure repository (default: embedded demo)")
     s.add_argument("--workers", type=int, default=1, help="uvicorn worker processes")
     s.set_defaults(run=_serve)
@@ -230,10 +253,26 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     keep_temporaries_on_heap()
     try:
-        return args.run(args)
+        with _header_warnings(args.command):
+            return args.run(args)
     except (InputError, ExposureError, PsfError, BackendError, SettingsError, ValueError, OSError) as exc:
         print(f"forcedphot {args.command}: error: {exc}", file=sys.stderr)
         return USAGE_ERROR
+    except KeyboardInterrupt:
+        print(f"\nforcedphot {args.command}: interrupted; nothing was written", file=sys.stderr)
+        return INTERRUPTED
+
+
+@contextmanager
+def _header_warnings(command: str) -> Iterator[None]:
+    """Collect astropy's warnings about FITS headers and WCS into one summary line."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", AstropyWarning)
+        yield
+    if caught:
+        distinct = list(dict.fromkeys(str(w.message).splitlines()[0] for w in caught))
+        print(f"forcedphot {command}: {len(caught)} astropy warning(s) about the FITS headers, e.g. {distinct[0]}"
+              + (f" (and {len(distinct) - 1} other kinds)" if len(distinct) > 1 else ""), file=sys.stderr)
 
 
 if __name__ == "__main__":

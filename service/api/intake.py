@@ -28,7 +28,7 @@ from forcedphot.serving.repository import ExposureRef, Repository, UriRef, descr
 T = TypeVar("T")
 GENERIC_MEDIA_TYPES = ("", "application/octet-stream")
 MULTIPART_FIELDS = {"exposure", "exposure_ref", "difference", "difference_ref", "objects", "objects_ref",
-                    "psf_fwhm", "apertures", "include_offimage"}
+                    "psf_fwhm", "apertures", "include_offimage", "extra_columns", "psf"}
 _SCALARS = (str, int, float, bool, type(None))
 _REF_ADAPTER: TypeAdapter = TypeAdapter(ExposureRef)
 
@@ -105,12 +105,17 @@ class Intake:
             return validate_objects(pd.DataFrame({"diaObjectId": [0], "ra": [objects.ra], "dec": [objects.dec]}), name="objects")
         return self.objects(objects)
 
+    def psf_file(self, ref: UriRef) -> ExposureInput:
+        """A PSF file in the repository (checked to lie inside a root)."""
+        return ExposureInput(path=self.repository.resolve(ref), label=ref.uri)
+
     def exposure(self, ref: ExposureRef) -> ExposureInput:
         """A repository reference -> the file to read (checked to lie inside a root)."""
         return ExposureInput(path=self.repository.resolve(ref), label=describe(ref))
 
     def config(self, options: MeasureOptions) -> MeasurementConfig:
-        fields: dict[str, Any] = {"include_offimage": options.include_offimage, "backend": self.backend, "batch_bytes": self.batch_bytes}
+        fields: dict[str, Any] = {"include_offimage": options.include_offimage, "extra_columns": options.extra_columns,
+                                  "backend": self.backend, "batch_bytes": self.batch_bytes}
         if options.apertures:
             fields["apertures_px"] = tuple(options.apertures)
         return MeasurementConfig(**fields)
@@ -143,7 +148,7 @@ class Intake:
             difference = self._form_exposure(form, "difference", temporary, required=False)
             objects = self._form_objects(form)
             task = MeasureTask(science=science, difference=difference, objects=objects,
-                               config=self.config(options), psf_fwhm=options.psf_fwhm)
+                               config=self.config(options), psf_fwhm=options.psf_fwhm, psf=self._form_psf(form, temporary))
         except BaseException:
             remove_uploads(temporary)
             raise
@@ -161,12 +166,26 @@ class Intake:
             return self.exposure(_parse_ref(name + "_ref", ref_text))
         if not isinstance(upload, UploadFile):
             raise Problem(422, "invalid-request", f"form field {name!r} must be a file part holding a FITS file")
+        return self._saved(upload, name, ".fits", temporary)
+
+    def _saved(self, upload: UploadFile, name: str, suffix: str, temporary: list[Path]) -> ExposureInput:
+        """An uploaded file part, saved for the engine; named by its form field and file name."""
         self.upload_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=self.upload_dir, suffix=".fits", delete=False) as out:
+        with tempfile.NamedTemporaryFile(dir=self.upload_dir, suffix=suffix, delete=False) as out:
             temporary.append(Path(out.name))
             upload.file.seek(0)
             shutil.copyfileobj(upload.file, out, length=2**20)
         return ExposureInput(path=Path(out.name), label=f"upload:{upload.filename or name}", cacheable=False)
+
+    def _form_psf(self, form: FormData, temporary: list[Path]) -> ExposureInput | None:
+        """The optional PSF file part: a PSFEx ``.psf`` file or a FITS PSF image."""
+        upload = form.get("psf")
+        if upload is None:
+            return None
+        if not isinstance(upload, UploadFile):
+            raise Problem(422, "invalid-request", "form field 'psf' must be a file part holding a PSFEx .psf file or a FITS PSF image")
+        suffix = ".psf" if (upload.filename or "").lower().endswith(".psf") else ".fits"
+        return self._saved(upload, "psf", suffix, temporary)
 
     def _form_objects(self, form: FormData) -> pd.DataFrame:
         upload, ref_text = form.get("objects"), form.get("objects_ref")
@@ -198,7 +217,7 @@ def _parse_ref(name: str, text: str) -> ExposureRef:
 def _form_options(form: FormData) -> dict[str, Any]:
     """The measurement options given as plain form fields."""
     options: dict[str, Any] = {}
-    for key in ("psf_fwhm", "include_offimage", "apertures"):
+    for key in ("psf_fwhm", "include_offimage", "apertures", "extra_columns"):
         if key not in form:
             continue
         value = form[key]

@@ -193,7 +193,7 @@ class ServiceRuntime:
         fingerprint, earlier = self._earlier_job(request, key)
         if earlier is not None:
             return earlier, False
-        spec = job_spec([(e.science, e.difference) for e in task.epochs], task.config, task.psf_fwhm, order="lightcurve")
+        spec = job_spec([(e.science, e.difference, None) for e in task.epochs], task.config, task.psf_fwhm, order="lightcurve")
         return self._create_job(spec, task.objects, fingerprint, key)
 
     # --- state -------------------------------------------------------------------------
@@ -246,10 +246,10 @@ class ServiceRuntime:
             return earlier, False
         if len(request.exposures) > s.max_job_exposures:
             raise Problem(413, "too-many-exposures", f"{len(request.exposures)} exposures, more than the {s.max_job_exposures} allowed per job")
-        exposures = [(intake.exposure(item.exposure), intake.exposure(item.difference) if item.difference else None)
-                     for item in request.exposures]
+        exposures = [(intake.exposure(item.exposure), intake.exposure(item.difference) if item.difference else None,
+                      intake.psf_file(item.psf) if item.psf else None) for item in request.exposures]
         by_file: dict[Path, list[str]] = {}
-        for science, difference in exposures:  # the same file under several names counts once
+        for science, difference, _ in exposures:  # the same file under several names counts once
             measured = difference or science
             by_file.setdefault(measured.path.resolve(), []).append(measured.label)
         repeated = [" = ".join(labels) for labels in by_file.values() if len(labels) > 1]

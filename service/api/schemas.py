@@ -35,6 +35,7 @@ class MeasureOptions(BaseModel):
     apertures: list[Radius] | None = Field(None, min_length=1, max_length=MAX_APERTURES,
                                            description="aperture radii in pixels (default 3, 4.5, 6, 9, 12)")
     include_offimage: bool = Field(False, description="also return objects off the detector, flagged pixelFlags_offimage")
+    extra_columns: bool = Field(False, description="add psfMag, psfMagErr (AB), psfFlux_snr and psfMagLim5Sigma (5-sigma limiting magnitude)")
 
 
 class MeasureRequest(MeasureOptions):
@@ -58,6 +59,8 @@ class JobExposure(BaseModel):
 
     exposure: ExposureRef
     difference: ExposureRef | None = None
+    psf: UriRef | None = Field(None, description="a PSF file in the repository for this exposure (PSFEx .psf or FITS image); "
+                                                 "default: psf_fwhm, else the exposure's PSF_FWHM keyword")
 
 
 class JobRequest(MeasureOptions):

@@ -17,6 +17,7 @@ import pandas as pd
 import pyarrow as pa
 
 from forcedphot.kernels import PsfFluxResult
+from forcedphot.photometry.exposure import AB_MAG_OF_ONE_NJY
 from forcedphot.photometry.runner import PIXEL_FLAG_NAMES, KernelResults, unmeasured
 
 _MASK63 = np.uint64((1 << 63) - 1)
@@ -72,6 +73,9 @@ UNITS: dict[str, str] = {
     "localWcs_CDMatrix_1_2": "rad / pixel",
     "localWcs_CDMatrix_2_1": "rad / pixel",
     "localWcs_CDMatrix_2_2": "rad / pixel",
+    "psfMag": "mag",
+    "psfMagErr": "mag",
+    "psfMagLim5Sigma": "mag",
 }
 
 
@@ -113,6 +117,7 @@ def build_catalog(
     science=None,
     science_psf: PsfFluxResult | None = None,
     apertures_px=(),
+    extra_columns: bool = False,
 ) -> pa.Table:
     """Assemble the DiaForcedSource catalog (an Arrow table), one row per object in ``objects``.
 
@@ -185,6 +190,8 @@ def build_catalog(
     for name, values in flags.as_dict(PIXEL_FLAG_NAMES).items():
         # offimage sets every edge flag (LSST)
         columns[f"pixelFlags_{name}"] = values | off if name.startswith("edge") else values
+    if extra_columns:
+        columns.update(magnitude_columns(columns["psfFlux"], columns["psfFluxErr"]))
     columns.update(
         localPhotoCalib=np.full(n, calib, dtype=np.float32),
         localPhotoCalibErr=np.full(n, calib_err, dtype=np.float32),
@@ -198,6 +205,26 @@ def build_catalog(
 
 def _now_mjd_tai() -> float:
     return float(Time.now().tai.mjd)
+
+
+def magnitude_columns(flux_njy: np.ndarray, error_njy: np.ndarray) -> dict[str, np.ndarray]:
+    """AB magnitudes of PSF fluxes in nJy (ATLAS ``m, dm, mag5sig``; ZTF ``diffmaglim``).
+
+    ``psfMag = 31.4 - 2.5 log10(psfFlux)`` (NaN where the flux is not positive),
+    ``psfMagErr = 2.5 / ln 10 * psfFluxErr / psfFlux``, ``psfFlux_snr = psfFlux / psfFluxErr``,
+    ``psfMagLim5Sigma = 31.4 - 2.5 log10(5 psfFluxErr)``: the magnitude of a source
+    detected at 5 sigma with this row's PSF-fit error.
+    """
+    flux, error = np.asarray(flux_njy, np.float64), np.asarray(error_njy, np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        positive = flux > 0
+        mag = np.where(positive, AB_MAG_OF_ONE_NJY - 2.5 * np.log10(np.where(positive, flux, 1.0)), np.nan)
+        return {
+            "psfMag": mag.astype(np.float32),
+            "psfMagErr": np.where(positive, 2.5 / np.log(10.0) * error / flux, np.nan).astype(np.float32),
+            "psfFlux_snr": (flux / error).astype(np.float32),
+            "psfMagLim5Sigma": (AB_MAG_OF_ONE_NJY - 2.5 * np.log10(5.0 * error)).astype(np.float32),
+        }
 
 
 def empty_catalog(apertures_px) -> pa.Table:

@@ -60,7 +60,8 @@ from forcedphot.photometry.lsst_fits import AFW_DEFAULT_MASK_PLANES
 __all__ = ["DEFAULT_LIMITS", "REFERENCE_FLUX_NJY", "Exposure", "ExposureError", "ExposureLimits", "njy_per_count", "open_exposure"]
 
 #: AB zero-magnitude flux density in nJy (afw ``utils::referenceFlux``): 10**(31.4/2.5).
-REFERENCE_FLUX_NJY = 10.0 ** (31.4 / 2.5)
+AB_MAG_OF_ONE_NJY = 31.4  # the AB magnitude of 1 nJy
+REFERENCE_FLUX_NJY = 10.0 ** (AB_MAG_OF_ONE_NJY / 2.5)
 
 
 def njy_per_count(zero_point_mag: float) -> float:

@@ -1,23 +1,44 @@
-"""Table formats: the one media-type table, and catalog encoding (parquet, CSV, JSON).
+"""Table formats: the one media-type table, and catalog encoding.
 
-Parquet keeps each column's unit in its field metadata and adds the provenance (software
-version, configuration, exposure sources) to the schema metadata.
+Every format but JSON carries the units and reads back with ``astropy.table.Table.read``
+(same columns, same units):
+
+- parquet: each column's unit in its Arrow field metadata, the provenance (software
+  version, configuration, exposure sources) under the schema key ``forcedphot``, and
+  astropy's own ``table_meta_yaml`` (units, types) so that astropy keeps the units;
+- CSV and ECSV: an ECSV 1.0 header (``#`` comment lines: columns, types, units, and the
+  provenance as table metadata) then comma-separated rows; pandas reads it with
+  ``read_csv(..., comment="#")``;
+- FITS: a binary table (``TUNITn``), the provenance as JSON in the ``PROVJSON`` keyword;
+- VOTable: units in each FIELD, the provenance as JSON in the table description;
+- JSON: records, no units (JSON has no place for them; see the parquet schema).
 """
 
+from functools import lru_cache
 import io
 import json
+import os
 from pathlib import Path
 
+from astropy.io import fits
+from astropy.table import Column, MaskedColumn, Table
+from astropy.table import meta as table_meta
+import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from forcedphot.version import __version__
 
 #: format -> the media type answered with it
-FORMATS = {"parquet": "application/vnd.apache.parquet", "csv": "text/csv", "json": "application/json"}
+FORMATS = {"parquet": "application/vnd.apache.parquet", "csv": "text/csv", "json": "application/json",
+           "ecsv": "text/x-ecsv", "fits": "application/fits", "votable": "application/x-votable+xml"}
 #: other names accepted for a format: media type aliases and file suffixes
-ALIASES = {"application/x-parquet": "parquet", "application/csv": "csv", "pq": "parquet"}
+ALIASES = {"application/x-parquet": "parquet", "application/csv": "csv", "pq": "parquet", "fit": "fits", "vot": "votable",
+           "image/fits": "fits", "application/x-fits": "fits", "text/xml": "votable", "application/xml": "votable"}
+#: formats that the catalog encoder writes but no object table is read from
+OUTPUT_ONLY = ("ecsv", "fits", "votable")
 DEFAULT_FORMAT = "parquet"
 
 
@@ -52,24 +73,120 @@ def to_pandas(table: pa.Table) -> pd.DataFrame:
     return frame
 
 
+def output_format(path: str | Path) -> str:
+    """The catalog format a file name asks for (its suffix; none: parquet), else ValueError
+    listing the known ones. Checked before any measurement."""
+    suffix = Path(path).suffix
+    fmt = table_format(suffix) if suffix else DEFAULT_FORMAT
+    if fmt is None:
+        raise ValueError(f"{path}: unknown output format {suffix!r}; use one of "
+                         f"{', '.join('.' + f for f in FORMATS)} (.pq, .fit and .vot also work)")
+    return fmt
+
+
+def to_astropy(table: pa.Table, provenance: dict | None = None) -> Table:
+    """The catalog as an astropy Table: units on the columns, nulls masked, the provenance
+    under ``meta["forcedphot"]``."""
+    columns = []
+    for field, column in zip(table.schema, table.columns):
+        unit = (field.metadata or {}).get(b"unit")
+        unit = unit.decode() if unit else None
+        if pa.types.is_string(field.type) or pa.types.is_large_string(field.type):
+            values = np.array(["" if v is None else v for v in column.to_pylist()], dtype=str)
+        else:
+            values = column.to_numpy(zero_copy_only=False)
+        if column.null_count:
+            mask = column.is_null().to_numpy(zero_copy_only=False)
+            if values.dtype.kind in "iufb":
+                values = np.where(mask, values.dtype.type(0), values).astype(values.dtype if values.dtype.kind != "O" else np.int64)
+            columns.append(MaskedColumn(values, mask=mask, name=field.name, unit=unit))
+        else:
+            columns.append(Column(values, name=field.name, unit=unit))
+    return Table(columns, meta={"forcedphot": _provenance(provenance or {})})
+
+
+def _provenance(provenance: dict) -> dict:
+    return json.loads(json.dumps({"software": "forcedphot", "version": __version__, **provenance}, default=str))
+
+
+@lru_cache(maxsize=64)
+def _astropy_parquet_meta(signature: tuple) -> dict[bytes, bytes]:
+    """astropy's parquet metadata (``table_meta_yaml``: types and units) for a schema."""
+    columns = [Column(np.zeros(0, dtype=dtype), name=name, unit=unit) for name, dtype, unit in signature]
+    return {b"table_meta_yaml": "\n".join(table_meta.get_yaml_from_table(Table(columns))).encode()}
+
+
+def _signature(table: pa.Table) -> tuple:
+    def dtype(field: pa.Field) -> str:
+        if pa.types.is_string(field.type) or pa.types.is_large_string(field.type):
+            return "U1"
+        return np.dtype(field.type.to_pandas_dtype()).str
+
+    return tuple((f.name, dtype(f), ((f.metadata or {}).get(b"unit") or b"").decode() or None) for f in table.schema)
+
+
+def _parquet(table: pa.Table, provenance: dict) -> bytes:
+    metadata = dict(table.schema.metadata or {})
+    metadata.update(_astropy_parquet_meta(_signature(table)))
+    for field, column in zip(table.schema, table.columns):  # astropy sizes its string columns from these
+        if pa.types.is_string(field.type):
+            lengths = pc.utf8_length(column)
+            metadata[f"table::len::{field.name}".encode()] = str(max(1, pc.max(lengths).as_py() or 1)).encode()
+    sink = io.BytesIO()
+    pq.write_table(with_provenance(table.replace_schema_metadata(metadata), provenance), sink)
+    return sink.getvalue()
+
+
+def _ecsv(table: pa.Table, provenance: dict) -> bytes:
+    """ECSV header (from astropy, on no rows) and comma-separated rows (pandas, fast)."""
+    head = io.StringIO()
+    to_astropy(table.slice(0, 0), provenance).write(head, format="ascii.ecsv", delimiter=",")
+    body = to_pandas(table).to_csv(index=False, header=False, lineterminator="\n")
+    return (head.getvalue() + body).encode()
+
+
+def _fits(table: pa.Table, provenance: dict) -> bytes:
+    astropy_table = to_astropy(table)
+    astropy_table.meta = {"EXTNAME": "DIAFORCEDSOURCE", "PROVJSON": json.dumps(_provenance(provenance))}
+    sink = io.BytesIO()
+    fits.HDUList([fits.PrimaryHDU(), fits.table_to_hdu(astropy_table)]).writeto(sink)
+    return sink.getvalue()
+
+
+def _votable(table: pa.Table, provenance: dict) -> bytes:
+    astropy_table = to_astropy(table)
+    astropy_table.meta = {"description": json.dumps(_provenance(provenance))}
+    sink = io.BytesIO()
+    astropy_table.write(sink, format="votable")
+    return sink.getvalue()
+
+
 def encode_catalog(table: pa.Table, provenance: dict, fmt: str) -> bytes:
-    """Serialise a catalog as parquet (with units and provenance), CSV or JSON records."""
+    """Serialise a catalog in one of :data:`FORMATS` (see the module docstring)."""
     if fmt == "parquet":
-        sink = io.BytesIO()
-        pq.write_table(with_provenance(table, provenance), sink)
-        return sink.getvalue()
-    if fmt == "csv":
-        return to_pandas(table).to_csv(index=False).encode()
+        return _parquet(table, provenance)
+    if fmt in ("csv", "ecsv"):
+        return _ecsv(table, provenance)
     if fmt == "json":
         return to_pandas(table).to_json(orient="records", double_precision=15).encode()
+    if fmt == "fits":
+        return _fits(table, provenance)
+    if fmt == "votable":
+        return _votable(table, provenance)
     raise ValueError(f"unknown output format {fmt!r}; choose one of {', '.join(FORMATS)}")
 
 
 def write_catalog(table: pa.Table, provenance: dict, path: str | Path) -> None:
-    """Write a catalog; the format follows the suffix (.parquet, .csv, .json; none: parquet)."""
+    """Write a catalog in the format its suffix names (see :func:`output_format`), through a
+    temporary file renamed into place: an interrupted write leaves no partial file."""
     path = Path(path)
-    fmt = table_format(path.suffix) if path.suffix else DEFAULT_FORMAT
-    path.write_bytes(encode_catalog(table, provenance, fmt or path.suffix))
+    data = encode_catalog(table, provenance, output_format(path))
+    temporary = path.with_name(f".{path.name}.partial")
+    try:
+        temporary.write_bytes(data)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
 
 
 def read_provenance(path: str | Path) -> dict:

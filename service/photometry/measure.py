@@ -24,7 +24,7 @@ from forcedphot.photometry.cutouts import no_data_bit, stage_cutouts
 from forcedphot.photometry.exposure import Exposure
 from forcedphot.photometry.formats import to_pandas
 from forcedphot.photometry.local_wcs import local_cd_matrix
-from forcedphot.photometry.psf_models import PsfModel
+from forcedphot.photometry.psf_models import PsfModel, describe_psf
 from forcedphot.photometry.runner import Execute, KernelResults, KernelRunner, cutout_half_size, run_directly, scatter, unmeasured
 from forcedphot.photometry.selection import select_on_image, sky_to_pixel
 from forcedphot.version import __version__
@@ -172,6 +172,7 @@ def measure(
         science=science if difference is not None else None,
         science_psf=science_results.psf if science_results is not None else None,
         apertures_px=config.apertures_px,
+        extra_columns=config.extra_columns,
     )
     timings["catalog"] = time.perf_counter() - start
     flag_columns = [c for c in catalog.column_names if c.startswith("pixelFlags_")] + ["psfFlux_flag"]
@@ -192,7 +193,7 @@ def measure(
             "backend": f"{backend.name}:{backend.device}",
             "exposure": _describe(primary),
             "science": _describe(science) if difference is not None else None,
-            "psf": repr(psf),
+            "psf": describe_psf(psf),
         },
     )
 

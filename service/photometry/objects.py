@@ -15,7 +15,7 @@ import re
 import numpy as np
 import pandas as pd
 
-from forcedphot.photometry.formats import table_format
+from forcedphot.photometry.formats import OUTPUT_ONLY, table_format
 
 
 class InputError(ValueError):
@@ -74,7 +74,7 @@ def records_frame(records, name: str) -> pd.DataFrame:
 
 def _format_of(kind: str, name: str) -> str:
     fmt = table_format(kind)
-    if fmt is None:
+    if fmt is None or fmt in OUTPUT_ONLY:
         raise InputError(f"{name}: unknown table format {kind!r}; use parquet, CSV or JSON")
     return fmt
 

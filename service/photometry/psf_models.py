@@ -57,6 +57,10 @@ class PsfModel(Protocol):
         """(N,) PSF determinant radius (Ixx Iyy - Ixy^2)^(1/4) in pixels."""
         ...
 
+    def describe(self) -> str:
+        """The model in words (for provenance; no file paths)."""
+        ...
+
 
 def _positions(x: Any, y: Any) -> tuple[np.ndarray, np.ndarray]:
     """Positions as two equal-length 1-D float64 host arrays."""
@@ -165,6 +169,9 @@ class GaussianPsf:
             raise PsfError(f"PSF stamp size must be a positive odd integer, got {stamp_size!r}")
         self.stamp_size = int(stamp_size)
 
+    def describe(self) -> str:
+        return f"circular Gaussian of FWHM {self.sigma_pixels * FWHM_PER_SIGMA:.4g} px, integrated over pixels"
+
     def stamps(self, x: np.ndarray, y: np.ndarray, xp: Any) -> Array:
         """(N, K, K) pixel-integrated Gaussian stamps in namespace ``xp``, each summing to 1."""
         cx, cy = _stamp_centres(*_positions(x, y), self.stamp_size)
@@ -242,6 +249,9 @@ class ImagePsf:
             if not chosen.is_image or chosen.data is None:
                 raise PsfError(f"PSF file {path}: HDU {hdu!r} holds no image")
         return cls(chosen.data, source=f"PSF file {path}")
+
+    def describe(self) -> str:
+        return f"pixelized PSF image of {self.image.shape[0]} x {self.image.shape[1]} px, the same everywhere, shifted with Lanczos-5"
 
     def stamps(self, x: np.ndarray, y: np.ndarray, xp: Any) -> Array:
         """(N, B, B) shifted PSF images in namespace ``xp``, each summing to 1."""
@@ -355,6 +365,11 @@ class PsfexPsf:
                                self.sample_scale, self.lanczos_order)
         return _normalised(raw, xp)
 
+    def describe(self) -> str:
+        degree = int(self.powers.max()) if len(self.powers) else 0
+        return (f"PSFEx model, polynomial of degree {degree} in X_IMAGE, Y_IMAGE, sampled every {self.sample_scale:.3g} px, "
+                "resampled with Lanczos-3")
+
     def stamps(self, x: np.ndarray, y: np.ndarray, xp: Any) -> Array:
         """(N, K, K) PSFEx model stamps at 0-based (x, y) in namespace ``xp``, each summing to 1."""
         x, y = _positions(x, y)
@@ -431,20 +446,38 @@ def check_psf_fwhm(value: float, source: str) -> float:
     return value
 
 
-def choose_psf(header, source: str, *, path: str | None = None, fwhm_pixels: float | None = None,
+def choose_psf(header, source: str, *, path: str | None = None, path_name: str | None = None, fwhm_pixels: float | None = None,
                fwhm_name: str = "psf_fwhm", how: str = "send psf_fwhm (pixels)") -> PsfModel:
     """The PSF to measure an exposure with: the file ``path``, else a Gaussian of
     ``fwhm_pixels``, else the Gaussian its header declares (``PSF_FWHM``).
 
-    ``source`` names the exposure and ``fwhm_name`` the caller's FWHM option in errors;
-    ``how`` tells the caller how to pass a PSF when none is found.
+    ``source`` names the exposure, ``path_name`` the PSF file (default its path; a service
+    passes the form field or reference, so no server path reaches a client) and
+    ``fwhm_name`` the caller's FWHM option in errors; ``how`` tells the caller how to pass
+    a PSF when none is found. The model's ``origin`` says in words where it came from.
     """
     if path is not None:
-        return load_psf(path=str(path))
+        name = path_name or str(path)
+        try:
+            model = load_psf(path=str(path))
+        except PsfError as exc:
+            raise PsfError(str(exc).replace(str(path), name)) from None
+        model.origin = f"from the file {name}"
+        return model
     if fwhm_pixels is not None:
-        return load_psf(fwhm_pixels=check_psf_fwhm(fwhm_pixels, fwhm_name))
+        model = load_psf(fwhm_pixels=check_psf_fwhm(fwhm_pixels, fwhm_name))
+        model.origin = f"given as {fwhm_name}"
+        return model
     value = header_fwhm_pixels(header, source)
     if value is not None:
-        return load_psf(fwhm_pixels=check_psf_fwhm(value, f"{source} {PSF_FWHM_KEYWORD}"))
+        model = load_psf(fwhm_pixels=check_psf_fwhm(value, f"{source} {PSF_FWHM_KEYWORD}"))
+        model.origin = f"from the {PSF_FWHM_KEYWORD} keyword of {source}"
+        return model
     raise PsfError(f"{source}: no PSF given and no {PSF_FWHM_KEYWORD} keyword in its header; {how}")
+
+
+def describe_psf(model: PsfModel) -> str:
+    """The PSF in words, with where it came from when :func:`choose_psf` chose it."""
+    origin = getattr(model, "origin", None)
+    return model.describe() + (f" ({origin})" if origin else "")
 

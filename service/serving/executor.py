@@ -52,7 +52,7 @@ from forcedphot.serving.exposure_cache import ExposureCache, HandleCache
 
 @dataclass(frozen=True)
 class ExposureInput:
-    """A FITS file to measure on; ``label`` is how responses and provenance name it."""
+    """A file to measure on (or a PSF file); ``label`` is how responses and provenance name it."""
 
     path: Path
     label: str
@@ -68,7 +68,7 @@ class MeasureTask:
     config: MeasurementConfig
     difference: ExposureInput | None = None
     psf_fwhm: float | None = None  # pixels; None: the exposure's PSF_FWHM keyword
-    psf_path: Path | None = None
+    psf: ExposureInput | None = None  # a PSF file (PSFEx .psf or FITS image); wins over psf_fwhm
 
 
 @dataclass(frozen=True)
@@ -155,7 +155,8 @@ class MeasureService:
             science, cache = self._open(stack, task.science)
             difference = self._open(stack, task.difference)[0] if task.difference else None
             read_seconds = time.perf_counter() - start
-            psf = choose_psf(science.header, task.science.label, path=task.psf_path, fwhm_pixels=task.psf_fwhm)
+            psf = choose_psf(science.header, task.science.label, path=task.psf.path if task.psf else None,
+                             path_name=task.psf.label if task.psf else None, fwhm_pixels=task.psf_fwhm)
             result = measure(science, task.objects, psf, task.config, difference=difference,
                              backend=self.backend, progress=progress, execute=self._execute)
         # name inputs by their references, not by server paths

@@ -316,7 +316,7 @@ def _same_request(job: Job | None, fingerprint: str) -> Job | None:
     return job
 
 
-def job_spec(exposures: list[tuple[ExposureInput, ExposureInput | None]], config: MeasurementConfig,
+def job_spec(exposures: list[tuple[ExposureInput, ExposureInput | None, ExposureInput | None]], config: MeasurementConfig,
              psf_fwhm: float | None, order: str = "exposure") -> dict[str, Any]:
     """What a job runs, as stored JSON: resolved files, measurement config, PSF, and the
     order of the result's rows ("exposure": as measured; "lightcurve": by object, then time)."""
@@ -325,7 +325,7 @@ def job_spec(exposures: list[tuple[ExposureInput, ExposureInput | None]], config
         return None if source is None else {"path": str(source.path), "label": source.label}
 
     return {
-        "exposures": [{"science": side(s), "difference": side(d)} for s, d in exposures],
+        "exposures": [{"science": side(s), "difference": side(d), "psf": side(p)} for s, d, p in exposures],
         "config": config.model_dump(mode="json"),
         "psf_fwhm": psf_fwhm,
         "order": order,
@@ -473,7 +473,8 @@ class JobRunner:
             self._check(job.id)
             science = ExposureInput(Path(item["science"]["path"]), item["science"]["label"])
             difference = ExposureInput(Path(item["difference"]["path"]), item["difference"]["label"]) if item["difference"] else None
-            task = MeasureTask(science=science, difference=difference, objects=objects, config=config, psf_fwhm=spec["psf_fwhm"])
+            psf = ExposureInput(Path(item["psf"]["path"]), item["psf"]["label"]) if item.get("psf") else None
+            task = MeasureTask(science=science, difference=difference, objects=objects, config=config, psf_fwhm=spec["psf_fwhm"], psf=psf)
             last = [0.0]
 
             def progress(done: int, total: int, i: int = i) -> None:

@@ -55,4 +55,5 @@ def test_unknown_visit_stays_null_in_every_format():
     assert str(frame["detector"].dtype) == "Int16" and list(frame["detector"]) == [5, 5]
     assert pq.read_table(io.BytesIO(encode_catalog(catalog, {}, "parquet")))["visit"].null_count == 2
     assert [row["visit"] for row in json.loads(encode_catalog(catalog, {}, "json"))] == [None, None]
-    assert encode_catalog(catalog, {}, "csv").decode().splitlines()[1] == "1,,5"
+    rows = [line for line in encode_catalog(catalog, {}, "csv").decode().splitlines() if not line.startswith("#")]
+    assert rows[:2] == ["diaObjectId,visit,detector", "1,,5"]
