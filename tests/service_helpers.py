@@ -57,7 +57,8 @@ def data_id(kind: str = "calexp", visit: int = VISIT) -> dict:
 def settings_for(root: Path, data_dir: Path, **overrides) -> Settings:
     """Test settings; requests are measured in-process (threads) unless ``measure_processes`` is given."""
     overrides.setdefault("measure_processes", 0)
-    return Settings(repository_roots=[root], data_dir=data_dir, api_keys=[API_KEY], backend="numpy", **overrides)
+    overrides.setdefault("api_keys", [API_KEY])
+    return Settings(repository_roots=[root], data_dir=data_dir, backend="numpy", **overrides)
 
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}

@@ -138,3 +138,96 @@ def test_demo_then_measure_recovers_the_truth(tmp_path, capsys):
     # the direct image holds blends with field stars: compare robustly
     science_pull = (clean["scienceFlux"] - t["science_flux_nJy"]) / clean["scienceFluxErr"]
     assert abs(np.median(science_pull)) < 0.2
+
+
+# --- manners: what a user of the command line expects ------------------------------------
+
+
+def test_an_unknown_output_format_fails_before_measuring(files, capsys, monkeypatch):
+    import forcedphot.photometry.measure as engine
+
+    def never(*args, **kwargs):
+        raise AssertionError("measured before checking the output format")
+
+    monkeypatch.setattr(engine, "measure", never)
+    code = main(["measure", str(files["exposure"]), str(files["objects"]), "-o", str(files["dir"] / "out.ecsvx"), "--psf-fwhm", "3.5"])
+    assert code == 2 and "unknown output format '.ecsvx'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("suffix", ["ecsv", "fits", "vot", "csv"])
+def test_astronomy_formats_by_suffix(files, suffix):
+    from astropy.table import Table
+
+    out = files["dir"] / f"out.{suffix}"
+    assert main(["measure", str(files["exposure"]), str(files["objects"]), "-o", str(out), "--psf-fwhm", "3.5", "--backend", "numpy"]) == 0
+    table = Table.read(out, format={"ecsv": "ascii.ecsv", "csv": "ascii.ecsv", "fits": "fits", "vot": "votable"}[suffix])
+    assert len(table) == 30 and str(table["psfFlux"].unit) == "nJy"
+
+
+def test_ctrl_c_prints_one_line_exits_130_and_leaves_no_file(files, capsys, monkeypatch):
+    import forcedphot.photometry.measure as engine
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(engine, "measure", interrupted)
+    out = files["dir"] / "interrupted.parquet"
+    code = main(["measure", str(files["exposure"]), str(files["objects"]), "-o", str(out), "--psf-fwhm", "3.5", "--backend", "numpy"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 130 and err == ["forcedphot measure: interrupted; nothing was written"]
+    assert not out.exists() and not list(files["dir"].glob(".*partial"))
+
+
+def test_an_interrupted_write_leaves_no_partial_file(files, monkeypatch):
+    import forcedphot.photometry.formats as formats
+
+    def broken(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(formats.os, "replace", broken)
+    out = files["dir"] / "half.parquet"
+    with pytest.raises(KeyboardInterrupt):
+        formats.write_catalog(pq.read_table(measure(files, "--psf-fwhm", "3.5")[1]), {}, out)
+    assert not out.exists() and not list(files["dir"].glob(".half*"))
+
+
+def test_every_option_has_help_and_every_command_an_example():
+    from forcedphot.cli import build_parser
+
+    parser = build_parser()
+    commands = next(a for a in parser._actions if a.dest == "command").choices
+    assert set(commands) == {"measure", "demo", "index", "lightcurve", "serve"}
+    for name, sub in commands.items():
+        assert "example:" in (sub.epilog or ""), name
+        for action in sub._actions:
+            if action.dest != "help":
+                assert action.help, f"{name} {action.option_strings or action.dest} has no help"
+
+
+def test_header_warnings_become_one_line_and_flagged_is_explained(files, tmp_path, capsys):
+    """Cards astropy cannot parse (here two unterminated strings) warn once each; the user
+    sees one summary line."""
+    noisy = tmp_path / "noisy.fits"
+    with fits.open(files["exposure"]) as hdul:
+        hdul[0].header["FPTEST1"] = "placeholder"
+        hdul[0].header["FPTEST2"] = "placeholder"
+        hdul.writeto(noisy)
+    raw = noisy.read_bytes()
+    for key in (b"FPTEST1", b"FPTEST2"):
+        raw = raw.replace(key + b" = 'placeholder'", key + b" = 'placeholder ")
+    noisy.write_bytes(raw)
+    code = main(["measure", str(noisy), str(files["objects"]), "-o", str(tmp_path / "o.parquet"), "--psf-fwhm", "3.5", "--backend", "numpy"])
+    captured = capsys.readouterr()
+    assert code == 0
+    warning_lines = [line for line in captured.err.splitlines() if "warning" in line.lower()]
+    assert len(warning_lines) == 1 and "astropy warning(s) about the FITS headers" in warning_lines[0], captured.err
+    assert "flagged (PSF fit failed, or an edge/saturated/cosmic-ray/bad/... mask bit" in captured.out
+
+
+def test_extra_columns_on_request_only(files):
+    _, out = measure(files, "--psf-fwhm", "3.5")
+    assert "psfMag" not in pq.read_table(out).column_names
+    _, out = measure(files, "--psf-fwhm", "3.5", "--extra-columns")
+    table = pq.read_table(out).to_pandas()
+    positive = table["psfFlux"] > 0
+    np.testing.assert_allclose(table.loc[positive, "psfMag"], 31.4 - 2.5 * np.log10(table.loc[positive, "psfFlux"]), rtol=1e-5)

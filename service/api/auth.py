@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 
 from pydantic import SecretStr
@@ -9,6 +10,7 @@ from pydantic import SecretStr
 from forcedphot.api.problems import Problem
 
 CHALLENGE = {"WWW-Authenticate": 'Bearer realm="forcedphot"'}
+ANONYMOUS = "anonymous"
 
 
 class ApiKeys:
@@ -20,14 +22,15 @@ class ApiKeys:
     def __repr__(self) -> str:
         return f"ApiKeys({len(self._keys)} keys)"
 
-    def check(self, authorization: str | None) -> None:
-        """Raise a 401 problem unless ``authorization`` carries an accepted bearer key.
+    def check(self, authorization: str | None) -> str:
+        """The caller's identity (a digest of its key, or "anonymous" in demo mode); a 401
+        problem unless ``authorization`` carries an accepted bearer key.
 
         Every key is compared (``hmac.compare_digest``) so the time taken does not tell
         which key, or how much of one, matched.
         """
         if not self._keys:
-            return
+            return ANONYMOUS
         scheme, _, token = (authorization or "").partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
             raise Problem(401, "unauthorized", "this service needs an API key: send 'Authorization: Bearer <key>'", headers=CHALLENGE)
@@ -37,3 +40,4 @@ class ApiKeys:
             matched |= hmac.compare_digest(given, key)
         if not matched:
             raise Problem(401, "unauthorized", "the API key is not valid", headers=CHALLENGE)
+        return hashlib.sha256(given).hexdigest()[:16]

@@ -37,12 +37,13 @@ def _runtime(request: Request) -> ServiceRuntime:
 Runtime = Annotated[ServiceRuntime, Depends(_runtime)]
 
 
-def authorised(request: Request, runtime: Runtime, _credentials=Security(_bearer)) -> None:
-    """401 unless the request carries an accepted API key (demo mode accepts all)."""
-    runtime.keys.check(request.headers.get("authorization"))
+def authorised(request: Request, runtime: Runtime, _credentials=Security(_bearer)) -> str:
+    """The caller's identity; 401 unless the request carries an accepted API key (demo mode accepts all)."""
+    return runtime.keys.check(request.headers.get("authorization"))
 
 
 AUTH = [Depends(authorised)]
+Caller = Annotated[str, Depends(authorised)]
 
 
 @asynccontextmanager

@@ -159,6 +159,12 @@ class ServiceRuntime:
             log.exception("the demo repository could not be written")
             self._startup_error = f"the demo repository could not be written: {store_error_reason(exc)}"
 
+    def demo_state(self) -> str:
+        """The embedded demo repository: "being written", "ready", or why it failed."""
+        if self._startup_error:
+            return self._startup_error
+        return "ready" if self._repository is not None else "being written"
+
     def refresh_index(self) -> RefreshReport:
         """Bring the exposure index up to date with the repository (new and changed files)."""
         if self._repository is None:
@@ -187,14 +193,14 @@ class ServiceRuntime:
         return plan_lightcurves(self.ready_index(), objects, intake.config(request), mjd_min=request.mjd_min, mjd_max=request.mjd_max,
                                 bands=request.bands, psf_fwhm=request.psf_fwhm)
 
-    def submit_lightcurve_job(self, task: LightCurveTask, request: LightCurveRequest, key: str | None) -> tuple[Job, bool]:
+    def submit_lightcurve_job(self, task: LightCurveTask, request: LightCurveRequest, key: str | None, client: str) -> tuple[Job, bool]:
         """A light-curve request too large to answer at once, accepted as a job (rows sorted
         as a light curve)."""
         fingerprint, earlier = self._earlier_job(request, key)
         if earlier is not None:
             return earlier, False
         spec = job_spec([(e.science, e.difference, None) for e in task.epochs], task.config, task.psf_fwhm, order="lightcurve")
-        return self._create_job(spec, task.objects, fingerprint, key)
+        return self._create_job(spec, task.objects, fingerprint, key, client)
 
     # --- state -------------------------------------------------------------------------
 
@@ -234,7 +240,7 @@ class ServiceRuntime:
 
     # --- jobs --------------------------------------------------------------------------
 
-    def submit_job(self, intake: Intake, request: JobRequest, key: str | None) -> tuple[Job, bool]:
+    def submit_job(self, intake: Intake, request: JobRequest, key: str | None, client: str) -> tuple[Job, bool]:
         """Validate and accept a job: ``(job, True)``, or ``(earlier job, False)`` for a known key.
 
         Every reference is resolved and the object table validated now, so an accepted
@@ -257,7 +263,7 @@ class ServiceRuntime:
             raise Problem(422, "invalid-request", f"exposure(s) listed more than once: {'; '.join(repeated)}")
         objects = intake.objects(request.objects)
         spec = job_spec(exposures, intake.config(request), request.psf_fwhm)
-        return self._create_job(spec, objects, fingerprint, key)
+        return self._create_job(spec, objects, fingerprint, key, client)
 
     def _earlier_job(self, request, key: str | None) -> tuple[str, Job | None]:
         """The request's fingerprint, and the job already accepted under ``key`` (None if
@@ -268,10 +274,11 @@ class ServiceRuntime:
         except IdempotencyConflict as exc:
             raise Problem(422, "idempotency-key-reused", str(exc)) from None
 
-    def _create_job(self, spec: dict, objects, fingerprint: str, key: str | None) -> tuple[Job, bool]:
+    def _create_job(self, spec: dict, objects, fingerprint: str, key: str | None, client: str) -> tuple[Job, bool]:
         s = self.settings
         try:
-            job, created = self.jobs.create(spec=spec, objects=objects, fingerprint=fingerprint, key=key, max_active=s.max_active_jobs)
+            job, created = self.jobs.create(spec=spec, objects=objects, fingerprint=fingerprint, key=key, max_active=s.max_active_jobs,
+                                            client=client)
         except JobLimitReached as exc:
             raise Problem(429, "too-many-jobs", f"{exc}; retry later", headers={"Retry-After": self.retry_after()}) from None
         except IdempotencyConflict as exc:

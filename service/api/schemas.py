@@ -10,7 +10,7 @@ from forcedphot.photometry.psf_models import MAX_PSF_FWHM_PX, MIN_PSF_FWHM_PX
 from forcedphot.serving.jobs import JobError, JobProgress, JobStatus
 from forcedphot.serving.repository import ExposureRef, UriRef
 
-__all__ = ["Health", "JobError", "JobExposure", "JobProgress", "JobRequest", "JobStatus", "LightCurveRequest", "MeasureOptions",
+__all__ = ["Health", "JobError", "JobExposure", "JobList", "JobProgress", "JobRequest", "JobStatus", "LightCurveRequest", "MeasureOptions",
            "MeasureRequest", "Position"]
 
 MAX_APERTURE_PX = 50.0
@@ -95,6 +95,13 @@ class LightCurveRequest(MeasureOptions):
     mjd_max: float | None = Field(None, allow_inf_nan=False, description="latest exposure midpoint, MJD (TAI)")
     bands: list[Annotated[str, Field(min_length=1, max_length=16)]] | None = Field(None, min_length=1, max_length=16,
                                                                                   description="only these bands")
+
+
+class JobList(BaseModel):
+    """A page of the caller's jobs, newest first."""
+
+    jobs: list[JobStatus]
+    next: str | None = Field(None, description="URL path of the next page, if any")
 
 
 class Health(BaseModel):

@@ -88,7 +88,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     exposures_total INTEGER NOT NULL,
     fraction REAL NOT NULL DEFAULT 0,
     errors TEXT NOT NULL DEFAULT '[]',
-    rows INTEGER
+    rows INTEGER,
+    client TEXT
 );
 CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state, created);
 CREATE TABLE IF NOT EXISTS probe (id INTEGER PRIMARY KEY, at REAL);
@@ -154,6 +155,8 @@ class JobStore:
         with self._connect() as db:
             db.execute("PRAGMA journal_mode=WAL")
             db.executescript(_SCHEMA)
+            if "client" not in {row[1] for row in db.execute("PRAGMA table_info(jobs)")}:  # stores made before it
+                db.execute("ALTER TABLE jobs ADD COLUMN client TEXT")
 
     def _connect(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
@@ -197,6 +200,16 @@ class JobStore:
         job = self._one("SELECT * FROM jobs WHERE idempotency_key = ?", key)
         return _same_request(job, fingerprint)
 
+    def of_client(self, client: str, *, limit: int, offset: int) -> list[Job]:
+        """``client``'s jobs, newest first: ``limit`` of them from ``offset``."""
+        db = self._connect()
+        try:
+            rows = db.execute("SELECT * FROM jobs WHERE client = ? ORDER BY created DESC, id LIMIT ? OFFSET ?",
+                              (client, limit, offset)).fetchall()
+        finally:
+            db.close()
+        return [Job.from_row(row) for row in rows]
+
     def count_active(self) -> int:
         db = self._connect()
         try:
@@ -205,7 +218,7 @@ class JobStore:
             db.close()
 
     def create(self, *, spec: dict[str, Any], objects: pd.DataFrame, fingerprint: str, key: str | None,
-               max_active: int) -> tuple[Job, bool]:
+               max_active: int, client: str | None = None) -> tuple[Job, bool]:
         """Accept a job: ``(job, True)``, or ``(existing, False)`` for a known idempotency key.
 
         Raises :class:`JobLimitReached` or :class:`IdempotencyConflict`. The object table is
@@ -223,9 +236,9 @@ class JobStore:
                 raise JobLimitReached(f"{max_active} jobs are queued or running already")
             if existing is None:
                 db.execute(
-                    "INSERT INTO jobs (id, idempotency_key, fingerprint, state, spec, created, exposures_total) "
-                    "VALUES (?, ?, ?, 'queued', ?, ?, ?)",
-                    (job_id, key, fingerprint, json.dumps(spec), time.time(), len(spec["exposures"])))
+                    "INSERT INTO jobs (id, idempotency_key, fingerprint, state, spec, created, exposures_total, client) "
+                    "VALUES (?, ?, ?, 'queued', ?, ?, ?, ?)",
+                    (job_id, key, fingerprint, json.dumps(spec), time.time(), len(spec["exposures"]), client))
             db.execute("COMMIT")
         except BaseException:
             shutil.rmtree(self.job_dir(job_id), ignore_errors=True)

@@ -159,8 +159,13 @@ def test_difference_mode(scene, tmp_path):
     diff_flux = np.linspace(-500, 500, n)
     diff = render_stars((HEIGHT, WIDTH), scene["x"][:n], scene["y"][:n], diff_flux, SIGMA)
     diff_path = write_exposure(tmp_path / "diff.fits", diff, np.full(diff.shape, 2 * SKY_VARIANCE), wcs=scene["wcs"], x0=X0, y0=Y0)
+    calls = []
     with open_exposure(scene["path"]) as science, open_exposure(diff_path) as difference:
-        result = measure(science, scene["objects"], GaussianPsf(FWHM), MeasurementConfig(backend="numpy"), difference=difference)
+        result = measure(science, scene["objects"], GaussianPsf(FWHM), MeasurementConfig(backend="numpy", batch_bytes=2**20),
+                         difference=difference, progress=lambda done, total: calls.append((done, total)))
+    # progress counts objects (not object-images): it ends at the number measured
+    assert len(calls) > 1 and calls[-1] == (result.n_on_detector, result.n_on_detector)
+    assert all(total == result.n_on_detector for _, total in calls)
     cat = result.catalog.set_index("diaObjectId").loc[scene["objects"]["diaObjectId"][:n]]
     np.testing.assert_allclose(cat["psfFlux"], diff_flux * CALIB, rtol=1e-4, atol=1e-2)
     np.testing.assert_allclose(cat["scienceFlux"], scene["flux"] * CALIB, rtol=1e-4)

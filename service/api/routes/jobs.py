@@ -5,14 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated
 
-from fastapi import APIRouter, Header, Response
+from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import FileResponse
 import pyarrow.parquet as pq
 from starlette.concurrency import run_in_threadpool
 
-from forcedphot.api.dependencies import AUTH, CATALOG_RESPONSE, OutputFormat, Runtime, problems
+from forcedphot.api.dependencies import AUTH, CATALOG_RESPONSE, Caller, OutputFormat, Runtime, problems
 from forcedphot.api.problems import Problem
-from forcedphot.api.schemas import JobRequest, JobStatus
+from forcedphot.api.schemas import JobList, JobRequest, JobStatus
 from forcedphot.photometry.formats import FORMATS, encode_catalog, read_provenance
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], dependencies=AUTH)
@@ -22,13 +22,23 @@ IdempotencyKey = Annotated[str | None, Header(min_length=1, max_length=255, patt
 @router.post("", status_code=202, response_model=JobStatus,
              responses={200: {"description": "an earlier job with this Idempotency-Key"},
                         **problems(400, 401, 403, 404, 413, 422, 429, 503)})
-async def submit_job(job: JobRequest, response: Response, runtime: Runtime, idempotency_key: IdempotencyKey = None) -> JobStatus:
+async def submit_job(job: JobRequest, response: Response, runtime: Runtime, caller: Caller, idempotency_key: IdempotencyKey = None) -> JobStatus:
     """Queue a batch job: many exposures, one object table. A repeated Idempotency-Key returns the same job."""
     intake = runtime.intake()
-    accepted, created = await run_in_threadpool(runtime.submit_job, intake, job, idempotency_key)
+    accepted, created = await run_in_threadpool(runtime.submit_job, intake, job, idempotency_key, caller)
     response.status_code = 202 if created else 200
     response.headers["Location"] = f"/v1/jobs/{accepted.id}"
     return accepted.status()
+
+
+@router.get("", response_model=JobList, responses=problems(401, 422))
+async def list_jobs(runtime: Runtime, caller: Caller, request: Request,
+                    limit: Annotated[int, Query(ge=1, le=100, description="jobs per page")] = 20,
+                    page: Annotated[int, Query(ge=1, le=10_000, description="page, from 1")] = 1) -> JobList:
+    """The caller's jobs (those its API key submitted), newest first, a page at a time."""
+    jobs = await run_in_threadpool(runtime.jobs.of_client, caller, limit=limit + 1, offset=(page - 1) * limit)
+    following = f"{request.url.path}?limit={limit}&page={page + 1}" if len(jobs) > limit else None
+    return JobList(jobs=[job.status() for job in jobs[:limit]], next=following)
 
 
 @router.get("/{job_id}", response_model=JobStatus, responses=problems(401, 404))

@@ -13,6 +13,7 @@ from starlette.concurrency import run_in_threadpool
 from forcedphot.api.dependencies import (
     AUTH,
     CATALOG_RESPONSE,
+    Caller,
     ClientGone,
     OutputFormat,
     Runtime,
@@ -57,7 +58,7 @@ async def refresh_index(runtime: Runtime) -> dict[str, Any]:
                         **problems(400, 401, 404, 406, 408, 413, 422, 429, 503, 504)},
              openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
                  "schema": {"$ref": "#/components/schemas/LightCurveRequest"}}}}})
-async def lightcurves(request: Request, runtime: Runtime, fmt: OutputFormat, idempotency_key: IdempotencyKey = None) -> Response:
+async def lightcurves(request: Request, runtime: Runtime, fmt: OutputFormat, caller: Caller, idempotency_key: IdempotencyKey = None) -> Response:
     """Light curves: every (object, covering exposure) pair measured as ``/v1/forced-photometry``
     does (difference image, and the science image for scienceFlux), one table sorted by
     diaObjectId then time. More than ``max_lightcurve_pairs`` pairs becomes a job (202)."""
@@ -71,7 +72,7 @@ async def lightcurves(request: Request, runtime: Runtime, fmt: OutputFormat, ide
     task = await run_in_threadpool(runtime.plan_lightcurves, intake, query)
     pairs = sum(len(epoch.rows) for epoch in task.epochs)
     if pairs > runtime.settings.max_lightcurve_pairs:
-        job, created = await run_in_threadpool(runtime.submit_lightcurve_job, task, query, idempotency_key)
+        job, created = await run_in_threadpool(runtime.submit_lightcurve_job, task, query, idempotency_key, caller)
         return Response(job.status().model_dump_json(), status_code=202 if created else 200, media_type="application/json",
                         headers={"Location": f"/v1/jobs/{job.id}", "X-Pairs": str(pairs)})
     plan_seconds = time.perf_counter() - start

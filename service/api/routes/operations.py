@@ -60,6 +60,7 @@ async def info(runtime: Runtime) -> dict[str, Any]:
         "formats": FORMATS,
     }
     if settings.demo_mode:
+        body["demo_repository"] = runtime.demo_state()
         body["demo"] = [{"visit": v.visit, "detector": v.detector, "objects": f"{v.visit}/{v.detector}/diaObjects.parquet"}
                         for v in runtime.demo_visits]
     return body
