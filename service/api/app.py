@@ -12,11 +12,12 @@ from __future__ import annotations
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request, Response
 from fastapi.openapi.utils import get_openapi
 from starlette.concurrency import run_in_threadpool
 
 from forcedphot.api.body_limit import BodyLimitMiddleware
+from forcedphot.api.dependencies import ClientGone
 from forcedphot.api.metrics import MetricsMiddleware
 from forcedphot.api.problems import install_problem_handlers
 from forcedphot.api.routes import jobs, lightcurves, operations, photometry
@@ -25,6 +26,7 @@ from forcedphot.api.schemas import LightCurveRequest, MeasureRequest
 from forcedphot.api.settings import Settings, load_settings
 from forcedphot.version import __version__
 
+CLIENT_CLOSED_REQUEST = 499  # nginx's code for a request its client abandoned
 DESCRIPTION = """Forced photometry of DiaObjects on LSST-style exposures.
 
 Send one exposure (a repository reference or an uploaded FITS file) and a DiaObject
@@ -48,12 +50,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(title="forcedphot", version=__version__, description=DESCRIPTION, lifespan=lifespan)
     app.state.runtime = runtime
     install_problem_handlers(app)
+    app.add_exception_handler(ClientGone, _client_gone)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(MetricsMiddleware, metrics=runtime.metrics)
     for module in (operations, photometry, lightcurves, jobs):
         app.include_router(module.router)
     _install_openapi(app)
     return app
+
+
+async def _client_gone(request: Request, exc: ClientGone) -> Response:
+    """Nobody reads this answer: the client left and its measurement was stopped."""
+    return Response(status_code=CLIENT_CLOSED_REQUEST)
 
 
 def _install_openapi(app: FastAPI) -> None:

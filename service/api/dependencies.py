@@ -4,7 +4,7 @@ the answer's format."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 import contextlib
 from contextlib import asynccontextmanager
 from typing import Annotated, TypeVar
@@ -69,6 +69,17 @@ async def within_body_timeout(runtime: ServiceRuntime, receiving: Awaitable[T]) 
         return await asyncio.wait_for(receiving, limit)
     except TimeoutError:
         raise Problem(408, "body-timeout", f"the request body did not arrive within {limit:g} s") from None
+
+
+async def run_measurement(request: Request, runtime: ServiceRuntime, work: Callable[[], Awaitable[T]]) -> T:
+    """Await ``work()`` holding a measurement slot; if the client leaves first, stop it and
+    raise :class:`ClientGone` (answered 499 by the application)."""
+    async with measurement_slot(runtime):
+        try:
+            return await unless_client_leaves(request, work())
+        except ClientGone:
+            runtime.metrics.abandoned.inc()
+            raise
 
 
 class ClientGone(Exception):

@@ -10,18 +10,7 @@ from fastapi import APIRouter, Query, Request, Response
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
-from forcedphot.api.dependencies import (
-    AUTH,
-    CATALOG_RESPONSE,
-    Caller,
-    ClientGone,
-    OutputFormat,
-    Runtime,
-    measurement_slot,
-    problems,
-    unless_client_leaves,
-    within_body_timeout,
-)
+from forcedphot.api.dependencies import AUTH, CATALOG_RESPONSE, Caller, OutputFormat, Runtime, problems, run_measurement, within_body_timeout
 from forcedphot.api.problems import invalid_request
 from forcedphot.api.routes.jobs import IdempotencyKey
 from forcedphot.api.schemas import LightCurveRequest
@@ -76,12 +65,7 @@ async def lightcurves(request: Request, runtime: Runtime, fmt: OutputFormat, cal
         return Response(job.status().model_dump_json(), status_code=202 if created else 200, media_type="application/json",
                         headers={"Location": f"/v1/jobs/{job.id}", "X-Pairs": str(pairs)})
     plan_seconds = time.perf_counter() - start
-    try:
-        async with measurement_slot(runtime):
-            result = await unless_client_leaves(request, runtime.service.measure_lightcurves(task))
-    except ClientGone:
-        runtime.metrics.abandoned.inc()
-        return Response(status_code=499)
+    result = await run_measurement(request, runtime, lambda: runtime.service.measure_lightcurves(task))
     started = time.perf_counter()
     content = await run_in_threadpool(encode_catalog, result.table, {"lightcurves": result.provenance, "errors": result.errors}, fmt)
     timings = {"plan": plan_seconds, **result.timings, "encode": time.perf_counter() - started}

@@ -8,17 +8,7 @@ from typing import Any
 from fastapi import APIRouter, Request, Response
 from starlette.concurrency import run_in_threadpool
 
-from forcedphot.api.dependencies import (
-    AUTH,
-    CATALOG_RESPONSE,
-    ClientGone,
-    OutputFormat,
-    Runtime,
-    measurement_slot,
-    problems,
-    unless_client_leaves,
-    within_body_timeout,
-)
+from forcedphot.api.dependencies import AUTH, CATALOG_RESPONSE, OutputFormat, Runtime, problems, run_measurement, within_body_timeout
 from forcedphot.api.intake import remove_uploads
 from forcedphot.api.problems import Problem
 from forcedphot.photometry.formats import FORMATS
@@ -37,7 +27,9 @@ MULTIPART_SCHEMA = {
         "difference_ref": {"type": "string", "description": "or a JSON reference to it"},
         "objects": {"type": "string", "format": "binary", "description": "DiaObject table: parquet, CSV or JSON"},
         "objects_ref": {"type": "string", "description": "or a JSON {\"uri\": ...} to a table in the repository"},
+        "psf": {"type": "string", "format": "binary", "description": "PSF file: PSFEx .psf, or a FITS PSF image (wins over psf_fwhm)"},
         "psf_fwhm": {"type": "number", "description": "Gaussian PSF FWHM, pixels"},
+        "extra_columns": {"type": "boolean", "description": "add psfMag, psfMagErr (AB), psfFlux_snr, psfMagLim5Sigma"},
         "apertures": {"type": "string", "description": "aperture radii in pixels, comma-separated"},
         "include_offimage": {"type": "boolean"},
     },
@@ -72,7 +64,7 @@ async def forced_photometry(request: Request, runtime: Runtime, fmt: OutputForma
             body = await within_body_timeout(runtime, request.body())
             task = await run_in_threadpool(intake.from_json, body)
         elif media_type == "multipart/form-data":
-            form = await within_body_timeout(runtime, request.form(max_files=3, max_fields=16))
+            form = await within_body_timeout(runtime, request.form(max_files=4, max_fields=16))
             try:
                 task, uploads = await run_in_threadpool(intake.from_form, form)
             finally:
@@ -81,11 +73,7 @@ async def forced_photometry(request: Request, runtime: Runtime, fmt: OutputForma
             raise Problem(415, "unsupported-media-type",
                           f"send application/json (references) or multipart/form-data (uploads), not {media_type or 'no Content-Type'!r}")
         parse_seconds = time.perf_counter() - start
-        async with measurement_slot(runtime):
-            outcome, content, encode_seconds = await unless_client_leaves(request, runtime.service.measure_encoded(task, fmt))
-    except ClientGone:
-        runtime.metrics.abandoned.inc()
-        return Response(status_code=499)  # nobody reads it: the client has gone
+        outcome, content, encode_seconds = await run_measurement(request, runtime, lambda: runtime.service.measure_encoded(task, fmt))
     finally:
         if uploads:
             await run_in_threadpool(remove_uploads, uploads)
