@@ -14,13 +14,14 @@ from typing import Any
 
 from fastapi import FastAPI, Request, Response
 from fastapi.openapi.utils import get_openapi
+from fastapi_offline import FastAPIOffline
 from starlette.concurrency import run_in_threadpool
 
 from forcedphot.api.body_limit import BodyLimitMiddleware
 from forcedphot.api.dependencies import ClientGone
 from forcedphot.api.metrics import MetricsMiddleware
 from forcedphot.api.problems import install_problem_handlers
-from forcedphot.api.routes import jobs, lightcurves, operations, photometry
+from forcedphot.api.routes import dashboard, jobs, lightcurves, operations, photometry, stamps
 from forcedphot.api.runtime import ServiceRuntime
 from forcedphot.api.schemas import LightCurveRequest, MeasureRequest
 from forcedphot.api.settings import Settings, load_settings
@@ -47,14 +48,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         finally:
             await run_in_threadpool(runtime.stop)
 
-    app = FastAPI(title="forcedphot", version=__version__, description=DESCRIPTION, lifespan=lifespan)
+    # the docs pages take their scripts and styles from the fastapi-offline package, not a CDN
+    app = FastAPIOffline(title="forcedphot", version=__version__, description=DESCRIPTION, lifespan=lifespan,
+                         static_url=dashboard.DOCS_STATIC, redoc_url=None)  # /redoc: routes/dashboard.py
     app.state.runtime = runtime
     install_problem_handlers(app)
     app.add_exception_handler(ClientGone, _client_gone)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(MetricsMiddleware, metrics=runtime.metrics)
-    for module in (operations, photometry, lightcurves, jobs):
+    for module in (operations, photometry, lightcurves, stamps, jobs, dashboard):
         app.include_router(module.router)
+    dashboard.mount_static(app)
     _install_openapi(app)
     return app
 

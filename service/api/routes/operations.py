@@ -58,6 +58,7 @@ async def info(runtime: Runtime) -> dict[str, Any]:
         "settings": settings.public(),
         "measurement_defaults": MeasurementConfig().model_dump(mode="json"),
         "formats": FORMATS,
+        "index": {"exposures": runtime.index.count()},
     }
     if settings.demo_mode:
         body["demo_repository"] = runtime.demo_state()

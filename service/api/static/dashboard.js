@@ -1,0 +1,234 @@
+// forcedphot dashboard: light curves (plotly, served by this service), stamps, service status.
+// Everything is fetched from this server; an API key, when the service needs one, is kept
+// in sessionStorage only.
+"use strict";
+
+const FLAGS = ["psfFlux_flag", "pixelFlags_saturated", "pixelFlags_cr", "pixelFlags_bad", "pixelFlags_edge"];
+const COLOURS = { u: "#56b4e9", g: "#009e73", r: "#d55e00", i: "#cc79a7", z: "#0072b2", y: "#e69f00" };
+const state = { rows: [], body: null, id: null, lastRequests: null };
+
+function headers(extra) {
+  const key = sessionStorage.getItem("forcedphot-key");
+  return Object.assign(key ? { Authorization: "Bearer " + key } : {}, extra || {});
+}
+
+async function api(path, options) {
+  const response = await fetch(path, Object.assign({}, options, { headers: headers((options || {}).headers) }));
+  if (response.status === 401) {
+    document.getElementById("key-panel").hidden = false;
+    throw new Error("this service needs an API key");
+  }
+  if (!response.ok) {
+    let detail = response.statusText;
+    try { detail = (await response.json()).detail || detail; } catch (e) { /* not JSON */ }
+    throw new Error(detail);
+  }
+  return response;
+}
+
+function say(text, error) {
+  const message = document.getElementById("message");
+  message.textContent = text;
+  message.className = error ? "error" : "";
+}
+
+const flagged = (row) => FLAGS.some((name) => row[name]);
+
+function numbers(id) {
+  const text = document.getElementById(id).value.trim();
+  return text === "" ? null : Number(text);
+}
+
+// The request as JSON text: a diaObjectId (up to 2**63) does not survive a JavaScript
+// number, so it is written as the digits typed, and shown from them.
+async function requestBody() {
+  const body = {};
+  const id = document.getElementById("object-id").value.trim();
+  state.id = null;
+  if (id) {
+    if (!/^-?[0-9]+$/.test(id)) throw new Error("a diaObjectId is an integer");
+    const found = await (await api("/v1/objects/" + encodeURIComponent(id))).json();
+    body.objects = [{ diaObjectId: 0, ra: found.ra, dec: found.dec }];
+    state.id = id;
+  } else {
+    const ra = numbers("ra"), dec = numbers("dec");
+    if (ra === null || dec === null) throw new Error("give a diaObjectId, or RA and Dec in degrees");
+    body.objects = { ra: ra, dec: dec };
+  }
+  const min = numbers("mjd-min"), max = numbers("mjd-max");
+  if (min !== null) body.mjd_min = min;
+  if (max !== null) body.mjd_max = max;
+  const bands = document.getElementById("bands").value.split(",").map((b) => b.trim()).filter(Boolean);
+  if (bands.length) body.bands = bands;
+  const text = JSON.stringify(body);
+  return state.id === null ? text : text.replace('"diaObjectId":0', '"diaObjectId":' + state.id);
+}
+
+async function search(event) {
+  event.preventDefault();
+  try {
+    say("measuring...");
+    state.body = await requestBody();
+    const response = await api("/v1/lightcurves", {
+      method: "POST", body: state.body,
+      headers: { "Content-Type": "application/json", Accept: "application/json" },
+    });
+    if (response.status === 202) {
+      say("a large request: accepted as job " + (await response.json()).id + "; see Recent jobs");
+      return;
+    }
+    state.rows = await response.json();
+    say(state.rows.length + " measurements on " + response.headers.get("X-Epochs") + " exposures");
+    draw();
+    refreshStatus();
+  } catch (error) {
+    say(error.message, true);
+  }
+}
+
+function traces(column, axis) {
+  const out = [];
+  const groups = {};
+  state.rows.forEach((row, index) => {
+    const key = row.band + (flagged(row) ? " flagged" : "");
+    (groups[key] = groups[key] || []).push(index);
+  });
+  for (const [key, indices] of Object.entries(groups)) {
+    const band = key.split(" ")[0];
+    const bad = key.endsWith("flagged");
+    out.push({
+      type: "scatter", mode: "markers", name: (axis === "y" ? "" : "science ") + key, xaxis: "x", yaxis: axis,
+      x: indices.map((i) => state.rows[i].midpointMjdTai), y: indices.map((i) => state.rows[i][column]),
+      error_y: { type: "data", array: indices.map((i) => state.rows[i][column + "Err"]), visible: true },
+      customdata: indices,
+      marker: { color: COLOURS[band] || "#555", symbol: bad ? "x-open" : "circle", size: 7 },
+      hovertext: indices.map((i) => {
+        const r = state.rows[i];
+        const flags = Object.keys(r).filter((k) => k.startsWith("pixelFlags_") && r[k]).join(" ") || "none";
+        return "visit " + r.visit + " detector " + r.detector + "<br>flags: " + flags + (r.psfFlux_flag ? " psfFlux_flag" : "");
+      }),
+      hoverinfo: "x+y+text",
+    });
+  }
+  return out;
+}
+
+function draw() {
+  const plot = document.getElementById("plot");
+  const layout = {
+    grid: { rows: 2, columns: 1, shared_xaxes: true }, margin: { t: 20, r: 10 }, hovermode: "closest",
+    xaxis: { title: "MJD (TAI)" }, yaxis: { title: "difference flux [nJy]" }, yaxis2: { title: "science flux [nJy]" },
+  };
+  Plotly.newPlot(plot, traces("psfFlux", "y").concat(traces("scienceFlux", "y2")), layout, { displaylogo: false });
+  plot.on("plotly_click", (event) => showStamps(event.points[0].customdata));
+  table();
+  document.getElementById("downloads").hidden = false;
+}
+
+function table() {
+  const columns = ["diaObjectId", "visit", "detector", "band", "midpointMjdTai", "psfFlux", "psfFluxErr", "scienceFlux", "scienceFluxErr"];
+  const head = document.querySelector("#rows thead");
+  head.innerHTML = "<tr>" + columns.map((c) => "<th>" + c + "</th>").join("") + "<th>flagged</th></tr>";
+  const body = document.querySelector("#rows tbody");
+  body.innerHTML = "";
+  state.rows.forEach((row, index) => {
+    const tr = document.createElement("tr");
+    if (flagged(row)) tr.className = "flagged";
+    tr.innerHTML = columns.map((c) => "<td>" + (c === "diaObjectId" && state.id !== null ? state.id : format(row[c])) + "</td>").join("") + "<td>" + (flagged(row) ? "yes" : "") + "</td>";
+    tr.addEventListener("click", () => showStamps(index));
+    body.appendChild(tr);
+  });
+}
+
+function format(value) {
+  if (typeof value === "number" && !Number.isInteger(value)) return value.toPrecision(6);
+  return value === null || value === undefined ? "" : String(value);
+}
+
+async function showStamps(index) {
+  const row = state.rows[index];
+  const panel = document.getElementById("stamps");
+  panel.hidden = false;
+  document.getElementById("stamp-caption").textContent =
+    "visit " + row.visit + ", detector " + row.detector + ", " + row.band + ", MJD " + row.midpointMjdTai.toFixed(4);
+  for (const kind of ["science", "difference"]) {
+    const query = new URLSearchParams({ visit: row.visit, detector: row.detector, ra: row.ra, dec: row.dec, size: 48, kind: kind });
+    try {
+      const blob = await (await api("/v1/stamps?" + query, { headers: { Accept: "image/png" } })).blob();
+      document.getElementById("stamp-" + kind).src = URL.createObjectURL(blob);
+    } catch (error) {
+      say(kind + " stamp: " + error.message, true);
+    }
+  }
+}
+
+async function download(event) {
+  event.preventDefault();
+  const fmt = event.target.dataset.format;
+  const media = { parquet: "application/vnd.apache.parquet", csv: "text/csv", ecsv: "text/x-ecsv" }[fmt];
+  try {
+    const response = await api("/v1/lightcurves", {
+      method: "POST", body: state.body, headers: { "Content-Type": "application/json", Accept: media },
+    });
+    const link = document.createElement("a");
+    link.href = URL.createObjectURL(await response.blob());
+    link.download = "lightcurve." + fmt;
+    link.click();
+  } catch (error) {
+    say(error.message, true);
+  }
+}
+
+function metric(text, name) {
+  let total = 0, found = false;
+  for (const line of text.split("\n")) {
+    if (line.startsWith(name + " ") || line.startsWith(name + "{")) {
+      total += Number(line.split(" ").pop());
+      found = true;
+    }
+  }
+  return found ? total : null;
+}
+
+async function refreshStatus() {
+  try {
+    const info = await (await api("/v1/info")).json();
+    const metrics = await (await api("/metrics")).text();
+    document.getElementById("version").textContent = "version " + info.version;
+    const requests = metric(metrics, "forcedphot_http_requests_total");
+    const now = performance.now();
+    let rate = "";
+    if (state.lastRequests) rate = ((requests - state.lastRequests[0]) / ((now - state.lastRequests[1]) / 1000)).toFixed(2) + " /s";
+    state.lastRequests = [requests, now];
+    const seconds = metric(metrics, "forcedphot_http_request_duration_seconds_sum");
+    const count = metric(metrics, "forcedphot_http_request_duration_seconds_count");
+    const items = {
+      backend: info.backend.name + ":" + info.backend.device,
+      "measurement processes": info.measure_processes,
+      "indexed exposures": info.index ? info.index.exposures : "",
+      "exposure cache": ((metric(metrics, "forcedphot_exposure_cache_bytes") || 0) / 2 ** 20).toFixed(1) + " MiB",
+      "requests answered": requests,
+      "request rate": rate || "(measuring)",
+      "mean latency": count ? (1000 * seconds / count).toFixed(1) + " ms" : "",
+      "in flight": metric(metrics, "forcedphot_measurements_in_flight"),
+    };
+    if (info.demo_repository) items["demo repository"] = info.demo_repository;
+    document.getElementById("status-list").innerHTML =
+      Object.entries(items).map(([k, v]) => "<dt>" + k + "</dt><dd>" + v + "</dd>").join("");
+    const jobs = await (await api("/v1/jobs?limit=5")).json();
+    document.getElementById("jobs").innerHTML = jobs.jobs.map((j) =>
+      "<li>" + j.id.slice(0, 8) + " " + j.state + " " + Math.round(100 * j.progress.fraction) + "%</li>").join("") || "<li>none</li>";
+  } catch (error) {
+    say(error.message, true);
+  }
+}
+
+document.getElementById("search").addEventListener("submit", search);
+document.querySelectorAll("#downloads a").forEach((a) => a.addEventListener("click", download));
+document.getElementById("use-key").addEventListener("click", () => {
+  sessionStorage.setItem("forcedphot-key", document.getElementById("key").value);
+  document.getElementById("key-panel").hidden = true;
+  refreshStatus();
+});
+refreshStatus();
+setInterval(refreshStatus, 5000);
