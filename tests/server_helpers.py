@@ -24,9 +24,9 @@ class Server:
 
     def __init__(self, data_dir: Path, *args: str, **env: str):
         self.data_dir, self.port, self.args = data_dir, free_port(), list(args)
-        self.env = {**os.environ, "FORCEDPHOT_DATA_DIR": str(data_dir), "FORCEDPHOT_BACKEND": "numpy", **env}
-        for key in ("FORCEDPHOT_REPOSITORY_ROOTS", "FORCEDPHOT_API_KEYS", "FORCEDPHOT_CONFIG_FILE"):
-            self.env.pop(key, None)
+        inherited = {k: v for k, v in os.environ.items()
+                     if k not in ("FORCEDPHOT_REPOSITORY_ROOTS", "FORCEDPHOT_API_KEYS", "FORCEDPHOT_CONFIG_FILE")}
+        self.env = {**inherited, "FORCEDPHOT_DATA_DIR": str(data_dir), "FORCEDPHOT_BACKEND": "numpy", **env}
         self.log = data_dir / f"server-{self.port}.log"
         self.process: subprocess.Popen | None = None
 

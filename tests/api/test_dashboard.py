@@ -85,6 +85,29 @@ def test_the_dashboard_draws_a_light_curve_and_its_stamps(browser, server, tmp_p
     assert errors == [] and foreign == []
 
 
+def test_the_dashboard_asks_for_the_api_key_once(browser, server, tmp_path):
+    """A server of a repository (the demo's files) with an API key: the page asks for it,
+    keeps it in the session, and then works."""
+    key = "dashboard-key-0123456789"
+    keyed = Server(tmp_path, "--repository", str(server.data_dir / "demo-repository"), FORCEDPHOT_API_KEYS=key).start()
+    try:
+        page, errors, foreign = watched_page(browser, keyed)
+        page.goto(keyed.url + "/")
+        page.wait_for_selector("#key-panel:not([hidden])")
+        page.fill("#key", key)
+        page.click("#use-key")
+        page.wait_for_function("document.querySelector('#status-list dd') !== null")
+        assert page.evaluate("sessionStorage.getItem('forcedphot-key')") == key
+        page.fill("#ra", "150.1")
+        page.fill("#dec", "2.2")
+        page.click("#search button[type=submit]")
+        page.wait_for_function("document.querySelectorAll('#rows tbody tr').length === 24", timeout=30_000)
+        page.close()
+    finally:
+        keyed.stop()
+    assert foreign == [] and [e for e in errors if "401" not in e] == []  # the first, keyless call is refused
+
+
 @pytest.mark.parametrize("path, selector", [("/docs", ".opblock"), ("/redoc", "[data-section-id]")])
 def test_the_api_docs_render_offline(browser, server, path, selector):
     page, errors, foreign = watched_page(browser, server)
@@ -96,8 +119,9 @@ def test_the_api_docs_render_offline(browser, server, path, selector):
 
 
 def test_no_page_refers_to_another_host(server):
-    import httpx
     import re
+
+    import httpx
 
     for path in ("/", "/docs", "/redoc", "/static/app/dashboard.js"):
         text = httpx.get(server.url + path).text
