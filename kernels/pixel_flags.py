@@ -26,8 +26,8 @@ Flags, for each plane ``p`` with bit ``b``
   starts ``_allBits`` at all-ones, so when the clipped box is empty (the centre lies more
   than 1.5 px off the image) every ``CenterAll`` flag is True; kept here (an ``all`` over no
   pixels).
-* ``nodata`` in the footprint also sets ``edge`` (``PixelFlags.cc``: "Set the EDGE flag if
-  the bitmask has NO_DATA set"), when both names are in ``planes``.
+* ``nodata`` is its own flag only: since November 2024 LSST no longer sets ``edge`` for
+  NO_DATA pixels in the footprint.
 
 Not here: ``offimage`` (centre outside ``Box2D(bbox)``), which also sets edge, edgeCenter
 and edgeCenterAll, is the caller's; so is the general ``flag`` for a non-finite centre
@@ -163,6 +163,4 @@ def pixel_flags(
         any_.append(xp.any(footprint & has_bit, axis=(1, 2)))
         center.append(xp.any(box & has_bit, axis=(1, 2)))
         center_all.append(~xp.any(box & ~has_bit, axis=(1, 2)))
-    if "edge" in planes and "nodata" in planes:
-        any_[names.index("edge")] = any_[names.index("edge")] | any_[names.index("nodata")]
     return PixelFlags(xp.stack(any_, axis=1), xp.stack(center, axis=1), xp.stack(center_all, axis=1))

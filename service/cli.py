@@ -76,7 +76,7 @@ def _measure(args: argparse.Namespace) -> int:
         science = stack.enter_context(open_exposure(args.exposure))
         difference = stack.enter_context(open_exposure(args.difference)) if args.difference else None
         psf = choose_psf(science.header, str(args.exposure), path=args.psf, fwhm_pixels=args.psf_fwhm,
-                         fwhm_name="--psf-fwhm", how="use --psf-fwhm PIX or --psf FILE")
+                         fwhm_name="--psf-fwhm", how="use --psf-fwhm PIX or --psf FILE", archive=science.psf_record)
         progress = _ProgressLine()
         result = measure(science, objects, psf, config, difference=difference, backend=backend, progress=progress)
         progress.close()

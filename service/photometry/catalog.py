@@ -193,8 +193,8 @@ def build_catalog(
     if extra_columns:
         columns.update(magnitude_columns(columns["psfFlux"], columns["psfFluxErr"]))
     columns.update(
-        localPhotoCalib=np.full(n, calib, dtype=np.float32),
-        localPhotoCalibErr=np.full(n, calib_err, dtype=np.float32),
+        localPhotoCalib=np.full(n, calib, dtype=np.float64),
+        localPhotoCalibErr=np.full(n, calib_err, dtype=np.float64),
         localWcs_CDMatrix_1_1=cd_matrix[:, 0, 0],
         localWcs_CDMatrix_1_2=cd_matrix[:, 0, 1],
         localWcs_CDMatrix_2_1=cd_matrix[:, 1, 0],

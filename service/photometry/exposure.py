@@ -169,6 +169,7 @@ class Exposure:
     midpoint_mjd_tai: float | None
     variance_estimated: bool
     header: fits.Header = field(repr=False)
+    psf_record: dict | None = field(repr=False)  # the archive's PSF: {"class": ..., column: value}
     _hdul: fits.HDUList = field(repr=False, compare=False)
     _image_hdu: _ImageHDU = field(repr=False, compare=False)
     _variance_hdu: _ImageHDU | None = field(repr=False, compare=False)
@@ -275,6 +276,8 @@ def _open_fits(path: str, name: str, limits: ExposureLimits) -> fits.HDUList:
                     hdul.close()
                     raise ExposureError(f"{name}: more than {limits.max_hdus} HDUs; an exposure has its image, "
                                         "mask, variance and archive tables only")
+                if not hdu.name and isinstance(hdu.header.get("EXTTYPE"), str):  # pre-2019 afw: no EXTNAME
+                    hdu.name = hdu.header["EXTTYPE"].strip()
                 info = hdu.fileinfo()  # per HDU: HDUList.fileinfo walks every HDU on each call
                 # datSpan is padded to 2880 bytes: less than (span - 2879) bytes means lost data.
                 if info and info["datSpan"] and size < info["datLoc"] + info["datSpan"] - (_FITS_BLOCK - 1):
@@ -339,6 +342,7 @@ def _build_exposure(path: str, name: str, hdul: fits.HDUList, limits: ExposureLi
     height, width = shape
     x0, y0 = _origin(name, header)
     calibration_mean, calibration_err, calibration_source = _calibration(name, hdul, header)
+    psf_record = _archive_record(hdul, "Psf")
     plane_hdu = variance_hdu if variance_hdu is not None else weight_hdu
     constant_variance = math.nan
     if plane_hdu is None:
@@ -368,6 +372,7 @@ def _build_exposure(path: str, name: str, hdul: fits.HDUList, limits: ExposureLi
         _mask_hdu=mask_hdu,
         _constant_variance=constant_variance,
         _file_size=os.path.getsize(path),
+        psf_record=psf_record,
     )
 
 
@@ -457,20 +462,51 @@ def _memory_mapped(hdu: _ImageHDU) -> np.ndarray | None:
     return hdu.data
 
 
+_RAW_TYPES = {8: "u1", 16: ">i2", 32: ">i4", 64: ">i8", -32: ">f4", -64: ">f8"}
+
+
+def _scaled_rows(hdu: _ImageHDU, y_start: int, y_stop: int) -> np.ndarray | None:
+    """Rows of a plain (not tile-compressed) HDU stored with ``BSCALE``/``BZERO`` (e.g. an
+    afw uint16 mask: BITPIX 16, BZERO 32768), read from a memory map of the raw values
+    and scaled here, so only these rows are read (astropy refuses to memory-map scaled
+    data). Integers stay exact (int64); ``BLANK`` becomes NaN for floating results.
+    None for HDUs that need no scaling."""
+    header = hdu.header
+    bscale, bzero = header.get("BSCALE", 1), header.get("BZERO", 0)
+    if isinstance(hdu, fits.CompImageHDU) or (bscale == 1 and bzero == 0):
+        return None
+    info = hdu.fileinfo()
+    raw = np.memmap(info["file"].name, dtype=_RAW_TYPES[header["BITPIX"]], mode="r", offset=info["datLoc"],
+                    shape=tuple(hdu.shape))[y_start:y_stop]
+    if raw.dtype.kind in "iu" and float(bscale).is_integer() and float(bzero).is_integer():
+        return raw.astype(np.int64) * int(bscale) + int(bzero)
+    values = raw.astype(np.float64) * bscale + bzero
+    if "BLANK" in header and raw.dtype.kind in "iu":
+        values[raw == header["BLANK"]] = np.nan
+    return values
+
+
 def _read_band(hdu: _ImageHDU, y_start: int, y_stop: int, dtype: type) -> np.ndarray:
     """Rows [y_start, y_stop) of ``hdu`` with values of ``dtype``: a memory-mapped view in
     the file's byte order when the file stores exactly that type, else a decoded copy."""
     mapped = _memory_mapped(hdu)
     if mapped is not None and mapped.dtype.newbyteorder("=") == np.dtype(dtype):
         return mapped[y_start:y_stop]
+    scaled = _scaled_rows(hdu, y_start, y_stop)
+    if scaled is not None:
+        return scaled.astype(dtype)
     return np.array(hdu.section[y_start:y_stop, :], dtype=dtype)
 
 
 def _read_mask_band(hdu: _ImageHDU, y_start: int, y_stop: int) -> np.ndarray:
-    """Mask rows as int32 bit fields (uint32 planes are reinterpreted bit for bit)."""
+    """Mask rows as int32 bit fields (uint32 planes are reinterpreted bit for bit, uint16
+    planes stored with BZERO read exactly)."""
     mapped = _memory_mapped(hdu)
     if mapped is not None and mapped.dtype.newbyteorder("=") == np.dtype(np.int32):
         return mapped[y_start:y_stop]
+    scaled = _scaled_rows(hdu, y_start, y_stop)
+    if scaled is not None:
+        return scaled.astype(np.uint32).view(np.int32)
     band = np.asarray(hdu.section[y_start:y_stop, :])
     if band.dtype.kind == "u" and band.dtype.itemsize == 4:
         return band.astype(np.uint32).view(np.int32)
@@ -604,6 +640,27 @@ def _photocalib(path: str, hdul: fits.HDUList) -> tuple[float, float] | None:
     mean = float(table.data[names["calibrationmean"]][row])
     err = float(table.data[names["calibrationerr"]][row]) if "calibrationerr" in names else 0.0
     return mean, err
+
+
+def _archive_record(hdul: fits.HDUList, name: str) -> dict | None:
+    """The archive record the primary header's ``ARCHIVE_ID_<NAME>`` / ``<NAME>_ID`` points
+    at: ``{"class": AR_NAME, column: value, ...}`` from its catalog's first row, else None.
+
+    Catalogs are the archive's data HDUs, numbered by ``AR_CATN``, each naming its class in
+    ``AR_NAME`` (both layouts). Columns that hold other records' ids are returned as ids.
+    """
+    located = _archive_location(hdul, name)
+    if located is None:
+        return None
+    catalog, row = located
+    for hdu in hdul:
+        if isinstance(hdu, fits.BinTableHDU) and _header_int(hdu.header, "AR_CATN") == catalog and row < len(hdu.data):
+            record = {"class": str(hdu.header.get("AR_NAME", "")).strip()}
+            for column in hdu.columns.names:
+                value = hdu.data[column][row]
+                record[column] = value.tolist() if hasattr(value, "tolist") else value
+            return record
+    return None
 
 
 def _archive_location(hdul: fits.HDUList, name: str) -> tuple[int, int] | None:

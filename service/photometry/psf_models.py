@@ -188,6 +188,43 @@ class GaussianPsf:
         return determinant_radius(self.shape(x, y))
 
 
+class SampledGaussianPsf:
+    """LSST's ``GaussianPsf``: a circular Gaussian sampled at pixel centres (not integrated),
+    on a ``width`` x ``height`` realization, normalised to sum 1 (afw ``computeImage``).
+    Positions keep their sub-pixel offsets, as ``computeImage(position)`` does."""
+
+    def __init__(self, sigma_pixels: float, width: int, height: int):
+        if not (math.isfinite(sigma_pixels) and sigma_pixels > 0) or width < 1 or height < 1:
+            raise PsfError(f"GaussianPsf record: sigma {sigma_pixels!r} px and dimensions {width} x {height} are not usable")
+        self.sigma_pixels = float(sigma_pixels)
+        self.stamp_size = max(int(width), int(height)) | 1  # odd, as the stamps are centred
+
+    def describe(self) -> str:
+        return f"LSST GaussianPsf of sigma {self.sigma_pixels:.4g} px on {self.stamp_size} x {self.stamp_size} px, sampled at pixel centres"
+
+    def stamps(self, x: np.ndarray, y: np.ndarray, xp: Any) -> Array:
+        """(N, K, K) sampled Gaussian stamps in namespace ``xp``, each summing to 1."""
+        cx, cy = _stamp_centres(*_positions(x, y), self.stamp_size)
+        grid = xp.arange(self.stamp_size, dtype=xp.float64)
+        dx = grid[None, None, :] - xp.asarray(cx)[:, None, None]
+        dy = grid[None, :, None] - xp.asarray(cy)[:, None, None]
+        return _normalised(xp.exp(-(dx * dx + dy * dy) / (2.0 * self.sigma_pixels**2)), xp)
+
+    def sigma(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        """(N,) sigma of the Gaussian, pixels."""
+        x, _ = _positions(x, y)
+        return np.full(x.size, self.sigma_pixels)
+
+
+def archive_psf(record: dict | None) -> PsfModel | None:
+    """The PSF model of an exposure's archive record (see ``Exposure.psf_record``), when its
+    class is supported (GaussianPsf); None otherwise."""
+    if not record or record.get("class") != "GaussianPsf":
+        return None
+    dims = record.get("dimensions") or [record.get("dimensions_x"), record.get("dimensions_y")]
+    return SampledGaussianPsf(float(record["sigma"]), int(dims[0]), int(dims[1]))
+
+
 def _read_fits(path: str) -> fits.HDUList:
     """All HDUs of a FITS file, data loaded; PsfError if unreadable or truncated."""
     try:
@@ -447,9 +484,10 @@ def check_psf_fwhm(value: float, source: str) -> float:
 
 
 def choose_psf(header, source: str, *, path: str | None = None, path_name: str | None = None, fwhm_pixels: float | None = None,
-               fwhm_name: str = "psf_fwhm", how: str = "send psf_fwhm (pixels)") -> PsfModel:
+               fwhm_name: str = "psf_fwhm", how: str = "send psf_fwhm (pixels)", archive: dict | None = None) -> PsfModel:
     """The PSF to measure an exposure with: the file ``path``, else a Gaussian of
-    ``fwhm_pixels``, else the Gaussian its header declares (``PSF_FWHM``).
+    ``fwhm_pixels``, else the PSF in the exposure's archive (``archive``, its
+    ``psf_record``), else the Gaussian its header declares (``PSF_FWHM``).
 
     ``source`` names the exposure, ``path_name`` the PSF file (default its path; a service
     passes the form field or reference, so no server path reaches a client) and
@@ -468,12 +506,17 @@ def choose_psf(header, source: str, *, path: str | None = None, path_name: str |
         model = load_psf(fwhm_pixels=check_psf_fwhm(fwhm_pixels, fwhm_name))
         model.origin = f"given as {fwhm_name}"
         return model
+    model = archive_psf(archive)
+    if model is not None:
+        model.origin = f"from the archive of {source}"
+        return model
     value = header_fwhm_pixels(header, source)
     if value is not None:
         model = load_psf(fwhm_pixels=check_psf_fwhm(value, f"{source} {PSF_FWHM_KEYWORD}"))
         model.origin = f"from the {PSF_FWHM_KEYWORD} keyword of {source}"
         return model
-    raise PsfError(f"{source}: no PSF given and no {PSF_FWHM_KEYWORD} keyword in its header; {how}")
+    unsupported = f"; its archive holds a {archive['class']}, not read yet" if archive else ""
+    raise PsfError(f"{source}: no PSF given and no {PSF_FWHM_KEYWORD} keyword in its header{unsupported}; {how}")
 
 
 def describe_psf(model: PsfModel) -> str:

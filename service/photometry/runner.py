@@ -168,7 +168,9 @@ class KernelRunner:
         start = image.shape[1] // 2 - kp // 2
         crop = (slice(None), slice(start, start + kp), slice(start, start + kp))
         image, variance, mask, inside = image[crop], variance[crop], mask[crop], inside[crop]
-        usable = inside & xp.isfinite(image) & xp.isfinite(variance)
+        # as LSST: a non-finite pixel on the image inside the fit region makes the flux NaN
+        # and flagged (it is not dropped from the fit); padding beyond the edge is not fitted
+        usable = inside
         if self.bad_fit_bits:
             usable = usable & ((mask & xp.asarray(self.bad_fit_bits, dtype=mask.dtype)) == 0)
         return psf_flux(image, variance, psf, inside, usable)

@@ -156,7 +156,7 @@ class MeasureService:
             difference = self._open(stack, task.difference)[0] if task.difference else None
             read_seconds = time.perf_counter() - start
             psf = choose_psf(science.header, task.science.label, path=task.psf.path if task.psf else None,
-                             path_name=task.psf.label if task.psf else None, fwhm_pixels=task.psf_fwhm)
+                             path_name=task.psf.label if task.psf else None, fwhm_pixels=task.psf_fwhm, archive=science.psf_record)
             result = measure(science, task.objects, psf, task.config, difference=difference,
                              backend=self.backend, progress=progress, execute=self._execute)
         # name inputs by their references, not by server paths
@@ -185,7 +185,8 @@ class MeasureService:
                     yield science, difference
 
             return Epoch(label=(item.difference or item.science).label, open=files, objects=task.objects.iloc[item.rows],
-                         psf=lambda science: choose_psf(science.header, item.science.label, fwhm_pixels=task.psf_fwhm))
+                         psf=lambda science: choose_psf(science.header, item.science.label, fwhm_pixels=task.psf_fwhm,
+                                                        archive=science.psf_record))
 
         return measure_epochs((epoch(item) for item in task.epochs), task.config, backend=self.backend, execute=self._execute,
                               errors_of=(ExposureError, PsfError))

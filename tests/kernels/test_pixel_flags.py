@@ -39,8 +39,6 @@ def reference_flags(mask, inside, cx, cy, radius, planes):
             out[p][n] = bool(any_bits >> bit & 1)
             out[p + "Center"][n] = bool(centre_any >> bit & 1)
             out[p + "CenterAll"][n] = bool(centre_all >> bit & 1)
-        if "edge" in planes and "nodata" in planes and any_bits >> planes["nodata"] & 1:
-            out["edge"][n] = True
     return out
 
 
@@ -83,9 +81,9 @@ def test_planted_bits(xp, plane, pixels, expected):
     got = tuple(bool(out[plane + s][0]) for s in ("", "Center", "CenterAll"))
     assert got == expected
     others = {name for name, v in out.items() if not name.startswith(plane) and v[0]}
-    # Nothing else is set (CenterAll of other planes: the box has pixels without them),
-    # except that NO_DATA in the footprint sets edge.
-    assert others == ({"edge"} if plane == "nodata" and expected[0] else set())
+    # Nothing else is set (CenterAll of other planes: the box has pixels without them);
+    # NO_DATA does not set edge (LSST since November 2024).
+    assert others == set()
 
 
 @pytest.mark.parametrize("plane", PLAIN)
@@ -125,9 +123,9 @@ def test_box_entirely_off_the_image(xp):
         assert out[p + "CenterAll"][0] and not out[p + "Center"][0]
 
 
-def test_nodata_sets_edge(xp):
+def test_nodata_does_not_set_edge(xp):
     out = single(xp, [(H + 3, H + 1)], PLANES["nodata"])
-    assert out["nodata"][0] and out["edge"][0]
+    assert out["nodata"][0] and not out["edge"][0]
     assert not out["edgeCenter"][0] and not out["edgeCenterAll"][0]
     out = single(xp, [(H + 3, H + 1)], PLANES["edge"])
     assert out["edge"][0] and not out["nodata"][0]

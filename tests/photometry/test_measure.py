@@ -245,3 +245,21 @@ def test_batched_execution_equals_separate_runs(scene):
         assert type(alone) is type(result)
         map_arrays(np.testing.assert_array_equal, alone, result)
     assert len(first.catalog) == 10 and len(second.catalog) == len(objects) - 10 - 2
+
+
+def test_a_nan_pixel_in_the_psf_fit_region_gives_nan_and_the_flag_as_lsst(scene, tmp_path):
+    """A NaN pixel two pixels from an object makes its PSF flux NaN and flagged (LSST), a
+    NaN far outside every fit region changes nothing; localPhotoCalib is float64."""
+    image = scene["image"].copy()
+    x0, y0 = scene["x"][0], scene["y"][0]
+    image[int(round(y0)), int(round(x0)) + 2] = np.nan
+    image[5, 5] = np.nan  # far from every object's PSF stamp
+    path = write_exposure(tmp_path / "nan.fits", image, np.full(image.shape, SKY_VARIANCE), wcs=scene["wcs"], x0=X0, y0=Y0,
+                          calibration=CALIB)
+    clean = run(scene["path"], scene["objects"]).catalog.set_index("diaObjectId")
+    with_nan = run(path, scene["objects"]).catalog.set_index("diaObjectId")
+    first = scene["objects"]["diaObjectId"][0]
+    assert np.isnan(with_nan.loc[first, "psfFlux"]) and with_nan.loc[first, "psfFlux_flag"]
+    others = scene["objects"]["diaObjectId"][1:scene["n_grid"]]
+    np.testing.assert_array_equal(with_nan.loc[others, "psfFlux"], clean.loc[others, "psfFlux"])
+    assert str(with_nan["localPhotoCalib"].dtype) == "float64"
