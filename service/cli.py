@@ -20,7 +20,7 @@ from forcedphot.photometry.config import DEFAULT_BATCH_BYTES, MeasurementConfig
 from forcedphot.photometry.exposure import ExposureError, open_exposure
 from forcedphot.photometry.formats import FORMATS, output_format, write_catalog
 from forcedphot.photometry.objects import InputError, read_objects
-from forcedphot.photometry.psf_models import PsfError, choose_psf
+from forcedphot.photometry.psf_models import PsfError, choose_psfs
 from forcedphot.serving.allocator import keep_temporaries_on_heap
 from forcedphot.serving.repository import DEFAULT_PATH_TEMPLATE
 from forcedphot.version import __version__
@@ -75,10 +75,12 @@ def _measure(args: argparse.Namespace) -> int:
     with ExitStack() as stack:
         science = stack.enter_context(open_exposure(args.exposure))
         difference = stack.enter_context(open_exposure(args.difference)) if args.difference else None
-        psf = choose_psf(science.header, str(args.exposure), path=args.psf, fwhm_pixels=args.psf_fwhm,
-                         fwhm_name="--psf-fwhm", how="use --psf-fwhm PIX or --psf FILE", archive=science.psf_record)
+        psf, science_psf = choose_psfs(science, difference, str(args.exposure), str(args.difference) if args.difference else None,
+                                       path=args.psf, fwhm_pixels=args.psf_fwhm, fwhm_name="--psf-fwhm",
+                                       how="use --psf-fwhm PIX or --psf FILE")
         progress = _ProgressLine()
-        result = measure(science, objects, psf, config, difference=difference, backend=backend, progress=progress)
+        result = measure(science, objects, psf, config, difference=difference, science_psf=science_psf, backend=backend,
+                         progress=progress)
         progress.close()
     write_catalog(result.table, result.provenance, args.output)
     elapsed = time.perf_counter() - start
@@ -87,6 +89,11 @@ def _measure(args: argparse.Namespace) -> int:
         f"{result.n_invalid_coords} with invalid coordinates, {result.n_flagged} {FLAGGED}; "
         f"{result.table.num_rows} rows -> {args.output} in {elapsed:.2f} s ({result.backend})"
     )
+    uncalibrated = [side["path"] for side in (result.provenance["exposure"], result.provenance.get("science"))
+                    if side and side["calibration_source"] == "none"]
+    if uncalibrated:
+        print(f"note: {', '.join(uncalibrated)} has no photometric calibration (no PhotoCalib, FLUXMAG0, zero point or "
+              "BUNIT = 'nJy'): fluxes are in counts only (the *_instFlux columns); the nJy columns are null")
     return 0
 
 

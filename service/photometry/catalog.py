@@ -85,10 +85,19 @@ def aperture_name(radius: float) -> str:
     return f"apFlux_{text}"
 
 
+def _in_njy(inst_flux: np.ndarray, calibration: float) -> np.ndarray | pa.Array:
+    """Instrumental fluxes (counts) in nJy, float32; all null on an image without calibration."""
+    if not np.isfinite(calibration):
+        return pa.array(np.zeros(len(inst_flux), np.float32), mask=np.ones(len(inst_flux), bool))
+    return (inst_flux * calibration).astype(np.float32)
+
+
 def unit_of(column: str) -> str | None:
     """The unit of a catalog column, or None for ids, counts and flags."""
     if column in UNITS:
         return UNITS[column]
+    if column.endswith(("_instFlux", "_instFluxErr")) and column.startswith("apFlux_"):
+        return "count"
     if column.startswith(("apFlux_", "apFluxErr_")) and "_flag" not in column:
         return NJY
     return None
@@ -143,12 +152,12 @@ def build_catalog(
         "dec": objects["dec"].to_numpy(np.float64),
         "visit": pa.nulls(n, pa.int64()) if primary.visit is None else np.full(n, primary.visit, np.int64),
         "detector": pa.nulls(n, pa.int16()) if primary.detector is None else np.full(n, primary.detector, np.int16),
-        "psfFlux": (psf.inst_flux * calib).astype(np.float32),
-        "psfFluxErr": (psf.inst_flux_err * calib).astype(np.float32),
+        "psfFlux": _in_njy(psf.inst_flux, calib),
+        "psfFluxErr": _in_njy(psf.inst_flux_err, calib),
     }
     if science is not None and science_psf is not None:
-        columns["scienceFlux"] = (science_psf.inst_flux * science.calibration_mean).astype(np.float32)
-        columns["scienceFluxErr"] = (science_psf.inst_flux_err * science.calibration_mean).astype(np.float32)
+        columns["scienceFlux"] = _in_njy(science_psf.inst_flux, science.calibration_mean)
+        columns["scienceFluxErr"] = _in_njy(science_psf.inst_flux_err, science.calibration_mean)
         columns["scienceFlux_flag"] = science_psf.flag | off
     else:
         columns["scienceFlux"] = np.full(n, np.nan, dtype=np.float32)
@@ -172,10 +181,12 @@ def build_catalog(
     )
     for k, radius in enumerate(apertures_px):
         stem = aperture_name(radius)
-        value, error = apertures.flux[:, k] * calib, apertures.flux_err[:, k] * calib
+        value, error = apertures.flux[:, k], apertures.flux_err[:, k]
         truncated = apertures.truncated[:, k] | off
-        columns[stem] = value.astype(np.float32)
-        columns[stem.replace("apFlux_", "apFluxErr_")] = error.astype(np.float32)
+        columns[stem] = _in_njy(value, calib)
+        columns[stem.replace("apFlux_", "apFluxErr_")] = _in_njy(error, calib)
+        columns[f"{stem}_instFlux"] = value.astype(np.float32)
+        columns[f"{stem}_instFluxErr"] = error.astype(np.float32)
         columns[f"{stem}_flag"] = truncated | ~np.isfinite(value)
         columns[f"{stem}_flag_apertureTruncated"] = truncated
     background_no_good = background.flag_no_good_pixels | off
@@ -191,7 +202,7 @@ def build_catalog(
         # offimage sets every edge flag (LSST)
         columns[f"pixelFlags_{name}"] = values | off if name.startswith("edge") else values
     if extra_columns:
-        columns.update(magnitude_columns(columns["psfFlux"], columns["psfFluxErr"]))
+        columns.update(magnitude_columns(psf.inst_flux * calib, psf.inst_flux_err * calib))
     columns.update(
         localPhotoCalib=np.full(n, calib, dtype=np.float64),
         localPhotoCalibErr=np.full(n, calib_err, dtype=np.float64),

@@ -35,7 +35,7 @@ class Epoch:
 
     label: str
     open: Callable[[], AbstractContextManager[tuple[Exposure, Exposure | None]]]
-    psf: Callable[[Exposure], PsfModel]
+    psf: Callable[[Exposure, Exposure | None], tuple[PsfModel, PsfModel]]  # (measured image's, science image's)
     objects: pd.DataFrame
 
 
@@ -69,7 +69,8 @@ def measure_epochs(epochs: Iterable[Epoch], config: MeasurementConfig, *, backen
         try:
             with epoch.open() as (science, difference):
                 timings["open"] += time.perf_counter() - start
-                result = measure(science, epoch.objects, epoch.psf(science), config, difference=difference,
+                psf, science_psf = epoch.psf(science, difference)
+                result = measure(science, epoch.objects, psf, config, difference=difference, science_psf=science_psf,
                                  backend=backend, execute=execute)
         except errors_of as exc:
             errors.append({"exposure": epoch.label, "detail": str(exc)})

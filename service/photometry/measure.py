@@ -102,12 +102,16 @@ def measure(
     config: MeasurementConfig | None = None,
     *,
     difference: Exposure | None = None,
+    science_psf: PsfModel | None = None,
     backend: Backend | None = None,
     progress: Progress | None = None,
     execute: Execute = run_directly,
 ) -> Measurement:
     """Forced photometry of validated ``objects`` (see :func:`objects.validate_objects`).
 
+    ``psf`` is the PSF of the image measured (the difference image in difference mode);
+    ``science_psf`` that of the direct image, for ``scienceFlux`` (default ``psf``); see
+    :func:`~forcedphot.photometry.psf_models.choose_psfs`.
     ``progress(done, total)`` is called after every batch of cutouts, in objects.
     ``execute`` runs the kernels on each batch's inputs; a service may pass one that
     coalesces the batches of concurrent requests into one kernel call.
@@ -154,7 +158,8 @@ def measure(
     science_results = None
     if difference is not None:
         t1 = time.perf_counter()
-        science_results = _science_psf_flux(science, kernels, ra[rows], dec[rows], config, execute)
+        science_kernels = KernelRunner(backend, science, science_psf or psf, config)  # the direct image's own PSF and masks
+        science_results = _science_psf_flux(science, science_kernels, ra[rows], dec[rows], config, execute)
         kernel_time += time.perf_counter() - t1
     timings["stage"], timings["kernels"] = stage_time, kernel_time
 
@@ -194,6 +199,7 @@ def measure(
             "exposure": _describe(primary),
             "science": _describe(science) if difference is not None else None,
             "psf": describe_psf(psf),
+            "science_psf": describe_psf(science_psf or psf) if difference is not None else None,
         },
     )
 

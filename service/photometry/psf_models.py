@@ -524,3 +524,18 @@ def describe_psf(model: PsfModel) -> str:
     origin = getattr(model, "origin", None)
     return model.describe() + (f" ({origin})" if origin else "")
 
+
+def choose_psfs(science, difference, science_name: str, difference_name: str | None, **options) -> tuple[PsfModel, PsfModel]:
+    """``(PSF of the image measured, PSF of the direct image)`` for a measurement, as
+    ``DiaForcedSourceTask`` uses them: the difference image's own PSF measures ``psfFlux``
+    and the science image's ``scienceFlux``. An explicit file or FWHM (``options``, see
+    :func:`choose_psf`) applies to both; a difference image that carries no PSF of its own
+    (archive or ``PSF_FWHM``) is measured with the science image's."""
+    science_psf = choose_psf(science.header, science_name, archive=science.psf_record, **options)
+    if difference is None:
+        return science_psf, science_psf
+    try:
+        return choose_psf(difference.header, difference_name or "difference", archive=difference.psf_record, **options), science_psf
+    except PsfError:
+        return science_psf, science_psf
+

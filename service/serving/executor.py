@@ -43,7 +43,7 @@ from forcedphot.photometry.exposure import DEFAULT_LIMITS, ExposureError, Exposu
 from forcedphot.photometry.formats import encode_catalog
 from forcedphot.photometry.lightcurve import Epoch, LightCurves, measure_epochs, merge_lightcurves
 from forcedphot.photometry.measure import Measurement, measure
-from forcedphot.photometry.psf_models import PsfError, choose_psf
+from forcedphot.photometry.psf_models import PsfError, choose_psfs
 from forcedphot.photometry.runner import run_directly
 from forcedphot.serving.allocator import keep_temporaries_on_heap
 from forcedphot.serving.batching import KernelBatcher
@@ -155,9 +155,10 @@ class MeasureService:
             science, cache = self._open(stack, task.science)
             difference = self._open(stack, task.difference)[0] if task.difference else None
             read_seconds = time.perf_counter() - start
-            psf = choose_psf(science.header, task.science.label, path=task.psf.path if task.psf else None,
-                             path_name=task.psf.label if task.psf else None, fwhm_pixels=task.psf_fwhm, archive=science.psf_record)
-            result = measure(science, task.objects, psf, task.config, difference=difference,
+            psf, science_psf = choose_psfs(science, difference, task.science.label, task.difference.label if task.difference else None,
+                                           path=task.psf.path if task.psf else None, path_name=task.psf.label if task.psf else None,
+                                           fwhm_pixels=task.psf_fwhm)
+            result = measure(science, task.objects, psf, task.config, difference=difference, science_psf=science_psf,
                              backend=self.backend, progress=progress, execute=self._execute)
         # name inputs by their references, not by server paths
         result.provenance["exposure"]["path"] = (task.difference or task.science).label
@@ -185,8 +186,9 @@ class MeasureService:
                     yield science, difference
 
             return Epoch(label=(item.difference or item.science).label, open=files, objects=task.objects.iloc[item.rows],
-                         psf=lambda science: choose_psf(science.header, item.science.label, fwhm_pixels=task.psf_fwhm,
-                                                        archive=science.psf_record))
+                         psf=lambda science, difference: choose_psfs(science, difference, item.science.label,
+                                                                     item.difference.label if item.difference else None,
+                                                                     fwhm_pixels=task.psf_fwhm))
 
         return measure_epochs((epoch(item) for item in task.epochs), task.config, backend=self.backend, execute=self._execute,
                               errors_of=(ExposureError, PsfError))

@@ -86,3 +86,66 @@ def test_an_archive_psf_not_read_yet_is_named_in_the_error():
     with open_exposure(LSST / "meas_modelfit_calexp.fits") as exposure:
         with pytest.raises(PsfError, match="its archive holds a PcaPsf, not read yet"):
             choose_psf(exposure.header, "calexp", archive=exposure.psf_record)
+
+
+def _stars(tmp_path, name, fwhm, calibrated=True):
+    """A 120 x 120 exposure of three stars of 1000, 2000, 3000 counts with a Gaussian PSF."""
+    from scenes import render_stars, write_exposure
+
+    x, y = np.array([30.2, 60.7, 90.1]), np.array([40.4, 70.6, 50.3])
+    image = render_stars((120, 120), x, y, np.array([1000.0, 2000.0, 3000.0]), fwhm / 2.3548)
+    wcs = sip_wcs(120, 120)
+    if calibrated:
+        path = write_exposure(tmp_path / name, image, np.ones_like(image), wcs=wcs)
+        fits.setval(path, "PSF_FWHM", value=fwhm)
+    else:  # plain FITS: image and WCS, no calibration of any kind
+        path = tmp_path / name
+        fits.PrimaryHDU(image.astype(np.float32), header=wcs.to_header(relax=True)).writeto(path)
+    ra, dec = wcs.all_pix2world(x, y, 0)
+    return path, ra, dec
+
+
+def test_each_image_is_measured_with_its_own_psf(tmp_path):
+    """DiaForcedSourceTask: the difference image's PSF for psfFlux, the science image's for scienceFlux."""
+    import pandas as pd
+
+    from forcedphot.cli import main
+    from forcedphot.photometry.formats import read_provenance
+
+    science, ra, dec = _stars(tmp_path, "calexp.fits", 3.0)
+    difference, _, _ = _stars(tmp_path, "difference.fits", 5.0)
+    pd.DataFrame({"diaObjectId": [1, 2, 3], "ra": ra, "dec": dec}).to_parquet(tmp_path / "o.parquet")
+    out = tmp_path / "out.parquet"
+    assert main(["measure", str(science), str(tmp_path / "o.parquet"), "--difference", str(difference), "-o", str(out),
+                 "--backend", "numpy"]) == 0
+    table = pd.read_parquet(out)
+    counts = np.array([1000.0, 2000.0, 3000.0])
+    np.testing.assert_allclose(table["psfFlux_instFlux"], counts, rtol=2e-3)  # a mismatched PSF would be off by tens of %
+    np.testing.assert_allclose(table["scienceFlux"] / table["psfFlux"], 1.0, rtol=2e-3)
+    provenance = read_provenance(out)
+    assert "FWHM 5 px" in provenance["psf"] and "FWHM 3 px" in provenance["science_psf"]
+
+
+def test_an_image_without_calibration_keeps_counts_and_nulls_nanojansky(tmp_path, capsys):
+    import pandas as pd
+    import pyarrow.parquet as pq
+
+    from forcedphot.cli import main
+
+    plain, ra, dec = _stars(tmp_path, "plain.fits", 3.0, calibrated=False)
+    calibrated, _, _ = _stars(tmp_path, "calexp.fits", 3.0)
+    pd.DataFrame({"diaObjectId": [1, 2, 3], "ra": ra, "dec": dec}).to_parquet(tmp_path / "o.parquet")
+    outputs = {}
+    for name, path in (("plain", plain), ("calibrated", calibrated)):
+        outputs[name] = tmp_path / f"{name}.parquet"
+        assert main(["measure", str(path), str(tmp_path / "o.parquet"), "-o", str(outputs[name]), "--psf-fwhm", "3",
+                     "--backend", "numpy"]) == 0
+    summary = capsys.readouterr().out
+    assert summary.count("has no photometric calibration") == 1
+    plain_table, calibrated_table = pq.read_table(outputs["plain"]), pq.read_table(outputs["calibrated"])
+    assert plain_table.column_names == calibrated_table.column_names  # same columns either way
+    for column in ("psfFlux", "psfFluxErr", "apFlux_6", "apFluxErr_6"):
+        assert plain_table[column].null_count == 3 and calibrated_table[column].null_count == 0
+    np.testing.assert_allclose(plain_table["apFlux_12_instFlux"].to_numpy(), [1000.0, 2000.0, 3000.0], rtol=1e-3)
+    assert plain_table.schema.field("apFlux_12_instFlux").metadata[b"unit"] == b"count"
+    assert not any(plain_table["apFlux_6_flag"].to_pylist())
