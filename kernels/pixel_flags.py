@@ -100,7 +100,7 @@ def pixel_flags(
     cx: Array,
     cy: Array,
     footprint_radius: Array,
-    planes: dict[str, int],
+    planes: dict[str, int | None],
 ) -> PixelFlags:
     """LSST pixel flags from a stack of mask cutouts.
 
@@ -115,8 +115,9 @@ def pixel_flags(
     footprint_radius : (N,) float array
         Footprint radius, px (``3 sigma`` for a PSF footprint); a non-finite radius leaves
         the peak pixel only.
-    planes : dict of str to int
-        Flag name -> bit number (0..30), e.g. ``{"edge": 4, "nodata": 8, ...}``.
+    planes : dict of str to int or None
+        Flag name -> bit number (0..30), e.g. ``{"edge": 4, "nodata": 8, ...}``; None for a
+        plane the mask does not define (its three flags are never set).
 
     Returns
     -------
@@ -132,7 +133,7 @@ def pixel_flags(
     if not xp.isdtype(mask.dtype, "integral"):
         raise ValueError(f"pixel_flags: mask must hold integers, got {mask.dtype}")
     for name, bit in planes.items():
-        if not 0 <= int(bit) <= 30:
+        if bit is not None and not 0 <= int(bit) <= 30:
             raise ValueError(f"pixel_flags: bit for plane {name!r} must be in 0..30, got {bit}")
     k = mask.shape[1]
     cx = xp.astype(cx, xp.float64)
@@ -159,6 +160,12 @@ def pixel_flags(
         return PixelFlags(none, none, none)
     any_, center, center_all = [], [], []
     for bit in planes.values():
+        if bit is None:
+            never = xp.zeros((mask.shape[0],), dtype=xp.bool)
+            any_.append(never)
+            center.append(never)
+            center_all.append(never)
+            continue
         has_bit = (sub & (1 << int(bit))) != 0
         any_.append(xp.any(footprint & has_bit, axis=(1, 2)))
         center.append(xp.any(box & has_bit, axis=(1, 2)))

@@ -149,8 +149,8 @@ class KernelRunner:
         planes = exposure.mask_planes
         self.bad_fit_bits = mask_bits(planes, config.bad_mask_planes)
         self.background_reject_bits = mask_bits(planes, BACKGROUND_REJECT_PLANES)
-        # every flag gets a column; a plane the exposure lacks uses no bit (never set)
-        self.flag_bits = {name: planes.get(plane, -1) for name, plane in PIXEL_FLAG_PLANES.items()}
+        # every flag gets a column; a plane the exposure lacks has no bit (never set)
+        self.flag_bits = {name: planes.get(plane) for name, plane in PIXEL_FLAG_PLANES.items()}
 
     @cached_property
     def key(self) -> tuple:
@@ -175,20 +175,6 @@ class KernelRunner:
             usable = usable & ((mask & xp.asarray(self.bad_fit_bits, dtype=mask.dtype)) == 0)
         return psf_flux(image, variance, psf, inside, usable)
 
-    def _pixel_flags(self, xp, mask, inside, cx, cy, sigma) -> PixelFlags:
-        defined = {name: bit for name, bit in self.flag_bits.items() if bit >= 0}
-        flags = pixel_flags(mask, inside, cx, cy, self.config.psf_footprint_scaling * sigma, defined)
-        if len(defined) == len(PIXEL_FLAG_NAMES):
-            return flags
-        # columns for the planes the exposure lacks: never set
-        columns = [list(defined).index(name) if name in defined else None for name in PIXEL_FLAG_NAMES]
-        absent = xp.zeros((mask.shape[0],), dtype=xp.bool)
-
-        def widen(a):
-            return xp.stack([a[:, c] if c is not None else absent for c in columns], axis=1)
-
-        return PixelFlags(widen(flags.any), widen(flags.center), widen(flags.center_all))
-
     def run(self, inputs: KernelInputs, full: bool = True) -> KernelResults:
         """Every measurement (``full``) or the PSF flux alone; host arrays out."""
         xp = self.backend.xp
@@ -206,7 +192,7 @@ class KernelRunner:
             inner=self.config.background_inner_sigma, outer=self.config.background_outer_sigma,
             n_iter=self.config.background_iterations, n_sigma=self.config.background_clip_sigma,
         )
-        flags = self._pixel_flags(xp, mask, inside, cx, cy, sigma)
+        flags = pixel_flags(mask, inside, cx, cy, self.config.psf_footprint_scaling * sigma, self.flag_bits)
         return map_arrays(to_numpy, KernelResults(fit, apertures, background, flags))
 
 

@@ -200,3 +200,14 @@ def test_footprint_rim_follows_afw_spans(xp):
     for (i, j), inside in cases.items():
         out = single(xp, [(i, j)], PLANES["suspect"], cx=float(H), cy=float(H), r=4.0)
         assert bool(out["suspect"][0]) == inside, (i - H, j - H)
+
+
+def test_a_plane_the_mask_does_not_define_is_never_set(xp):
+    """``None`` for a plane the exposure lacks: its column is there, all three flags False,
+    even where every bit of the mask is set."""
+    mask = np.full((2, K, K), 2**31 - 1, dtype=np.int32)
+    inside = np.ones((2, K, K), bool)
+    c = np.full(2, float(H))
+    out = run(xp, mask, inside, c, c, np.full(2, R), {"bad": PLANES["bad"], "nodata": None})
+    assert out["bad"].all() and out["badCenterAll"].all()
+    assert not (out["nodata"].any() or out["nodataCenter"].any() or out["nodataCenterAll"].any())
