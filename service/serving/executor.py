@@ -198,19 +198,26 @@ class MeasureService:
         measurement processes (each with its own handles), else on the thread pool."""
         if self._pool is None:
             return await asyncio.wrap_future(self._executor.submit(self.run_lightcurves, task))
-        futures = [self._pool.schedule(_run_lightcurves_in_process, args=(chunk,), timeout=self.time_limit)
-                   for chunk in task.chunks(self.processes)]
+        parts = await self._in_processes([(_run_lightcurves_in_process, (chunk,)) for chunk in task.chunks(self.processes)],
+                                         "the light curves", "ask for fewer objects or a shorter time range, or submit a job")
+        return merge_lightcurves(parts, task.config)
+
+    async def _in_processes(self, calls: list[tuple[Callable, tuple]], what: str, advice: str) -> list:
+        """Run ``calls`` (function, arguments) in the measurement processes, each under the
+        time budget; a call past it is :class:`MeasurementTimedOut`, a process that died
+        :class:`MeasurementProcessDied` (``what`` and ``advice`` word the message). The
+        calls still running are cancelled (their processes terminated) when one fails or
+        the caller is cancelled."""
+        futures = [self._pool.schedule(function, args=args, timeout=self.time_limit) for function, args in calls]
         try:
-            parts = await asyncio.gather(*(asyncio.wrap_future(f) for f in futures))
+            return await asyncio.gather(*(asyncio.wrap_future(f) for f in futures))
         except TimeoutError:
-            raise MeasurementTimedOut(f"the light curves took longer than the {self.time_limit:g} s allowed a request; "
-                                      "ask for fewer objects or a shorter time range, or submit a job") from None
+            raise MeasurementTimedOut(f"{what} took longer than the {self.time_limit:g} s allowed a request; {advice}") from None
         except pebble.ProcessExpired:
-            raise MeasurementProcessDied("a measurement process exited during the request; retry it") from None
+            raise MeasurementProcessDied("the measurement process exited during the request; retry it") from None
         finally:
             for future in futures:
                 future.cancel()
-        return merge_lightcurves(parts, task.config)
 
     async def measure_encoded(self, task: MeasureTask, fmt: str) -> tuple[MeasureOutcome, bytes, float]:
         """:meth:`run_encoded` off the event loop: in a measurement process, else on the thread pool.
@@ -220,14 +227,8 @@ class MeasureService:
         """
         if self._pool is None:
             return await asyncio.wrap_future(self._executor.submit(self.run_encoded, task, fmt))
-        future = self._pool.schedule(_run_encoded_in_process, args=(task, fmt), timeout=self.time_limit)
-        try:
-            result = await asyncio.wrap_future(future)
-        except TimeoutError:
-            raise MeasurementTimedOut(f"the measurement took longer than the {self.time_limit:g} s allowed a request; "
-                                      "send fewer objects, or submit a job") from None
-        except pebble.ProcessExpired:
-            raise MeasurementProcessDied("the measurement process exited during the request; retry it") from None
+        (result,) = await self._in_processes([(_run_encoded_in_process, (task, fmt))], "the measurement",
+                                             "send fewer objects, or submit a job")
         self._on_process_cache_event(result[0].cache)
         return result
 
