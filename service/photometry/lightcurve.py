@@ -56,6 +56,17 @@ def sort_lightcurves(table: pa.Table) -> pa.Table:
     return table.take(pc.sort_indices(table, sort_keys=SORT_KEYS)) if table.num_rows else table
 
 
+def _one_table(tables: list[pa.Table], config: MeasurementConfig) -> pa.Table:
+    """The rows of ``tables`` as one light-curve table (an empty catalog when there are none)."""
+    tables = [t for t in tables if t.num_rows]
+    return sort_lightcurves(pa.concat_tables(tables)) if tables else empty_catalog(config.apertures_px)
+
+
+def _add_timings(total: dict[str, float], timings: dict[str, float]) -> None:
+    for stage, seconds in timings.items():
+        total[stage] = total.get(stage, 0.0) + seconds
+
+
 def measure_epochs(epochs: Iterable[Epoch], config: MeasurementConfig, *, backend: Backend | None = None,
                    execute: Execute = run_directly, errors_of: tuple[type[Exception], ...] = ()) -> LightCurves:
     """Measure every epoch; an epoch whose files raise one of ``errors_of`` is reported in
@@ -77,21 +88,18 @@ def measure_epochs(epochs: Iterable[Epoch], config: MeasurementConfig, *, backen
             continue
         tables.append(result.table)
         provenance.append({"epoch": epoch.label, "psf": result.provenance["psf"]})
-        for stage, seconds in result.timings.items():
-            timings[stage] = timings.get(stage, 0.0) + seconds
-    table = sort_lightcurves(pa.concat_tables(tables)) if tables else empty_catalog(config.apertures_px)
-    return LightCurves(table=table, epochs=count, pairs=pairs, timings=timings, errors=errors, provenance={"epochs": provenance})
+        _add_timings(timings, result.timings)
+    return LightCurves(table=_one_table(tables, config), epochs=count, pairs=pairs, timings=timings, errors=errors,
+                       provenance={"epochs": provenance})
 
 
 def merge_lightcurves(parts: list[LightCurves], config: MeasurementConfig) -> LightCurves:
     """One result from the results of disjoint sets of epochs (measured apart)."""
-    tables = [p.table for p in parts if p.table.num_rows]
     timings: dict[str, float] = {}
     for part in parts:
-        for stage, seconds in part.timings.items():
-            timings[stage] = timings.get(stage, 0.0) + seconds
+        _add_timings(timings, part.timings)
     return LightCurves(
-        table=sort_lightcurves(pa.concat_tables(tables)) if tables else empty_catalog(config.apertures_px),
+        table=_one_table([p.table for p in parts], config),
         epochs=sum(p.epochs for p in parts), pairs=sum(p.pairs for p in parts), timings=timings,
         errors=[e for p in parts for e in p.errors],
         provenance={"epochs": [e for p in parts for e in p.provenance.get("epochs", [])]},
