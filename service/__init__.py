@@ -26,7 +26,7 @@ _API = {
     "open_exposure": "forcedphot.photometry.exposure",
     "read_objects": "forcedphot.photometry.objects",
     "load_psf": "forcedphot.photometry.psf_models",
-    "choose_psf": "forcedphot.photometry.psf_models",
+    "choose_psf": "forcedphot.photometry.psf_choice",
     "write_catalog": "forcedphot.photometry.formats",
     "encode_catalog": "forcedphot.photometry.formats",
 }

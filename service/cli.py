@@ -20,7 +20,8 @@ from forcedphot.photometry.config import DEFAULT_BATCH_BYTES, MeasurementConfig
 from forcedphot.photometry.exposure import ExposureError, open_exposure
 from forcedphot.photometry.formats import FORMATS, output_format, write_catalog
 from forcedphot.photometry.objects import InputError, read_objects
-from forcedphot.photometry.psf_models import PsfError, choose_psfs
+from forcedphot.photometry.psf_choice import choose_psfs
+from forcedphot.photometry.psf_models import PsfError
 from forcedphot.serving.allocator import keep_temporaries_on_heap
 from forcedphot.serving.repository import DEFAULT_PATH_TEMPLATE
 from forcedphot.version import __version__

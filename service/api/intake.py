@@ -175,7 +175,7 @@ class Intake:
             temporary.append(Path(out.name))
             upload.file.seek(0)
             shutil.copyfileobj(upload.file, out, length=2**20)
-        return ExposureInput(path=Path(out.name), label=f"upload:{upload.filename or name}", cacheable=False)
+        return ExposureInput(path=Path(out.name), label=f"upload:{upload.filename or name}", uploaded=True)
 
     def _form_psf(self, form: FormData, temporary: list[Path]) -> ExposureInput | None:
         """The optional PSF file part: a PSFEx ``.psf`` file or a FITS PSF image."""

@@ -85,11 +85,22 @@ def aperture_name(radius: float) -> str:
     return f"apFlux_{text}"
 
 
-def _in_njy(inst_flux: np.ndarray, calibration: float) -> np.ndarray | pa.Array:
-    """Instrumental fluxes (counts) in nJy, float32; all null on an image without calibration."""
-    if not np.isfinite(calibration):
-        return pa.array(np.zeros(len(inst_flux), np.float32), mask=np.ones(len(inst_flux), bool))
-    return (inst_flux * calibration).astype(np.float32)
+def _in_njy(inst_flux: np.ndarray, inst_flux_err: np.ndarray, calibration: np.ndarray,
+           calibration_err: float) -> tuple[np.ndarray, np.ndarray]:
+    """Instrumental fluxes and errors (counts) in nJy (float64), as afw's
+    ``PhotoCalib.instFluxToNanojansky``: flux = instFlux c, error = |flux|
+    hypot(instFluxErr / instFlux, c_err / c), written hypot(instFluxErr c, instFlux c_err)
+    so that it stays finite at instFlux = 0. ``calibration`` is per row (nJy per count)."""
+    flux = inst_flux * calibration
+    return flux, np.hypot(inst_flux_err * calibration, inst_flux * calibration_err)
+
+
+def _njy_columns(flux: np.ndarray, error: np.ndarray) -> tuple[np.ndarray | pa.Array, np.ndarray | pa.Array]:
+    """float32 columns; both all null when no row has a calibration (an uncalibrated image)."""
+    if not np.any(np.isfinite(flux) | np.isfinite(error)) and len(flux):
+        null = pa.array(np.zeros(len(flux), np.float32), mask=np.ones(len(flux), bool))
+        return null, null
+    return flux.astype(np.float32), error.astype(np.float32)
 
 
 def unit_of(column: str) -> str | None:
@@ -137,7 +148,7 @@ def build_catalog(
     mode); ``science`` and ``science_psf`` (the PSF fit on it) give ``scienceFlux``.
     """
     n = len(objects)
-    calib, calib_err = primary.calibration_mean, primary.calibration_err
+    calib, calib_err = primary.local_calibration(x_parent, y_parent), primary.calibration_err
     off = ~np.asarray(on_image, dtype=bool)
     ids = objects["diaObjectId"].to_numpy(np.int64)
     source_ids = forced_source_ids(ids, primary.visit, primary.detector)
@@ -152,12 +163,12 @@ def build_catalog(
         "dec": objects["dec"].to_numpy(np.float64),
         "visit": pa.nulls(n, pa.int64()) if primary.visit is None else np.full(n, primary.visit, np.int64),
         "detector": pa.nulls(n, pa.int16()) if primary.detector is None else np.full(n, primary.detector, np.int16),
-        "psfFlux": _in_njy(psf.inst_flux, calib),
-        "psfFluxErr": _in_njy(psf.inst_flux_err, calib),
     }
-    if science is not None and science_psf is not None:
-        columns["scienceFlux"] = _in_njy(science_psf.inst_flux, science.calibration_mean)
-        columns["scienceFluxErr"] = _in_njy(science_psf.inst_flux_err, science.calibration_mean)
+    psf_njy = _in_njy(psf.inst_flux, psf.inst_flux_err, calib, calib_err)
+    columns["psfFlux"], columns["psfFluxErr"] = _njy_columns(*psf_njy)
+    if science is not None and science_psf is not None:  # a difference image shares its science image's pixel grid
+        columns["scienceFlux"], columns["scienceFluxErr"] = _njy_columns(*_in_njy(
+            science_psf.inst_flux, science_psf.inst_flux_err, science.local_calibration(x_parent, y_parent), science.calibration_err))
         columns["scienceFlux_flag"] = science_psf.flag | off
     else:
         columns["scienceFlux"] = np.full(n, np.nan, dtype=np.float32)
@@ -183,8 +194,7 @@ def build_catalog(
         stem = aperture_name(radius)
         value, error = apertures.flux[:, k], apertures.flux_err[:, k]
         truncated = apertures.truncated[:, k] | off
-        columns[stem] = _in_njy(value, calib)
-        columns[stem.replace("apFlux_", "apFluxErr_")] = _in_njy(error, calib)
+        columns[stem], columns[stem.replace("apFlux_", "apFluxErr_")] = _njy_columns(*_in_njy(value, error, calib, calib_err))
         columns[f"{stem}_instFlux"] = value.astype(np.float32)
         columns[f"{stem}_instFluxErr"] = error.astype(np.float32)
         columns[f"{stem}_flag"] = truncated | ~np.isfinite(value)
@@ -202,9 +212,9 @@ def build_catalog(
         # offimage sets every edge flag (LSST)
         columns[f"pixelFlags_{name}"] = values | off if name.startswith("edge") else values
     if extra_columns:
-        columns.update(magnitude_columns(psf.inst_flux * calib, psf.inst_flux_err * calib))
+        columns.update(magnitude_columns(*psf_njy))
     columns.update(
-        localPhotoCalib=np.full(n, calib, dtype=np.float64),
+        localPhotoCalib=np.asarray(calib, dtype=np.float64),
         localPhotoCalibErr=np.full(n, calib_err, dtype=np.float64),
         localWcs_CDMatrix_1_1=cd_matrix[:, 0, 0],
         localWcs_CDMatrix_1_2=cd_matrix[:, 0, 1],
@@ -240,8 +250,8 @@ def magnitude_columns(flux_njy: np.ndarray, error_njy: np.ndarray) -> dict[str, 
 
 def empty_catalog(apertures_px) -> pa.Table:
     """A catalog of no rows, with every column and unit (for answers that found nothing)."""
-    nothing = SimpleNamespace(calibration_mean=np.nan, calibration_err=np.nan, visit=None, detector=None,
-                              midpoint_mjd_tai=None, band=None)
+    nothing = SimpleNamespace(calibration_err=np.nan, visit=None, detector=None, midpoint_mjd_tai=None, band=None,
+                              local_calibration=lambda x, y: np.full(len(x), np.nan))
     empty = np.zeros(0)
     return build_catalog(pd.DataFrame({"diaObjectId": np.zeros(0, np.int64), "ra": empty, "dec": empty}), empty, empty,
                          unmeasured(0, len(apertures_px)), on_image=np.zeros(0, bool), coord_valid=np.zeros(0, bool),

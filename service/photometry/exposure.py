@@ -22,8 +22,9 @@ Pixel convention: ``Exposure.wcs`` maps *local* 0-based array coordinates (astro
 coordinates are local + (x0, y0). With TAN-SIP use the ``all_*``/``*_to_world``/
 ``world_to_*`` methods (they apply SIP), not ``wcs_*``.
 
-Calibration (nJy per image unit), first found wins: ``PhotoCalib`` archive table
-(calibrationMean, calibrationErr) > ``BUNIT = 'nJy'`` (1.0) > ``FLUXMAG0`` (> 0;
+Calibration (nJy per image unit), first found wins: the archive's ``PhotoCalib``
+(calibrationMean, calibrationErr, constant or a ChebyshevBoundedField over the detector,
+see :mod:`forcedphot.photometry.photocalib`) > ``BUNIT = 'nJy'`` (1.0) > ``FLUXMAG0`` (> 0;
 3630.78e9 / FLUXMAG0, error 3630.78e9 * FLUXMAG0ERR / FLUXMAG0**2 as afw) > a zero-point
 keyword ``MAGZERO``, ``MAGZPT``, ``ZEROPT``, ``ZP``, ``MAGZP`` (10**((31.4 - ZP)/2.5),
 error 0) > none (NaN, NaN).
@@ -55,7 +56,9 @@ from astropy.time import Time, TimeDelta
 from astropy.wcs import WCS, FITSFixedWarning
 import numpy as np
 
+from forcedphot.photometry.afw_archive import Archive, ArchiveError
 from forcedphot.photometry.lsst_fits import AFW_DEFAULT_MASK_PLANES
+from forcedphot.photometry.photocalib import PhotoCalib, read_photocalib
 
 __all__ = ["DEFAULT_LIMITS", "REFERENCE_FLUX_NJY", "Exposure", "ExposureError", "ExposureLimits", "njy_per_count", "open_exposure"]
 
@@ -143,6 +146,8 @@ class Exposure:
         nJy per image unit and its 1-sigma error (NaN when no calibration was found).
     calibration_source : str
         "PhotoCalib", "BUNIT", "FLUXMAG0", "keyword:<KEY>" or "none".
+    photocalib : PhotoCalib
+        The calibration with its spatial variation (see :meth:`local_calibration`).
     visit, detector, band, midpoint_mjd_tai
         Visit metadata, None where absent; midpoint as MJD in the TAI scale [d].
     variance_estimated : bool
@@ -150,6 +155,9 @@ class Exposure:
     header : astropy.io.fits.Header
         Primary metadata merged with the image header (image keys win), without
         structural keys.
+    archive : Archive or None
+        afw's archive of persisted objects (PSF, PhotoCalib, ...), read on demand while the
+        file is open.
     """
 
     path: str
@@ -169,7 +177,8 @@ class Exposure:
     midpoint_mjd_tai: float | None
     variance_estimated: bool
     header: fits.Header = field(repr=False)
-    psf_record: dict | None = field(repr=False)  # the archive's PSF: {"class": ..., column: value}
+    photocalib: PhotoCalib = field(repr=False)
+    archive: Archive | None = field(repr=False)
     _hdul: fits.HDUList = field(repr=False, compare=False)
     _image_hdu: _ImageHDU = field(repr=False, compare=False)
     _variance_hdu: _ImageHDU | None = field(repr=False, compare=False)
@@ -217,6 +226,11 @@ class Exposure:
                 f"file?): {exc}"
             ) from exc
         return image, variance, mask
+
+    def local_calibration(self, x_parent: np.ndarray, y_parent: np.ndarray) -> np.ndarray:
+        """(N,) nJy per image unit at parent pixel positions (``calibration_mean`` unless the
+        PhotoCalib varies over the detector; NaN for an uncalibrated image)."""
+        return self.photocalib.at(x_parent, y_parent)
 
     def close(self) -> None:
         """Close the underlying file."""
@@ -341,8 +355,11 @@ def _build_exposure(path: str, name: str, hdul: fits.HDUList, limits: ExposureLi
     wcs = _celestial_wcs(name, header, shape)
     height, width = shape
     x0, y0 = _origin(name, header)
-    calibration_mean, calibration_err, calibration_source = _calibration(name, hdul, header)
-    psf_record = _archive_record(hdul, "Psf")
+    try:
+        archive = Archive.of(hdul)
+    except ArchiveError as exc:
+        raise ExposureError(f"{name}: {exc}") from None
+    photocalib, calibration_source = _calibration(name, archive, header)
     plane_hdu = variance_hdu if variance_hdu is not None else weight_hdu
     constant_variance = math.nan
     if plane_hdu is None:
@@ -356,9 +373,10 @@ def _build_exposure(path: str, name: str, hdul: fits.HDUList, limits: ExposureLi
         y0=y0,
         wcs=wcs,
         mask_planes=_mask_planes(mask_hdu),
-        calibration_mean=calibration_mean,
-        calibration_err=calibration_err,
+        calibration_mean=photocalib.mean,
+        calibration_err=photocalib.err,
         calibration_source=calibration_source,
+        photocalib=photocalib,
         visit=_first_int(header, _VISIT_KEYS),
         detector=_first_int(header, _DETECTOR_KEYS),
         band=_band(header),
@@ -372,7 +390,7 @@ def _build_exposure(path: str, name: str, hdul: fits.HDUList, limits: ExposureLi
         _mask_hdu=mask_hdu,
         _constant_variance=constant_variance,
         _file_size=os.path.getsize(path),
-        psf_record=psf_record,
+        archive=archive,
     )
 
 
@@ -597,88 +615,25 @@ def _mask_planes(mask_hdu: _ImageHDU | None) -> dict[str, int]:
 # --- calibration ------------------------------------------------------------------------
 
 
-def _calibration(path: str, hdul: fits.HDUList, header: fits.Header) -> tuple[float, float, str]:
-    """(nJy per image unit, its error, source name) by the precedence in the module doc."""
-    photocalib = _photocalib(path, hdul)
+def _calibration(path: str, archive: Archive | None, header: fits.Header) -> tuple[PhotoCalib, str]:
+    """(calibration in nJy per image unit, source name) by the precedence in the module doc."""
+    try:
+        photocalib = read_photocalib(archive) if archive is not None else None
+    except ArchiveError as exc:
+        raise ExposureError(f"{path}: {exc}") from None
     if photocalib is not None:
-        return photocalib[0], photocalib[1], "PhotoCalib"
+        return photocalib, "PhotoCalib"
     if str(header.get("BUNIT", "")).strip().lower() == "njy":
-        return 1.0, 0.0, "BUNIT"
+        return PhotoCalib(1.0, 0.0), "BUNIT"
     fluxmag0 = _header_float(header, "FLUXMAG0")
     if fluxmag0 is not None and fluxmag0 > 0:
         fluxmag0_err = _header_float(header, "FLUXMAG0ERR") or 0.0
-        return (REFERENCE_FLUX_NJY / fluxmag0,
-                REFERENCE_FLUX_NJY * fluxmag0_err / fluxmag0**2, "FLUXMAG0")
+        return PhotoCalib(REFERENCE_FLUX_NJY / fluxmag0, REFERENCE_FLUX_NJY * fluxmag0_err / fluxmag0**2), "FLUXMAG0"
     for key in _ZERO_POINT_KEYS:
         zero_point = _header_float(header, key)
         if zero_point is not None:
-            return njy_per_count(zero_point), 0.0, f"keyword:{key}"
-    return math.nan, math.nan, "none"
-
-
-def _photocalib(path: str, hdul: fits.HDUList) -> tuple[float, float] | None:
-    """(calibrationMean, calibrationErr) of the exposure's PhotoCalib archive record.
-
-    The record is located through the archive: the primary ``ARCHIVE_ID_PHOTOCALIB`` (or
-    ``PHOTOCALIB_ID``) id -> ``ARCHIVE_INDEX`` row -> catalog ``AR_CATN`` and ``row0``;
-    when any link is missing, the first row of the first ``PhotoCalib`` table is used.
-    """
-    tables = [hdu for hdu in hdul
-              if isinstance(hdu, fits.BinTableHDU) and hdu.name.upper() == "PHOTOCALIB"]
-    if not tables:
-        return None
-    table, row = tables[0], 0
-    located = _archive_location(hdul, "PhotoCalib")
-    if located is not None:
-        catalog, row0 = located
-        for candidate in tables:
-            if _header_int(candidate.header, "AR_CATN") == catalog:
-                table, row = candidate, row0
-    names = {name.lower(): name for name in table.columns.names}
-    if "calibrationmean" not in names or row >= len(table.data):
-        raise ExposureError(f"{path}: PhotoCalib table has no calibrationMean in row {row}")
-    mean = float(table.data[names["calibrationmean"]][row])
-    err = float(table.data[names["calibrationerr"]][row]) if "calibrationerr" in names else 0.0
-    return mean, err
-
-
-def _archive_record(hdul: fits.HDUList, name: str) -> dict | None:
-    """The archive record the primary header's ``ARCHIVE_ID_<NAME>`` / ``<NAME>_ID`` points
-    at: ``{"class": AR_NAME, column: value, ...}`` from its catalog's first row, else None.
-
-    Catalogs are the archive's data HDUs, numbered by ``AR_CATN``, each naming its class in
-    ``AR_NAME`` (both layouts). Columns that hold other records' ids are returned as ids.
-    """
-    located = _archive_location(hdul, name)
-    if located is None:
-        return None
-    catalog, row = located
-    for hdu in hdul:
-        if isinstance(hdu, fits.BinTableHDU) and _header_int(hdu.header, "AR_CATN") == catalog and row < len(hdu.data):
-            record = {"class": str(hdu.header.get("AR_NAME", "")).strip()}
-            for column in hdu.columns.names:
-                value = hdu.data[column][row]
-                record[column] = value.tolist() if hasattr(value, "tolist") else value
-            return record
-    return None
-
-
-def _archive_location(hdul: fits.HDUList, name: str) -> tuple[int, int] | None:
-    """(catalog number, first row) of the primary's archive id for component ``name``."""
-    primary = hdul[0].header
-    archive_id = _header_int(primary, f"ARCHIVE_ID_{name.upper()}")
-    if archive_id is None:
-        archive_id = _header_int(primary, f"{name.upper()}_ID")
-    if archive_id is None or "ARCHIVE_INDEX" not in hdul:
-        return None
-    index = hdul["ARCHIVE_INDEX"]
-    columns = {column.lower().replace(".", "_"): column for column in index.columns.names}
-    if not {"id", "cat_archive", "row0"} <= columns.keys():
-        return None
-    for entry in index.data:
-        if int(entry[columns["id"]]) == archive_id:
-            return int(entry[columns["cat_archive"]]), int(entry[columns["row0"]])
-    return None
+            return PhotoCalib(njy_per_count(zero_point), 0.0), f"keyword:{key}"
+    return PhotoCalib(math.nan, math.nan), "none"
 
 
 # --- visit metadata ---------------------------------------------------------------------

@@ -15,10 +15,10 @@ produces, reduced to the parts this project reads):
   ``MP_<PLANE>`` = bit-number key per mask plane.
 - With ``calibration_mean``: ``ARCHIVE_INDEX`` (columns id, cat_archive, cat_persistable,
   row0, nrows, name, module as in afw's ArchiveIndexSchema, '.' written as '_') and one
-  ``PhotoCalib`` table row (calibrationMean, calibrationErr, isConstant, field, version=1).
-  Simplifications against afw: ``isConstant`` is a FITS logical column (afw packs flags
-  in a bit column) and ``field`` is 0 (no BoundedField is written; the calibration is
-  spatially constant).
+  ``PhotoCalib`` row as afw writes it (flags bit 0 = isConstant, calibrationMean,
+  calibrationErr, field, version=1); with ``calibration_field`` also the
+  ``ChebyshevBoundedField`` row that ``field`` points at (order_x, bbox_min/max_x/y,
+  coefficients ordered y then x).
 
 Compression (``compress=True``): the three planes become tile-compressed ``CompImageHDU``
 with tiles of 16 full rows, so a band of rows decompresses only the tiles it touches.
@@ -36,6 +36,8 @@ from astropy.io import fits
 from astropy.time import Time
 from astropy.wcs import WCS
 import numpy as np
+
+from forcedphot.photometry.photocalib import ChebyshevField
 
 __all__ = ["AFW_DEFAULT_MASK_PLANES", "afw_visit_metadata", "write_lsst_exposure"]
 
@@ -141,37 +143,51 @@ def _plane_hdu(data: np.ndarray, header: fits.Header, name: str, compress: bool)
                              tile_shape=tile_shape)
 
 
-def _archive_hdus(calibration_mean: float, calibration_err: float) -> list[fits.BinTableHDU]:
-    """afw archive with a single spatially constant PhotoCalib (archive id 1)."""
+def _archive_table(name: str, catalog: int, columns: list[fits.Column]) -> fits.BinTableHDU:
+    """One ``ARCHIVE_DATA`` catalog of class ``name``."""
+    table = fits.BinTableHDU.from_columns(columns)
+    table.header["EXTNAME"] = name  # astropy upper-cases ``name=``; afw does not
+    table.header["EXTTYPE"] = "ARCHIVE_DATA"
+    table.header["AR_CATN"] = (catalog, "catalog number within the archive")
+    table.header["AR_NAME"] = name
+    return table
+
+
+def _archive_hdus(calibration_mean: float, calibration_err: float, field: ChebyshevField | None) -> list[fits.BinTableHDU]:
+    """afw archive with a PhotoCalib (archive id 1): constant, or varying as ``field`` (id 2)."""
+    entries = [("PhotoCalib", "lsst.afw.image")] + ([("ChebyshevBoundedField", "lsst.afw.math")] if field is not None else [])
     index = fits.BinTableHDU.from_columns(
         [
-            fits.Column("id", "J", array=[1]),
-            fits.Column("cat_archive", "J", array=[1]),
-            fits.Column("cat_persistable", "J", array=[0]),
-            fits.Column("row0", "J", array=[0]),
-            fits.Column("nrows", "J", array=[1]),
-            fits.Column("name", "64A", array=["PhotoCalib"]),
-            fits.Column("module", "64A", array=["lsst.afw.image"]),
+            fits.Column("id", "J", array=np.arange(1, len(entries) + 1)),
+            fits.Column("cat_archive", "J", array=np.arange(1, len(entries) + 1)),
+            fits.Column("cat_persistable", "J", array=np.zeros(len(entries))),
+            fits.Column("row0", "J", array=np.zeros(len(entries))),
+            fits.Column("nrows", "J", array=np.ones(len(entries))),
+            fits.Column("name", "64A", array=[name for name, _ in entries]),
+            fits.Column("module", "64A", array=[module for _, module in entries]),
         ],
         name="ARCHIVE_INDEX",
     )
     index.header["EXTTYPE"] = "ARCHIVE_INDEX"
-    index.header["AR_NCAT"] = (2, "catalogs in the archive, with the index")
-    photocalib = fits.BinTableHDU.from_columns(
-        [
-            fits.Column("calibrationMean", "D", unit="count", array=[calibration_mean]),
-            fits.Column("calibrationErr", "D", unit="count", array=[calibration_err]),
-            fits.Column("isConstant", "L", array=[True]),
-            fits.Column("field", "J", array=[0]),
-            fits.Column("version", "J", array=[1]),
-        ],
-        name="PhotoCalib",
-    )
-    photocalib.header["EXTNAME"] = "PhotoCalib"  # astropy upper-cases ``name=``; afw does not
-    photocalib.header["EXTTYPE"] = "ARCHIVE_DATA"
-    photocalib.header["AR_CATN"] = (1, "catalog number within the archive")
-    photocalib.header["AR_NAME"] = "PhotoCalib"
-    return [index, photocalib]
+    index.header["AR_NCAT"] = (len(entries) + 1, "catalogs in the archive, with the index")
+    hdus = [index, _archive_table("PhotoCalib", 1, [
+        fits.Column("flags", "1X", array=np.array([[field is None]])),  # bit 0: isConstant
+        fits.Column("calibrationMean", "D", array=[calibration_mean]),
+        fits.Column("calibrationErr", "D", array=[calibration_err]),
+        fits.Column("field", "J", array=[2 if field is not None else 0]),
+        fits.Column("version", "J", array=[1]),
+    ])]
+    if field is not None:
+        coefficients = np.asarray(field.coefficients, np.float64)
+        hdus.append(_archive_table("ChebyshevBoundedField", 2, [
+            fits.Column("order_x", "J", array=[coefficients.shape[1] - 1]),
+            fits.Column("bbox_min_x", "J", array=[field.x_min]),
+            fits.Column("bbox_min_y", "J", array=[field.y_min]),
+            fits.Column("bbox_max_x", "J", array=[field.x_max]),
+            fits.Column("bbox_max_y", "J", array=[field.y_max]),
+            fits.Column("coefficients", f"{coefficients.size}D", array=coefficients.reshape(1, -1)),
+        ]))
+    return hdus
 
 
 def write_lsst_exposure(
@@ -186,6 +202,7 @@ def write_lsst_exposure(
     y0: int = 0,
     calibration_mean: float | None = None,
     calibration_err: float = 0.0,
+    calibration_field: ChebyshevField | None = None,
     metadata: Mapping[str, object] | None = None,
     bunit: str | None = None,
     compress: bool = False,
@@ -209,6 +226,9 @@ def write_lsst_exposure(
     calibration_mean, calibration_err : float
         nJy per image unit and its 1-sigma error; when ``calibration_mean`` is given an afw
         archive with a ``PhotoCalib`` table is appended.
+    calibration_field : ChebyshevField, optional
+        A calibration that varies over the detector (parent pixels); ``calibration_mean``
+        is then written as its mean, as afw does.
     metadata : mapping, optional
         Primary-header keys written verbatim (long keys as HIERARCH cards), e.g. from
         :func:`afw_visit_metadata`.
@@ -255,5 +275,5 @@ def write_lsst_exposure(
         primary.header["AR_HDU"] = (5, "HDU (1-indexed) containing the archive index")
         primary.header[_card_key("PHOTOCALIB_ID")] = (1, "archive ID for the PhotoCalib")
         primary.header[_card_key("ARCHIVE_ID_PHOTOCALIB")] = (1, "archive ID for the PhotoCalib")
-        hdus += _archive_hdus(float(calibration_mean), float(calibration_err))
+        hdus += _archive_hdus(float(calibration_mean), float(calibration_err), calibration_field)
     fits.HDUList([primary, *hdus]).writeto(path, overwrite=True)

@@ -1,14 +1,14 @@
 """PSF models that produce normalised PSF stamps at object positions, in any array namespace.
 
-Three models share the :class:`PsfModel` protocol:
+Models sharing the :class:`PsfModel` protocol:
 
 - :class:`GaussianPsf`: a circular Gaussian of given FWHM, integrated over pixels.
-- :class:`ImagePsf`: a pixelized PSF image (odd square array, centre at its middle pixel),
-  shifted to the sub-pixel position with Lanczos-5, as LSST's pixelized PSFs are in
-  ``base_PsfFlux``.
-- :class:`PsfexPsf`: a PSFEx ``.psf`` model: polynomial in ``X_IMAGE``, ``Y_IMAGE`` of basis
-  images sampled every ``PSF_SAMP`` pixels, resampled to the pixel grid with Lanczos-3 (as
-  GalSim's ``des.DES_PSFEx`` does).
+- :class:`SampledGaussianPsf`: LSST's ``GaussianPsf``, sampled at pixel centres.
+- :class:`ResampledPsf` models, pixelized images shifted to the sub-pixel position with
+  Lanczos, as LSST's ``ImagePsf.computeImage`` does: :class:`ImagePsf`, one image for the
+  whole exposure (Lanczos-5), and :class:`PsfexPsf`, a PSFEx model (polynomial in the position
+  of basis images sampled every ``PSF_SAMP`` pixels, Lanczos-3 as GalSim's ``des.DES_PSFEx``
+  does). :mod:`forcedphot.photometry.archive_psfs` adds the models of an exposure's archive.
 
 Pixel convention (LSST, astropy ``origin=0``): positions ``x``, ``y`` are 0-based local image
 coordinates, the centre of pixel ``(i, j)`` at ``(i, j)``. A stamp of odd side
@@ -216,15 +216,6 @@ class SampledGaussianPsf:
         return np.full(x.size, self.sigma_pixels)
 
 
-def archive_psf(record: dict | None) -> PsfModel | None:
-    """The PSF model of an exposure's archive record (see ``Exposure.psf_record``), when its
-    class is supported (GaussianPsf); None otherwise."""
-    if not record or record.get("class") != "GaussianPsf":
-        return None
-    dims = record.get("dimensions") or [record.get("dimensions_x"), record.get("dimensions_y")]
-    return SampledGaussianPsf(float(record["sigma"]), int(dims[0]), int(dims[1]))
-
-
 def _read_fits(path: str) -> fits.HDUList:
     """All HDUs of a FITS file, data loaded; PsfError if unreadable or truncated."""
     try:
@@ -245,7 +236,65 @@ def _read_fits(path: str) -> fits.HDUList:
         raise PsfError(f"PSF file {path}: not a readable FITS file ({err})") from err
 
 
-class ImagePsf:
+class ResampledPsf:
+    """A pixelized model shifted to each object's sub-pixel position, as LSST's ``ImagePsf``.
+
+    Subclasses give :meth:`models`: the model at each position, an odd square array sampled
+    every ``sample_scale`` image pixels with the PSF centre at its middle pixel. Stamps (side
+    ``stamp_size``) hold it interpolated with Lanczos of ``lanczos_order`` (DC-conserving)
+    at the object's offset from the nearest pixel, normalised to sum 1.
+    """
+
+    lanczos_order = 5
+    sample_scale = 1.0
+    stamp_size: int
+
+    def models(self, x: np.ndarray, y: np.ndarray, xp: Any) -> Array:
+        """(N, B, B) (or one (B, B)) model images at 0-based local (x, y), in namespace ``xp``."""
+        raise NotImplementedError
+
+    def _resampled(self, x: np.ndarray, y: np.ndarray, cx: np.ndarray, cy: np.ndarray, xp: Any) -> Array:
+        """(N, K, K) model at (x, y) resampled with its centre at stamp coords (cx, cy), sum 1."""
+        raw = lanczos_resample(self.models(x, y, xp), xp.asarray(cx), xp.asarray(cy), self.stamp_size,
+                               self.sample_scale, self.lanczos_order)
+        return _normalised(raw, xp)
+
+    def stamps(self, x: np.ndarray, y: np.ndarray, xp: Any) -> Array:
+        """(N, K, K) model stamps at 0-based local (x, y) in namespace ``xp``, each summing to 1."""
+        x, y = _positions(x, y)
+        cx, cy = _stamp_centres(x, y, self.stamp_size)
+        return self._resampled(x, y, cx, cy, xp)
+
+    def shape(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        """(N, 3) adaptive moments ``Ixx, Iyy, Ixy`` of the centred model at (x, y), pixels^2."""
+        x, y = _positions(x, y)
+        middle = np.full(x.shape, float(self.stamp_size // 2))
+        return adaptive_moments(self._resampled(x, y, middle, middle, np))
+
+    def sigma(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        """(N,) adaptive-moment determinant radius of the model near (x, y), pixels.
+
+        Evaluated once per cell of :data:`SIGMA_CELL_PX` pixels, at the cell centre: models
+        vary smoothly over a detector, so the width changes negligibly within a cell, and
+        the cost scales with the cells, not the objects.
+        """
+        x, y = _positions(x, y)
+        cells = np.floor(np.stack([x, y], axis=1) / SIGMA_CELL_PX)
+        unique, inverse = np.unique(cells, axis=0, return_inverse=True)
+        centres = (unique + 0.5) * SIGMA_CELL_PX
+        return determinant_radius(self.shape(centres[:, 0], centres[:, 1]))[inverse.ravel()]
+
+
+def _odd_square(image: np.ndarray, source: str) -> np.ndarray:
+    """``image`` if it is a finite odd square array (the PSF centre at its middle pixel)."""
+    if image.ndim != 2 or image.shape[0] != image.shape[1] or image.shape[0] % 2 == 0:
+        raise PsfError(f"{source}: PSF image must be a square array of odd side, got shape {image.shape}")
+    if not np.all(np.isfinite(image)):
+        raise PsfError(f"{source}: PSF image has non-finite pixels")
+    return image
+
+
+class ImagePsf(ResampledPsf):
     """A pixelized PSF image, constant over the image, shifted with Lanczos-5.
 
     The image is an odd square array whose middle pixel ``(B//2, B//2)`` is the PSF centre,
@@ -253,14 +302,8 @@ class ImagePsf:
     object's fractional offset (Lanczos-5, DC-conserving), normalised to sum 1.
     """
 
-    lanczos_order = 5
-
     def __init__(self, image: Any, source: str = "PSF image"):
-        image = np.asarray(image, dtype=np.float64)
-        if image.ndim != 2 or image.shape[0] != image.shape[1] or image.shape[0] % 2 == 0:
-            raise PsfError(f"{source}: PSF image must be a square array of odd side, got shape {image.shape}")
-        if not np.all(np.isfinite(image)):
-            raise PsfError(f"{source}: PSF image has non-finite pixels")
+        image = _odd_square(np.asarray(image, dtype=np.float64), source)
         if not image.sum() > 0:
             raise PsfError(f"{source}: PSF image must have a positive sum, got {image.sum()}")
         self.image = image
@@ -290,21 +333,14 @@ class ImagePsf:
     def describe(self) -> str:
         return f"pixelized PSF image of {self.image.shape[0]} x {self.image.shape[1]} px, the same everywhere, shifted with Lanczos-5"
 
-    def stamps(self, x: np.ndarray, y: np.ndarray, xp: Any) -> Array:
-        """(N, B, B) shifted PSF images in namespace ``xp``, each summing to 1."""
-        cx, cy = _stamp_centres(*_positions(x, y), self.stamp_size)
-        raw = lanczos_resample(xp.asarray(self.image), xp.asarray(cx), xp.asarray(cy),
-                               self.stamp_size, 1.0, self.lanczos_order)
-        return _normalised(raw, xp)
+    def models(self, x: np.ndarray, y: np.ndarray, xp: Any) -> Array:
+        """The one image, for every position."""
+        return xp.asarray(self.image)
 
     def shape(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
         """(N, 3) adaptive moments ``Ixx, Iyy, Ixy`` of the PSF image, pixels^2."""
         x, _ = _positions(x, y)
         return np.tile(self._shape, (x.size, 1))
-
-    def sigma(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
-        """(N,) adaptive-moment determinant radius of the PSF image, pixels."""
-        return determinant_radius(self.shape(x, y))
 
 
 _PSFEX_KEYS = ("POLNAXIS", "POLNGRP", "POLGRP1", "POLGRP2", "POLNAME1", "POLNAME2", "POLZERO1",
@@ -312,125 +348,116 @@ _PSFEX_KEYS = ("POLNAXIS", "POLNGRP", "POLGRP1", "POLGRP2", "POLNAME1", "POLNAME
                "PSFAXIS1", "PSFAXIS2", "PSFAXIS3")
 
 
-class PsfexPsf:
-    """A PSFEx model read from a ``.psf`` file (``PSF_DATA`` binary table).
+def psfex_powers(degree: int) -> np.ndarray:
+    """(nbasis, 2) exponents (p, q) of the PSFEx monomials ``X^p Y^q``, p + q <= degree,
+    in PSFEx's order (q, then p)."""
+    return np.array([(p, q) for q in range(degree + 1) for p in range(degree + 1 - q)])
 
-    The model at image position (x, y) (0-based) is ``sum_k c_k(X, Y) basis_k`` with
-    ``X = (x + 1 - POLZERO1) / POLSCAL1``, ``Y = (y + 1 - POLZERO2) / POLSCAL2`` (PSFEx's
-    ``X_IMAGE``, ``Y_IMAGE`` are 1-based) and ``c_k`` the monomials ``X^p Y^q``, ``p + q <=
-    POLDEG1``, ordered by q then p (PSFEx's order). Basis images (``PSF_MASK``) are sampled
-    every ``PSF_SAMP`` image pixels, centred on their middle pixel; stamps interpolate them
-    with Lanczos-3 at ``sample_scale = PSF_SAMP`` (as GalSim's ``InterpolatedImage(scale=
-    PSF_SAMP, x_interpolant=Lanczos(3))`` does) and are normalised to sum 1. Stamp side: the
-    smallest odd side covering the model, ``2 ceil((B//2) PSF_SAMP) + 1``.
 
-    Supported: one polynomial group over two context parameters ``X*_IMAGE``, ``Y*_IMAGE``.
+class PsfexPsf(ResampledPsf):
+    """A PSFEx model: basis images weighted by a polynomial in the position.
+
+    The model at 0-based local position (x, y) is ``sum_k c_k(X, Y) basis_k`` with
+    ``X = (x + offset_x - zero_x) / scale_x`` (likewise Y) and ``c_k`` the monomials
+    ``X^p Y^q``, ``p + q <= degree``, ordered by q then p (PSFEx's order). Basis images are
+    sampled every ``sample_scale`` image pixels, centred on their middle pixel; stamps
+    interpolate them with Lanczos-3 (as GalSim's ``des.DES_PSFEx`` and PSFEx's own
+    ``vignet_resample`` do) and are normalised to sum 1. Stamp side: the smallest odd side
+    covering the model, ``2 ceil((B//2) sample_scale) + 1``.
+
+    From a ``.psf`` file (:meth:`from_file`) the offset is 1 (PSFEx's ``X_IMAGE`` is 1-based);
+    from an LSST archive it is the exposure's origin (afw evaluates at parent pixels).
     """
 
     lanczos_order = 3
 
-    def __init__(self, path: str):
-        self.path = str(path)
-        hdus = _read_fits(self.path)
+    def __init__(self, basis: np.ndarray, degree: int, zero: tuple[float, float], scale: tuple[float, float],
+                 sample_scale: float, offset: tuple[float, float], source: str):
+        basis = np.asarray(basis, dtype=np.float64)
+        self.powers = psfex_powers(degree)
+        if basis.ndim != 3 or basis.shape[0] != len(self.powers) or basis.shape[1] != basis.shape[2] or basis.shape[1] % 2 == 0:
+            raise PsfError(f"{source}: basis images of shape {basis.shape} do not match a degree-{degree} polynomial "
+                           f"({len(self.powers)} square images of odd side)")
+        if not np.all(np.isfinite(basis)):
+            raise PsfError(f"{source}: basis images have non-finite values")
+        if not (math.isfinite(sample_scale) and sample_scale > 0):
+            raise PsfError(f"{source}: sample spacing {sample_scale} is not positive")
+        if not np.all(np.asarray(scale, np.float64) != 0):
+            raise PsfError(f"{source}: polynomial scales must be non-zero")
+        self.basis, self.sample_scale = basis, float(sample_scale)
+        self.zero = np.asarray(zero, np.float64) - np.asarray(offset, np.float64)
+        self.scale = np.asarray(scale, np.float64)
+        self.stamp_size = 2 * math.ceil((basis.shape[1] // 2) * self.sample_scale - 1e-9) + 1
+
+    @classmethod
+    def from_file(cls, path: str) -> "PsfexPsf":
+        """Read a ``.psf`` file (``PSF_DATA`` binary table; one polynomial group in
+        ``X*_IMAGE``, ``Y*_IMAGE``)."""
+        path = str(path)
+        hdus = _read_fits(path)
         if "PSF_DATA" not in hdus:
-            raise PsfError(f"PSFEx file {self.path}: no PSF_DATA extension")
+            raise PsfError(f"PSFEx file {path}: no PSF_DATA extension")
         table = hdus["PSF_DATA"]
         header = table.header
         missing = [key for key in _PSFEX_KEYS if key not in header]
         if missing:
-            raise PsfError(f"PSFEx file {self.path}: PSF_DATA header lacks {', '.join(missing)}")
+            raise PsfError(f"PSFEx file {path}: PSF_DATA header lacks {', '.join(missing)}")
         not_numbers = [key for key in _PSFEX_KEYS if not key.startswith("POLNAME")
                        and (isinstance(header[key], bool) or not isinstance(header[key], (int, float)))]
         if not_numbers:
-            raise PsfError(f"PSFEx file {self.path}: PSF_DATA keywords {', '.join(not_numbers)} "
-                           "are not numbers")
-        self._check_context(header)
+            raise PsfError(f"PSFEx file {path}: PSF_DATA keywords {', '.join(not_numbers)} are not numbers")
+        _check_psfex_context(path, header)
+        if not header["PSF_SAMP"] > 0:
+            raise PsfError(f"PSFEx file {path}: PSF_SAMP = {header['PSF_SAMP']} is not positive")
         degree = int(header["POLDEG1"])
         side, nbasis = int(header["PSFAXIS1"]), int(header["PSFAXIS3"])
         if side != header["PSFAXIS2"] or side % 2 == 0:
-            raise PsfError(f"PSFEx file {self.path}: basis images are {header['PSFAXIS2']}x{side} "
+            raise PsfError(f"PSFEx file {path}: basis images are {header['PSFAXIS2']}x{side} "
                            "(rows x columns), not square with an odd side")
-        self.powers = np.array([(p, q) for q in range(degree + 1) for p in range(degree + 1 - q)])
-        if nbasis != len(self.powers):
-            raise PsfError(f"PSFEx file {self.path}: PSFAXIS3 = {nbasis} basis images, but degree "
-                           f"{degree} needs {len(self.powers)}")
+        if nbasis != len(psfex_powers(degree)):
+            raise PsfError(f"PSFEx file {path}: PSFAXIS3 = {nbasis} basis images, but degree "
+                           f"{degree} needs {len(psfex_powers(degree))}")
         if table.columns is None or "PSF_MASK" not in table.columns.names or len(table.data) < 1:
-            raise PsfError(f"PSFEx file {self.path}: PSF_DATA has no PSF_MASK row")
+            raise PsfError(f"PSFEx file {path}: PSF_DATA has no PSF_MASK row")
         basis = np.asarray(table.data["PSF_MASK"][0], dtype=np.float64)
         if basis.shape != (nbasis, side, side):
-            raise PsfError(f"PSFEx file {self.path}: PSF_MASK shape {basis.shape} does not match "
+            raise PsfError(f"PSFEx file {path}: PSF_MASK shape {basis.shape} does not match "
                            f"PSFAXIS3, PSFAXIS2, PSFAXIS1 = {(nbasis, side, side)}")
-        if not np.all(np.isfinite(basis)):
-            raise PsfError(f"PSFEx file {self.path}: PSF_MASK has non-finite values")
-        self.sample_scale = float(header["PSF_SAMP"])
-        if not (math.isfinite(self.sample_scale) and self.sample_scale > 0):
-            raise PsfError(f"PSFEx file {self.path}: PSF_SAMP = {header['PSF_SAMP']} is not positive")
-        self.basis = basis
-        self.zero = np.array([header["POLZERO1"], header["POLZERO2"]], dtype=np.float64)
-        self.scale = np.array([header["POLSCAL1"], header["POLSCAL2"]], dtype=np.float64)
-        if not np.all(self.scale != 0):
-            raise PsfError(f"PSFEx file {self.path}: POLSCAL1/2 must be non-zero")
-        self.stamp_size = 2 * math.ceil((side // 2) * self.sample_scale - 1e-9) + 1
-
-    def _check_context(self, header: fits.Header) -> None:
-        """PsfError unless the polynomial is one group in X*_IMAGE, Y*_IMAGE."""
-        names = (str(header["POLNAME1"]).strip(), str(header["POLNAME2"]).strip())
-        groups = (header["POLNGRP"], header["POLGRP1"], header["POLGRP2"])
-        if header["POLNAXIS"] != 2 or groups != (1, 1, 1):
-            raise PsfError(f"PSFEx file {self.path}: unsupported polynomial (POLNAXIS={header['POLNAXIS']}, "
-                           f"POLNGRP={header['POLNGRP']}); need one group in X_IMAGE, Y_IMAGE")
-        if not (names[0].startswith("X") and names[0].endswith("IMAGE")
-                and names[1].startswith("Y") and names[1].endswith("IMAGE")):
-            raise PsfError(f"PSFEx file {self.path}: context parameters {names} are not X_IMAGE, Y_IMAGE")
-        if int(header["POLDEG1"]) < 0 or int(header["PSFNAXIS"]) != 3:
-            raise PsfError(f"PSFEx file {self.path}: need POLDEG1 >= 0 and PSFNAXIS = 3")
+        return cls(basis, degree, (header["POLZERO1"], header["POLZERO2"]), (header["POLSCAL1"], header["POLSCAL2"]),
+                   float(header["PSF_SAMP"]), (1.0, 1.0), f"PSFEx file {path}")
 
     def coefficients(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
-        """(N, nbasis) polynomial coefficients of the basis images at 0-based (x, y)."""
+        """(N, nbasis) polynomial coefficients of the basis images at 0-based local (x, y)."""
         x, y = _positions(x, y)
-        u = (x + 1.0 - self.zero[0]) / self.scale[0]
-        v = (y + 1.0 - self.zero[1]) / self.scale[1]
+        u = (x - self.zero[0]) / self.scale[0]
+        v = (y - self.zero[1]) / self.scale[1]
         return u[:, None] ** self.powers[:, 0] * v[:, None] ** self.powers[:, 1]
 
-    def _resampled(self, x: np.ndarray, y: np.ndarray, cx: np.ndarray, cy: np.ndarray, xp: Any) -> Array:
-        """(N, K, K) model at (x, y) resampled with its centre at stamp coords (cx, cy), sum 1."""
+    def models(self, x: np.ndarray, y: np.ndarray, xp: Any) -> Array:
+        """(N, B, B) model images: basis images weighted by the polynomial at (x, y)."""
         nbasis, side, _ = self.basis.shape
         coeffs = xp.asarray(self.coefficients(x, y))
         basis = xp.asarray(self.basis.reshape(nbasis, side * side))
-        models = xp.reshape(xp.matmul(coeffs, basis), (coeffs.shape[0], side, side))
-        raw = lanczos_resample(models, xp.asarray(cx), xp.asarray(cy), self.stamp_size,
-                               self.sample_scale, self.lanczos_order)
-        return _normalised(raw, xp)
+        return xp.reshape(xp.matmul(coeffs, basis), (coeffs.shape[0], side, side))
 
     def describe(self) -> str:
         degree = int(self.powers.max()) if len(self.powers) else 0
         return (f"PSFEx model, polynomial of degree {degree} in X_IMAGE, Y_IMAGE, sampled every {self.sample_scale:.3g} px, "
                 "resampled with Lanczos-3")
 
-    def stamps(self, x: np.ndarray, y: np.ndarray, xp: Any) -> Array:
-        """(N, K, K) PSFEx model stamps at 0-based (x, y) in namespace ``xp``, each summing to 1."""
-        x, y = _positions(x, y)
-        cx, cy = _stamp_centres(x, y, self.stamp_size)
-        return self._resampled(x, y, cx, cy, xp)
 
-    def shape(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
-        """(N, 3) adaptive moments ``Ixx, Iyy, Ixy`` of the centred model at (x, y), pixels^2."""
-        x, y = _positions(x, y)
-        middle = np.full(x.shape, float(self.stamp_size // 2))
-        return adaptive_moments(self._resampled(x, y, middle, middle, np))
-
-    def sigma(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
-        """(N,) adaptive-moment determinant radius of the model near (x, y), pixels.
-
-        Evaluated once per cell of :data:`SIGMA_CELL_PX` pixels, at the cell centre: the
-        model is a low-order polynomial over the whole detector, so the width changes
-        negligibly within a cell, and the cost scales with the cells, not the objects.
-        """
-        x, y = _positions(x, y)
-        cells = np.floor(np.stack([x, y], axis=1) / SIGMA_CELL_PX)
-        unique, inverse = np.unique(cells, axis=0, return_inverse=True)
-        centres = (unique + 0.5) * SIGMA_CELL_PX
-        return determinant_radius(self.shape(centres[:, 0], centres[:, 1]))[inverse.ravel()]
+def _check_psfex_context(path: str, header: fits.Header) -> None:
+    """PsfError unless the polynomial is one group in X*_IMAGE, Y*_IMAGE."""
+    names = (str(header["POLNAME1"]).strip(), str(header["POLNAME2"]).strip())
+    groups = (header["POLNGRP"], header["POLGRP1"], header["POLGRP2"])
+    if header["POLNAXIS"] != 2 or groups != (1, 1, 1):
+        raise PsfError(f"PSFEx file {path}: unsupported polynomial (POLNAXIS={header['POLNAXIS']}, "
+                       f"POLNGRP={header['POLNGRP']}); need one group in X_IMAGE, Y_IMAGE")
+    if not (names[0].startswith("X") and names[0].endswith("IMAGE")
+            and names[1].startswith("Y") and names[1].endswith("IMAGE")):
+        raise PsfError(f"PSFEx file {path}: context parameters {names} are not X_IMAGE, Y_IMAGE")
+    if int(header["POLDEG1"]) < 0 or int(header["PSFNAXIS"]) != 3:
+        raise PsfError(f"PSFEx file {path}: need POLDEG1 >= 0 and PSFNAXIS = 3")
 
 
 SIGMA_CELL_PX = 128.0
@@ -472,7 +499,7 @@ def load_psf(*, fwhm_pixels: float | None = None, path: str | None = None,
         return GaussianPsf(fwhm_pixels)
     path = str(path)
     if path.lower().endswith(".psf") or "PSF_DATA" in _read_fits(path):
-        return PsfexPsf(path)
+        return PsfexPsf.from_file(path)
     return ImagePsf.from_fits(path, hdu)
 
 
@@ -483,59 +510,7 @@ def check_psf_fwhm(value: float, source: str) -> float:
     return value
 
 
-def choose_psf(header, source: str, *, path: str | None = None, path_name: str | None = None, fwhm_pixels: float | None = None,
-               fwhm_name: str = "psf_fwhm", how: str = "send psf_fwhm (pixels)", archive: dict | None = None) -> PsfModel:
-    """The PSF to measure an exposure with: the file ``path``, else a Gaussian of
-    ``fwhm_pixels``, else the PSF in the exposure's archive (``archive``, its
-    ``psf_record``), else the Gaussian its header declares (``PSF_FWHM``).
-
-    ``source`` names the exposure, ``path_name`` the PSF file (default its path; a service
-    passes the form field or reference, so no server path reaches a client) and
-    ``fwhm_name`` the caller's FWHM option in errors; ``how`` tells the caller how to pass
-    a PSF when none is found. The model's ``origin`` says in words where it came from.
-    """
-    if path is not None:
-        name = path_name or str(path)
-        try:
-            model = load_psf(path=str(path))
-        except PsfError as exc:
-            raise PsfError(str(exc).replace(str(path), name)) from None
-        model.origin = f"from the file {name}"
-        return model
-    if fwhm_pixels is not None:
-        model = load_psf(fwhm_pixels=check_psf_fwhm(fwhm_pixels, fwhm_name))
-        model.origin = f"given as {fwhm_name}"
-        return model
-    model = archive_psf(archive)
-    if model is not None:
-        model.origin = f"from the archive of {source}"
-        return model
-    value = header_fwhm_pixels(header, source)
-    if value is not None:
-        model = load_psf(fwhm_pixels=check_psf_fwhm(value, f"{source} {PSF_FWHM_KEYWORD}"))
-        model.origin = f"from the {PSF_FWHM_KEYWORD} keyword of {source}"
-        return model
-    unsupported = f"; its archive holds a {archive['class']}, not read yet" if archive else ""
-    raise PsfError(f"{source}: no PSF given and no {PSF_FWHM_KEYWORD} keyword in its header{unsupported}; {how}")
-
-
 def describe_psf(model: PsfModel) -> str:
     """The PSF in words, with where it came from when :func:`choose_psf` chose it."""
     origin = getattr(model, "origin", None)
     return model.describe() + (f" ({origin})" if origin else "")
-
-
-def choose_psfs(science, difference, science_name: str, difference_name: str | None, **options) -> tuple[PsfModel, PsfModel]:
-    """``(PSF of the image measured, PSF of the direct image)`` for a measurement, as
-    ``DiaForcedSourceTask`` uses them: the difference image's own PSF measures ``psfFlux``
-    and the science image's ``scienceFlux``. An explicit file or FWHM (``options``, see
-    :func:`choose_psf`) applies to both; a difference image that carries no PSF of its own
-    (archive or ``PSF_FWHM``) is measured with the science image's."""
-    science_psf = choose_psf(science.header, science_name, archive=science.psf_record, **options)
-    if difference is None:
-        return science_psf, science_psf
-    try:
-        return choose_psf(difference.header, difference_name or "difference", archive=difference.psf_record, **options), science_psf
-    except PsfError:
-        return science_psf, science_psf
-

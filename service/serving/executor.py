@@ -43,7 +43,8 @@ from forcedphot.photometry.exposure import DEFAULT_LIMITS, ExposureError, Exposu
 from forcedphot.photometry.formats import encode_catalog
 from forcedphot.photometry.lightcurve import Epoch, LightCurves, measure_epochs, merge_lightcurves
 from forcedphot.photometry.measure import Measurement, measure
-from forcedphot.photometry.psf_models import PsfError, choose_psfs
+from forcedphot.photometry.psf_choice import choose_psfs
+from forcedphot.photometry.psf_models import PsfError
 from forcedphot.photometry.runner import run_directly
 from forcedphot.serving.allocator import keep_temporaries_on_heap
 from forcedphot.serving.batching import KernelBatcher
@@ -56,7 +57,7 @@ class ExposureInput:
 
     path: Path
     label: str
-    cacheable: bool = True  # repository files are cached; uploads are not
+    uploaded: bool = False  # a client's file: never cached, and no pickle in it is ever loaded
 
 
 @dataclass(frozen=True)
@@ -144,7 +145,7 @@ class MeasureService:
                 future.result()
 
     def _open(self, stack: ExitStack, source: ExposureInput) -> tuple[object, str]:
-        if source.cacheable:
+        if not source.uploaded:
             return stack.enter_context(self.cache.lease(source.path, name=source.label))
         return stack.enter_context(open_exposure(source.path, name=source.label, limits=self.limits)), "bypass"
 
@@ -157,7 +158,8 @@ class MeasureService:
             read_seconds = time.perf_counter() - start
             psf, science_psf = choose_psfs(science, difference, task.science.label, task.difference.label if task.difference else None,
                                            path=task.psf.path if task.psf else None, path_name=task.psf.label if task.psf else None,
-                                           fwhm_pixels=task.psf_fwhm)
+                                           fwhm_pixels=task.psf_fwhm,
+                                           allow_pickled=not any(source.uploaded for source in (task.science, task.difference) if source))
             result = measure(science, task.objects, psf, task.config, difference=difference, science_psf=science_psf,
                              backend=self.backend, progress=progress, execute=self._execute)
         # name inputs by their references, not by server paths

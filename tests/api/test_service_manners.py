@@ -103,3 +103,21 @@ def test_info_says_while_the_demo_repository_is_written(tmp_path, monkeypatch):
         wait_until(lambda: c.get("/v1/info").json()["demo_repository"] == "ready")
         assert len(c.get("/v1/info").json()["demo"]) == 2
 
+
+
+def test_an_upload_whose_archive_holds_a_pickled_piff_psf_is_refused_and_never_unpickled(client, monkeypatch):
+    """Unpickling runs code from the file: an uploaded exposure's PiffPsf is refused with a 422
+    that says how to pass a PSF, and nothing is unpickled. An explicit psf_fwhm measures it."""
+    import pickle
+
+    loaded = []
+    monkeypatch.setattr(pickle, "loads", lambda *args, **kwargs: loaded.append(args) or (_ for _ in ()).throw(AssertionError))
+    exposure = Path(__file__).resolve().parents[1] / "data" / "lsst" / "piff" / "exp.fits"
+    files = {"exposure": ("exp.fits", exposure.read_bytes()), "objects": ("o.csv", b"diaObjectId,ra,dec\n1,0.0,0.0\n", "text/csv")}
+    refused = client.post("/v1/forced-photometry", files=files)
+    assert refused.status_code == 422, refused.text
+    detail = refused.json()["detail"]
+    assert "upload:exp.fits" in detail and "PiffPsf" in detail and "never loaded" in detail and "psf_fwhm" in detail
+    measured = client.post("/v1/forced-photometry", files=files, data={"psf_fwhm": "3"})
+    assert measured.status_code == 200, measured.text
+    assert loaded == []

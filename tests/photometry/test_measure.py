@@ -66,7 +66,10 @@ def test_noiseless_stars_recovered_and_positions_in_parent_pixels(scene):
     np.testing.assert_allclose(cat["localBackground_instFlux"], 0.0, atol=1e-3)
     assert not cat["psfFlux_flag"].any() and not cat["pixelFlags_offimage"].any()
     # instFluxErr = sqrt(V / sum P^2) = sqrt(V * area), area ~ 4 pi (sigma^2 + 1/12)
-    np.testing.assert_allclose(cat["psfFluxErr"], CALIB * np.sqrt(SKY_VARIANCE * 4 * np.pi * (SIGMA**2 + 1 / 12)), rtol=0.02)
+    # afw's instFluxToNanojansky: the pixel noise and the calibration error (0.01 nJy/count) in quadrature
+    pixel_noise = np.sqrt(SKY_VARIANCE * 4 * np.pi * (SIGMA**2 + 1 / 12))
+    np.testing.assert_allclose(cat["psfFlux_instFluxErr"], pixel_noise, rtol=0.02)
+    np.testing.assert_allclose(cat["psfFluxErr"], np.hypot(CALIB * pixel_noise, scene["flux"] * 0.01), rtol=0.02)
     assert (cat["visit"] == 1234).all() and (cat["detector"] == 42).all() and (cat["band"] == "r").all()
     np.testing.assert_allclose(cat["midpointMjdTai"], 61000.25, atol=1e-8)
     np.testing.assert_allclose(cat["localPhotoCalib"], CALIB)
@@ -199,7 +202,7 @@ def test_psfex_model_through_the_engine(tmp_path):
     from forcedphot.photometry.psf_models import PsfexPsf
 
     psf_path = Path(__file__).parents[1] / "data" / "des" / "DECam_00154912_12_psfcat.psf"
-    psf = PsfexPsf(str(psf_path))
+    psf = PsfexPsf.from_file(str(psf_path))
     side, h = 300, psf.stamp_size // 2
     rng = np.random.default_rng(8)
     grid = np.arange(40, side - 40, 40)

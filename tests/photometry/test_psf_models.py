@@ -34,7 +34,7 @@ def des():
 
 @pytest.fixture(scope="module")
 def psfex():
-    return PsfexPsf(str(DES_PSF))
+    return PsfexPsf.from_file(str(DES_PSF))
 
 
 def galsim_stamps(des, x, y, size, dx=1.0, dy=1.0, interpolant=None):
@@ -277,8 +277,8 @@ def write_psfex(path, basis, drop=(), **changes):
 def test_psfex_writer_round_trip(tmp_path):
     # The helper writes a valid model (so the failures below are due to the edits alone).
     basis = fits.getdata(DES_PSF, "PSF_DATA")["PSF_MASK"][0]
-    rewritten = PsfexPsf(write_psfex(tmp_path / "ok.psf", basis))
-    np.testing.assert_array_equal(rewritten.stamps(X, Y, np), PsfexPsf(str(DES_PSF)).stamps(X, Y, np))
+    rewritten = PsfexPsf.from_file(write_psfex(tmp_path / "ok.psf", basis))
+    np.testing.assert_array_equal(rewritten.stamps(X, Y, np), PsfexPsf.from_file(str(DES_PSF)).stamps(X, Y, np))
 
 
 def bad_psf_files(tmp_path):
