@@ -44,7 +44,7 @@ from collections.abc import Sequence
 from math import ceil, floor, isfinite
 from typing import Any, NamedTuple
 
-from array_api_compat import array_namespace
+from array_api_compat import array_namespace, device
 
 Array = Any
 
@@ -74,9 +74,8 @@ def _corner_area(xp: Any, u: Array, v: Array, r: Array) -> Array:
     ``u`` is shaped ``(N, 1, Mx)`` (x offsets of corner columns), ``v`` ``(N, My, 1)``
     (y offsets of corner rows), ``r`` a 0-d float64 array; returns ``(N, My, Mx)``, px^2.
     """
-    one = xp.asarray(1.0, dtype=xp.float64)
-    sign_u = xp.where(u < 0, -one, one)
-    sign_v = xp.where(v < 0, -one, one)
+    sign_u = 1.0 - 2.0 * xp.astype(u < 0, xp.float64)
+    sign_v = 1.0 - 2.0 * xp.astype(v < 0, xp.float64)
     xc = xp.minimum(xp.abs(u), r)
     yc = xp.minimum(xp.abs(v), r)
     # (r - c)(r + c) rather than r^2 - c^2: accurate where c is close to r.
@@ -95,8 +94,7 @@ def _axis_gaps(xp: Any, edges: Array) -> tuple[Array, Array]:
     edges (offsets from the centre) are ``edges[..., :-1]`` and ``edges[..., 1:]``."""
     lo = edges[..., :-1]
     hi = edges[..., 1:]
-    zero = xp.asarray(0.0, dtype=xp.float64)
-    near = xp.maximum(xp.maximum(lo, -hi), zero)
+    near = xp.maximum(xp.maximum(lo, -hi), 0.0)
     far = xp.maximum(xp.abs(lo), xp.abs(hi))
     return near, far
 
@@ -105,30 +103,37 @@ def _overlap_window(xp: Any, cx: Array, cy: Array, r: Array, cols: range, rows: 
     """Exact circle-pixel overlap (px^2) for the pixels ``[rows, cols]`` of the stamps:
     ``(N, len(rows), len(cols))`` float64; ``cx, cy`` float64 ``(N,)``, ``r`` 0-d."""
     f64 = xp.float64
-    zero = xp.asarray(0.0, dtype=f64)
-    one = xp.asarray(1.0, dtype=f64)
-    col_edges = xp.arange(cols.start, cols.stop + 1, dtype=f64) - 0.5
-    row_edges = xp.arange(rows.start, rows.stop + 1, dtype=f64) - 0.5
+    col_edges = xp.arange(cols.start, cols.stop + 1, dtype=f64, device=device(cx)) - 0.5
+    row_edges = xp.arange(rows.start, rows.stop + 1, dtype=f64, device=device(cx)) - 0.5
     u = col_edges[None, :] - cx[:, None]  # x offsets of the corner columns from the centre
     v = row_edges[None, :] - cy[:, None]  # y offsets of the corner rows
     corners = _corner_area(xp, u[:, None, :], v[:, :, None], r)
     across_x = corners[:, :, 1:] - corners[:, :, :-1]
-    area = xp.clip(across_x[:, 1:, :] - across_x[:, :-1, :], min=zero, max=one)
+    area = xp.clip(across_x[:, 1:, :] - across_x[:, :-1, :], min=0.0, max=1.0)
 
     near_x, far_x = _axis_gaps(xp, u)
     near_y, far_y = _axis_gaps(xp, v)
     r2 = r * r
     outside = (near_y * near_y)[:, :, None] + (near_x * near_x)[:, None, :] >= r2
     inside = (far_y * far_y)[:, :, None] + (far_x * far_x)[:, None, :] <= r2
-    return xp.where(outside, zero, xp.where(inside, one, area))
+    return xp.where(outside, 0.0, xp.where(inside, 1.0, area))
 
 
-def _touched(xp: Any, c: Array, radius: float, size: int) -> range:
-    """Pixel indices along one axis that any of the circles (centres ``c``, px) can touch,
-    clipped to ``[0, size)``; all of them if a centre is not finite."""
-    if c.shape[0] == 0:
+def centre_bounds(cx: Array, cy: Array) -> tuple[float, float, float, float] | None:
+    """``(min cx, max cx, min cy, max cy)`` as Python floats (NaN if a centre is not
+    finite), None for no centres. Reads the arrays: call it on the host's copies."""
+    xp = array_namespace(cx, cy)
+    if cx.shape[0] == 0:
+        return None
+    return float(xp.min(cx)), float(xp.max(cx)), float(xp.min(cy)), float(xp.max(cy))
+
+
+def _touched(bounds: tuple[float, float] | None, radius: float, size: int) -> range:
+    """Pixel indices along one axis that any of the circles (centres within ``bounds``,
+    px) can touch, clipped to ``[0, size)``; all of them if a centre is not finite."""
+    if bounds is None:
         return range(0)
-    lo, hi = float(xp.min(c)), float(xp.max(c))
+    lo, hi = bounds
     if not (isfinite(lo) and isfinite(hi)):
         return range(size)
     first = max(0, min(size, floor(lo - radius + 0.5)))
@@ -172,7 +177,7 @@ def circle_overlap_fractions(cx: Array, cy: Array, radius: float, size: int) -> 
         raise ValueError(f"cx and cy must be (N,) vectors of one length, got shapes {cx.shape} and {cy.shape}")
     f64 = xp.float64
     everything = range(int(size))
-    r = xp.asarray(radius, dtype=f64)
+    r = xp.asarray(radius, dtype=f64, device=device(cx))
     return _overlap_window(xp, xp.astype(cx, f64), xp.astype(cy, f64), r, everything, everything)
 
 
@@ -183,6 +188,7 @@ def aperture_fluxes(
     cx: Array,
     cy: Array,
     radii: Sequence[float],
+    bounds: tuple[float, float, float, float] | None = None,
 ) -> ApertureFluxes:
     """Sum a stack of stamps in circular apertures with exact pixel overlap weights.
 
@@ -198,6 +204,10 @@ def aperture_fluxes(
         Aperture centres in stamp coordinates, px (see :func:`circle_overlap_fractions`).
     radii : sequence of float
         Aperture radii in px, each finite and > 0.
+    bounds : tuple of 4 floats, optional
+        :func:`centre_bounds` of ``cx, cy``, computed where they live on the host; it sets
+        which pixels can be touched. Without it the kernel reads it from the arrays (four
+        scalar reads, a device synchronisation on a GPU).
 
     Returns
     -------
@@ -232,28 +242,29 @@ def aperture_fluxes(
     if not radii:
         raise ValueError("radii must contain at least one aperture radius")
 
-    zero = xp.asarray(0.0, dtype=f64)
     cx = xp.astype(cx, f64)
     cy = xp.astype(cy, f64)
+    bounds = centre_bounds(cx, cy) if bounds is None else bounds
+    x_bounds, y_bounds = (bounds[:2], bounds[2:]) if bounds is not None else (None, None)
     # Only pixels the largest circle can touch are converted (the stack may be larger,
     # e.g. sized for a background annulus); smaller circles touch a subset of them.
-    cols_all, rows_all = _touched(xp, cx, max(radii), size), _touched(xp, cy, max(radii), size)
+    cols_all, rows_all = _touched(x_bounds, max(radii), size), _touched(y_bounds, max(radii), size)
     crop = (slice(None), slice(rows_all.start, rows_all.stop), slice(cols_all.start, cols_all.stop))
-    data = xp.where(valid[crop], xp.astype(image[crop], f64), zero)
-    var = xp.where(valid[crop], xp.astype(variance[crop], f64), zero)
+    data = xp.where(valid[crop], xp.astype(image[crop], f64), 0.0)
+    var = xp.where(valid[crop], xp.astype(variance[crop], f64), 0.0)
     invalid = xp.logical_not(valid[crop])
     lo_edge, hi_edge = -0.5, size - 0.5
 
     fluxes, errors, truncations = [], [], []
     for radius in radii:
         # Only the pixels some circle can touch; all others have w = 0.
-        cols, rows = _touched(xp, cx, radius, size), _touched(xp, cy, radius, size)
+        cols, rows = _touched(x_bounds, radius, size), _touched(y_bounds, radius, size)
         window = (
             slice(None),
             slice(rows.start - rows_all.start, rows.stop - rows_all.start),
             slice(cols.start - cols_all.start, cols.stop - cols_all.start),
         )
-        w = _overlap_window(xp, cx, cy, xp.asarray(radius, dtype=f64), cols, rows)
+        w = _overlap_window(xp, cx, cy, xp.asarray(radius, dtype=f64, device=device(cx)), cols, rows)
         fluxes.append(xp.sum(w * data[window], axis=(1, 2)))
         errors.append(xp.sqrt(xp.sum(w * w * var[window], axis=(1, 2))))
         bad_touched = xp.any(xp.logical_and(w > 0, invalid[window]), axis=(1, 2))

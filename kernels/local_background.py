@@ -60,9 +60,10 @@ on large temporaries cost more than the arithmetic); blocks are not objects, eac
 fully vectorised.
 """
 
+import math
 from typing import Any, NamedTuple
 
-from array_api_compat import array_namespace
+from array_api_compat import array_namespace, device
 
 Array = Any
 
@@ -124,19 +125,28 @@ def _candidate_pixels(xp: Any, k: int, cx: Array, cy: Array, r_in: Array, r_out:
     """
     finite = xp.isfinite(cx) & xp.isfinite(cy) & xp.isfinite(r_in) & xp.isfinite(r_out)
     if not bool(xp.any(finite)):
-        return xp.zeros((0,), dtype=xp.int64)
-    inf = xp.asarray(float("inf"), dtype=xp.float64)
+        return xp.zeros((0,), dtype=xp.int64, device=device(cx))
+    inf = math.inf
     x_ref = 0.5 * (xp.min(xp.where(finite, cx, inf)) + xp.max(xp.where(finite, cx, -inf)))
     y_ref = 0.5 * (xp.min(xp.where(finite, cy, inf)) + xp.max(xp.where(finite, cy, -inf)))
-    zero = xp.asarray(0.0, dtype=xp.float64)
-    spread = xp.max(xp.where(finite, xp.sqrt((cx - x_ref) ** 2 + (cy - y_ref) ** 2), zero))
-    r_out_max = xp.max(xp.where(finite, r_out, zero))
+    spread = xp.max(xp.where(finite, xp.sqrt((cx - x_ref) ** 2 + (cy - y_ref) ** 2), 0.0))
+    r_out_max = xp.max(xp.where(finite, r_out, 0.0))
     r_in_min = xp.min(xp.where(finite, r_in, inf))
-    grid = xp.arange(k, dtype=xp.float64)
+    grid = xp.arange(k, dtype=xp.float64, device=device(cx))
     d0 = xp.sqrt((grid[None, :] - x_ref) ** 2 + (grid[:, None] - y_ref) ** 2)
     # Slack of 1e-9 px guards the bound against rounding in the distances.
     maybe = (d0 - spread <= r_out_max + 1e-9) & (d0 + spread + 1e-9 > r_in_min)
     return xp.nonzero(xp.reshape(maybe, (k * k,)))[0]
+
+
+def annulus_candidates(k: int, cx: Array, cy: Array, sigma: Array, inner: float = 7.0, outer: float = 15.0) -> Array:
+    """Flat indices (into ``K * K``) of the pixels that may lie in any object's annulus
+    (``inner`` to ``outer`` times ``sigma`` around ``(cx, cy)``, px), in the arrays' own
+    namespace. Reads the arrays and makes a data-dependent shape: call it on the host's
+    copies and pass the result (moved to the device) as ``candidates``."""
+    xp = array_namespace(cx, cy, sigma)
+    cx, cy, sigma = (xp.astype(a, xp.float64) for a in (cx, cy, sigma))
+    return _candidate_pixels(xp, k, cx, cy, inner * sigma, outer * sigma)
 
 
 def _quantiles(xp: Any, ordered: Array, n: Array, fractions: tuple[float, ...]) -> list[Array]:
@@ -145,8 +155,6 @@ def _quantiles(xp: Any, ordered: Array, n: Array, fractions: tuple[float, ...]) 
     has = n > 0
     last = xp.maximum(n - 1, xp.zeros_like(n))
     last_f = xp.astype(last, xp.float64)
-    zero = xp.asarray(0.0, dtype=xp.float64)
-    nan = xp.asarray(float("nan"), dtype=xp.float64)
     out = []
     for f in fractions:
         pos = f * last_f
@@ -154,9 +162,9 @@ def _quantiles(xp: Any, ordered: Array, n: Array, fractions: tuple[float, ...]) 
         hi = xp.minimum(lo + 1, last)
         w = pos - xp.astype(lo, xp.float64)
         # Rows without members hold only +inf padding: zero it before the arithmetic.
-        v_lo = xp.where(has, xp.astype(xp.take_along_axis(ordered, lo[:, None], axis=1)[:, 0], xp.float64), zero)
-        v_hi = xp.where(has, xp.astype(xp.take_along_axis(ordered, hi[:, None], axis=1)[:, 0], xp.float64), zero)
-        out.append(xp.where(has, (1.0 - w) * v_lo + w * v_hi, nan))
+        v_lo = xp.where(has, xp.astype(xp.take_along_axis(ordered, lo[:, None], axis=1)[:, 0], xp.float64), 0.0)
+        v_hi = xp.where(has, xp.astype(xp.take_along_axis(ordered, hi[:, None], axis=1)[:, 0], xp.float64), 0.0)
+        out.append(xp.where(has, (1.0 - w) * v_lo + w * v_hi, math.nan))
     return out
 
 
@@ -165,7 +173,7 @@ def _run_sum(xp: Any, prefix: Array, lo: Array, hi: Array) -> Array:
 
     def upto(i: Array) -> Array:  # sum of the first i entries
         at = xp.take_along_axis(prefix, xp.maximum(i - 1, xp.zeros_like(i))[:, None], axis=1)[:, 0]
-        return xp.where(i > 0, at, xp.asarray(0.0, dtype=xp.float64))
+        return xp.where(i > 0, at, 0.0)
 
     return upto(hi) - upto(lo)
 
@@ -199,8 +207,7 @@ def _annulus_block(
     n_pixels = xp.sum(xp.astype(member, xp.int64), axis=1)
 
     # One sort per row, in the input dtype; non-members go to the end as +inf.
-    pad = xp.asarray(float("inf"), dtype=values.dtype)
-    ordered = xp.sort(xp.where(member, values, pad), axis=1, stable=False)
+    ordered = xp.sort(xp.where(member, values, math.inf), axis=1, stable=False)
     q1, median, q3 = _quantiles(xp, ordered, n_pixels, (0.25, 0.5, 0.75))
     iqr_width = n_sigma * IQ_TO_STDEV * (q3 - q1)
 
@@ -210,13 +217,11 @@ def _annulus_block(
     # cancellation (afw likewise accumulates about the clip centre).
     # Only runs within the first n_pixels entries are ever summed, so the +inf padding
     # beyond them never reaches a result.
-    # Members sort before the +inf padding: columns past the largest count never matter.
-    longest = max(int(xp.max(n_pixels)), 1) if n_obj else 1
-    ordered = xp.astype(ordered[:, :longest], xp.float64)
+    ordered = xp.astype(ordered, xp.float64)
     shifted = ordered - median[:, None]
     p1 = xp.cumulative_sum(shifted, axis=1)
     p2 = xp.cumulative_sum(shifted * shifted, axis=1)
-    nan = xp.asarray(float("nan"), dtype=xp.float64)
+    nan = math.nan
     centre, half_width = median, iqr_width
     for _ in range(n_iter):
         lo = xp.sum(xp.astype(ordered < (centre - half_width)[:, None], xp.int64), axis=1)
@@ -226,7 +231,7 @@ def _annulus_block(
         s1 = _run_sum(xp, p1, lo, hi)
         s2 = _run_sum(xp, p2, lo, hi)
         mean_shift = s1 / xp.where(count > 0, count, 1.0)
-        var = xp.maximum(s2 - s1 * mean_shift, xp.asarray(0.0, dtype=xp.float64))
+        var = xp.maximum(s2 - s1 * mean_shift, 0.0)
         var = var / xp.where(count > 1, count - 1.0, 1.0)
         # afw: empty pass -> NaN mean; fewer than two kept -> NaN variance (n / (n - 1)).
         centre = xp.where(count > 0, median + mean_shift, nan)
@@ -246,6 +251,8 @@ def local_background(
     outer: float = 15.0,
     n_iter: int = 3,
     n_sigma: float = 3.0,
+    candidates: Array | None = None,
+    block_rows: int | None = None,
 ) -> LocalBackground:
     """Sigma-clipped background per pixel in an annulus around each object.
 
@@ -267,6 +274,13 @@ def local_background(
         Clipping passes (LSST ``bgIter``, >= 1).
     n_sigma : float
         Clipping half-width in (robust) standard deviations (LSST ``bgRej``).
+    candidates : (M,) int64 array, optional
+        :func:`annulus_candidates` of the positions, computed on the host and moved to the
+        arrays' device. Without it the kernel finds them itself, which reads scalars and
+        makes a data-dependent shape (synchronisations on a GPU).
+    block_rows : int, optional
+        Objects per block of work (each block's temporaries are ``(block_rows, M)``);
+        default: blocks of about 2 million elements, which suits a CPU's caches.
 
     Returns
     -------
@@ -293,17 +307,18 @@ def local_background(
     r_in = inner * sigma
     r_out = outer * sigma
 
-    idx = _candidate_pixels(xp, k, cx, cy, r_in, r_out)
+    idx = _candidate_pixels(xp, k, cx, cy, r_in, r_out) if candidates is None else candidates
+    dev = device(image)
     if idx.shape[0] == 0:  # no pixel centre can lie in any annulus (e.g. a tiny PSF): all flagged
-        nan = xp.full((n_obj,), float("nan"), dtype=xp.float64)
-        return LocalBackground(nan, nan, xp.zeros((n_obj,), dtype=xp.int64), xp.ones((n_obj,), dtype=xp.bool))
-    grid = xp.arange(k, dtype=xp.float64)
+        nan = xp.full((n_obj,), math.nan, dtype=xp.float64, device=dev)
+        return LocalBackground(nan, nan, xp.zeros((n_obj,), dtype=xp.int64, device=dev), xp.ones((n_obj,), dtype=xp.bool, device=dev))
+    grid = xp.arange(k, dtype=xp.float64, device=dev)
     px = xp.take(xp.reshape(xp.broadcast_to(grid[None, :], (k, k)), (k * k,)), idx)
     py = xp.take(xp.reshape(xp.broadcast_to(grid[:, None], (k, k)), (k * k,)), idx)
 
     # Blocks of rows bound every (rows, M) work array to ~16 MB: large temporaries cost
     # more in page faults than in arithmetic on the host.
-    rows = max(1, _BLOCK_ELEMENTS // max(1, idx.shape[0]))
+    rows = block_rows or max(1, _BLOCK_ELEMENTS // max(1, idx.shape[0]))
     parts = []
     for a in range(0, n_obj, rows):
         b = min(a + rows, n_obj)
@@ -316,7 +331,7 @@ def local_background(
     if parts:
         mean, std, n_pixels = (xp.concat([p[i] for p in parts]) for i in range(3))
     else:
-        mean = std = xp.zeros((0,), dtype=xp.float64)
-        n_pixels = xp.zeros((0,), dtype=xp.int64)
+        mean = std = xp.zeros((0,), dtype=xp.float64, device=dev)
+        n_pixels = xp.zeros((0,), dtype=xp.int64, device=dev)
     no_good = n_pixels == 0
     return LocalBackground(mean, std, n_pixels, no_good)

@@ -41,10 +41,11 @@ read (its bounds come from the positions and radii), so the cost scales with the
 footprint area, not with ``K^2``.
 """
 
+import math
 from math import ceil, floor
 from typing import Any, NamedTuple
 
-from array_api_compat import array_namespace
+from array_api_compat import array_namespace, device
 
 from .local_background import disc_membership
 
@@ -82,16 +83,23 @@ def _window(xp: Any, c: Array, r: Array, k: int) -> tuple[int, int]:
     """Half-open range of stamp indices along one axis that holds every object's footprint
     (``c +- r``) and 3x3 box, clipped to ``[0, k)``; empty if no object is finite."""
     near = xp.floor(c + 0.5)
-    r = xp.where(xp.isfinite(r), r, xp.asarray(0.0, dtype=xp.float64))
+    r = xp.where(xp.isfinite(r), r, 0.0)
     lo = xp.minimum(near - 1.0, xp.floor(c - r))
     hi = xp.maximum(near + 1.0, xp.ceil(c + r))
     ok = xp.isfinite(lo) & xp.isfinite(hi)
     if not bool(xp.any(ok)):
         return 0, 0
-    inf = xp.asarray(float("inf"), dtype=xp.float64)
-    start = min(max(floor(float(xp.min(xp.where(ok, lo, inf)))), 0), k)
-    stop = max(min(ceil(float(xp.max(xp.where(ok, hi, -inf)))) + 1, k), start)
+    start = min(max(floor(float(xp.min(xp.where(ok, lo, math.inf)))), 0), k)
+    stop = max(min(ceil(float(xp.max(xp.where(ok, hi, -math.inf)))) + 1, k), start)
     return start, stop
+
+
+def footprint_window(cx: Array, cy: Array, footprint_radius: Array, k: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """``((x0, x1), (y0, y1))``: the part of a ``(K, K)`` stack that :func:`pixel_flags`
+    needs. Reads the arrays: call it on the host's copies and pass it as ``window``."""
+    xp = array_namespace(cx, cy, footprint_radius)
+    r = xp.astype(footprint_radius, xp.float64)
+    return _window(xp, xp.astype(cx, xp.float64), r, k), _window(xp, xp.astype(cy, xp.float64), r, k)
 
 
 def pixel_flags(
@@ -101,6 +109,7 @@ def pixel_flags(
     cy: Array,
     footprint_radius: Array,
     planes: dict[str, int | None],
+    window: tuple[tuple[int, int], tuple[int, int]] | None = None,
 ) -> PixelFlags:
     """LSST pixel flags from a stack of mask cutouts.
 
@@ -118,6 +127,9 @@ def pixel_flags(
     planes : dict of str to int or None
         Flag name -> bit number (0..30), e.g. ``{"edge": 4, "nodata": 8, ...}``; None for a
         plane the mask does not define (its three flags are never set).
+    window : ((x0, x1), (y0, y1)), optional
+        :func:`footprint_window` of the positions, computed on the host; without it the
+        kernel reads it from the arrays (scalar reads: a synchronisation on a GPU).
 
     Returns
     -------
@@ -140,12 +152,11 @@ def pixel_flags(
     cy = xp.astype(cy, xp.float64)
     r = xp.astype(footprint_radius, xp.float64)
 
-    x0, x1 = _window(xp, cx, r, k)
-    y0, y1 = _window(xp, cy, r, k)
+    (x0, x1), (y0, y1) = footprint_window(cx, cy, r, k) if window is None else window
     sub = mask[:, y0:y1, x0:x1]
     on_image = inside[:, y0:y1, x0:x1]
-    xs = xp.arange(x0, x1, dtype=xp.float64)[None, None, :]
-    ys = xp.arange(y0, y1, dtype=xp.float64)[None, :, None]
+    xs = xp.arange(x0, x1, dtype=xp.float64, device=device(cx))[None, None, :]
+    ys = xp.arange(y0, y1, dtype=xp.float64, device=device(cx))[None, :, None]
     ccx, ccy, rr = cx[:, None, None], cy[:, None, None], r[:, None, None]
     near_x, near_y = xp.floor(ccx + 0.5), xp.floor(ccy + 0.5)
 
@@ -156,12 +167,12 @@ def pixel_flags(
 
     names = list(planes)
     if not names:
-        none = xp.zeros((mask.shape[0], 0), dtype=xp.bool)
+        none = xp.zeros((mask.shape[0], 0), dtype=xp.bool, device=device(mask))
         return PixelFlags(none, none, none)
     any_, center, center_all = [], [], []
     for bit in planes.values():
         if bit is None:
-            never = xp.zeros((mask.shape[0],), dtype=xp.bool)
+            never = xp.zeros((mask.shape[0],), dtype=xp.bool, device=device(mask))
             any_.append(never)
             center.append(never)
             center_all.append(never)

@@ -14,6 +14,7 @@ Units: fluxes in the image's units times pixels (instrumental flux, "instFlux");
 in pixels; ``chi2`` dimensionless.
 """
 
+import math
 from typing import Any, NamedTuple
 
 from array_api_compat import array_namespace
@@ -77,24 +78,23 @@ def psf_flux(data: Array, variance: Array, psf: Array, inside: Array, usable: Ar
     """
     xp = array_namespace(data, variance, psf, inside, usable)
     f64 = xp.float64
-    zero = xp.asarray(0.0, dtype=f64)
-    p = xp.where(usable, xp.astype(psf, f64), zero)
-    d = xp.where(usable, xp.astype(data, f64), zero)
-    v = xp.where(usable, xp.astype(variance, f64), zero)
+    p = xp.where(usable, xp.astype(psf, f64), 0.0)
+    d = xp.where(usable, xp.astype(data, f64), 0.0)
+    v = xp.where(usable, xp.astype(variance, f64), 0.0)
 
     axes = (1, 2)
     npixels = xp.sum(xp.astype(usable, xp.int64), axis=axes)
     alpha = xp.sum(p * p, axis=axes)
     good = npixels > 0
-    safe_alpha = xp.where(good, alpha, xp.asarray(1.0, dtype=f64))
-    nan = xp.asarray(float("nan"), dtype=f64)
+    safe_alpha = xp.where(good, alpha, 1.0)
+    nan = math.nan
 
     flux = xp.where(good, xp.sum(p * d, axis=axes) / safe_alpha, nan)
     flux_err = xp.where(good, xp.sqrt(xp.sum(p * p * v, axis=axes)) / safe_alpha, nan)
     area = xp.where(good, xp.sum(p, axis=axes) ** 2 / safe_alpha, nan)
     residual = d - flux[:, None, None] * p
-    safe_v = xp.where(usable, v, xp.asarray(1.0, dtype=f64))
-    chi2 = xp.where(good, xp.sum(xp.where(usable, residual * residual / safe_v, zero), axis=axes), nan)
+    safe_v = xp.where(usable, v, 1.0)
+    chi2 = xp.where(good, xp.sum(xp.where(usable, residual * residual / safe_v, 0.0), axis=axes), nan)
 
     flag_edge = xp.logical_not(xp.all(inside, axis=axes))
     finite = xp.logical_and(xp.isfinite(flux), xp.isfinite(flux_err))

@@ -57,7 +57,7 @@ def _pixel_fractions(centre: Array, sigma: Array, size: int) -> Array:
     k = xp.arange(size, dtype=xp.float64, device=device(centre))
     offset = k[None, :] - centre[:, None]  # pixel centre minus Gaussian centre
     scale = _SQRT_HALF / sigma
-    side = xp.where(offset >= 0.0, xp.asarray(1.0, dtype=xp.float64), xp.asarray(-1.0, dtype=xp.float64))
+    side = 1.0 - 2.0 * xp.astype(offset < 0.0, xp.float64)
     lower = erfc(side * (offset - 0.5) * scale)
     upper = erfc(side * (offset + 0.5) * scale)
     return 0.5 * side * (lower - upper)

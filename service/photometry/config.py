@@ -23,7 +23,7 @@ class MeasurementConfig(BaseModel):
     bad_mask_planes: tuple[str, ...] = Field((), description="mask planes whose pixels the PSF fit ignores (LSST: none)")
     include_offimage: bool = Field(False, description="return objects off the detector, flagged pixelFlags_offimage")
     extra_columns: bool = Field(False, description="add psfMag, psfMagErr (AB), psfFlux_snr and psfMagLim5Sigma")
-    backend: Literal["auto", "numpy", "cupy"] = "auto"
+    backend: Literal["auto", "numpy", "cupy", "stand-in"] = "auto"
 
     @field_validator("apertures_px")
     @classmethod

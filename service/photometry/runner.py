@@ -2,7 +2,9 @@
 
 :class:`KernelInputs` holds the host arrays of one batch; :class:`KernelRunner` moves them
 to the backend, runs every kernel and brings back one :class:`KernelResults` (each
-kernel's own result type). Inputs of several requests with the same shapes concatenate,
+kernel's own result type). The host computes what the kernels would otherwise read back
+from the device (crop windows, the annulus pixels) from its own copies of the positions,
+and every result comes back in one packed download. Inputs of several requests with the same shapes concatenate,
 and results split again, so a service can batch concurrent requests.
 """
 
@@ -14,8 +16,20 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from forcedphot.kernels import ApertureFluxes, LocalBackground, PixelFlags, PsfFluxResult, aperture_fluxes, local_background, pixel_flags, psf_flux
-from forcedphot.photometry.backend import Backend, to_numpy
+from forcedphot.kernels import (
+    ApertureFluxes,
+    LocalBackground,
+    PixelFlags,
+    PsfFluxResult,
+    annulus_candidates,
+    aperture_fluxes,
+    centre_bounds,
+    footprint_window,
+    local_background,
+    pixel_flags,
+    psf_flux,
+)
+from forcedphot.photometry.backend import Backend
 from forcedphot.photometry.config import MeasurementConfig
 from forcedphot.photometry.cutouts import CutoutStack
 from forcedphot.photometry.exposure import Exposure
@@ -172,28 +186,61 @@ class KernelRunner:
         # and flagged (it is not dropped from the fit); padding beyond the edge is not fitted
         usable = inside
         if self.bad_fit_bits:
-            usable = usable & ((mask & xp.asarray(self.bad_fit_bits, dtype=mask.dtype)) == 0)
+            usable = usable & ((mask & self.bad_fit_bits) == 0)
         return psf_flux(image, variance, psf, inside, usable)
 
     def run(self, inputs: KernelInputs, full: bool = True) -> KernelResults:
-        """Every measurement (``full``) or the PSF flux alone; host arrays out."""
-        xp = self.backend.xp
-        to = self.backend.to_device
+        """Every measurement (``full``) or the PSF flux alone; host arrays out.
+
+        Moves the batch's arrays to the backend (cutout planes, PSF stamps, one packed
+        array of positions and widths, and the annulus pixel indices), runs the kernels
+        with the windows the host computed, and brings everything back in one download.
+        """
+        xp, to, config = self.backend.xp, self.backend.to_device, self.config
         image, variance, mask, inside = to(inputs.image), to(inputs.variance), to(inputs.mask), to(inputs.inside)
         fit = self._psf_fit(xp, image, variance, mask, inside, to(inputs.psf))
         if not full:
-            return map_arrays(to_numpy, KernelResults(fit))
-        cx, cy, sigma = to(inputs.cx), to(inputs.cy), to(inputs.sigma)
+            return self._download(KernelResults(fit))
+        positions = to(np.stack([inputs.cx, inputs.cy, inputs.sigma]).astype(np.float64))
+        cx, cy, sigma = positions[0, ...], positions[1, ...], positions[2, ...]
+        k = inputs.image.shape[1]
         valid = inside & xp.isfinite(image) & xp.isfinite(variance)
-        apertures = aperture_fluxes(image, variance, valid, cx, cy, self.config.apertures_px)
-        clean = valid & ((mask & xp.asarray(self.background_reject_bits, dtype=mask.dtype)) == 0)
+        apertures = aperture_fluxes(image, variance, valid, cx, cy, config.apertures_px, bounds=centre_bounds(inputs.cx, inputs.cy))
+        clean = valid & ((mask & self.background_reject_bits) == 0)
+        inner, outer = config.background_inner_sigma, config.background_outer_sigma
         background = local_background(
-            image, clean, cx, cy, sigma,
-            inner=self.config.background_inner_sigma, outer=self.config.background_outer_sigma,
-            n_iter=self.config.background_iterations, n_sigma=self.config.background_clip_sigma,
+            image, clean, cx, cy, sigma, inner=inner, outer=outer,
+            n_iter=config.background_iterations, n_sigma=config.background_clip_sigma,
+            candidates=to(annulus_candidates(k, inputs.cx, inputs.cy, inputs.sigma, inner, outer)),
         )
-        flags = pixel_flags(mask, inside, cx, cy, self.config.psf_footprint_scaling * sigma, self.flag_bits)
-        return map_arrays(to_numpy, KernelResults(fit, apertures, background, flags))
+        radius = config.psf_footprint_scaling * inputs.sigma
+        flags = pixel_flags(mask, inside, cx, cy, config.psf_footprint_scaling * sigma, self.flag_bits,
+                            window=footprint_window(inputs.cx, inputs.cy, radius, k))
+        return self._download(KernelResults(fit, apertures, background, flags))
+
+    def _download(self, results: KernelResults) -> KernelResults:
+        """``results`` on the host, copied in one transfer: every array packed as float64
+        columns of one ``(N, C)`` array (exact for flags and counts below 2^53)."""
+        xp = self.backend.xp
+        leaves: list = []
+        map_arrays(leaves.append, results)
+        n = leaves[0].shape[0]
+        widths = [leaf.shape[1] if leaf.ndim == 2 else 1 for leaf in leaves]
+        packed = xp.concat([xp.reshape(xp.astype(leaf, xp.float64), (n, width)) for leaf, width in zip(leaves, widths)], axis=1)
+        host = self.backend.to_host(packed)
+        bounds = np.cumsum([0, *widths])
+        columns = iter(
+            host[:, lo:hi].reshape((n, hi - lo) if leaf.ndim == 2 else (n,)).astype(_HOST_DTYPES[_kind(xp, leaf.dtype)])
+            for leaf, lo, hi in zip(leaves, bounds[:-1], bounds[1:])
+        )
+        return map_arrays(lambda leaf: next(columns), results)
+
+
+_HOST_DTYPES = {"bool": bool, "integral": np.int64, "real floating": np.float64}
+
+
+def _kind(xp: Any, dtype: Any) -> str:
+    return next(kind for kind in _HOST_DTYPES if xp.isdtype(dtype, kind))
 
 
 Execute = Callable[[KernelRunner, KernelInputs, bool], KernelResults]
