@@ -10,12 +10,13 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 import sys
 import time
+from typing import get_args
 import warnings
 
 from astropy.utils.exceptions import AstropyWarning
 
 from forcedphot.api.settings import SettingsError
-from forcedphot.photometry.backend import BackendError, select_backend
+from forcedphot.photometry.backend import BackendError, BackendName, select_backend
 from forcedphot.photometry.config import DEFAULT_BATCH_BYTES, MeasurementConfig
 from forcedphot.photometry.exposure import ExposureError, open_exposure
 from forcedphot.photometry.formats import FORMATS, output_format, write_catalog
@@ -206,7 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     psf.add_argument("--psf-fwhm", type=float, help="circular Gaussian PSF of this FWHM, pixels")
     psf.add_argument("--psf", help="PSF file: PSFEx .psf, or a FITS PSF image")
     m.add_argument("--apertures", type=_radii, help="aperture radii in pixels, e.g. 3,6,12 (default 3,4.5,6,9,12)")
-    m.add_argument("--backend", choices=("auto", "numpy", "cupy"), default="auto",
+    m.add_argument("--backend", choices=get_args(BackendName), default="auto",
                    help="array backend (default auto: cupy when a CUDA device answers, else numpy)")
     m.add_argument("--extra-columns", action="store_true", help=EXTRA_HELP)
     m.add_argument("--include-offimage", action="store_true", help="also return objects off the detector, flagged")
@@ -241,7 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--band", action="append", help="only this band (repeat for several)")
     c.add_argument("--psf-fwhm", type=float, help="Gaussian PSF FWHM, pixels (default: each exposure's PSF_FWHM keyword)")
     c.add_argument("--apertures", type=_radii, help="aperture radii in pixels, e.g. 3,6,12 (default 3,4.5,6,9,12)")
-    c.add_argument("--backend", choices=("auto", "numpy", "cupy"), default="auto", help="array backend (default auto)")
+    c.add_argument("--backend", choices=get_args(BackendName), default="auto", help="array backend (default auto)")
     c.add_argument("-o", "--output", required=True, help=f"table to write, one row per measurement; the suffix picks the format ({formats})")
     c.add_argument("--extra-columns", action="store_true", help=EXTRA_HELP)
     c.add_argument("--plot", help="also draw the light curves (flux vs time per band) to this PNG")
