@@ -42,6 +42,7 @@ class Archive:
     def __init__(self, hdul: fits.HDUList, index: fits.BinTableHDU):
         self._primary = hdul[0].header
         self._tables: dict[int, fits.BinTableHDU] = {}
+        self._loaded: dict[int, fits.FITS_rec] = {}  # catalogs copied into memory by load()
         for hdu in hdul:
             if isinstance(hdu, fits.BinTableHDU) and hdu is not index:
                 catalog = _integer(hdu.header.get("AR_CATN"))
@@ -85,11 +86,18 @@ class Archive:
         out = []
         for entry in self._entries_of(archive_id):
             table = self._table(entry)
-            if entry.row0 < 0 or entry.row0 + entry.nrows > len(table.data):
+            data = self._loaded[entry.catalog] if entry.catalog in self._loaded else table.data
+            if entry.row0 < 0 or entry.row0 + entry.nrows > len(data):
                 raise ArchiveError(f"archive object {archive_id} ({entry.name}) points past the end of catalog {entry.catalog}")
-            out.append([{column: _value(table.data[column][row]) for column in table.columns.names}
+            out.append([{column: _value(data[column][row]) for column in data.columns.names}
                         for row in range(entry.row0, entry.row0 + entry.nrows)])
         return out
+
+    def load(self) -> None:
+        """Copy every catalog into memory, so the archive stays readable after its file is
+        closed (an exposure cache keeps exposures in memory)."""
+        for catalog, table in self._tables.items():
+            self._loaded.setdefault(catalog, table.data.copy())
 
     def record(self, archive_id: int) -> dict[str, Any]:
         """The first row of object ``archive_id`` (objects written as one row)."""

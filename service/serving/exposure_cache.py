@@ -40,8 +40,10 @@ class InMemoryExposure:
 
     @classmethod
     def load(cls, exposure: Exposure) -> InMemoryExposure:
-        """Read every row of an open exposure into memory."""
+        """Read every row of an open exposure, and its archive (PSF, ...), into memory."""
         planes = tuple(np.array(plane, copy=True) for plane in exposure.read_rows(0, exposure.height))
+        if exposure.archive is not None:
+            exposure.archive.load()
         for plane in planes:
             plane.flags.writeable = False
         return cls(exposure, planes)  # type: ignore[arg-type]

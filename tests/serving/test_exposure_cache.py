@@ -117,3 +117,20 @@ def test_failed_load_is_not_cached_and_reaches_every_waiter(tmp_path, opened):
             with cache.lease(bad):
                 pass
     assert len(opened) == 2 and cache.nbytes == 0
+
+
+def test_a_cached_lsst_exposure_keeps_its_archive_psf_after_its_file_is_closed():
+    """The cache closes the file after loading: the archive (here a PcaPsf) is loaded too,
+    so a hit still finds the exposure's own PSF."""
+    from pathlib import Path
+
+    from forcedphot.photometry.psf_choice import choose_psf
+
+    path = Path(__file__).resolve().parents[1] / "data" / "lsst" / "meas_modelfit_calexp.fits"
+    cache = ExposureCache(10**9)
+    described = []
+    for expected in ("miss", "hit"):
+        with cache.lease(path) as (exposure, outcome):
+            assert outcome == expected
+            described.append(choose_psf(exposure, "calexp").describe())
+    assert described[0] == described[1] and described[0].startswith("LSST PcaPsf")
