@@ -132,9 +132,9 @@ def archive_psf(archive: Archive | None, xy0: tuple[int, int], *, allow_pickled:
         return None
     try:
         return reader(archive, archive_id, xy0, allow_pickled)
+    except PsfError:
+        raise
     except (ArchiveError, KeyError, TypeError, ValueError) as exc:
-        if isinstance(exc, PsfError):
-            raise
         raise PsfError(f"the archive's {kind} cannot be read: {exc}") from None
 
 

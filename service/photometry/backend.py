@@ -10,6 +10,7 @@ boundary (:class:`TransferCounts`); the stand-in also counts scalar reads of dev
 """
 
 from dataclasses import dataclass, field
+from functools import cache
 from types import ModuleType
 from typing import Any, Literal
 
@@ -88,32 +89,27 @@ def _cupy_backend() -> Backend | None:
     return Backend("cupy", name.decode() if isinstance(name, bytes) else str(name), array_namespace(cupy.empty(0)))
 
 
-_STAND_IN_COUNTS: list[TransferCounts] = []  # the stand-in backends whose scalar reads are counted
-
-
+@cache
 def _stand_in_backend() -> Backend:
-    """``array_api_strict`` on ``Device("device1")``, with scalar reads of its arrays counted."""
+    """``array_api_strict`` on ``Device("device1")``, one per process (it is one device), with
+    scalar reads of its arrays counted."""
     try:
         import array_api_strict
     except ImportError:
         raise BackendError("backend 'stand-in' needs array-api-strict (pip install -e '.[test]')") from None
-    target = array_api_strict.Device("device1")
-    if not _STAND_IN_COUNTS:
-        array_class = type(array_api_strict.asarray(0.0))
-        for method in ("__float__", "__int__", "__bool__", "__index__", "__complex__"):
-            _count_reads(array_class, method, target)
-    backend = Backend("stand-in", "array_api_strict device1 (a stand-in for a GPU)", array_api_strict, target)
-    _STAND_IN_COUNTS.append(backend.counts)
+    backend = Backend("stand-in", "array_api_strict device1 (a stand-in for a GPU)", array_api_strict, array_api_strict.Device("device1"))
+    array_class = type(array_api_strict.asarray(0.0))
+    for method in ("__float__", "__int__", "__bool__", "__index__", "__complex__"):
+        _count_reads(array_class, method, backend)
     return backend
 
 
-def _count_reads(array_class: type, method: str, target: Any) -> None:
+def _count_reads(array_class: type, method: str, backend: Backend) -> None:
     original = getattr(array_class, method)
 
     def counted(self, *args, **kwargs):
-        if self.device == target:
-            for counts in _STAND_IN_COUNTS:
-                counts.scalar_reads += 1
+        if self.device == backend.target:
+            backend.counts.scalar_reads += 1
         return original(self, *args, **kwargs)
 
     setattr(array_class, method, counted)

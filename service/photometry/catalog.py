@@ -95,9 +95,9 @@ def _in_njy(inst_flux: np.ndarray, inst_flux_err: np.ndarray, calibration: np.nd
     return flux, np.hypot(inst_flux_err * calibration, inst_flux * calibration_err)
 
 
-def _njy_columns(flux: np.ndarray, error: np.ndarray) -> tuple[np.ndarray | pa.Array, np.ndarray | pa.Array]:
+def _njy_columns(flux: np.ndarray, error: np.ndarray, calibration: np.ndarray) -> tuple[np.ndarray | pa.Array, np.ndarray | pa.Array]:
     """float32 columns; both all null when no row has a calibration (an uncalibrated image)."""
-    if not np.any(np.isfinite(flux) | np.isfinite(error)) and len(flux):
+    if not np.isfinite(calibration).any():
         null = pa.array(np.zeros(len(flux), np.float32), mask=np.ones(len(flux), bool))
         return null, null
     return flux.astype(np.float32), error.astype(np.float32)
@@ -165,10 +165,11 @@ def build_catalog(
         "detector": pa.nulls(n, pa.int16()) if primary.detector is None else np.full(n, primary.detector, np.int16),
     }
     psf_njy = _in_njy(psf.inst_flux, psf.inst_flux_err, calib, calib_err)
-    columns["psfFlux"], columns["psfFluxErr"] = _njy_columns(*psf_njy)
+    columns["psfFlux"], columns["psfFluxErr"] = _njy_columns(*psf_njy, calib)
     if science is not None and science_psf is not None:  # a difference image shares its science image's pixel grid
+        science_calib = science.local_calibration(x_parent, y_parent)
         columns["scienceFlux"], columns["scienceFluxErr"] = _njy_columns(*_in_njy(
-            science_psf.inst_flux, science_psf.inst_flux_err, science.local_calibration(x_parent, y_parent), science.calibration_err))
+            science_psf.inst_flux, science_psf.inst_flux_err, science_calib, science.calibration_err), science_calib)
         columns["scienceFlux_flag"] = science_psf.flag | off
     else:
         columns["scienceFlux"] = np.full(n, np.nan, dtype=np.float32)
@@ -194,7 +195,7 @@ def build_catalog(
         stem = aperture_name(radius)
         value, error = apertures.flux[:, k], apertures.flux_err[:, k]
         truncated = apertures.truncated[:, k] | off
-        columns[stem], columns[stem.replace("apFlux_", "apFluxErr_")] = _njy_columns(*_in_njy(value, error, calib, calib_err))
+        columns[stem], columns[stem.replace("apFlux_", "apFluxErr_")] = _njy_columns(*_in_njy(value, error, calib, calib_err), calib)
         columns[f"{stem}_instFlux"] = value.astype(np.float32)
         columns[f"{stem}_instFluxErr"] = error.astype(np.float32)
         columns[f"{stem}_flag"] = truncated | ~np.isfinite(value)

@@ -168,16 +168,14 @@ class Exposure:
     y0: int
     wcs: WCS
     mask_planes: dict[str, int]
-    calibration_mean: float
-    calibration_err: float
     calibration_source: str
     visit: int | None
     detector: int | None
     band: str | None
     midpoint_mjd_tai: float | None
     variance_estimated: bool
+    photocalib: PhotoCalib
     header: fits.Header = field(repr=False)
-    photocalib: PhotoCalib = field(repr=False)
     archive: Archive | None = field(repr=False)
     _hdul: fits.HDUList = field(repr=False, compare=False)
     _image_hdu: _ImageHDU = field(repr=False, compare=False)
@@ -226,6 +224,16 @@ class Exposure:
                 f"file?): {exc}"
             ) from exc
         return image, variance, mask
+
+    @property
+    def calibration_mean(self) -> float:
+        """nJy per image unit (the PhotoCalib's mean), NaN without calibration."""
+        return self.photocalib.mean
+
+    @property
+    def calibration_err(self) -> float:
+        """The calibration's 1-sigma error, nJy per image unit."""
+        return self.photocalib.err
 
     def local_calibration(self, x_parent: np.ndarray, y_parent: np.ndarray) -> np.ndarray:
         """(N,) nJy per image unit at parent pixel positions (``calibration_mean`` unless the
@@ -373,8 +381,6 @@ def _build_exposure(path: str, name: str, hdul: fits.HDUList, limits: ExposureLi
         y0=y0,
         wcs=wcs,
         mask_planes=_mask_planes(mask_hdu),
-        calibration_mean=photocalib.mean,
-        calibration_err=photocalib.err,
         calibration_source=calibration_source,
         photocalib=photocalib,
         visit=_first_int(header, _VISIT_KEYS),

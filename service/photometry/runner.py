@@ -4,8 +4,9 @@
 to the backend, runs every kernel and brings back one :class:`KernelResults` (each
 kernel's own result type). The host computes what the kernels would otherwise read back
 from the device (crop windows, the annulus pixels) from its own copies of the positions,
-and every result comes back in one packed download. Inputs of several requests with the same shapes concatenate,
-and results split again, so a service can batch concurrent requests.
+and every result comes back in one packed download. Inputs of several requests with the
+same shapes concatenate, and results split again, so a service can batch concurrent
+requests.
 """
 
 from collections.abc import Callable
