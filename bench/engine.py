@@ -106,7 +106,7 @@ def run_kernels(directory: Path, count: int, which: str = "all") -> tuple[int, f
     from forcedphot.kernels.aperture import aperture_fluxes
     from forcedphot.photometry.backend import select_backend
     from forcedphot.photometry.config import MeasurementConfig
-    from forcedphot.photometry.cutouts import stage_cutouts
+    from forcedphot.photometry.cutouts import plan_windows, stage_cutouts
     from forcedphot.photometry.exposure import open_exposure
     from forcedphot.photometry.psf_models import PSF_FWHM_KEYWORD, load_psf
     from forcedphot.photometry.runner import KernelRunner, cutout_half_size
@@ -118,15 +118,16 @@ def run_kernels(directory: Path, count: int, which: str = "all") -> tuple[int, f
         x, y = exposure.wcs.all_world2pix(objects["ra"], objects["dec"], 0)
         sigma = psf.sigma(x, y)
         size = {"all": 2 * cutout_half_size(psf, sigma, config) + 1, "psf": psf.stamp_size, "ap": 2 * int(np.ceil(max(RADII) + 1)) + 1}[which]
-        stacks = list(stage_cutouts(exposure, x, y, size, batch_bytes=config.batch_bytes, no_data_bit=exposure.mask_planes["NO_DATA"]))
+        windows = plan_windows(x, y, size, batch_bytes=config.batch_bytes, band_width=exposure.width)
+        stacks = [(w, stage_cutouts(exposure, w, exposure.mask_planes["NO_DATA"])) for w in windows]
         kernels = KernelRunner(select_backend("numpy"), exposure, psf, config)
         start = time.perf_counter()  # PSF stamps are evaluated inside the timing, as photutils does
-        for s in stacks:
+        for w, s in stacks:
             if which == "ap":
                 valid = s.inside & np.isfinite(s.image) & np.isfinite(s.variance)
-                aperture_fluxes(s.image, s.variance, valid, s.cx, s.cy, RADII)
+                aperture_fluxes(s.image, s.variance, valid, w.cx, w.cy, RADII)
             else:
-                kernels.run(kernels.inputs(s, x[s.index], y[s.index], sigma[s.index]), full=which == "all")
+                kernels.run([kernels.inputs(w, s, x[w.index], y[w.index], sigma[w.index])], full=which == "all")
         return count, time.perf_counter() - start
 
 

@@ -54,7 +54,7 @@ class ServiceRuntime:
         self.keys = ApiKeys(settings.api_keys)
         self.backend = select_backend(settings.backend)
         limits = settings.exposure_limits
-        self.cache = ExposureCache(settings.cache_bytes, on_event=self._count_cache, limits=limits)
+        self.cache = ExposureCache(settings.cache_bytes, on_event=self._count_cache, limits=limits, backend=self.backend)
         batcher = KernelBatcher(settings.batch_wait_ms / 1000, settings.batch_max_objects) if settings.batching else None
         self.service = MeasureService(self.cache, self.backend, settings.measure_threads, batcher,
                                       processes=measure_processes(settings, self.backend.name), on_process_cache_event=self._count_cache,

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from forcedphot.photometry.afw_archive import Archive, ArchiveError
-from forcedphot.photometry.psf_models import Array, PsfError, PsfexPsf, PsfModel, ResampledPsf, SampledGaussianPsf, _normalised, _positions
+from forcedphot.photometry.psf_models import Array, PsfError, PsfexPsf, PsfModel, Put, ResampledPsf, SampledGaussianPsf, _normalised, _positions
 
 __all__ = ["Chebyshev1Function2D", "KernelPsf", "PiffPsf", "archive_psf", "archive_psf_class"]
 
@@ -79,10 +79,10 @@ class KernelPsf(ResampledPsf):
         values = np.stack([f(x + self.xy0[0], y + self.xy0[1]) for f in self.functions], axis=1)
         return values / (values @ self._sums)[:, None]
 
-    def models(self, x: np.ndarray, y: np.ndarray, xp: Any) -> Array:
+    def models(self, x: np.ndarray, y: np.ndarray, xp: Any, put: Put) -> Array:
         n, side = len(self.kernels), self.stamp_size
-        weights = xp.asarray(self.weights(x, y))
-        return xp.reshape(xp.matmul(weights, xp.asarray(self.kernels.reshape(n, side * side))), (weights.shape[0], side, side))
+        weights = put(self.weights(x, y))
+        return xp.reshape(xp.matmul(weights, put(self.kernels.reshape(n, side * side))), (weights.shape[0], side, side))
 
     def describe(self) -> str:
         return (f"LSST {self.kind}: {len(self.kernels)} kernel images of {self.stamp_size} x {self.stamp_size} px weighted by "
@@ -97,7 +97,7 @@ class PiffPsf(ResampledPsf):
         self.piff_psf, self.xy0 = piff_psf, xy0
         self.stamp_size = int(width) | 1
 
-    def _resampled(self, x: np.ndarray, y: np.ndarray, cx: np.ndarray, cy: np.ndarray, xp: Any) -> Array:
+    def _resampled(self, x: np.ndarray, y: np.ndarray, cx: np.ndarray, cy: np.ndarray, xp: Any, put: Put) -> Array:
         """(N, K, K) Piff drawings of the PSF at local (x, y), its centre at stamp coords (cx, cy)."""
         import galsim
 
@@ -108,7 +108,7 @@ class PiffPsf(ResampledPsf):
             corner_x, corner_y = int(round(px - cx[n])), int(round(py - cy[n]))  # parent pixel of stamp pixel (0, 0)
             image = galsim.ImageD(galsim.BoundsI(corner_x, corner_x + side - 1, corner_y, corner_y + side - 1))
             out[n] = self.piff_psf.draw(px, py, image=image, center=(cx[n] + corner_x, cy[n] + corner_y)).array
-        return _normalised(xp.asarray(out), xp)
+        return _normalised(put(out), xp)  # drawn on the host: the stamps themselves travel
 
     def describe(self) -> str:
         return f"LSST PiffPsf ({type(self.piff_psf).__name__}), drawn by Piff on {self.stamp_size} x {self.stamp_size} px"

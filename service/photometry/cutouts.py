@@ -1,9 +1,15 @@
-"""Stage pixel cutouts of many objects as ``(N, K, K)`` stacks, in memory-bounded batches.
+"""Plan and stage pixel cutouts of many objects as ``(N, K, K)`` stacks, in bounded batches.
 
-Objects are sorted by row, so each batch covers a band of image rows: the band is read
-once (a memory-mapped view, or a tile-compressed section) and every object's window is
-gathered from it in one vectorised indexing step (no Python loop over objects); windows
-crossing the image edge are padded with NO_DATA.
+Objects are sorted by row and cut into batches (:class:`Windows`: which objects, their
+central pixels and cutout coordinates). Pixels then reach the kernels in one of two ways:
+
+* **host staging** (the CPU): each batch covers a band of image rows, read once (a
+  memory-mapped view, or a tile-compressed section); windows wholly on the image are
+  taken from it in one vectorised step, those crossing the edge by the same
+  :func:`~forcedphot.kernels.cutouts.gather_cutouts` a device uses;
+* **device-resident planes** (:class:`ResidentPlanes`): the exposure's three planes are
+  copied to the device once and each batch is gathered there by
+  :func:`~forcedphot.kernels.cutouts.gather_cutouts` from the central pixels alone.
 
 Cutout convention: for an object at local position ``(x, y)`` the cutout is centred on
 the nearest pixel ``(floor(x + 0.5), floor(y + 0.5))``; cutout pixel ``[n, j, i]`` is
@@ -15,16 +21,19 @@ Beyond the image edge the image and variance are NaN, the mask holds the NO_DATA
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
+from forcedphot.kernels.cutouts import Cutouts, gather_cutouts
+from forcedphot.photometry.backend import Backend
 from forcedphot.photometry.lsst_fits import AFW_DEFAULT_MASK_PLANES
 
 # Bytes a staged pixel costs: image + variance (float32), mask (int32), inside (bool),
 # plus the float64 working arrays the kernels create for it (about ten).
 BYTES_PER_STAGED_PIXEL = 4 + 4 + 4 + 1 + 10 * 8
+BYTES_PER_BAND_PIXEL = 13  # a band of rows read on the host: the three planes and padding
 
 
 class RowReader(Protocol):
@@ -37,16 +46,38 @@ class RowReader(Protocol):
 
 
 @dataclass(frozen=True)
-class CutoutStack:
-    """One batch of cutouts; arrays are NumPy on the host."""
+class Windows:
+    """One batch of cutout windows, host arrays."""
 
     index: np.ndarray  # (n,) positions of these objects in the caller's arrays
-    image: np.ndarray  # (n, K, K) float32
-    variance: np.ndarray  # (n, K, K) float32
-    mask: np.ndarray  # (n, K, K) int32
-    inside: np.ndarray  # (n, K, K) bool: pixel lies on the image
+    ix: np.ndarray  # (n,) int64 central pixel column, local pixels
+    iy: np.ndarray  # (n,) int64 central pixel row
     cx: np.ndarray  # (n,) float64 cutout coordinates of the object
-    cy: np.ndarray  # (n,) float64
+    cy: np.ndarray
+    size: int  # odd cutout side K
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+
+@dataclass(frozen=True)
+class ResidentPlanes:
+    """An exposure's image, variance and mask planes on a backend's device, and the mask
+    value that pads cutouts beyond its edge."""
+
+    image: Any  # (H, W) float32
+    variance: Any  # (H, W) float32
+    mask: Any  # (H, W) int32
+    no_data: int
+    nbytes: int  # device bytes the three planes take
+
+    @property
+    def planes(self) -> tuple[Any, Any, Any]:
+        return self.image, self.variance, self.mask
+
+    def gather(self, ix: Any, iy: Any, size: int) -> Cutouts:
+        """Cutouts of side ``size`` at central pixels ``(ix, iy)`` (device int64 arrays)."""
+        return gather_cutouts(*self.planes, ix, iy, size, self.no_data)
 
 
 def no_data_bit(mask_planes: dict[str, int]) -> int:
@@ -55,49 +86,64 @@ def no_data_bit(mask_planes: dict[str, int]) -> int:
     return mask_planes.get("NO_DATA", AFW_DEFAULT_MASK_PLANES["NO_DATA"])
 
 
+def upload_planes(reader: RowReader, mask_planes: dict[str, int], backend: Backend) -> ResidentPlanes:
+    """Read every row of an exposure and copy its three planes to ``backend`` (three uploads)."""
+    image, variance, mask = reader.read_rows(0, reader.height)
+    host = [np.ascontiguousarray(plane, dtype=dtype)  # native byte order, as devices need
+            for plane, dtype in zip((image, variance, mask), (np.float32, np.float32, np.int32))]
+    return ResidentPlanes(*(backend.to_device(plane) for plane in host), no_data=1 << no_data_bit(mask_planes),
+                          nbytes=sum(plane.nbytes for plane in host))
+
+
 def objects_per_batch(size: int, batch_bytes: int) -> int:
     """How many ``size`` x ``size`` cutouts fit in ``batch_bytes`` (at least one)."""
     return max(1, int(batch_bytes) // (size * size * BYTES_PER_STAGED_PIXEL))
 
 
-def stage_cutouts(reader: RowReader, x: np.ndarray, y: np.ndarray, size: int, *, batch_bytes: int, no_data_bit: int) -> Iterator[CutoutStack]:
-    """Yield cutout stacks of odd ``size`` for objects at local positions ``(x, y)``.
+def plan_windows(x: np.ndarray, y: np.ndarray, size: int, *, batch_bytes: int, band_width: int | None = None) -> Iterator[Windows]:
+    """Batches of windows of odd ``size`` for objects at local positions ``(x, y)``.
 
-    All positions must be finite. Objects are visited in order of increasing row; each
-    stack's ``index`` says which input objects it holds. ``batch_bytes`` bounds both the
-    stack (:data:`BYTES_PER_STAGED_PIXEL` per cutout pixel) and the band of rows read for
-    it (13 bytes per band pixel), except that one object always fits.
+    All positions must be finite. Objects are visited in order of increasing row.
+    ``batch_bytes`` bounds each batch's stack (:data:`BYTES_PER_STAGED_PIXEL` per cutout
+    pixel) and, when the rows are read on the host (``band_width``: the image width),
+    the band of rows read for it (:data:`BYTES_PER_BAND_PIXEL` per band pixel); one
+    object always fits.
     """
     if size % 2 != 1:
         raise ValueError(f"cutout size must be odd, got {size}")
     h = size // 2
-    ix = np.floor(np.asarray(x, dtype=np.float64) + 0.5).astype(np.int64)
-    iy = np.floor(np.asarray(y, dtype=np.float64) + 0.5).astype(np.int64)
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    ix = np.floor(x + 0.5).astype(np.int64)
+    iy = np.floor(y + 0.5).astype(np.int64)
     order = np.argsort(iy, kind="stable")
     sorted_rows = iy[order]
     step = objects_per_batch(size, batch_bytes)
-    band_rows = max(1, int(batch_bytes) // (13 * (reader.width + 2 * h)) - 2 * h)
+    band_rows = None if band_width is None else max(1, int(batch_bytes) // (BYTES_PER_BAND_PIXEL * (band_width + 2 * h)) - 2 * h)
     start = 0
     while start < len(order):
-        stop = min(start + step, int(np.searchsorted(sorted_rows, sorted_rows[start] + band_rows, side="left")))
+        stop = min(start + step, len(order))
+        if band_rows is not None:
+            stop = min(stop, int(np.searchsorted(sorted_rows, sorted_rows[start] + band_rows, side="left")))
         stop = max(stop, start + 1)
         index = order[start:stop]
-        yield _stage_band(reader, index, ix[index], iy[index], x, y, h, no_data_bit)
+        yield Windows(index, ix[index], iy[index], h + x[index] - ix[index], h + y[index] - iy[index], size)
         start = stop
 
 
-def _stage_band(reader: RowReader, index, ix, iy, x, y, h: int, no_data_bit: int) -> CutoutStack:
-    """Gather the objects' windows from the band of rows they span.
+def stage_cutouts(reader: RowReader, windows: Windows, no_data_bit: int) -> Cutouts:
+    """Host cutouts of one batch (from :func:`plan_windows` with ``band_width``), gathered
+    from the band of rows they span.
 
     Windows wholly on the image are taken straight from the band (a memory-mapped view
     where the file allows, so only their pages are touched); the few that cross an edge
-    are gathered with clipped indices and padded with NO_DATA.
+    go through :func:`~forcedphot.kernels.cutouts.gather_cutouts` on the band.
     """
-    size = 2 * h + 1
+    size, h = windows.size, windows.size // 2
+    ix, iy = windows.ix, windows.iy
     height, width = reader.height, reader.width
     read_lo, read_hi = max(int(iy.min()) - h, 0), min(int(iy.max()) + h + 1, height)
     planes = reader.read_rows(read_lo, read_hi)
-    n = len(index)
+    n = len(windows)
     image = np.empty((n, size, size), np.float32)
     variance = np.empty((n, size, size), np.float32)
     mask = np.empty((n, size, size), np.int32)
@@ -109,25 +155,10 @@ def _stage_band(reader: RowReader, index, ix, iy, x, y, h: int, no_data_bit: int
     if inner.size:
         for stack, plane in zip(stacks, planes):
             stack[inner] = sliding_window_view(plane, (size, size))[iy[inner] - h - read_lo, ix[inner] - h]
-
     edge = np.flatnonzero(~interior)
     if edge.size:
-        offsets = np.arange(size) - h
-        rows, cols = iy[edge, None] + offsets, ix[edge, None] + offsets
-        on = ((rows >= 0) & (rows < height))[:, :, None] & ((cols >= 0) & (cols < width))[:, None, :]
-        r = (np.clip(rows, 0, height - 1) - read_lo)[:, :, None]
-        c = np.clip(cols, 0, width - 1)[:, None, :]
-        fills = (np.float32(np.nan), np.float32(np.nan), np.int32(1 << no_data_bit))
-        for stack, plane, fill in zip(stacks, planes, fills):
-            stack[edge] = np.where(on, plane[r, c], fill)
-        inside[edge] = on
-
-    return CutoutStack(
-        index=index,
-        image=image,
-        variance=variance,
-        mask=mask,
-        inside=inside,
-        cx=h + x[index] - ix,
-        cy=h + y[index] - iy,
-    )
+        # the band holds every image row these windows touch: rows it lacks lie beyond the image
+        gathered = gather_cutouts(*(np.asarray(p) for p in planes), ix[edge], iy[edge] - read_lo, size, 1 << no_data_bit)
+        for stack, part in zip((*stacks, inside), gathered):
+            stack[edge] = part
+    return Cutouts(image, variance, mask, inside)

@@ -57,6 +57,8 @@ from astropy.wcs import WCS, FITSFixedWarning
 import numpy as np
 
 from forcedphot.photometry.afw_archive import Archive, ArchiveError
+from forcedphot.photometry.backend import Backend
+from forcedphot.photometry.cutouts import ResidentPlanes, upload_planes
 from forcedphot.photometry.lsst_fits import AFW_DEFAULT_MASK_PLANES
 from forcedphot.photometry.photocalib import PhotoCalib, read_photocalib
 
@@ -184,6 +186,7 @@ class Exposure:
     _mask_hdu: _ImageHDU | None = field(repr=False, compare=False)
     _constant_variance: float = field(repr=False, compare=False)
     _file_size: int = field(repr=False, compare=False)
+    _resident: dict[str, ResidentPlanes] = field(default_factory=dict, repr=False, compare=False)
 
     def read_rows(self, y_start: int, y_stop: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Read local rows ``[y_start, y_stop)`` of the image, variance and mask.
@@ -240,8 +243,17 @@ class Exposure:
         PhotoCalib varies over the detector; NaN for an uncalibrated image)."""
         return self.photocalib.at(x_parent, y_parent)
 
+    def resident_planes(self, backend: Backend, upload: bool = True) -> ResidentPlanes | None:
+        """The three planes on ``backend``'s device: copied there (read whole, three uploads)
+        at the first call with ``upload``, then kept until :meth:`close`; None when they are
+        not there and ``upload`` is False."""
+        if backend.name not in self._resident and upload:
+            self._resident[backend.name] = upload_planes(self, self.mask_planes, backend)
+        return self._resident.get(backend.name)
+
     def close(self) -> None:
-        """Close the underlying file."""
+        """Close the underlying file (and drop any device copy of the planes)."""
+        self._resident.clear()
         self._hdul.close()
 
     def __enter__(self) -> Exposure:

@@ -1,14 +1,15 @@
 """The measurement engine: one exposure (plus optionally its difference image) and a
 DiaObject table in, a DiaForcedSource catalog out.
 
-Data path: select (WCS, Box2D) -> stage cutouts in row bands -> kernels on the chosen
-backend -> host arrays -> catalog. With a difference image, as ``DiaForcedSourceTask``:
+Data path: select (WCS, Box2D) -> cutout windows in batches -> pixels (staged from row
+bands on the host, or gathered from the exposure's planes on a device) -> kernels on the
+chosen backend -> host arrays -> catalog. With a difference image, as ``DiaForcedSourceTask``:
 every measurement is made on the difference image, and ``scienceFlux`` is the PSF flux
 on the direct image at the same sky position. With one exposure, everything is measured
 on it and ``scienceFlux`` stays null.
 """
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
 import time
@@ -17,10 +18,11 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
+from forcedphot.kernels.cutouts import Cutouts
 from forcedphot.photometry.backend import Backend, select_backend
 from forcedphot.photometry.catalog import build_catalog
 from forcedphot.photometry.config import MeasurementConfig
-from forcedphot.photometry.cutouts import no_data_bit, stage_cutouts
+from forcedphot.photometry.cutouts import BYTES_PER_BAND_PIXEL, ResidentPlanes, Windows, no_data_bit, plan_windows, stage_cutouts
 from forcedphot.photometry.exposure import Exposure
 from forcedphot.photometry.formats import to_pandas
 from forcedphot.photometry.local_wcs import local_cd_matrix
@@ -78,6 +80,36 @@ class RowMap:
         return mask
 
 
+def stays_on_device(exposure: Exposure, backend: Backend, n_objects: int, size: int) -> ResidentPlanes | None:
+    """The exposure's planes on ``backend``'s device, or None to stage cutouts on the host.
+
+    On NumPy: None (the host's row bands are zero-copy). On a device: the planes already
+    there, else copied there when that moves no more bytes than uploading the cutouts
+    would (12 bytes per exposure pixel against 13 per cutout pixel), which holds from a
+    few hundred objects per detector; fewer objects (a light curve's one cutout per
+    exposure) upload their host-staged cutouts.
+    """
+    if backend.name == "numpy":
+        return None
+    worth = n_objects * size * size * BYTES_PER_BAND_PIXEL >= exposure.width * exposure.height * 12
+    return exposure.resident_planes(backend, upload=worth)
+
+
+def batches(exposure: Exposure, backend: Backend, x: np.ndarray, y: np.ndarray, size: int,
+            config: MeasurementConfig) -> Iterator[tuple[Windows, Cutouts | ResidentPlanes]]:
+    """Cutout windows of objects at local ``(x, y)`` in memory-bounded batches, each with
+    its pixels: the exposure's device-resident planes (:func:`stays_on_device`), or host
+    cutouts staged from bands of rows."""
+    resident = stays_on_device(exposure, backend, len(x), size)
+    if resident is not None:
+        for windows in plan_windows(x, y, size, batch_bytes=config.batch_bytes):
+            yield windows, resident
+        return
+    no_data = no_data_bit(exposure.mask_planes)
+    for windows in plan_windows(x, y, size, batch_bytes=config.batch_bytes, band_width=exposure.width):
+        yield windows, stage_cutouts(exposure, windows, no_data)
+
+
 def _science_psf_flux(science: Exposure, kernels: KernelRunner, ra, dec, config: MeasurementConfig, execute: Execute) -> KernelResults:
     """PSF flux on the direct image at the objects' sky positions (difference mode); rows
     whose PSF stamp does not reach the direct image are flagged."""
@@ -87,10 +119,9 @@ def _science_psf_flux(science: Exposure, kernels: KernelRunner, ra, dec, config:
         near = (x > -h - 1) & (x < science.width + h) & (y > -h - 1) & (y < science.height + h)
     results = unmeasured(len(ra), 0, full=False)
     rows = np.flatnonzero(near)
-    no_data = no_data_bit(science.mask_planes)
-    for stack in stage_cutouts(science, x[rows], y[rows], 2 * h + 1, batch_bytes=config.batch_bytes, no_data_bit=no_data):
-        index = rows[stack.index]
-        scatter(results, execute(kernels, kernels.inputs(stack, x[index], y[index]), False), index)
+    for windows, pixels in batches(science, kernels.backend, x[rows], y[rows], 2 * h + 1, config):
+        index = rows[windows.index]
+        scatter(results, execute(kernels, kernels.inputs(windows, pixels, x[index], y[index]), False), index)
     results.psf.flag[~near] = True
     return results
 
@@ -138,15 +169,14 @@ def measure(
 
     kernels = KernelRunner(backend, primary, psf, config)
     size = 2 * cutout_half_size(psf, sigma[measured], config) + 1
-    no_data = no_data_bit(primary.mask_planes)
     results = unmeasured(row_map.n_rows, len(config.apertures_px))
     stage_time = kernel_time = 0.0
     done = 0
     t0 = time.perf_counter()
-    for stack in stage_cutouts(primary, x[measured], y[measured], size, batch_bytes=config.batch_bytes, no_data_bit=no_data):
+    for windows, pixels in batches(primary, backend, x[measured], y[measured], size, config):
         t1 = time.perf_counter()
-        index = measured[stack.index]
-        scatter(results, execute(kernels, kernels.inputs(stack, x[index], y[index], sigma[index]), True), index)
+        index = measured[windows.index]
+        scatter(results, execute(kernels, kernels.inputs(windows, pixels, x[index], y[index], sigma[index]), True), index)
         t2 = time.perf_counter()
         stage_time += t1 - t0
         kernel_time += t2 - t1

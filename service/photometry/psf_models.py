@@ -24,17 +24,21 @@ image); unweighted moments would be dominated by the noisy, partly negative wing
 empirical models. The Gaussian reports its exact profile moments (see :class:`GaussianPsf`).
 """
 
+from collections.abc import Callable
 import io
 import math
 from typing import Any, Protocol, runtime_checkable
 import warnings
 
+from array_api_compat import device
 from astropy.io import fits
 import numpy as np
 
 from forcedphot.kernels.psf_stamps import gaussian_stamps, lanczos_resample
 
 Array = Any
+Put = Callable[[np.ndarray], Array]
+"""Moves a host array to where stamps are computed (``xp.asarray``, or a backend's upload)."""
 
 FWHM_PER_SIGMA = 2.0 * math.sqrt(2.0 * math.log(2.0))
 
@@ -49,8 +53,10 @@ class PsfModel(Protocol):
 
     stamp_size: int  # odd side K of the stamps, pixels
 
-    def stamps(self, x: np.ndarray, y: np.ndarray, xp: Any) -> Array:
-        """(N, K, K) stamps in namespace ``xp``, each summing to 1, centred on the nearest pixel."""
+    def stamps(self, x: np.ndarray, y: np.ndarray, xp: Any, put: Put | None = None) -> Array:
+        """(N, K, K) stamps in namespace ``xp``, each summing to 1, centred on the nearest pixel;
+        host arrays reach ``xp`` through ``put`` (default ``xp.asarray``; an engine passes
+        its backend's counted upload to its device)."""
         ...
 
     def sigma(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -172,10 +178,10 @@ class GaussianPsf:
     def describe(self) -> str:
         return f"circular Gaussian of FWHM {self.sigma_pixels * FWHM_PER_SIGMA:.4g} px, integrated over pixels"
 
-    def stamps(self, x: np.ndarray, y: np.ndarray, xp: Any) -> Array:
+    def stamps(self, x: np.ndarray, y: np.ndarray, xp: Any, put: Put | None = None) -> Array:
         """(N, K, K) pixel-integrated Gaussian stamps in namespace ``xp``, each summing to 1."""
-        cx, cy = _stamp_centres(*_positions(x, y), self.stamp_size)
-        raw = gaussian_stamps(xp.asarray(cx), xp.asarray(cy), self.sigma_pixels, self.stamp_size)
+        centres = (put or xp.asarray)(np.stack(_stamp_centres(*_positions(x, y), self.stamp_size)))
+        raw = gaussian_stamps(centres[0, ...], centres[1, ...], self.sigma_pixels, self.stamp_size)
         return _normalised(raw, xp)
 
     def shape(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -202,12 +208,12 @@ class SampledGaussianPsf:
     def describe(self) -> str:
         return f"LSST GaussianPsf of sigma {self.sigma_pixels:.4g} px on {self.stamp_size} x {self.stamp_size} px, sampled at pixel centres"
 
-    def stamps(self, x: np.ndarray, y: np.ndarray, xp: Any) -> Array:
+    def stamps(self, x: np.ndarray, y: np.ndarray, xp: Any, put: Put | None = None) -> Array:
         """(N, K, K) sampled Gaussian stamps in namespace ``xp``, each summing to 1."""
-        cx, cy = _stamp_centres(*_positions(x, y), self.stamp_size)
-        grid = xp.arange(self.stamp_size, dtype=xp.float64)
-        dx = grid[None, None, :] - xp.asarray(cx)[:, None, None]
-        dy = grid[None, :, None] - xp.asarray(cy)[:, None, None]
+        centres = (put or xp.asarray)(np.stack(_stamp_centres(*_positions(x, y), self.stamp_size)))
+        grid = xp.arange(self.stamp_size, dtype=xp.float64, device=device(centres))
+        dx = grid[None, None, :] - centres[0, ...][:, None, None]
+        dy = grid[None, :, None] - centres[1, ...][:, None, None]
         return _normalised(xp.exp(-(dx * dx + dy * dy) / (2.0 * self.sigma_pixels**2)), xp)
 
     def sigma(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -249,27 +255,29 @@ class ResampledPsf:
     sample_scale = 1.0
     stamp_size: int
 
-    def models(self, x: np.ndarray, y: np.ndarray, xp: Any) -> Array:
-        """(N, B, B) (or one (B, B)) model images at 0-based local (x, y), in namespace ``xp``."""
+    def models(self, x: np.ndarray, y: np.ndarray, xp: Any, put: Put) -> Array:
+        """(N, B, B) (or one (B, B)) model images at 0-based local (x, y), in namespace ``xp``
+        (host arrays moved there by ``put``)."""
         raise NotImplementedError
 
-    def _resampled(self, x: np.ndarray, y: np.ndarray, cx: np.ndarray, cy: np.ndarray, xp: Any) -> Array:
+    def _resampled(self, x: np.ndarray, y: np.ndarray, cx: np.ndarray, cy: np.ndarray, xp: Any, put: Put) -> Array:
         """(N, K, K) model at (x, y) resampled with its centre at stamp coords (cx, cy), sum 1."""
-        raw = lanczos_resample(self.models(x, y, xp), xp.asarray(cx), xp.asarray(cy), self.stamp_size,
+        centres = put(np.stack([cx, cy]))
+        raw = lanczos_resample(self.models(x, y, xp, put), centres[0, ...], centres[1, ...], self.stamp_size,
                                self.sample_scale, self.lanczos_order)
         return _normalised(raw, xp)
 
-    def stamps(self, x: np.ndarray, y: np.ndarray, xp: Any) -> Array:
+    def stamps(self, x: np.ndarray, y: np.ndarray, xp: Any, put: Put | None = None) -> Array:
         """(N, K, K) model stamps at 0-based local (x, y) in namespace ``xp``, each summing to 1."""
         x, y = _positions(x, y)
         cx, cy = _stamp_centres(x, y, self.stamp_size)
-        return self._resampled(x, y, cx, cy, xp)
+        return self._resampled(x, y, cx, cy, xp, put or xp.asarray)
 
     def shape(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
         """(N, 3) adaptive moments ``Ixx, Iyy, Ixy`` of the centred model at (x, y), pixels^2."""
         x, y = _positions(x, y)
         middle = np.full(x.shape, float(self.stamp_size // 2))
-        return adaptive_moments(self._resampled(x, y, middle, middle, np))
+        return adaptive_moments(self._resampled(x, y, middle, middle, np, np.asarray))
 
     def sigma(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
         """(N,) adaptive-moment determinant radius of the model near (x, y), pixels.
@@ -333,9 +341,9 @@ class ImagePsf(ResampledPsf):
     def describe(self) -> str:
         return f"pixelized PSF image of {self.image.shape[0]} x {self.image.shape[1]} px, the same everywhere, shifted with Lanczos-5"
 
-    def models(self, x: np.ndarray, y: np.ndarray, xp: Any) -> Array:
+    def models(self, x: np.ndarray, y: np.ndarray, xp: Any, put: Put) -> Array:
         """The one image, for every position."""
-        return xp.asarray(self.image)
+        return put(self.image)
 
     def shape(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
         """(N, 3) adaptive moments ``Ixx, Iyy, Ixy`` of the PSF image, pixels^2."""
@@ -433,11 +441,11 @@ class PsfexPsf(ResampledPsf):
         v = (y - self.zero[1]) / self.scale[1]
         return u[:, None] ** self.powers[:, 0] * v[:, None] ** self.powers[:, 1]
 
-    def models(self, x: np.ndarray, y: np.ndarray, xp: Any) -> Array:
+    def models(self, x: np.ndarray, y: np.ndarray, xp: Any, put: Put) -> Array:
         """(N, B, B) model images: basis images weighted by the polynomial at (x, y)."""
         nbasis, side, _ = self.basis.shape
-        coeffs = xp.asarray(self.coefficients(x, y))
-        basis = xp.asarray(self.basis.reshape(nbasis, side * side))
+        coeffs = put(self.coefficients(x, y))
+        basis = put(self.basis.reshape(nbasis, side * side))
         return xp.reshape(xp.matmul(coeffs, basis), (coeffs.shape[0], side, side))
 
     def describe(self) -> str:

@@ -1,16 +1,17 @@
-"""The kernels on one backend: staged cutouts in, typed per-object results out.
+"""The kernels on one backend: batches of objects in, typed per-object results out.
 
-:class:`KernelInputs` holds the host arrays of one batch; :class:`KernelRunner` moves them
-to the backend, runs every kernel and brings back one :class:`KernelResults` (each
-kernel's own result type). The host computes what the kernels would otherwise read back
-from the device (crop windows, the annulus pixels) from its own copies of the positions,
-and every result comes back in one packed download. Inputs of several requests with the
-same shapes concatenate, and results split again, so a service can batch concurrent
-requests.
+:class:`KernelInputs` describes one batch (windows, positions, PSF, and where its pixels
+are); :class:`KernelRunner` uploads the windows and positions as one packed array, gathers
+the cutouts from device-resident planes (or uploads host-staged ones), makes the PSF
+stamps on the backend, runs every kernel and brings back one :class:`KernelResults` per
+batch (each kernel's own result type) from one packed download. The host computes what
+the kernels would otherwise read back from the device (crop windows, the annulus pixels)
+from its own copies of the positions. Several batches of equal shapes run as one call, so
+a service can batch concurrent requests.
 """
 
-from collections.abc import Callable
-from dataclasses import dataclass, fields
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from functools import cached_property
 import math
 from typing import Any, NamedTuple
@@ -30,9 +31,10 @@ from forcedphot.kernels import (
     pixel_flags,
     psf_flux,
 )
+from forcedphot.kernels.cutouts import Cutouts
 from forcedphot.photometry.backend import Backend
 from forcedphot.photometry.config import MeasurementConfig
-from forcedphot.photometry.cutouts import CutoutStack
+from forcedphot.photometry.cutouts import ResidentPlanes, Windows
 from forcedphot.photometry.exposure import Exposure
 from forcedphot.photometry.psf_models import PsfModel
 
@@ -103,7 +105,9 @@ def scatter(into: KernelResults, batch: KernelResults, rows: np.ndarray) -> None
 
 
 def split_results(results: KernelResults, sizes: list[int]) -> list[KernelResults]:
-    """Undo :func:`concatenate_inputs` on a kernel result."""
+    """Results of consecutive batches of ``sizes`` objects, from the results of all of them."""
+    if len(sizes) == 1:
+        return [results]
     bounds = np.cumsum([0] + sizes)
     return [map_arrays(lambda a, lo=lo, hi=hi: a[lo:hi], results) for lo, hi in zip(bounds[:-1], bounds[1:])]
 
@@ -129,35 +133,30 @@ def cutout_half_size(psf: PsfModel, sigma: np.ndarray, config: MeasurementConfig
 
 @dataclass(frozen=True)
 class KernelInputs:
-    """Host arrays for one kernel call. Inputs of several requests with the same cutout
-    and PSF stamp sizes concatenate (:func:`concatenate_inputs`), so a service can
-    measure them in one batch."""
+    """One batch of objects for a kernel call: their windows, where their pixels are (host
+    cutouts already staged, or an exposure's planes resident on the backend's device),
+    their local positions and PSF. Batches of several requests with equal
+    :attr:`shape_key` run as one call (:meth:`KernelRunner.run`): only their windows and
+    positions are concatenated, each part's pixels being gathered where they lie."""
 
-    image: np.ndarray  # (n, K, K) float32
-    variance: np.ndarray  # (n, K, K) float32
-    mask: np.ndarray  # (n, K, K) int32
-    inside: np.ndarray  # (n, K, K) bool
-    cx: np.ndarray  # (n,) cutout coordinates, px
-    cy: np.ndarray
+    windows: Windows
+    pixels: Cutouts | ResidentPlanes  # (n, K, K) host stacks, or device-resident planes
+    x: np.ndarray  # (n,) local positions, px (for the PSF model)
+    y: np.ndarray
     sigma: np.ndarray  # (n,) PSF determinant radius, px
-    psf: np.ndarray  # (n, Kp, Kp) PSF stamps, each summing to 1
+    psf: PsfModel
 
     def __len__(self) -> int:
-        return self.image.shape[0]
+        return len(self.windows)
 
     @property
     def shape_key(self) -> tuple:
-        """Inputs with equal keys can be concatenated."""
-        return self.image.shape[1:] + self.psf.shape[1:]
-
-
-def concatenate_inputs(parts: list[KernelInputs]) -> KernelInputs:
-    """One batch from several (equal :attr:`KernelInputs.shape_key`)."""
-    return KernelInputs(*(np.concatenate([getattr(p, f.name) for p in parts]) for f in fields(KernelInputs)))
+        """Inputs with equal keys can share a kernel call."""
+        return (self.windows.size, self.psf.stamp_size)
 
 
 class KernelRunner:
-    """Runs the kernels on staged cutouts, on one backend, for one exposure's mask planes."""
+    """Runs the kernels on batches of objects, on one backend, for one exposure's mask planes."""
 
     def __init__(self, backend: Backend, exposure: Exposure, psf: PsfModel, config: MeasurementConfig):
         self.backend, self.psf, self.config = backend, psf, config
@@ -172,10 +171,11 @@ class KernelRunner:
         """Runners with equal keys compute identically: their inputs may share a batch."""
         return (self.backend.name, self.bad_fit_bits, self.background_reject_bits, tuple(sorted(self.flag_bits.items())), self.config.model_dump_json())
 
-    def inputs(self, stack: CutoutStack, x: np.ndarray, y: np.ndarray, sigma: np.ndarray | None = None) -> KernelInputs:
-        """Kernel inputs for a staged stack; x, y local positions, sigma PSF widths (px)."""
+    def inputs(self, windows: Windows, pixels: Cutouts | ResidentPlanes, x: np.ndarray, y: np.ndarray,
+               sigma: np.ndarray | None = None) -> KernelInputs:
+        """Kernel inputs for one batch of windows; x, y local positions, sigma PSF widths (px)."""
         sigma = np.full(len(x), np.nan) if sigma is None else sigma
-        return KernelInputs(stack.image, stack.variance, stack.mask, stack.inside, stack.cx, stack.cy, sigma, self.psf.stamps(x, y, np))
+        return KernelInputs(windows, pixels, x, y, sigma, self.psf)
 
     def _psf_fit(self, xp, image, variance, mask, inside, psf) -> PsfFluxResult:
         """PSF flux on the central PSF-stamp-sized part of the stack."""
@@ -190,34 +190,56 @@ class KernelRunner:
             usable = usable & ((mask & self.bad_fit_bits) == 0)
         return psf_flux(image, variance, psf, inside, usable)
 
-    def run(self, inputs: KernelInputs, full: bool = True) -> KernelResults:
-        """Every measurement (``full``) or the PSF flux alone; host arrays out.
+    def _on_device(self, parts: Sequence[KernelInputs], ix, iy) -> tuple:
+        """The parts' cutout stacks and PSF stamps on the backend, concatenated: resident
+        planes are gathered there, host stacks uploaded."""
+        xp, to = self.backend.xp, self.backend.to_device
+        stacks, stamps, lo = [], [], 0
+        for part in parts:
+            hi = lo + len(part)
+            if isinstance(part.pixels, ResidentPlanes):
+                stacks.append(part.pixels.gather(ix[lo:hi], iy[lo:hi], part.windows.size))
+            else:
+                stacks.append(Cutouts(*(to(plane) for plane in part.pixels)))
+            stamps.append(part.psf.stamps(part.x, part.y, xp, to))
+            lo = hi
+        if len(parts) == 1:
+            return (*stacks[0], stamps[0])
+        return (*(xp.concat(planes, axis=0) for planes in zip(*stacks)), xp.concat(stamps, axis=0))
 
-        Moves the batch's arrays to the backend (cutout planes, PSF stamps, one packed
-        array of positions and widths, and the annulus pixel indices), runs the kernels
-        with the windows the host computed, and brings everything back in one download.
+    def run(self, parts: Sequence[KernelInputs], full: bool = True) -> list[KernelResults]:
+        """Every measurement (``full``) or the PSF flux alone, for one or more batches of
+        equal :attr:`KernelInputs.shape_key` in one call; host results, one per batch.
+
+        Uploads one packed array of windows, positions and widths; gathers (or uploads)
+        the cutouts and makes the PSF stamps on the backend; runs the kernels with the
+        windows the host computed; and brings everything back in one download.
         """
         xp, to, config = self.backend.xp, self.backend.to_device, self.config
-        image, variance, mask, inside = to(inputs.image), to(inputs.variance), to(inputs.mask), to(inputs.inside)
-        fit = self._psf_fit(xp, image, variance, mask, inside, to(inputs.psf))
+        host = {name: np.concatenate([getattr(p.windows, name) for p in parts]) for name in ("ix", "iy", "cx", "cy")}
+        host["sigma"] = np.concatenate([p.sigma for p in parts])
+        packed = to(np.stack([host["ix"], host["iy"], host["cx"], host["cy"], host["sigma"]]).astype(np.float64))
+        ix, iy = (xp.astype(packed[i, ...], xp.int64) for i in (0, 1))
+        cx, cy, sigma = packed[2, ...], packed[3, ...], packed[4, ...]
+        image, variance, mask, inside, psf = self._on_device(parts, ix, iy)
+        fit = self._psf_fit(xp, image, variance, mask, inside, psf)
+        sizes = [len(p) for p in parts]
         if not full:
-            return self._download(KernelResults(fit))
-        positions = to(np.stack([inputs.cx, inputs.cy, inputs.sigma]).astype(np.float64))
-        cx, cy, sigma = positions[0, ...], positions[1, ...], positions[2, ...]
-        k = inputs.image.shape[1]
+            return split_results(self._download(KernelResults(fit)), sizes)
+        k = image.shape[1]
         valid = inside & xp.isfinite(image) & xp.isfinite(variance)
-        apertures = aperture_fluxes(image, variance, valid, cx, cy, config.apertures_px, bounds=centre_bounds(inputs.cx, inputs.cy))
+        apertures = aperture_fluxes(image, variance, valid, cx, cy, config.apertures_px, bounds=centre_bounds(host["cx"], host["cy"]))
         clean = valid & ((mask & self.background_reject_bits) == 0)
         inner, outer = config.background_inner_sigma, config.background_outer_sigma
         background = local_background(
             image, clean, cx, cy, sigma, inner=inner, outer=outer,
             n_iter=config.background_iterations, n_sigma=config.background_clip_sigma,
-            candidates=to(annulus_candidates(k, inputs.cx, inputs.cy, inputs.sigma, inner, outer)),
+            candidates=to(annulus_candidates(k, host["cx"], host["cy"], host["sigma"], inner, outer)),
         )
-        radius = config.psf_footprint_scaling * inputs.sigma
+        radius = config.psf_footprint_scaling * host["sigma"]
         flags = pixel_flags(mask, inside, cx, cy, config.psf_footprint_scaling * sigma, self.flag_bits,
-                            window=footprint_window(inputs.cx, inputs.cy, radius, k))
-        return self._download(KernelResults(fit, apertures, background, flags))
+                            window=footprint_window(host["cx"], host["cy"], radius, k))
+        return split_results(self._download(KernelResults(fit, apertures, background, flags)), sizes)
 
     def _download(self, results: KernelResults) -> KernelResults:
         """``results`` on the host, copied in one transfer: every array packed as float64
@@ -249,4 +271,4 @@ Execute = Callable[[KernelRunner, KernelInputs, bool], KernelResults]
 
 def run_directly(runner: KernelRunner, inputs: KernelInputs, full: bool) -> KernelResults:
     """The default executor: run the kernels now, in this thread."""
-    return runner.run(inputs, full)
+    return runner.run([inputs], full)[0]

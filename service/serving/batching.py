@@ -1,12 +1,14 @@
 """Dynamic batching: concurrent requests' kernel calls coalesced into one, as inference
 servers batch model calls.
 
-Request threads stage their own cutouts, then hand their kernel inputs to
-:meth:`KernelBatcher.execute` (an engine ``execute`` hook) and wait. One batcher thread
-takes the first waiting call, gathers the calls that arrive within ``max_wait_seconds``
-(or until ``max_objects`` objects are waiting), groups the compatible ones (same kernel
-settings and cutout sizes), runs each group as one kernel call and hands every caller
-its own rows. Kernels thus run on one thread: on a GPU that is one stream of large
+Request threads plan their own batches (and on the CPU stage their cutouts), then hand
+their kernel inputs to :meth:`KernelBatcher.execute` (an engine ``execute`` hook) and
+wait. One batcher thread takes the first waiting call, gathers the calls that arrive
+within ``max_wait_seconds`` (or until ``max_objects`` objects are waiting), groups the
+compatible ones (same kernel settings and cutout sizes), runs each group as one kernel
+call and hands every caller its own rows. With device-resident exposures a group's
+calls share one upload of their windows and positions; each gathers its cutouts on the
+device from its own exposure's planes. Kernels thus run on one thread: on a GPU that is one stream of large
 launches; on a CPU it overlaps one request's kernels with other requests' staging.
 """
 
@@ -17,7 +19,7 @@ import queue
 import threading
 import time
 
-from forcedphot.photometry.runner import KernelInputs, KernelResults, KernelRunner, concatenate_inputs, split_results
+from forcedphot.photometry.runner import KernelInputs, KernelResults, KernelRunner
 
 
 @dataclass
@@ -96,11 +98,7 @@ class KernelBatcher:
         """One kernel call for a group of compatible calls."""
         head = group[0]
         try:
-            if len(group) == 1:
-                parts = [head.runner.run(head.inputs, head.full)]
-            else:
-                merged = concatenate_inputs([c.inputs for c in group])
-                parts = split_results(head.runner.run(merged, head.full), [len(c.inputs) for c in group])
+            parts = head.runner.run([c.inputs for c in group], head.full)
         except Exception as exc:  # hand the failure to every waiting caller
             for call in group:
                 call.future.set_exception(exc)

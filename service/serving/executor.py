@@ -265,7 +265,8 @@ def _start_process(backend_name: str, cache_bytes: int, limits: ExposureLimits) 
     global _PROCESS_SERVICE
     threading.Thread(target=_exit_with_parent, name="exit-with-parent", daemon=True).start()
     keep_temporaries_on_heap()
-    _PROCESS_SERVICE = MeasureService(ExposureCache(cache_bytes, limits=limits), select_backend(backend_name), threads=1, limits=limits)
+    backend = select_backend(backend_name)
+    _PROCESS_SERVICE = MeasureService(ExposureCache(cache_bytes, limits=limits, backend=backend), backend, threads=1, limits=limits)
 
 
 def _process_ready() -> bool:

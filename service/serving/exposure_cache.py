@@ -1,7 +1,8 @@
 """An LRU cache of exposures held in memory, bounded in bytes, with single-flight loading.
 
 An entry is the exposure's metadata plus its image, variance and mask planes read once
-into memory (12 bytes per pixel). Concurrent requests for one file wait for a single
+into memory (12 bytes per pixel) and, when measurements run on a device, copied once to
+it (12 more). Concurrent requests for one file wait for a single
 load. Entries are keyed by the file's real path, size, mtime and inode, so a file that
 is replaced is read again. An exposure larger than the whole cache is never stored: each
 request then reads it memory-mapped and closes it afterwards.
@@ -13,6 +14,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 import os
 from pathlib import Path
 import threading
@@ -20,9 +22,19 @@ from typing import Any
 
 import numpy as np
 
+from forcedphot.photometry.backend import Backend
+from forcedphot.photometry.cutouts import ResidentPlanes, upload_planes
 from forcedphot.photometry.exposure import DEFAULT_LIMITS, Exposure, ExposureError, ExposureLimits, open_exposure
 
 BYTES_PER_PIXEL = 4 + 4 + 4  # float32 image, float32 variance, int32 mask
+
+
+@dataclass
+class _Resident:
+    """Device copies of one entry's planes, shared by its views."""
+
+    planes: dict[str, ResidentPlanes] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
 
 
 class InMemoryExposure:
@@ -33,10 +45,12 @@ class InMemoryExposure:
     cached exposure at once (astropy WCS objects are not safe to share between threads).
     """
 
-    def __init__(self, meta: Exposure, planes: tuple[np.ndarray, np.ndarray, np.ndarray], wcs: Any | None = None):
+    def __init__(self, meta: Exposure, planes: tuple[np.ndarray, np.ndarray, np.ndarray], wcs: Any | None = None,
+                 resident: _Resident | None = None):
         self._meta = meta
         self._planes = planes
         self.wcs = meta.wcs if wcs is None else wcs
+        self._resident = resident or _Resident()
 
     @classmethod
     def load(cls, exposure: Exposure) -> InMemoryExposure:
@@ -53,7 +67,16 @@ class InMemoryExposure:
 
     @property
     def nbytes(self) -> int:
-        return sum(plane.nbytes for plane in self._planes)
+        """Bytes held: the host planes plus any device copies."""
+        return sum(plane.nbytes for plane in self._planes) + sum(planes.nbytes for planes in self._resident.planes.values())
+
+    def resident_planes(self, backend: Backend, upload: bool = True) -> ResidentPlanes | None:
+        """The planes on ``backend``'s device, copied once for this entry and every view
+        of it (see :meth:`Exposure.resident_planes`)."""
+        with self._resident.lock:
+            if backend.name not in self._resident.planes and upload:
+                self._resident.planes[backend.name] = upload_planes(self, self._meta.mask_planes, backend)
+            return self._resident.planes.get(backend.name)
 
     def read_rows(self, y_start: int, y_stop: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Rows ``[y_start, y_stop)`` of image, variance and mask, as read-only views."""
@@ -64,7 +87,7 @@ class InMemoryExposure:
 
     def view(self) -> InMemoryExposure:
         """The same pixels with a private copy of the WCS."""
-        return InMemoryExposure(self._meta, self._planes, self._meta.wcs.deepcopy())
+        return InMemoryExposure(self._meta, self._planes, self._meta.wcs.deepcopy(), self._resident)
 
     def close(self) -> None:
         """Nothing to close: the file was closed after loading."""
@@ -79,11 +102,15 @@ class ExposureCache:
     """LRU of :class:`InMemoryExposure` bounded by ``max_bytes``.
 
     ``on_event(name)`` is called with "hit", "miss" or "bypass" for each lease (metrics).
+    With a device ``backend`` every entry's planes are also copied to the device when
+    loaded, and ``max_bytes`` bounds host and device bytes together (24 per pixel).
     """
 
-    def __init__(self, max_bytes: int, on_event: Callable[[str], None] | None = None, limits: ExposureLimits = DEFAULT_LIMITS):
+    def __init__(self, max_bytes: int, on_event: Callable[[str], None] | None = None, limits: ExposureLimits = DEFAULT_LIMITS,
+                 backend: Backend | None = None):
         self.max_bytes = int(max_bytes)
         self.limits = limits
+        self.device = backend if backend is not None and backend.name != "numpy" else None
         self._entries: OrderedDict[tuple, InMemoryExposure] = OrderedDict()
         self._loading: dict[tuple, Future] = {}
         self._lock = threading.Lock()
@@ -144,9 +171,13 @@ class ExposureCache:
 
     def _load(self, path: Path, name: str) -> InMemoryExposure | None:
         with open_exposure(path, name=name, limits=self.limits) as exposure:
-            if exposure.width * exposure.height * BYTES_PER_PIXEL > self.max_bytes:
+            per_pixel = BYTES_PER_PIXEL * (2 if self.device is not None else 1)
+            if exposure.width * exposure.height * per_pixel > self.max_bytes:
                 return None
-            return InMemoryExposure.load(exposure)
+            entry = InMemoryExposure.load(exposure)
+        if self.device is not None:
+            entry.resident_planes(self.device)
+        return entry
 
     def _store(self, key: tuple, entry: InMemoryExposure) -> None:
         """Insert under the lock, evicting least recently used entries to make room."""

@@ -227,7 +227,7 @@ def test_psfex_model_through_the_engine(tmp_path):
 
 def test_batched_execution_equals_separate_runs(scene):
     """Inputs of two requests measured in one kernel call give each request's own results."""
-    from forcedphot.photometry.runner import concatenate_inputs, map_arrays, run_directly, split_results
+    from forcedphot.photometry.runner import map_arrays, run_directly
 
     seen = []
 
@@ -242,7 +242,7 @@ def test_batched_execution_equals_separate_runs(scene):
         second = measure(exposure, objects.iloc[10:].reset_index(drop=True), psf, config, execute=record)
     (runner_a, a), (runner_b, b) = seen
     assert runner_a.key == runner_b.key and a.shape_key == b.shape_key
-    together = split_results(run_directly(runner_a, concatenate_inputs([a, b]), True), [len(a), len(b)])
+    together = runner_a.run([a, b], True)
     for inputs, result in zip((a, b), together):
         alone = run_directly(runner_a, inputs, True)
         assert type(alone) is type(result)

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from forcedphot.photometry.cutouts import objects_per_batch, stage_cutouts
+from forcedphot.photometry.cutouts import objects_per_batch, plan_windows, stage_cutouts
 
 NO_DATA = 8
 
@@ -25,15 +25,15 @@ class ArrayReader:
 
 
 def staged(reader, x, y, size, batch_bytes=2**30):
-    stacks = list(stage_cutouts(reader, x, y, size, batch_bytes=batch_bytes, no_data_bit=NO_DATA))
+    batches = [(w, stage_cutouts(reader, w, NO_DATA)) for w in plan_windows(x, y, size, batch_bytes=batch_bytes, band_width=reader.width)]
     n = len(x)
-    out = {k: np.empty((n, size, size), dtype=getattr(stacks[0], k).dtype) for k in ("image", "variance", "mask", "inside")}
+    out = {k: np.empty((n, size, size), dtype=getattr(batches[0][1], k).dtype) for k in ("image", "variance", "mask", "inside")}
     cx, cy = np.empty(n), np.empty(n)
-    for s in stacks:
+    for w, s in batches:
         for k in out:
-            out[k][s.index] = getattr(s, k)
-        cx[s.index], cy[s.index] = s.cx, s.cy
-    return out, cx, cy, stacks
+            out[k][w.index] = getattr(s, k)
+        cx[w.index], cy[w.index] = w.cx, w.cy
+    return out, cx, cy, [w for w, _ in batches]
 
 
 def test_windows_match_direct_slices_and_positions():
@@ -91,7 +91,7 @@ def test_band_reads_cover_only_needed_rows():
 
 def test_even_size_is_refused():
     with pytest.raises(ValueError, match="odd"):
-        next(stage_cutouts(ArrayReader(), np.array([1.0]), np.array([1.0]), 10, batch_bytes=10**6, no_data_bit=NO_DATA))
+        next(plan_windows(np.array([1.0]), np.array([1.0]), 10, batch_bytes=10**6))
 
 
 class ViewReader(ArrayReader):
