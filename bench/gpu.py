@@ -12,7 +12,11 @@ bench/.cache) it prints:
 - per kernel call: host->device transfers and bytes, bytes per object, device->host
   transfers, scalar reads of device arrays (counted on the stand-in only);
 - throughput at each object count, NumPy and the device side by side, with the engine's
-  stage timings (select, stage, kernels, catalog) and the ratio.
+  stage timings (select, stage, kernels, catalog) and the ratio; on the device "stage"
+  includes copying the exposure's planes to it once;
+- the alert-like service load (bench/service.py's requests: one detector, --objects
+  DiaObjects, difference mode) served on the device by one worker, with dynamic batching
+  on and off.
 """
 
 import argparse
@@ -25,6 +29,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from engine import demo_dir, objects_file  # noqa: E402  (bench/engine.py: the cached demo visit)
 
+from service import DEVICE_MODES, LOAD_HEADER, alert_body, alert_objects, load, repository  # noqa: E402
+
 
 def device_backend():
     from forcedphot.photometry.backend import select_backend
@@ -34,7 +40,9 @@ def device_backend():
 
 
 def measure_on(backend, directory: Path, objects_path: Path, difference: bool = True):
-    """(catalog, timings, per-call transfer counts) of one measurement."""
+    """(catalog, timings, per-call transfer counts, the whole measurement's counts) of one
+    measurement, files opened afresh; on a device both exposures' planes are copied there
+    first (inside the timing), as the service's exposure cache does."""
     from forcedphot.photometry.config import MeasurementConfig
     from forcedphot.photometry.exposure import open_exposure
     from forcedphot.photometry.measure import measure
@@ -53,11 +61,15 @@ def measure_on(backend, directory: Path, objects_path: Path, difference: bool = 
     objects = read_objects(objects_path)
     with open_exposure(directory / "calexp.fits") as science, open_exposure(directory / "difference.fits") as diff:
         psf = choose_psf(science, "calexp")
+        before = backend.counts.snapshot()
         start = time.perf_counter()
+        if backend.name != "numpy":  # as the service's exposure cache does: planes on the device, once per exposure
+            for exposure in (science, diff) if difference else (science,):
+                exposure.resident_planes(backend)
         result = measure(science, objects, psf, MeasurementConfig(), difference=diff if difference else None, backend=backend,
                          execute=execute)
         elapsed = time.perf_counter() - start
-    return result.catalog, {"total": elapsed, **result.timings}, calls
+    return result.catalog, {"total": elapsed, **result.timings}, calls, backend.counts.since(before)
 
 
 def parity(host, device) -> str:
@@ -85,6 +97,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=4096)
     parser.add_argument("--counts", default=None, help="object counts (default 1000,10000,100000,1000000 on a GPU; 1000,10000 on the stand-in)")
+    parser.add_argument("--objects", type=int, default=200, help="DiaObjects per request of the service load")
+    parser.add_argument("--requests", type=int, default=None, help="requests per concurrency (default 400 on a GPU, 40 on the stand-in)")
+    parser.add_argument("--concurrency", default="1,8,32")
     args = parser.parse_args()
 
     from forcedphot.photometry.backend import select_backend
@@ -96,8 +111,8 @@ def main() -> None:
     print(f"device: {device.name} ({device.device})" + ("" if on_gpu else " -- no GPU here: timings are the stand-in's, not a GPU's"))
     directory = demo_dir(args.size)
 
-    catalog_host, _, _ = measure_on(host, directory, directory / "diaObjects.parquet")
-    catalog_device, _, calls = measure_on(device, directory, directory / "diaObjects.parquet")
+    catalog_host, *_ = measure_on(host, directory, directory / "diaObjects.parquet")
+    catalog_device, _, calls, whole = measure_on(device, directory, directory / "diaObjects.parquet")
     print(f"parity (difference mode, demo objects): {parity(catalog_host, catalog_device)}")
 
     print("\nper kernel call (difference mode: full measurement on the difference image, PSF fit on the science image)")
@@ -109,18 +124,30 @@ def main() -> None:
     total_up = sum(c.upload_bytes for _, _, c in calls)
     print(f"all {len(calls)} calls: {total_up / max(total_n, 1):.0f} bytes host->device per object, "
           f"{max(c.downloads for *_, c in calls)} download per call, {sum(c.scalar_reads for *_, c in calls)} scalar reads")
+    planes = whole.upload_bytes - total_up
+    print(f"outside the calls: {whole.uploads - sum(c.uploads for *_, c in calls)} uploads, {planes / 2**20:.1f} MiB "
+          f"(the exposures' planes, once each; {planes / max(total_n, 1):.0f} bytes per object of this measurement), "
+          f"{whole.scalar_reads - sum(c.scalar_reads for *_, c in calls)} scalar reads")
 
     print(f"\nthroughput, direct image only ({args.size}^2 demo visit)")
     print(f"{'objects':>8} {'backend':>9} {'total s':>8} {'obj/s':>10} {'select':>7} {'stage':>7} {'kernels':>8} {'catalog':>8}")
     for count in counts:
         rates = {}
         for backend in (host, device):
-            _, timings, _ = measure_on(backend, directory, objects_file(directory, count), difference=False)
+            _, timings, *_ = measure_on(backend, directory, objects_file(directory, count), difference=False)
             rates[backend.name] = count / timings["total"]
             print(f"{count:>8} {backend.name:>9} {timings['total']:>8.3f} {rates[backend.name]:>10.0f} {timings['select']:>7.3f} "
                   f"{timings['stage']:>7.3f} {timings['kernels']:>8.3f} {timings['catalog']:>8.3f}")
         print(f"{'':>8} {'ratio':>9} device/numpy = {rates[device.name] / rates['numpy']:.2f}")
-    print("\nnot measured yet: the alert-like service load on the device with batching on and off (bench/service.py, numpy only)")
+    root, visit, detector = repository(args.size)
+    body = alert_body(visit, detector, alert_objects(root, visit, detector, args.objects))
+    print(f"\nservice load on {device.name}: one worker, {args.objects} DiaObjects a request (difference + science), batching on and off")
+    print(LOAD_HEADER)
+    print("-" * len(LOAD_HEADER))
+    for mode in DEVICE_MODES:
+        for line in load(root, body, mode, [int(c) for c in args.concurrency.split(",")], args.requests or (400 if on_gpu else 40),
+                         BACKEND=device.name):
+            print(line)
 
 
 if __name__ == "__main__":

@@ -94,6 +94,15 @@ def engine_seconds(root: Path, visit: int, detector: int, records: list[dict], r
     return statistics.median(times[3:])
 
 
+def alert_body(visit: int, detector: int, records: list[dict]) -> dict:
+    """One alert-like request: the detector's difference image measured, objects inline."""
+    return {
+        "exposure": {"visit": visit, "detector": detector, "datasetType": "calexp"},
+        "difference": {"visit": visit, "detector": detector, "datasetType": "difference"},
+        "objects": records,
+    }
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -105,6 +114,12 @@ MODES = {  # name -> (uvicorn workers or None for one per core, environment)
     "threads+batch": (None, {"FORCEDPHOT_MEASURE_PROCESSES": "0", "FORCEDPHOT_BATCHING": "true"}),
     "threads": (None, {"FORCEDPHOT_MEASURE_PROCESSES": "0", "FORCEDPHOT_BATCHING": "false"}),
 }
+DEVICE_MODES = {  # one worker owning the device, requests in its threads (bench/gpu.py)
+    "device+batch": (1, {"FORCEDPHOT_MEASURE_PROCESSES": "0", "FORCEDPHOT_BATCHING": "true"}),
+    "device": (1, {"FORCEDPHOT_MEASURE_PROCESSES": "0", "FORCEDPHOT_BATCHING": "false"}),
+}
+LOAD_HEADER = (f"{'mode':>13} {'conc':>5} {'requests':>8} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} "
+               f"{'server CPU ms/req':>17} {'client CPU ms/req':>17}")
 
 
 class Server:
@@ -112,7 +127,7 @@ class Server:
 
     def __init__(self, root: Path, mode: str, key: str, **settings: str):
         """``settings``: extra ``FORCEDPHOT_*`` variables, e.g. ``REQUEST_TIME_LIMIT_SECONDS="2"``."""
-        workers, mode_env = MODES[mode]
+        workers, mode_env = {**MODES, **DEVICE_MODES}[mode]
         self.port = free_port()
         self.data = tempfile.TemporaryDirectory(prefix="forcedphot-bench-")
         env = {**os.environ, "FORCEDPHOT_API_KEYS": key, "FORCEDPHOT_BACKEND": "numpy", "FORCEDPHOT_DATA_DIR": self.data.name,
@@ -198,35 +213,35 @@ def main() -> None:
     keep_temporaries_on_heap()  # as the CLI and the service do (peers measured in this process benefit too)
 
     root, visit, detector = repository(args.size)
-    records = alert_objects(root, visit, detector, args.objects)
-    body = {
-        "exposure": {"visit": visit, "detector": detector, "datasetType": "calexp"},
-        "difference": {"visit": visit, "detector": detector, "datasetType": "difference"},
-        "objects": records,
-    }
-    engine = engine_seconds(root, visit, detector, records)
+    body = alert_body(visit, detector, alert_objects(root, visit, detector, args.objects))
+    engine = engine_seconds(root, visit, detector, body["objects"])
     print(f"{args.size}x{args.size} detector, {args.objects} DiaObjects a request (difference + science), "
           f"python {sys.version.split()[0]}, {os.cpu_count()} cores, NumPy backend")
     print(f"engine alone, in-process, files open: {engine * 1e3:.1f} ms a request ({1 / engine:.0f} requests/s on one thread)")
-    header = (f"{'mode':>13} {'conc':>5} {'requests':>8} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} "
-              f"{'server CPU ms/req':>17} {'client CPU ms/req':>17}")
-    print(header)
-    print("-" * len(header))
-    key = secrets.token_hex(16)
+    print(LOAD_HEADER)
+    print("-" * len(LOAD_HEADER))
     for mode in MODES:
-        server = Server(root, mode, key)
-        try:
-            server.wait_ready()
-            asyncio.run(drive(server.url, key, body, 2, 20))  # warm the exposure caches and the code paths
-            for concurrency in (int(c) for c in args.concurrency.split(",")):
-                server_cpu, client_cpu = server.cpu_seconds(), time.process_time()
-                wall, latencies = asyncio.run(drive(server.url, key, body, concurrency, args.requests))
-                server_cpu, client_cpu = server.cpu_seconds() - server_cpu, time.process_time() - client_cpu
-                ms = np.array(latencies) * 1e3
-                print(f"{mode:>13} {concurrency:>5} {len(ms):>8} {len(ms) / wall:>8.1f} {np.percentile(ms, 50):>8.1f} "
-                      f"{np.percentile(ms, 99):>8.1f} {server_cpu / len(ms) * 1e3:>17.1f} {client_cpu / len(ms) * 1e3:>17.1f}")
-        finally:
-            server.stop()
+        for line in load(root, body, mode, [int(c) for c in args.concurrency.split(",")], args.requests):
+            print(line)
+
+
+def load(root: Path, body: dict, mode: str, concurrencies: list[int], requests: int, **settings: str):
+    """Serve ``root`` in ``mode`` (``settings``: extra FORCEDPHOT_* variables) and drive it at
+    each concurrency; yields one line of :data:`LOAD_HEADER` per concurrency."""
+    key = secrets.token_hex(16)
+    server = Server(root, mode, key, **settings)
+    try:
+        server.wait_ready()
+        asyncio.run(drive(server.url, key, body, 2, 20))  # warm the exposure caches and the code paths
+        for concurrency in concurrencies:
+            server_cpu, client_cpu = server.cpu_seconds(), time.process_time()
+            wall, latencies = asyncio.run(drive(server.url, key, body, concurrency, requests))
+            server_cpu, client_cpu = server.cpu_seconds() - server_cpu, time.process_time() - client_cpu
+            ms = np.array(latencies) * 1e3
+            yield (f"{mode:>13} {concurrency:>5} {len(ms):>8} {len(ms) / wall:>8.1f} {np.percentile(ms, 50):>8.1f} "
+                   f"{np.percentile(ms, 99):>8.1f} {server_cpu / len(ms) * 1e3:>17.1f} {client_cpu / len(ms) * 1e3:>17.1f}")
+    finally:
+        server.stop()
 
 
 if __name__ == "__main__":

@@ -16,12 +16,13 @@ import json
 import os
 from pathlib import Path
 import tomllib
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
+from forcedphot.photometry.backend import BackendName
 from forcedphot.photometry.config import DEFAULT_BATCH_BYTES
 from forcedphot.photometry.exposure import DEFAULT_LIMITS, ExposureLimits
 from forcedphot.serving.repository import DEFAULT_PATH_TEMPLATE
@@ -51,7 +52,7 @@ class Settings(BaseSettings):
         default_factory=list, description="directories exposures are served from; none: demo mode")
     path_template: str = Field(DEFAULT_PATH_TEMPLATE, description="data id -> path inside a root; fields visit, detector, datasetType")
     api_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list, description="accepted bearer tokens")
-    backend: Literal["auto", "numpy", "cupy"] = "auto"
+    backend: BackendName = Field("auto", description="auto (CuPy when a CUDA device answers), numpy, cupy, or stand-in (CI's stand-in device)")
     batch_bytes: int = Field(DEFAULT_BATCH_BYTES, gt=0, description="memory bound of one cutout batch")
     cache_bytes: int = Field(2048 * MiB, ge=0, description=(
         "exposure cache size (pixels held in memory); the measurement processes share it out, and jobs, "

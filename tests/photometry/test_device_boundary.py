@@ -17,11 +17,12 @@ from forcedphot.photometry.config import MeasurementConfig
 from forcedphot.photometry.exposure import open_exposure
 from forcedphot.photometry.measure import measure, stays_on_device
 from forcedphot.photometry.objects import read_objects
-from forcedphot.photometry.psf_models import GaussianPsf
+from forcedphot.photometry.psf_models import GaussianPsf, ImagePsf, PsfexPsf
 from forcedphot.photometry.runner import KernelRunner, run_directly
 from forcedphot.serving.batching import KernelBatcher
 from forcedphot.serving.exposure_cache import ExposureCache
 
+DATA = Path(__file__).resolve().parents[1] / "data"
 SIZE = 600  # demo detector side, px
 PLANE_BYTES = SIZE * SIZE * 12  # image + variance (float32) + mask (int32)
 UPLOADS_PER_FULL_CALL = 3  # packed windows and positions, PSF stamp centres, annulus pixel indices
@@ -173,3 +174,27 @@ def test_a_kernel_without_the_hosts_windows_reads_scalars_on_the_stand_in_device
     pixel_flags(to(np.zeros((2, 9, 9), np.int32)), to(np.ones((2, 9, 9), bool)), to(np.array([4.0, 4.2])), to(np.array([4.0, 3.9])),
                 to(np.array([2.0, 2.0])), {"edge": 4})
     assert backend.counts.since(before).scalar_reads > 0
+
+
+def _archive_psf(name: str):
+    from forcedphot.photometry.psf_choice import choose_psf
+
+    with open_exposure(DATA / "lsst" / name) as exposure:
+        return choose_psf(exposure, name)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: GaussianPsf(3.5),
+    lambda: ImagePsf(GaussianPsf(2.5, stamp_size=15).stamps(np.array([7.0]), np.array([7.0]), np)[0]),
+    lambda: PsfexPsf.from_file(str(DATA / "des" / "DECam_00154912_12_psfcat.psf")),
+    lambda: _archive_psf("meas_base_exposure.fits"),  # GaussianPsf
+    lambda: _archive_psf("meas_modelfit_calexp.fits"),  # PcaPsf
+    lambda: _archive_psf("piff/exp.fits"),  # PiffPsf: drawn on the host, its stamps uploaded
+], ids=["gaussian", "image", "psfex", "afw-gaussian", "afw-pca", "afw-piff"])
+def test_every_psf_model_makes_its_stamps_on_the_device(make):
+    psf, backend = make(), select_backend("stand-in")
+    x, y = np.array([10.2, 55.7, 80.0]), np.array([12.9, 40.5, 70.3])
+    before = backend.counts.snapshot()
+    on_device = psf.stamps(x, y, backend.xp, backend.to_device)
+    assert backend.counts.since(before).scalar_reads == 0
+    np.testing.assert_allclose(backend.to_host(on_device), psf.stamps(x, y, np), rtol=1e-12, atol=1e-15)
