@@ -111,7 +111,7 @@ class ExposureCache:
         self.max_bytes = int(max_bytes)
         self.limits = limits
         self.device = backend if backend is not None and backend.name != "numpy" else None
-        self._entries: OrderedDict[tuple, InMemoryExposure] = OrderedDict()
+        self._entries: OrderedDict[tuple, tuple[InMemoryExposure, int]] = OrderedDict()  # entry, bytes when stored
         self._loading: dict[tuple, Future] = {}
         self._lock = threading.Lock()
         self._bytes = 0
@@ -144,10 +144,10 @@ class ExposureCache:
 
     def _get(self, key: tuple, path: Path, name: str) -> tuple[InMemoryExposure | None, str]:
         with self._lock:
-            entry = self._entries.get(key)
-            if entry is not None:
+            stored = self._entries.get(key)
+            if stored is not None:
                 self._entries.move_to_end(key)
-                return entry, "hit"
+                return stored[0], "hit"
             future = self._loading.get(key)
             leader = future is None
             if leader:
@@ -180,12 +180,15 @@ class ExposureCache:
         return entry
 
     def _store(self, key: tuple, entry: InMemoryExposure) -> None:
-        """Insert under the lock, evicting least recently used entries to make room."""
-        while self._entries and self._bytes + entry.nbytes > self.max_bytes:
-            _, evicted = self._entries.popitem(last=False)
-            self._bytes -= evicted.nbytes
-        self._entries[key] = entry
-        self._bytes += entry.nbytes
+        """Insert under the lock, evicting least recently used entries to make room. An
+        entry counts the bytes it held when stored (a caller that later copies it to a
+        device other than the cache's own is not accounted)."""
+        size = entry.nbytes
+        while self._entries and self._bytes + size > self.max_bytes:
+            _, (_, evicted_size) = self._entries.popitem(last=False)
+            self._bytes -= evicted_size
+        self._entries[key] = (entry, size)
+        self._bytes += size
 
 
 
