@@ -28,7 +28,8 @@ from forcedphot.serving.batching import KernelBatcher
 from forcedphot.serving.executor import LightCurveTask, MeasureService
 from forcedphot.serving.exposure_cache import ExposureCache
 from forcedphot.serving.index import ExposureIndex, RefreshReport
-from forcedphot.serving.jobs import STORE_ERRORS, IdempotencyConflict, Job, JobLimitReached, JobRunner, JobStore, job_spec, store_error_reason
+from forcedphot.serving.job_store import STORE_ERRORS, IdempotencyConflict, Job, JobLimitReached, JobStore, store_error_reason
+from forcedphot.serving.jobs import JobRunner, job_spec
 from forcedphot.serving.lightcurves import plan_lightcurves
 from forcedphot.serving.repository import Repository
 
@@ -63,7 +64,8 @@ class ServiceRuntime:
         self.runner: JobRunner | None = None
         self._jobs_error: str | None = None  # why jobs are unavailable (degraded mode)
         try:
-            self._jobs = JobStore(settings.data_dir / "jobs")
+            url = settings.database_url.get_secret_value() if settings.database_url else None
+            self._jobs = JobStore(settings.data_dir / "jobs", url)
         except STORE_ERRORS as exc:  # sync measurement still works; jobs answer 503
             self._jobs_error = f"the job store cannot be opened ({store_error_reason(exc)})"
             log.error("jobs unavailable, measuring requests only: %s", self._jobs_error)

@@ -7,7 +7,7 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from forcedphot.photometry.psf_models import MAX_PSF_FWHM_PX, MIN_PSF_FWHM_PX
-from forcedphot.serving.jobs import JobError, JobProgress, JobStatus
+from forcedphot.serving.job_store import JobError, JobProgress, JobStatus
 from forcedphot.serving.repository import ExposureRef, UriRef
 
 __all__ = ["Health", "JobError", "JobExposure", "JobList", "JobProgress", "JobRequest", "JobStatus", "LightCurveRequest", "MeasureOptions",

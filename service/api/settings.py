@@ -52,6 +52,9 @@ class Settings(BaseSettings):
         default_factory=list, description="directories exposures are served from; none: demo mode")
     path_template: str = Field(DEFAULT_PATH_TEMPLATE, description="data id -> path inside a root; fields visit, detector, datasetType")
     api_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list, description="accepted bearer tokens")
+    database_url: SecretStr | None = Field(None, description=(
+        "PostgreSQL URL (postgresql://user:password@host:port/database) of a job store shared by replicas; "
+        "none: SQLite in data_dir"))
     backend: BackendName = Field("auto", description="auto (CuPy when a CUDA device answers), numpy, cupy, or stand-in (CI's stand-in device)")
     batch_bytes: int = Field(DEFAULT_BATCH_BYTES, gt=0, description="memory bound of one cutout batch")
     cache_bytes: int = Field(2048 * MiB, ge=0, description=(
@@ -112,6 +115,13 @@ class Settings(BaseSettings):
             raise ValueError(f"path_template {template!r} must be a relative path without '..'")
         return template
 
+    @field_validator("database_url")
+    @classmethod
+    def _postgresql_url(cls, url: SecretStr | None) -> SecretStr | None:
+        if url is not None and not url.get_secret_value().startswith(("postgresql://", "postgres://")):
+            raise ValueError("database_url must be a PostgreSQL URL: postgresql://user:password@host:port/database")
+        return url
+
     @model_validator(mode="after")
     def _keys_outside_demo(self) -> Settings:
         if not self.demo_mode and not self.api_keys:
@@ -139,7 +149,8 @@ class Settings(BaseSettings):
 
     def public(self) -> dict[str, Any]:
         """The settings safe to show a client (no keys, no server paths)."""
-        shown = self.model_dump(mode="json", exclude={"api_keys", "config_file", "data_dir", "repository_roots"})
+        shown = self.model_dump(mode="json", exclude={"api_keys", "config_file", "data_dir", "repository_roots", "database_url"})
+        shown["job_store"] = "postgresql" if self.database_url else "sqlite"
         shown["auth"] = "api-key" if self.api_keys else "none"
         shown["demo_mode"] = self.demo_mode
         return shown

@@ -12,7 +12,7 @@ import pytest
 from service_helpers import AUTH, FWHM, VISIT, data_id, settings_for, wait_until
 
 from forcedphot.api.app import create_app
-from forcedphot.serving.jobs import PARTIAL_RESULT, JobStore
+from forcedphot.serving.job_store import PARTIAL_RESULT, JobStore
 
 
 def job_body(*exposures):

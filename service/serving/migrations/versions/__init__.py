@@ -1,0 +1,1 @@
+"""Alembic revisions, oldest first (Alembic reads them by their ``revision`` ids)."""
