@@ -24,3 +24,25 @@ def repo(tmp_path_factory):
     from service_helpers import make_repository
 
     return make_repository(tmp_path_factory.mktemp("repo"))
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A PostgreSQL server for the session (skipped, saying why, where its programs are absent)."""
+    from postgres_helpers import PostgresServer, postgres_bin
+
+    bin_dir = postgres_bin()
+    if bin_dir is None:
+        pytest.skip("PostgreSQL's initdb and postgres are not installed (Debian: apt-get install postgresql)")
+    server = PostgresServer(bin_dir).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def job_database(request) -> str | None:
+    """The job store's database for a test run on both: None (SQLite in the data
+    directory) or the URL of a fresh PostgreSQL database."""
+    if request.param == "sqlite":
+        return None
+    return request.getfixturevalue("postgres").new_database()
