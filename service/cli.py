@@ -1,4 +1,4 @@
-"""Command line: ``forcedphot measure``, ``lightcurve``, ``index``, ``demo``, ``serve``.
+"""Command line: ``forcedphot measure``, ``lightcurve``, ``campaign``, ``index``, ``demo``, ``serve``.
 
 Errors in the caller's input (tables, FITS files, PSF files, options) print one line
 naming the problem and exit with code 2; nothing prints a traceback for them.
@@ -7,6 +7,7 @@ naming the problem and exit with code 2; nothing prints a traceback for them.
 import argparse
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
+import os
 from pathlib import Path
 import sys
 import time
@@ -135,16 +136,13 @@ def _index(args: argparse.Namespace) -> int:
     return 0
 
 
-def _lightcurve(args: argparse.Namespace) -> int:
+def _plan(args: argparse.Namespace):
+    """The light-curve plan of ``lightcurve`` and ``campaign``: (objects, index, refresh report, task)."""
     import pandas as pd
 
     from forcedphot.photometry.objects import validate_objects
-    from forcedphot.serving.executor import MeasureService
-    from forcedphot.serving.exposure_cache import ExposureCache
     from forcedphot.serving.lightcurves import plan_lightcurves
 
-    start = time.perf_counter()
-    output_format(args.output)
     if args.objects:
         objects = read_objects(args.objects)
     elif args.ra is not None and args.dec is not None:
@@ -155,6 +153,17 @@ def _lightcurve(args: argparse.Namespace) -> int:
                                extra_columns=args.extra_columns)
     index, report = _open_index(args)
     task = plan_lightcurves(index, objects, config, mjd_min=args.mjd_min, mjd_max=args.mjd_max, bands=args.band, psf_fwhm=args.psf_fwhm)
+    return objects, index, report, task
+
+
+def _lightcurve(args: argparse.Namespace) -> int:
+    from forcedphot.serving.executor import MeasureService
+    from forcedphot.serving.exposure_cache import ExposureCache
+
+    start = time.perf_counter()
+    output_format(args.output)
+    objects, index, report, task = _plan(args)
+    config = task.config
     service = MeasureService(ExposureCache(0), select_backend(config.backend), threads=1)
     try:
         result = service.run_lightcurves(task)
@@ -175,6 +184,26 @@ def _lightcurve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _campaign(args: argparse.Namespace) -> int:
+    from forcedphot.serving.campaign import run_campaign
+
+    objects, index, report, task = _plan(args)
+    print(f"{len(objects)} objects on {len(task.epochs)} covering exposures ({index.count()} indexed; {report.added + report.updated} "
+          f"read now)")
+
+    def progress(done: int, total: int) -> None:
+        print(f"\r  {done}/{total} exposures", end="", file=sys.stderr, flush=True)
+
+    result = run_campaign(task, Path(args.output), where=args.where, scheduler=args.scheduler, workers=args.workers,
+                          retries=args.retries, progress=progress)
+    print(file=sys.stderr)
+    print(f"{result.rows} measurements in {result.partitions} partitions -> {args.output} in {result.seconds:.2f} s "
+          f"({result.pairs / max(result.seconds, 1e-9):.0f} object-exposures/s; {result.where})")
+    for error in result.errors:
+        print(f"  not measured: {error['exposure']}: {error['detail']}", file=sys.stderr)
+    return 0
+
+
 def _serve(args: argparse.Namespace) -> int:
     from forcedphot.api.server import run_server
 
@@ -185,6 +214,22 @@ def _repository_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("repository", help="repository root directory")
     parser.add_argument("--template", default=DEFAULT_PATH_TEMPLATE, help=f"path template of the files (default {DEFAULT_PATH_TEMPLATE})")
     parser.add_argument("--index", help=f"index file (default REPOSITORY/{DEFAULT_INDEX}); re-running adds new and changed files only")
+
+
+def _plan_arguments(c: argparse.ArgumentParser) -> None:
+    """What ``lightcurve`` and ``campaign`` measure."""
+    _repository_arguments(c)
+    where = c.add_argument_group("what to measure (--objects, or --ra and --dec)")
+    where.add_argument("--objects", help="DiaObject table: parquet, CSV or JSON with diaObjectId, ra, dec (deg)")
+    where.add_argument("--ra", type=float, help="right ascension of one position, deg (diaObjectId 0)")
+    where.add_argument("--dec", type=float, help="declination of one position, deg")
+    c.add_argument("--mjd-min", type=float, help="earliest exposure midpoint, MJD (TAI)")
+    c.add_argument("--mjd-max", type=float, help="latest exposure midpoint, MJD (TAI)")
+    c.add_argument("--band", action="append", help="only this band (repeat for several)")
+    c.add_argument("--psf-fwhm", type=float, help="Gaussian PSF FWHM, pixels (default: each exposure's PSF_FWHM keyword)")
+    c.add_argument("--apertures", type=_radii, help="aperture radii in pixels, e.g. 3,6,12 (default 3,4.5,6,9,12)")
+    c.add_argument("--backend", choices=get_args(BackendName), default="auto", help="array backend (default auto)")
+    c.add_argument("--extra-columns", action="store_true", help=EXTRA_HELP)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -232,21 +277,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = command("lightcurve", "measure objects on every indexed exposure that covers them",
                 "forcedphot lightcurve survey --ra 150.1 --dec 2.2 --band g --band r -o lc.parquet --plot lc.png")
-    _repository_arguments(c)
-    where = c.add_argument_group("what to measure (--objects, or --ra and --dec)")
-    where.add_argument("--objects", help="DiaObject table: parquet, CSV or JSON with diaObjectId, ra, dec (deg)")
-    where.add_argument("--ra", type=float, help="right ascension of one position, deg (diaObjectId 0)")
-    where.add_argument("--dec", type=float, help="declination of one position, deg")
-    c.add_argument("--mjd-min", type=float, help="earliest exposure midpoint, MJD (TAI)")
-    c.add_argument("--mjd-max", type=float, help="latest exposure midpoint, MJD (TAI)")
-    c.add_argument("--band", action="append", help="only this band (repeat for several)")
-    c.add_argument("--psf-fwhm", type=float, help="Gaussian PSF FWHM, pixels (default: each exposure's PSF_FWHM keyword)")
-    c.add_argument("--apertures", type=_radii, help="aperture radii in pixels, e.g. 3,6,12 (default 3,4.5,6,9,12)")
-    c.add_argument("--backend", choices=get_args(BackendName), default="auto", help="array backend (default auto)")
+    _plan_arguments(c)
     c.add_argument("-o", "--output", required=True, help=f"table to write, one row per measurement; the suffix picks the format ({formats})")
-    c.add_argument("--extra-columns", action="store_true", help=EXTRA_HELP)
     c.add_argument("--plot", help="also draw the light curves (flux vs time per band) to this PNG")
     c.set_defaults(run=_lightcurve)
+
+    k = command("campaign", "measure many objects on every covering exposure, one task per exposure, on Dask",
+                "FORCEDPHOT_DASK_SCHEDULER=tcp://scheduler:8786 forcedphot campaign survey --objects objects.parquet -o lc-dataset")
+    _plan_arguments(k)
+    k.add_argument("-o", "--output", required=True, help="new folder for the parquet dataset (one partition per exposure)")
+    k.add_argument("--where", choices=("dask", "local"), default="dask",
+                   help="dask ($FORCEDPHOT_DASK_SCHEDULER, else a LocalCluster) or a local process pool (default dask)")
+    k.add_argument("--scheduler", help="Dask scheduler address (default: $FORCEDPHOT_DASK_SCHEDULER, else a LocalCluster)")
+    k.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="LocalCluster workers or local processes (default: one per core)")
+    k.add_argument("--retries", type=int, default=2, help="times a failed task is run again (default 2)")
+    k.set_defaults(run=_campaign)
 
     s = command("serve", "run the HTTP service (an embedded demo repository when none is given)",
                 "FORCEDPHOT_API_KEYS=$(openssl rand -hex 16) forcedphot serve --repository /data/repo --port 8000")

@@ -1,0 +1,110 @@
+"""Campaigns: one task per exposure on a Dask LocalCluster (2 workers) or a local process
+pool give the light-curve catalog measured in one process; failed tasks are retried, and
+those out of retries, like unreadable exposures, are named, never dropped."""
+
+from pathlib import Path
+
+import pandas as pd
+import pyarrow.dataset as ds
+import pytest
+
+from forcedphot.demo.survey import make_demo_survey
+from forcedphot.photometry.backend import select_backend
+from forcedphot.photometry.config import MeasurementConfig
+from forcedphot.photometry.objects import read_objects
+from forcedphot.serving.campaign import MANIFEST, measure_epoch, run_campaign
+from forcedphot.serving.executor import MeasureService
+from forcedphot.serving.exposure_cache import ExposureCache
+from forcedphot.serving.index import ExposureIndex
+from forcedphot.serving.lightcurves import plan_lightcurves
+from forcedphot.serving.repository import DEFAULT_PATH_TEMPLATE
+
+KEYS = ["diaObjectId", "visit"]
+
+
+@pytest.fixture(scope="module")
+def plan(tmp_path_factory):
+    root = tmp_path_factory.mktemp("campaign-survey")
+    make_demo_survey(root, visits=6, size=256, n_objects=60, seed=11)
+    index = ExposureIndex(root / "index.sqlite")
+    index.refresh([root], DEFAULT_PATH_TEMPLATE)
+    objects = read_objects(root / "diaObjects.parquet")
+    return plan_lightcurves(index, objects, MeasurementConfig(backend="numpy"), psf_fwhm=3.5)
+
+
+@pytest.fixture(scope="module")
+def in_one_process(plan) -> pd.DataFrame:
+    service = MeasureService(ExposureCache(0), select_backend("numpy"), threads=1)
+    try:
+        return _sorted(service.run_lightcurves(plan).table.to_pandas())
+    finally:
+        service.close()
+
+
+def _sorted(frame: pd.DataFrame) -> pd.DataFrame:
+    return frame.drop(columns=["timeProcessedMjdTai"]).sort_values(KEYS).reset_index(drop=True)
+
+
+def _dataset(folder: Path) -> pd.DataFrame:
+    return _sorted(ds.dataset(folder, format="parquet").to_table().to_pandas())
+
+
+@pytest.mark.parametrize("where", ["dask", "local"])
+def test_a_campaign_equals_the_light_curves_measured_in_one_process(plan, in_one_process, tmp_path, where):
+    seen = []
+    report = run_campaign(plan, tmp_path / "out", where=where, workers=2, progress=lambda done, total: seen.append((done, total)))
+    assert report.errors == [] and report.epochs == len(plan.epochs) == 6
+    assert report.partitions == 6 and report.rows == len(in_one_process) > 100
+    assert seen[-1] == (6, 6) and len(seen) == 6
+    assert (where == "dask") == report.where.startswith("dask LocalCluster, 2 workers")
+    pd.testing.assert_frame_equal(_dataset(tmp_path / "out"), in_one_process)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir())[0] == MANIFEST
+
+
+def fails_once_on_task_1(job):
+    """Raises the first time task 1 runs (a marker beside its partition remembers)."""
+    marker = Path(job.path).parent.with_name(Path(job.path).name + ".tried")
+    if job.number == 1 and not marker.exists():
+        marker.touch()
+        raise OSError("the worker's disk hiccupped")
+    return measure_epoch(job)
+
+
+def always_fails_on_task_2(job):
+    if job.number == 2:
+        raise RuntimeError("this exposure's task always fails")
+    return measure_epoch(job)
+
+
+@pytest.mark.parametrize("where", ["dask", "local"])
+def test_failed_tasks_are_retried_and_those_out_of_retries_are_named(plan, in_one_process, tmp_path, where):
+    retried = run_campaign(plan, tmp_path / "retried", where=where, workers=2, retries=1, measure=fails_once_on_task_1)
+    assert retried.errors == [] and (tmp_path / "part-000001.parquet.tried").exists()
+    pd.testing.assert_frame_equal(_dataset(tmp_path / "retried"), in_one_process)
+
+    failing = run_campaign(plan, tmp_path / "failing", where=where, workers=2, retries=1, measure=always_fails_on_task_2)
+    (error,) = failing.errors
+    assert error["exposure"] == (plan.epochs[2].difference or plan.epochs[2].science).label
+    assert "task 2 failed 2 times: RuntimeError: this exposure's task always fails" in error["detail"]
+    assert failing.partitions == 5 and not (tmp_path / "failing" / "part-000002.parquet").exists()
+    assert '"errors": [' in (tmp_path / "failing" / MANIFEST).read_text() and "task 2 failed" in (tmp_path / "failing" / MANIFEST).read_text()
+
+
+def test_an_unreadable_exposure_is_reported_and_the_rest_measured(plan, tmp_path):
+    from dataclasses import replace
+
+    from forcedphot.serving.executor import EpochInput, ExposureInput
+
+    broken = tmp_path / "broken.fits"
+    broken.write_bytes(b"not a FITS file" * 100)
+    first = plan.epochs[0]
+    epochs = [EpochInput(ExposureInput(broken, "visit 0 (damaged)"), None, first.rows), *plan.epochs[1:]]
+    report = run_campaign(replace(plan, epochs=epochs), tmp_path / "out", where="local", workers=2)
+    assert [e["exposure"] for e in report.errors] == ["visit 0 (damaged)"] and report.partitions == 5
+
+
+def test_a_campaign_never_writes_into_a_folder_holding_files(plan, tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("mine")
+    with pytest.raises(ValueError, match="not empty"):
+        run_campaign(plan, tmp_path / "out", where="local")
