@@ -28,6 +28,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 from forcedphot.photometry.config import MeasurementConfig
+from forcedphot.serving.allocator import keep_temporaries_on_heap
 from forcedphot.serving.executor import EpochInput, LightCurveTask, MeasureService
 
 SCHEDULER_VARIABLE = "FORCEDPHOT_DASK_SCHEDULER"
@@ -80,6 +81,7 @@ def measure_epoch(job: EpochJob) -> dict[str, Any]:
 
     service = _SERVICES.get(job.config.backend)
     if service is None:  # one per worker process and backend: its file handles stay open between tasks
+        keep_temporaries_on_heap()  # as the service's measurement processes do
         service = _SERVICES[job.config.backend] = MeasureService(ExposureCache(0), select_backend(job.config.backend), threads=1)
     epoch = EpochInput(job.epoch.science, job.epoch.difference, np.arange(len(job.objects)))
     result = service.run_lightcurves(LightCurveTask([epoch], job.objects, job.config, job.psf_fwhm))
