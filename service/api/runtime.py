@@ -73,7 +73,8 @@ class ServiceRuntime:
             self.runner = JobRunner(self._jobs, self.service, workers=settings.job_workers,
                                     heartbeat_seconds=settings.job_heartbeat_seconds, stale_seconds=settings.job_stale_seconds,
                                     max_attempts=settings.job_max_attempts,
-                                    on_finished=lambda state: self.metrics.jobs.labels(state).inc())
+                                    on_finished=lambda state: self.metrics.jobs.labels(state).inc(),
+                                    dask_scheduler=settings.dask_scheduler)
         self.upload_dir = settings.data_dir / "uploads"
         self.demo_visits: list[DemoVisitId] = []
         self._processes_ready = self.service.processes == 0

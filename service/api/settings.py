@@ -55,6 +55,8 @@ class Settings(BaseSettings):
     database_url: SecretStr | None = Field(None, description=(
         "PostgreSQL URL (postgresql://user:password@host:port/database) of a job store shared by replicas; "
         "none: SQLite in data_dir"))
+    dask_scheduler: str | None = Field(None, description=(
+        "Dask scheduler address (tcp://host:8786): light-curve jobs run there, one task per exposure; none: in the server"))
     backend: BackendName = Field("auto", description="auto (CuPy when a CUDA device answers), numpy, cupy, or stand-in (CI's stand-in device)")
     batch_bytes: int = Field(DEFAULT_BATCH_BYTES, gt=0, description="memory bound of one cutout batch")
     cache_bytes: int = Field(2048 * MiB, ge=0, description=(

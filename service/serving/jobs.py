@@ -19,8 +19,10 @@ import time
 from typing import Any
 import uuid
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.dataset as ds
 
 from forcedphot.photometry.config import MeasurementConfig
 from forcedphot.photometry.exposure import ExposureError
@@ -28,7 +30,8 @@ from forcedphot.photometry.formats import encode_catalog
 from forcedphot.photometry.lightcurve import sort_lightcurves
 from forcedphot.photometry.objects import InputError
 from forcedphot.photometry.psf_models import PsfError
-from forcedphot.serving.executor import ExposureInput, MeasureService, MeasureTask
+from forcedphot.serving.campaign import run_campaign
+from forcedphot.serving.executor import EpochInput, ExposureInput, LightCurveTask, MeasureService, MeasureTask
 from forcedphot.serving.job_store import STORE_ERRORS, Job, JobStore, store_error_reason
 
 log = logging.getLogger("forcedphot.serving.jobs")
@@ -63,8 +66,12 @@ class JobRunner:
     """
 
     def __init__(self, store: JobStore, service: MeasureService, *, workers: int, heartbeat_seconds: float,
-                 stale_seconds: float, max_attempts: int, on_finished=None, max_backoff_seconds: float = 30.0):
+                 stale_seconds: float, max_attempts: int, on_finished=None, max_backoff_seconds: float = 30.0,
+                 dask_scheduler: str | None = None):
+        """``dask_scheduler``: the address of a Dask scheduler that light-curve jobs run on
+        as campaigns (one task per exposure); None: every job runs in this process."""
         self.store, self.service = store, service
+        self.dask_scheduler = dask_scheduler
         self.workers, self.heartbeat, self.stale, self.max_attempts = workers, heartbeat_seconds, stale_seconds, max_attempts
         self.max_backoff = max_backoff_seconds
         self.owner = uuid.uuid4().hex
@@ -180,18 +187,17 @@ class JobRunner:
         if self._stop.is_set() or job_id in self._deleted:
             raise _Stop
 
-    def _run(self, job: Job) -> None:
+    def _measure_here(self, job: Job, objects: pd.DataFrame, config: MeasurementConfig) -> tuple[list, list, list]:
+        """Every exposure of the job in this process, one after the other: (catalogs,
+        provenances, errors)."""
         spec = job.spec
-        config = MeasurementConfig(**spec["config"])
-        objects = pd.read_parquet(self.store.objects_path(job.id))
         n = len(spec["exposures"])
         catalogs, provenances, errors = [], [], []
         for i, item in enumerate(spec["exposures"]):
             self._check(job.id)
-            science = ExposureInput(Path(item["science"]["path"]), item["science"]["label"])
-            difference = ExposureInput(Path(item["difference"]["path"]), item["difference"]["label"]) if item["difference"] else None
-            psf = ExposureInput(Path(item["psf"]["path"]), item["psf"]["label"]) if item.get("psf") else None
-            task = MeasureTask(science=science, difference=difference, objects=objects, config=config, psf_fwhm=spec["psf_fwhm"], psf=psf)
+            science, difference = _input(item["science"]), _input(item["difference"])
+            task = MeasureTask(science=science, difference=difference, objects=objects, config=config, psf_fwhm=spec["psf_fwhm"],
+                               psf=_input(item.get("psf")))
             last = [0.0]
 
             def progress(done: int, total: int, i: int = i) -> None:
@@ -213,6 +219,38 @@ class JobRunner:
             provenances.append(outcome.measurement.provenance)
             self._progress_made(job.id)
             self._retrying("recording progress", self.store.progress, job.id, self.owner, i + 1, (i + 1) / n)
+        return catalogs, provenances, errors
+
+    def _measure_on_dask(self, job: Job, objects: pd.DataFrame, config: MeasurementConfig) -> tuple[list, list, list]:
+        """A light-curve job as a campaign on the Dask scheduler: one task per exposure,
+        partitions in the job's folder, progress as exposures finish."""
+        spec = job.spec
+        every = np.arange(len(objects))  # each exposure measures the objects it covers
+        epochs = [EpochInput(_input(item["science"]), _input(item["difference"]), every) for item in spec["exposures"]]
+        folder = self.store.job_dir(job.id) / "dataset"
+        shutil.rmtree(folder, ignore_errors=True)  # a rerun starts afresh
+
+        def progress(done: int, total: int) -> None:
+            self._check(job.id)
+            self._progress_made(job.id)
+            try:
+                self.store.progress(job.id, self.owner, done, done / max(total, 1))
+            except STORE_ERRORS as exc:
+                log.warning("job store: recording progress failed: %s", store_error_reason(exc))
+
+        report = run_campaign(LightCurveTask(epochs, objects, config, spec["psf_fwhm"]), folder, where="dask",
+                              scheduler=self.dask_scheduler, progress=progress)
+        catalogs = [ds.dataset(folder, format="parquet").to_table()] if report.rows else []
+        shutil.rmtree(folder, ignore_errors=True)
+        return catalogs, [{"campaign": report.manifest()}], report.errors
+
+    def _run(self, job: Job) -> None:
+        spec = job.spec
+        config = MeasurementConfig(**spec["config"])
+        objects = pd.read_parquet(self.store.objects_path(job.id))
+        on_dask = self.dask_scheduler is not None and spec.get("order") == "lightcurve" and not any(i.get("psf") for i in spec["exposures"])
+        measure_all = self._measure_on_dask if on_dask else self._measure_here
+        catalogs, provenances, errors = measure_all(job, objects, config)
         self._check(job.id)
         rows = None
         if catalogs:
@@ -228,3 +266,8 @@ class JobRunner:
             self.on_finished(state)
         elif job.id in self._deleted:
             shutil.rmtree(self.store.job_dir(job.id), ignore_errors=True)
+
+
+def _input(side: dict[str, str] | None) -> ExposureInput | None:
+    """An exposure of a stored job spec (see :func:`job_spec`)."""
+    return None if side is None else ExposureInput(Path(side["path"]), side["label"])

@@ -3,10 +3,12 @@ equal to the CLI's, a large request accepted as a job, coverage listings, and a
 repository laid out by another template and written by other code."""
 
 import io
+import json
 
 from fastapi.testclient import TestClient
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 from scenes import render_stars, sip_wcs, write_exposure
 from service_helpers import AUTH, settings_for, wait_until
@@ -180,3 +182,33 @@ def test_any_repository_laid_out_by_a_template(tmp_path):
     table = pd.read_csv(out, comment="#")
     assert list(table["visit"]) == [10, 11, 12, 13, 14]
     np.testing.assert_allclose(table["psfFlux_instFlux"], 1000.0 * np.arange(1, 6), rtol=0.02)
+
+
+def test_a_light_curve_job_runs_on_a_dask_cluster_with_the_same_rows(survey, tmp_path, client):
+    """With a Dask scheduler configured, a light-curve job runs as a campaign there (one task
+    per exposure, 2 workers) and its result equals the one measured in the server."""
+    from distributed import LocalCluster
+
+    body = {"objects": survey["objects"].head(40).to_dict(orient="records")}
+    here = client.post("/v1/lightcurves", json=body)
+    assert here.status_code == 202
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        settings = settings_for(survey["root"], tmp_path, max_lightcurve_pairs=400, dask_scheduler=cluster.scheduler_address)
+        with TestClient(create_app(settings), headers=AUTH) as on_dask:
+            wait_until(lambda: on_dask.get("/v1/exposures", params={"ra": 150.1, "dec": 2.2}).status_code == 200, timeout=30)
+            accepted = on_dask.post("/v1/lightcurves", json=body)
+            status = wait_until(lambda: (s := on_dask.get(accepted.headers["location"]).json())["state"] in ("succeeded", "failed") and s,
+                                timeout=120)
+            content = on_dask.get(status["result"]).content
+    result = pd.read_parquet(io.BytesIO(content))
+    provenance = json.loads(pq.read_schema(io.BytesIO(content)).metadata[b"forcedphot"])
+    expected_status = wait_until(lambda: (s := client.get(here.headers["location"]).json())["state"] in ("succeeded", "failed") and s,
+                                 timeout=120)
+    expected = pd.read_parquet(io.BytesIO(client.get(expected_status["result"]).content))
+    assert status["state"] == "succeeded" and status["errors"] == [] and status["progress"]["fraction"] == 1.0
+    assert status["progress"]["exposures_total"] == expected_status["progress"]["exposures_total"] > 5
+    pd.testing.assert_frame_equal(_sorted(result), _sorted(expected), check_dtype=False)
+    ordered = result[["diaObjectId", "midpointMjdTai"]].to_numpy()
+    assert (np.lexsort((ordered[:, 1], ordered[:, 0])) == np.arange(len(ordered))).all()
+    (campaign,) = provenance["exposures"]  # measured as one campaign, on the cluster's two workers
+    assert campaign["campaign"]["where"] == f"dask {cluster.scheduler_address}, 2 workers" and campaign["campaign"]["epochs"] > 5
