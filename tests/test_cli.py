@@ -196,7 +196,7 @@ def test_every_option_has_help_and_every_command_an_example():
 
     parser = build_parser()
     commands = next(a for a in parser._actions if a.dest == "command").choices
-    assert set(commands) == {"measure", "demo", "index", "lightcurve", "serve"}
+    assert set(commands) == {"measure", "demo", "index", "lightcurve", "campaign", "serve"}
     for name, sub in commands.items():
         assert "example:" in (sub.epilog or ""), name
         for action in sub._actions:

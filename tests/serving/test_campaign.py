@@ -23,9 +23,14 @@ KEYS = ["diaObjectId", "visit"]
 
 
 @pytest.fixture(scope="module")
-def plan(tmp_path_factory):
-    root = tmp_path_factory.mktemp("campaign-survey")
-    make_demo_survey(root, visits=6, size=256, n_objects=60, seed=11)
+def root(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("campaign-survey")
+    make_demo_survey(folder, visits=6, size=256, n_objects=60, seed=11)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def plan(root):
     index = ExposureIndex(root / "index.sqlite")
     index.refresh([root], DEFAULT_PATH_TEMPLATE)
     objects = read_objects(root / "diaObjects.parquet")
@@ -108,3 +113,14 @@ def test_a_campaign_never_writes_into_a_folder_holding_files(plan, tmp_path):
     (tmp_path / "out" / "keep.txt").write_text("mine")
     with pytest.raises(ValueError, match="not empty"):
         run_campaign(plan, tmp_path / "out", where="local")
+
+
+def test_the_campaign_command_writes_the_dataset(root, in_one_process, tmp_path, capsys):
+    from forcedphot.cli import main
+
+    code = main(["campaign", str(root), "--objects", str(root / "diaObjects.parquet"), "-o", str(tmp_path / "lc"),
+                 "--where", "local", "--workers", "2", "--backend", "numpy", "--psf-fwhm", "3.5"])
+    assert code == 0
+    pd.testing.assert_frame_equal(_dataset(tmp_path / "lc"), in_one_process)
+    out = capsys.readouterr().out
+    assert f"{len(in_one_process)} measurements in 6 partitions" in out and "local, 2 processes" in out
