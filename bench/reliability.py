@@ -78,16 +78,13 @@ class Probe:
 
     def measurement_processes(self) -> set[int]:
         """Process ids of the server's measurement processes (Linux /proc)."""
-        found, todo = set(), [self.server.process.pid]
-        while todo:
-            pid = todo.pop()
-            for task in Path(f"/proc/{pid}/task").glob("*"):
-                try:
-                    children = [int(c) for c in (task / "children").read_text().split()]
-                except OSError:
-                    continue
-                todo += children
-                found |= {c for c in children if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes()}
+        found = set()
+        for pid in self.server.processes():
+            try:
+                if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    found.add(pid)
+            except OSError:  # gone meanwhile
+                continue
         return found
 
     def record(self, sent: str, answer: str, seconds: str, good: str) -> None:

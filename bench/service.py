@@ -139,18 +139,28 @@ class Server:
                                         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self.url = f"http://127.0.0.1:{self.port}"
 
-    def cpu_seconds(self) -> float:
-        """CPU time used so far by the server and all its processes (Linux /proc)."""
-        total, todo = 0.0, [self.process.pid]
+    def processes(self) -> list[int]:
+        """The server's process id and those of all its descendants (Linux /proc)."""
+        found, todo = [], [self.process.pid]
         while todo:
             pid = todo.pop()
+            found.append(pid)
+            for task in Path(f"/proc/{pid}/task").glob("*"):
+                try:
+                    todo += [int(c) for c in (task / "children").read_text().split()]
+                except OSError:  # gone meanwhile
+                    continue
+        return found
+
+    def cpu_seconds(self) -> float:
+        """CPU time used so far by the server and all its processes (Linux /proc)."""
+        total = 0.0
+        for pid in self.processes():
             try:
                 fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-                total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-                for task in Path(f"/proc/{pid}/task").iterdir():
-                    todo += [int(c) for c in (task / "children").read_text().split()]
             except OSError:  # gone meanwhile
                 continue
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
         return total
 
     def wait_ready(self, timeout: float = 60.0) -> None:

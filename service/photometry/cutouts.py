@@ -21,6 +21,7 @@ Beyond the image edge the image and variance are NaN, the mask holds the NO_DATA
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+import threading
 from typing import Any, Protocol
 
 import numpy as np
@@ -34,6 +35,7 @@ from forcedphot.photometry.lsst_fits import AFW_DEFAULT_MASK_PLANES
 # plus the float64 working arrays the kernels create for it (about ten).
 BYTES_PER_STAGED_PIXEL = 4 + 4 + 4 + 1 + 10 * 8
 BYTES_PER_BAND_PIXEL = 13  # a band of rows read on the host: the three planes and padding
+BYTES_PER_PLANE_PIXEL = 4 + 4 + 4  # an exposure's float32 image, float32 variance, int32 mask
 
 
 class RowReader(Protocol):
@@ -93,6 +95,32 @@ def upload_planes(reader: RowReader, mask_planes: dict[str, int], backend: Backe
             for plane, dtype in zip((image, variance, mask), (np.float32, np.float32, np.int32))]
     return ResidentPlanes(*(backend.to_device(plane) for plane in host), no_data=1 << no_data_bit(mask_planes),
                           nbytes=sum(plane.nbytes for plane in host))
+
+
+class DeviceCopies:
+    """An exposure's planes on each backend's device, copied once however many threads ask."""
+
+    def __init__(self) -> None:
+        self._planes: dict[str, ResidentPlanes] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def nbytes(self) -> int:
+        """Device bytes held."""
+        return sum(planes.nbytes for planes in self._planes.values())
+
+    def get(self, reader: RowReader, mask_planes: dict[str, int], backend: Backend, upload: bool) -> ResidentPlanes | None:
+        """The planes of ``reader`` on ``backend``'s device: copied at the first call with
+        ``upload``; None when they are not there and ``upload`` is False."""
+        with self._lock:
+            if backend.name not in self._planes and upload:
+                self._planes[backend.name] = upload_planes(reader, mask_planes, backend)
+            return self._planes.get(backend.name)
+
+    def clear(self) -> None:
+        """Drop every device copy."""
+        with self._lock:
+            self._planes.clear()
 
 
 def objects_per_batch(size: int, batch_bytes: int) -> int:

@@ -58,7 +58,7 @@ import numpy as np
 
 from forcedphot.photometry.afw_archive import Archive, ArchiveError
 from forcedphot.photometry.backend import Backend
-from forcedphot.photometry.cutouts import ResidentPlanes, upload_planes
+from forcedphot.photometry.cutouts import DeviceCopies, ResidentPlanes
 from forcedphot.photometry.lsst_fits import AFW_DEFAULT_MASK_PLANES
 from forcedphot.photometry.photocalib import PhotoCalib, read_photocalib
 
@@ -186,7 +186,7 @@ class Exposure:
     _mask_hdu: _ImageHDU | None = field(repr=False, compare=False)
     _constant_variance: float = field(repr=False, compare=False)
     _file_size: int = field(repr=False, compare=False)
-    _resident: dict[str, ResidentPlanes] = field(default_factory=dict, repr=False, compare=False)
+    _resident: DeviceCopies = field(default_factory=DeviceCopies, repr=False, compare=False)
 
     def read_rows(self, y_start: int, y_stop: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Read local rows ``[y_start, y_stop)`` of the image, variance and mask.
@@ -247,9 +247,7 @@ class Exposure:
         """The three planes on ``backend``'s device: copied there (read whole, three uploads)
         at the first call with ``upload``, then kept until :meth:`close`; None when they are
         not there and ``upload`` is False."""
-        if backend.name not in self._resident and upload:
-            self._resident[backend.name] = upload_planes(self, self.mask_planes, backend)
-        return self._resident.get(backend.name)
+        return self._resident.get(self, self.mask_planes, backend, upload)
 
     def close(self) -> None:
         """Close the underlying file (and drop any device copy of the planes)."""

@@ -22,7 +22,15 @@ from forcedphot.kernels.cutouts import Cutouts
 from forcedphot.photometry.backend import Backend, select_backend
 from forcedphot.photometry.catalog import build_catalog
 from forcedphot.photometry.config import MeasurementConfig
-from forcedphot.photometry.cutouts import BYTES_PER_BAND_PIXEL, ResidentPlanes, Windows, no_data_bit, plan_windows, stage_cutouts
+from forcedphot.photometry.cutouts import (
+    BYTES_PER_BAND_PIXEL,
+    BYTES_PER_PLANE_PIXEL,
+    ResidentPlanes,
+    Windows,
+    no_data_bit,
+    plan_windows,
+    stage_cutouts,
+)
 from forcedphot.photometry.exposure import Exposure
 from forcedphot.photometry.formats import to_pandas
 from forcedphot.photometry.local_wcs import local_cd_matrix
@@ -91,7 +99,7 @@ def stays_on_device(exposure: Exposure, backend: Backend, n_objects: int, size: 
     """
     if backend.name == "numpy":
         return None
-    worth = n_objects * size * size * BYTES_PER_BAND_PIXEL >= exposure.width * exposure.height * 12
+    worth = n_objects * size * size * BYTES_PER_BAND_PIXEL >= exposure.width * exposure.height * BYTES_PER_PLANE_PIXEL
     return exposure.resident_planes(backend, upload=worth)
 
 

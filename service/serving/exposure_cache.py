@@ -14,7 +14,6 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 import os
 from pathlib import Path
 import threading
@@ -23,18 +22,10 @@ from typing import Any
 import numpy as np
 
 from forcedphot.photometry.backend import Backend
-from forcedphot.photometry.cutouts import ResidentPlanes, upload_planes
+from forcedphot.photometry.cutouts import BYTES_PER_PLANE_PIXEL, DeviceCopies, ResidentPlanes
 from forcedphot.photometry.exposure import DEFAULT_LIMITS, Exposure, ExposureError, ExposureLimits, open_exposure
 
-BYTES_PER_PIXEL = 4 + 4 + 4  # float32 image, float32 variance, int32 mask
-
-
-@dataclass
-class _Resident:
-    """Device copies of one entry's planes, shared by its views."""
-
-    planes: dict[str, ResidentPlanes] = field(default_factory=dict)
-    lock: threading.Lock = field(default_factory=threading.Lock)
+BYTES_PER_PIXEL = BYTES_PER_PLANE_PIXEL  # float32 image, float32 variance, int32 mask
 
 
 class InMemoryExposure:
@@ -46,11 +37,11 @@ class InMemoryExposure:
     """
 
     def __init__(self, meta: Exposure, planes: tuple[np.ndarray, np.ndarray, np.ndarray], wcs: Any | None = None,
-                 resident: _Resident | None = None):
+                 resident: DeviceCopies | None = None):
         self._meta = meta
         self._planes = planes
         self.wcs = meta.wcs if wcs is None else wcs
-        self._resident = resident or _Resident()
+        self._resident = resident or DeviceCopies()
 
     @classmethod
     def load(cls, exposure: Exposure) -> InMemoryExposure:
@@ -68,15 +59,12 @@ class InMemoryExposure:
     @property
     def nbytes(self) -> int:
         """Bytes held: the host planes plus any device copies."""
-        return sum(plane.nbytes for plane in self._planes) + sum(planes.nbytes for planes in self._resident.planes.values())
+        return sum(plane.nbytes for plane in self._planes) + self._resident.nbytes
 
     def resident_planes(self, backend: Backend, upload: bool = True) -> ResidentPlanes | None:
         """The planes on ``backend``'s device, copied once for this entry and every view
         of it (see :meth:`Exposure.resident_planes`)."""
-        with self._resident.lock:
-            if backend.name not in self._resident.planes and upload:
-                self._resident.planes[backend.name] = upload_planes(self, self._meta.mask_planes, backend)
-            return self._resident.planes.get(backend.name)
+        return self._resident.get(self, self._meta.mask_planes, backend, upload)
 
     def read_rows(self, y_start: int, y_stop: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Rows ``[y_start, y_stop)`` of image, variance and mask, as read-only views."""
