@@ -17,13 +17,13 @@ from fastapi.openapi.utils import get_openapi
 from fastapi_offline import FastAPIOffline
 from starlette.concurrency import run_in_threadpool
 
-from forcedphot.api.body_limit import BodyLimitMiddleware
+from forcedphot.api.body_limit import BodyLimitMiddleware, BodyLimits
 from forcedphot.api.dependencies import ClientGone
 from forcedphot.api.metrics import MetricsMiddleware
 from forcedphot.api.problems import install_problem_handlers
 from forcedphot.api.routes import dashboard, jobs, lightcurves, operations, photometry, stamps
 from forcedphot.api.runtime import ServiceRuntime
-from forcedphot.api.schemas import LightCurveRequest, MeasureRequest
+from forcedphot.api.schemas import JobRequest, LightCurveRequest, MeasureRequest
 from forcedphot.api.settings import Settings, load_settings
 from forcedphot.version import __version__
 
@@ -54,7 +54,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.runtime = runtime
     install_problem_handlers(app)
     app.add_exception_handler(ClientGone, _client_gone)
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(BodyLimitMiddleware, limits=BodyLimits(settings.max_body_bytes, settings.max_json_body_bytes, settings.json_values_limit))
     app.add_middleware(MetricsMiddleware, metrics=runtime.metrics)
     for module in (operations, photometry, lightcurves, stamps, jobs, dashboard):
         app.include_router(module.router)
@@ -76,10 +76,11 @@ def _install_openapi(app: FastAPI) -> None:
             return app.openapi_schema
         schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
         photometry.describe_body(schema, MeasureRequest.model_json_schema(ref_template="#/components/schemas/{model}"))
-        lightcurve_schema = LightCurveRequest.model_json_schema(ref_template="#/components/schemas/{model}")
         components = schema["components"]["schemas"]
-        components.update(lightcurve_schema.pop("$defs", {}))
-        components["LightCurveRequest"] = lightcurve_schema
+        for model in (LightCurveRequest, JobRequest):  # routes that parse their JSON bodies themselves
+            model_schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+            components.update(model_schema.pop("$defs", {}))
+            components[model.__name__] = model_schema
         app.openapi_schema = schema
         return schema
 

@@ -11,13 +11,15 @@ from typing import Annotated, TypeVar
 
 from fastapi import Depends, Request, Security
 from fastapi.security import HTTPBearer
+from pydantic import BaseModel, ValidationError
 
 from forcedphot.api.negotiation import choose_format
-from forcedphot.api.problems import PROBLEM_MEDIA_TYPE, Problem
+from forcedphot.api.problems import PROBLEM_MEDIA_TYPE, Problem, invalid_request
 from forcedphot.api.runtime import ServiceRuntime
 from forcedphot.photometry.formats import FORMATS
 
 T = TypeVar("T")
+M = TypeVar("M", bound=BaseModel)
 _bearer = HTTPBearer(auto_error=False, description="an API key (not needed in demo mode)")
 
 #: OpenAPI response descriptions: a problem document, and the catalog in every format
@@ -69,6 +71,21 @@ async def within_body_timeout(runtime: ServiceRuntime, receiving: Awaitable[T]) 
         return await asyncio.wait_for(receiving, limit)
     except TimeoutError:
         raise Problem(408, "body-timeout", f"the request body did not arrive within {limit:g} s") from None
+
+
+async def json_body(request: Request, runtime: ServiceRuntime, model: type[M]) -> M:
+    """The request's JSON body as ``model``: read within the body timeout (and the body
+    limits of :mod:`forcedphot.api.body_limit`), parsed by pydantic straight from the bytes."""
+    body = await within_body_timeout(runtime, request.body())
+    try:
+        return model.model_validate_json(body)
+    except ValidationError as exc:
+        raise invalid_request(exc.errors(include_url=False), ("body",)) from None
+
+
+def json_request_body(model: type[BaseModel]) -> dict:
+    """``openapi_extra`` for a route that parses ``model`` from its JSON body itself."""
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}}}
 
 
 async def run_measurement(request: Request, runtime: ServiceRuntime, work: Callable[[], Awaitable[T]]) -> T:

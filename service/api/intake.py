@@ -22,6 +22,7 @@ from forcedphot.api.schemas import MeasureOptions, MeasureRequest, Position
 from forcedphot.photometry.config import MeasurementConfig
 from forcedphot.photometry.formats import DEFAULT_FORMAT, FORMATS, table_format
 from forcedphot.photometry.objects import InputError, read_objects, records_frame, validate_objects
+from forcedphot.photometry.table_limits import TableLimits, TableTooLarge
 from forcedphot.serving.executor import ExposureInput, MeasureTask
 from forcedphot.serving.repository import ExposureRef, Repository, UriRef, describe
 
@@ -37,7 +38,7 @@ def _caller_table_problem(name: str, parse: Callable[[], T]) -> T:
     """Run a table parse; type and value errors the engine does not word become InputError."""
     try:
         return parse()
-    except InputError:
+    except (InputError, TableTooLarge):
         raise
     except (TypeError, ValueError, OverflowError) as exc:
         raise InputError(f"{name}: cannot use the table: {exc}") from None
@@ -53,9 +54,11 @@ def _validated(model: type[BaseModel], data: Any, prefix: tuple[str, ...]) -> An
 class Intake:
     """Builds :class:`MeasureTask` objects against one repository and the service limits."""
 
-    def __init__(self, repository: Repository, max_objects: int, batch_bytes: int, backend: str, upload_dir: Path):
+    def __init__(self, repository: Repository, max_objects: int, batch_bytes: int, backend: str, upload_dir: Path,
+                 table_limits: TableLimits | None = None):
         self.repository = repository
         self.max_objects = max_objects
+        self.table_limits = table_limits or TableLimits(max_rows=max_objects)
         self.batch_bytes = batch_bytes
         self.backend = backend
         self.upload_dir = upload_dir
@@ -66,6 +69,11 @@ class Intake:
         if n > self.max_objects:
             raise Problem(413, "too-many-objects", f"{name}: {n} DiaObjects, more than the {self.max_objects} allowed per request; "
                                                    "split the table or submit a job")
+
+    def _check_table_size(self, size: int, name: str) -> None:
+        """Refuse a table larger than the limit before reading it into memory."""
+        if size > self.table_limits.max_bytes:
+            raise TableTooLarge(f"{name}: {size} bytes, more than the {self.table_limits.max_bytes} allowed for an object table")
 
     def objects_from_records(self, records: list[dict[str, Any]]) -> pd.DataFrame:
         """Inline JSON records -> validated objects."""
@@ -82,7 +90,7 @@ class Intake:
 
     def objects_from_bytes(self, data: bytes, fmt: str, name: str) -> pd.DataFrame:
         """An uploaded table (parquet, csv or json) -> validated objects."""
-        frame = _caller_table_problem(name, lambda: read_objects(data, media_type=fmt, name=name))
+        frame = _caller_table_problem(name, lambda: read_objects(data, media_type=fmt, name=name, limits=self.table_limits))
         self._check_count(len(frame), name)
         return frame
 
@@ -92,7 +100,8 @@ class Intake:
         fmt = table_format(path.suffix) if path.suffix else None
         if fmt is None:
             raise Problem(415, "unsupported-media-type", f"{ref.uri}: object tables must be .parquet, .csv or .json files")
-        frame = _caller_table_problem(ref.uri, lambda: read_objects(path.read_bytes(), media_type=fmt, name=ref.uri))
+        self._check_table_size(path.stat().st_size, ref.uri)
+        frame = _caller_table_problem(ref.uri, lambda: read_objects(path.read_bytes(), media_type=fmt, name=ref.uri, limits=self.table_limits))
         self._check_count(len(frame), ref.uri)
         return frame
 
@@ -203,6 +212,7 @@ class Intake:
             raise Problem(422, "invalid-request", "form field 'objects' must be a file part holding a parquet, CSV or JSON table")
         name = f"objects part {upload.filename or ''}".strip()
         fmt = _table_format(upload)
+        self._check_table_size(upload.file.seek(0, 2), name)
         upload.file.seek(0)
         return self.objects_from_bytes(upload.file.read(), fmt, name)
 

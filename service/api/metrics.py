@@ -13,6 +13,10 @@ import time
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+#: the HTTP methods that may become label values; any other token a client sends is "other"
+KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+OTHER = "other"
+UNMATCHED = "unmatched"
 
 
 class ServiceMetrics:
@@ -56,8 +60,15 @@ def device_memory_reader(backend_name: str) -> Callable[[], float] | None:
     return lambda: float(pool.used_bytes())
 
 
+def method_label(method: str) -> str:
+    """``method`` if it is a known HTTP method, else "other" (a client chooses the token:
+    taking it as a label value would let any client grow the registry without bound)."""
+    return method if method in KNOWN_METHODS else OTHER
+
+
 class MetricsMiddleware:
-    """Counts every HTTP request and times it, labelled by route template (bounded labels)."""
+    """Counts every HTTP request and times it, labelled by route template and known method
+    (bounded labels: a path or method the application does not define is one value each)."""
 
     def __init__(self, app, metrics: ServiceMetrics):
         self.app, self.metrics = app, metrics
@@ -77,7 +88,7 @@ class MetricsMiddleware:
         try:
             await self.app(scope, receive, send_wrapper)
         finally:
-            route = getattr(scope.get("route"), "path", "unmatched")
-            method = scope.get("method", "")
+            route = getattr(scope.get("route"), "path", UNMATCHED)
+            method = method_label(scope.get("method", ""))
             self.metrics.requests.labels(method, route, str(status["code"])).inc()
             self.metrics.latency.labels(method, route).observe(time.perf_counter() - start)

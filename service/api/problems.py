@@ -25,6 +25,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from forcedphot.photometry.exposure import ExposureError
 from forcedphot.photometry.objects import InputError
 from forcedphot.photometry.psf_models import PsfError
+from forcedphot.photometry.table_limits import TableTooLarge
 from forcedphot.serving.executor import MeasurementProcessDied, MeasurementTimedOut
 from forcedphot.serving.repository import RepositoryError
 
@@ -87,6 +88,8 @@ def from_exception(exc: Exception) -> Problem | None:
         return exc
     if isinstance(exc, RepositoryError):
         return Problem(exc.status, exc.slug, str(exc))
+    if isinstance(exc, TableTooLarge):
+        return Problem(413, "table-too-large", str(exc))
     if isinstance(exc, InputError):
         return Problem(422, "invalid-objects", str(exc))
     if isinstance(exc, ExposureError):
@@ -126,7 +129,7 @@ def install_problem_handlers(app: FastAPI) -> None:
         slug = HTTPStatus(exc.status_code).phrase.lower().replace(" ", "-").replace("'", "")
         return problem_response(request, Problem(exc.status_code, slug, detail, headers=dict(exc.headers or {})))
 
-    for kind in (Problem, RepositoryError, InputError, ExposureError, PsfError, ValidationError, MeasurementProcessDied, MeasurementTimedOut,
+    for kind in (Problem, RepositoryError, TableTooLarge, InputError, ExposureError, PsfError, ValidationError, MeasurementProcessDied, MeasurementTimedOut,
                  sqlite3.Error, OSError, Exception):
         app.add_exception_handler(kind, on_problem)
     app.add_exception_handler(RequestValidationError, on_validation)

@@ -239,7 +239,7 @@ class ServiceRuntime:
             raise Problem(503, "not-ready", self._startup_error or "the service is starting (writing the demo repository); retry shortly",
                           headers={"Retry-After": self.retry_after()})
         s = self.settings
-        return Intake(self._repository, s.max_objects, s.batch_bytes, self.backend.name, self.upload_dir)
+        return Intake(self._repository, s.max_objects, s.batch_bytes, self.backend.name, self.upload_dir, s.table_limits)
 
     # --- jobs --------------------------------------------------------------------------
 

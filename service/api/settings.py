@@ -25,6 +25,7 @@ from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource
 from forcedphot.photometry.backend import BackendName
 from forcedphot.photometry.config import DEFAULT_BATCH_BYTES
 from forcedphot.photometry.exposure import DEFAULT_LIMITS, ExposureLimits
+from forcedphot.photometry.table_limits import TableLimits
 from forcedphot.serving.repository import DEFAULT_PATH_TEMPLATE
 
 ENV_PREFIX = "FORCEDPHOT_"
@@ -62,7 +63,15 @@ class Settings(BaseSettings):
     cache_bytes: int = Field(2048 * MiB, ge=0, description=(
         "exposure cache size (pixels held in memory); the measurement processes share it out, and jobs, "
         "which run in the server process, have a cache of this size of their own"))
-    max_body_bytes: int = Field(512 * MiB, gt=0, description="largest request body; beyond it 413")
+    max_body_bytes: int = Field(512 * MiB, gt=0, description=(
+        "largest request body (multipart uploads: FITS files are spooled to disk); beyond it 413"))
+    max_json_body_bytes: int = Field(32 * MiB, gt=0, description=(
+        "largest JSON request body; beyond it 413 (a parsed JSON body costs up to 40 times its size)"))
+    max_json_values: int | None = Field(None, gt=0, description=(
+        "most JSON values (keys included) in a request body or JSON object table, counted before parsing "
+        "(each becomes a Python object of ~100 bytes); default 16 per allowed object plus 4096"))
+    max_table_bytes: int = Field(64 * MiB, gt=0, description=(
+        "largest object table (a file part, a repository table, or a parquet table once decompressed); beyond it 413"))
     max_objects: int = Field(100_000, gt=0, description="most DiaObjects in one request or job; beyond it 413")
     max_concurrent_requests: int = Field(16, gt=0, description="measurements in flight; beyond it 429")
     request_time_limit_seconds: float = Field(60.0, gt=0, description=(
@@ -143,6 +152,17 @@ class Settings(BaseSettings):
     def demo_repository(self) -> Path:
         """Where the embedded demo repository lives."""
         return self.data_dir / "demo-repository"
+
+    @property
+    def json_values_limit(self) -> int:
+        """JSON values a request body or JSON table may hold (``max_json_values``, else 16
+        per allowed object, about seven columns of records, plus 4096 for the rest)."""
+        return self.max_json_values or 16 * self.max_objects + 4096
+
+    @property
+    def table_limits(self) -> TableLimits:
+        """What one object table from a client may declare (see :class:`TableLimits`)."""
+        return TableLimits(max_rows=self.max_objects, max_bytes=self.max_table_bytes, max_json_values=self.json_values_limit)
 
     @property
     def exposure_limits(self) -> ExposureLimits:

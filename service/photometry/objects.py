@@ -14,8 +14,10 @@ import re
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 
 from forcedphot.photometry.formats import OUTPUT_ONLY, table_format
+from forcedphot.photometry.table_limits import CHECKS, TableLimits
 
 
 class InputError(ValueError):
@@ -23,6 +25,7 @@ class InputError(ValueError):
 
 
 REQUIRED = ("diaObjectId", "ra", "dec")
+_READ_COLUMNS = (*REQUIRED, "decl")  # what a bounded read decodes of a parquet table
 _SHOWN = 5  # how many offending values an error message lists
 
 
@@ -32,11 +35,15 @@ def _format_examples(values) -> str:
     return shown + (f" ... ({len(values)} in all)" if len(values) > _SHOWN else "")
 
 
-def read_objects(source: str | Path | bytes, *, media_type: str | None = None, name: str = "objects") -> pd.DataFrame:
+def read_objects(source: str | Path | bytes, *, media_type: str | None = None, name: str = "objects",
+                 limits: TableLimits | None = None) -> pd.DataFrame:
     """Read a DiaObject table from a file path or from bytes, then validate it.
 
     ``media_type`` (or the file suffix) picks the format: parquet, CSV or JSON (records).
     ``name`` is how errors refer to the table (a file name, or "request body").
+    ``limits`` (a service's, for tables from clients) are checked from the bytes before
+    anything is decoded (:class:`~forcedphot.photometry.table_limits.TableTooLarge`), and
+    then only the columns the engine uses are decoded from parquet.
     """
     if isinstance(source, (str, Path)):
         path = Path(source)
@@ -49,10 +56,14 @@ def read_objects(source: str | Path | bytes, *, media_type: str | None = None, n
         kind = media_type or "parquet"
         raw = source
     kind = _format_of(kind, name)
+    if limits is not None:
+        if not isinstance(raw, bytes):
+            raw = raw.read_bytes()
+        CHECKS[kind](raw, limits, name)
     buffer = io.BytesIO(raw) if isinstance(raw, bytes) else raw
     try:
         if kind == "parquet":
-            frame = pd.read_parquet(buffer)
+            frame = pd.read_parquet(buffer, columns=_present(buffer) if limits is not None else None)
         elif kind == "csv":  # ids as text, parsed exactly (pandas would take 1e18 as a float)
             frame = pd.read_csv(buffer, dtype={"diaObjectId": str})
         else:  # Python's json keeps integers exact; pandas' reader rounds those beyond 2**53
@@ -60,6 +71,13 @@ def read_objects(source: str | Path | bytes, *, media_type: str | None = None, n
     except Exception as exc:  # every reader has its own exception zoo
         raise InputError(f"{name}: cannot read as {kind}: {exc}") from None
     return validate_objects(frame, name=name)
+
+
+def _present(buffer: io.BytesIO) -> list[str]:
+    """The columns of a parquet table that a bounded read decodes (see :data:`_READ_COLUMNS`)."""
+    names = set(pq.ParquetFile(buffer).schema_arrow.names)
+    buffer.seek(0)
+    return [column for column in _READ_COLUMNS if column in names]
 
 
 def records_frame(records, name: str) -> pd.DataFrame:

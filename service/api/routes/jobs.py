@@ -10,7 +10,7 @@ from fastapi.responses import FileResponse
 import pyarrow.parquet as pq
 from starlette.concurrency import run_in_threadpool
 
-from forcedphot.api.dependencies import AUTH, CATALOG_RESPONSE, Caller, OutputFormat, Runtime, problems
+from forcedphot.api.dependencies import AUTH, CATALOG_RESPONSE, Caller, OutputFormat, Runtime, json_body, json_request_body, problems
 from forcedphot.api.problems import Problem
 from forcedphot.api.schemas import JobList, JobRequest, JobStatus
 from forcedphot.photometry.formats import FORMATS, encode_catalog, read_provenance
@@ -21,9 +21,12 @@ IdempotencyKey = Annotated[str | None, Header(min_length=1, max_length=255, patt
 
 @router.post("", status_code=202, response_model=JobStatus,
              responses={200: {"description": "an earlier job with this Idempotency-Key"},
-                        **problems(400, 401, 403, 404, 413, 422, 429, 503)})
-async def submit_job(job: JobRequest, response: Response, runtime: Runtime, caller: Caller, idempotency_key: IdempotencyKey = None) -> JobStatus:
+                        **problems(400, 401, 403, 404, 408, 413, 422, 429, 503)},
+             openapi_extra=json_request_body(JobRequest))
+async def submit_job(request: Request, response: Response, runtime: Runtime, caller: Caller,
+                     idempotency_key: IdempotencyKey = None) -> JobStatus:
     """Queue a batch job: many exposures, one object table. A repeated Idempotency-Key returns the same job."""
+    job = await json_body(request, runtime, JobRequest)
     intake = runtime.intake()
     accepted, created = await run_in_threadpool(runtime.submit_job, intake, job, idempotency_key, caller)
     response.status_code = 202 if created else 200

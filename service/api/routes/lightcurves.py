@@ -7,11 +7,9 @@ import time
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request, Response
-from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
-from forcedphot.api.dependencies import AUTH, CATALOG_RESPONSE, Caller, OutputFormat, Runtime, problems, run_measurement, within_body_timeout
-from forcedphot.api.problems import invalid_request
+from forcedphot.api.dependencies import AUTH, CATALOG_RESPONSE, Caller, OutputFormat, Runtime, json_body, json_request_body, problems, run_measurement
 from forcedphot.api.routes.jobs import IdempotencyKey
 from forcedphot.api.schemas import LightCurveRequest
 from forcedphot.photometry.formats import FORMATS, encode_catalog
@@ -45,18 +43,13 @@ async def refresh_index(runtime: Runtime) -> dict[str, Any]:
 @router.post("/v1/lightcurves", response_class=Response,
              responses={200: CATALOG_RESPONSE, 202: {"description": "too large to answer at once: accepted as a job (see Location)"},
                         **problems(400, 401, 404, 406, 408, 413, 422, 429, 503, 504)},
-             openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
-                 "schema": {"$ref": "#/components/schemas/LightCurveRequest"}}}}})
+             openapi_extra=json_request_body(LightCurveRequest))
 async def lightcurves(request: Request, runtime: Runtime, fmt: OutputFormat, caller: Caller, idempotency_key: IdempotencyKey = None) -> Response:
     """Light curves: every (object, covering exposure) pair measured as ``/v1/forced-photometry``
     does (difference image, and the science image for scienceFlux), one table sorted by
     diaObjectId then time. More than ``max_lightcurve_pairs`` pairs becomes a job (202)."""
     start = time.perf_counter()
-    body = await within_body_timeout(runtime, request.body())
-    try:
-        query = LightCurveRequest.model_validate_json(body)
-    except ValidationError as exc:
-        raise invalid_request(exc.errors(include_url=False), ("body",)) from None
+    query = await json_body(request, runtime, LightCurveRequest)
     intake = runtime.intake()
     task = await run_in_threadpool(runtime.plan_lightcurves, intake, query)
     pairs = sum(len(epoch.rows) for epoch in task.epochs)
