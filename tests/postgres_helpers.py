@@ -46,7 +46,16 @@ class PostgresServer:
         if self.as_user:
             shutil.chown(self.root, "nobody", "nogroup")
         self._run(str(self.bin / "initdb"), "-D", str(self.data), "-U", USER, "--auth=trust", "-E", "UTF8", "--no-sync")
-        with open(self.log, "wb") as log:
+        return self.resume()
+
+    def halt(self) -> None:
+        """Stop the server, keeping its cluster (an outage; :meth:`resume` ends it)."""
+        self.process.terminate()
+        self.process.wait(30)
+
+    def resume(self) -> "PostgresServer":
+        """Start the server on its cluster and port."""
+        with open(self.log, "ab") as log:
             self.process = subprocess.Popen(
                 [*self.as_user, str(self.bin / "postgres"), "-D", str(self.data), "-p", str(self.port), "-k", str(self.root),
                  "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off", "-c", "max_connections=200"],

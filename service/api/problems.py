@@ -13,7 +13,6 @@ from __future__ import annotations
 import errno
 from http import HTTPStatus
 import logging
-import sqlite3
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -27,6 +26,8 @@ from forcedphot.photometry.objects import InputError
 from forcedphot.photometry.psf_models import PsfError
 from forcedphot.photometry.table_limits import TableTooLarge
 from forcedphot.serving.executor import MeasurementProcessDied, MeasurementTimedOut
+from forcedphot.serving.index import IndexUnavailable
+from forcedphot.serving.job_store import DATABASE_ERRORS, StoreUnavailable, store_error_reason
 from forcedphot.serving.repository import RepositoryError
 
 PROBLEM_MEDIA_TYPE = "application/problem+json"
@@ -98,17 +99,24 @@ def from_exception(exc: Exception) -> Problem | None:
         return Problem(422, "invalid-psf", str(exc))
     if isinstance(exc, ValidationError):
         return invalid_request(exc.errors(include_url=False))
-    if isinstance(exc, sqlite3.Error):
-        return Problem(503, "store-unavailable", f"the job store cannot take this now ({exc}); retry later",
-                       headers={"Retry-After": str(STORE_RETRY_SECONDS)})
+    if isinstance(exc, StoreUnavailable):
+        return _unavailable("store-unavailable", f"the job store cannot take this now ({exc})")
+    if isinstance(exc, IndexUnavailable):
+        return _unavailable("index-unavailable", f"the exposure index cannot be read now ({exc})")
+    if isinstance(exc, DATABASE_ERRORS):
+        return _unavailable("store-unavailable", f"a database of the server cannot take this now ({store_error_reason(exc)})")
     if isinstance(exc, OSError) and exc.errno in STORAGE_ERRNOS:
-        return Problem(503, "storage-unavailable", f"the server's storage cannot take this now ({exc.strerror}); retry later",
-                       headers={"Retry-After": str(STORE_RETRY_SECONDS)})
+        return _unavailable("storage-unavailable", f"the server's storage cannot take this now ({exc.strerror})")
     if isinstance(exc, MeasurementTimedOut):
         return Problem(504, "measurement-timed-out", str(exc))
     if isinstance(exc, MeasurementProcessDied):
         return Problem(503, "measurement-process-died", str(exc), headers={"Retry-After": "1"})
     return None
+
+
+def _unavailable(slug: str, detail: str) -> Problem:
+    """503 for a fault of the server's storage or databases: retry later."""
+    return Problem(503, slug, f"{detail}; retry later", headers={"Retry-After": str(STORE_RETRY_SECONDS)})
 
 
 def install_problem_handlers(app: FastAPI) -> None:
@@ -130,7 +138,7 @@ def install_problem_handlers(app: FastAPI) -> None:
         return problem_response(request, Problem(exc.status_code, slug, detail, headers=dict(exc.headers or {})))
 
     for kind in (Problem, RepositoryError, TableTooLarge, InputError, ExposureError, PsfError, ValidationError, MeasurementProcessDied, MeasurementTimedOut,
-                 sqlite3.Error, OSError, Exception):
+                 StoreUnavailable, IndexUnavailable, *DATABASE_ERRORS, OSError, Exception):
         app.add_exception_handler(kind, on_problem)
     app.add_exception_handler(RequestValidationError, on_validation)
     app.add_exception_handler(StarletteHTTPException, on_http)

@@ -199,7 +199,7 @@ class ServiceRuntime:
     def submit_lightcurve_job(self, task: LightCurveTask, request: LightCurveRequest, key: str | None, client: str) -> tuple[Job, bool]:
         """A light-curve request too large to answer at once, accepted as a job (rows sorted
         as a light curve)."""
-        fingerprint, earlier = self._earlier_job(request, key)
+        fingerprint, earlier = self._earlier_job(request, key, client)
         if earlier is not None:
             return earlier, False
         spec = job_spec([(e.science, e.difference, None) for e in task.epochs], task.config, task.psf_fwhm, order="lightcurve")
@@ -250,7 +250,7 @@ class ServiceRuntime:
         job can only fail on the files' contents.
         """
         s = self.settings
-        fingerprint, earlier = self._earlier_job(request, key)
+        fingerprint, earlier = self._earlier_job(request, key, client)
         if earlier is not None:
             return earlier, False
         if len(request.exposures) > s.max_job_exposures:
@@ -268,12 +268,12 @@ class ServiceRuntime:
         spec = job_spec(exposures, intake.config(request), request.psf_fwhm)
         return self._create_job(spec, objects, fingerprint, key, client)
 
-    def _earlier_job(self, request, key: str | None) -> tuple[str, Job | None]:
-        """The request's fingerprint, and the job already accepted under ``key`` (None if
-        none); 422 when the key was used for another request."""
+    def _earlier_job(self, request, key: str | None, client: str) -> tuple[str, Job | None]:
+        """The request's fingerprint, and the job ``client`` already submitted under ``key``
+        (None if none); 422 when that client used the key for another request."""
         fingerprint = _fingerprint(request)
         try:
-            return fingerprint, self.jobs.by_key(key, fingerprint) if key is not None else None
+            return fingerprint, self.jobs.by_key(client, key, fingerprint) if key is not None else None
         except IdempotencyConflict as exc:
             raise Problem(422, "idempotency-key-reused", str(exc)) from None
 
@@ -281,7 +281,7 @@ class ServiceRuntime:
         s = self.settings
         try:
             job, created = self.jobs.create(spec=spec, objects=objects, fingerprint=fingerprint, key=key, max_active=s.max_active_jobs,
-                                            client=client)
+                                            client=client, max_active_per_client=s.max_active_jobs_per_key)
         except JobLimitReached as exc:
             raise Problem(429, "too-many-jobs", f"{exc}; retry later", headers={"Retry-After": self.retry_after()}) from None
         except IdempotencyConflict as exc:
@@ -290,16 +290,17 @@ class ServiceRuntime:
             self.runner.notify()
         return job, created
 
-    def job(self, job_id: str) -> Job:
-        """The job, or a 404 problem."""
-        job = self.jobs.get(job_id)
+    def job(self, job_id: str, client: str) -> Job:
+        """``client``'s job, or a 404 problem (also for another client's job: its existence
+        is not revealed)."""
+        job = self.jobs.of(job_id, client)
         if job is None:
-            raise Problem(404, "unknown-job", f"no job {job_id!r} (never accepted, or deleted)")
+            raise Problem(404, "unknown-job", f"no job {job_id!r} of this API key (never accepted, or deleted)")
         return job
 
-    def delete_job(self, job_id: str) -> None:
-        """Cancel (if active) and delete a job; 404 if unknown."""
-        self.job(job_id)
+    def delete_job(self, job_id: str, client: str) -> None:
+        """Cancel (if active) and delete ``client``'s job; 404 if it has none of that id."""
+        self.job(job_id, client)
         self.runner.deleted(job_id)
         self.jobs.delete(job_id)
 

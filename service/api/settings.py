@@ -94,7 +94,12 @@ class Settings(BaseSettings):
     batch_wait_ms: float = Field(2.0, ge=0, le=1000, description="how long the batcher waits for more requests before a kernel call")
     batch_max_objects: int = Field(50_000, gt=0, description="objects in one coalesced kernel call at most")
     max_active_jobs: int = Field(64, gt=0, description="queued plus running jobs; beyond it 429")
+    max_active_jobs_per_key: int = Field(16, gt=0, description=(
+        "queued plus running jobs of one API key (so that one key cannot take every place); beyond it 429"))
     max_job_exposures: int = Field(1000, gt=0, description="most exposures in one job")
+    max_table_encode_rows: int = Field(1_000_000, gt=0, description=(
+        "most rows of a job result served as FITS or VOTable (written from the whole table in memory); "
+        "parquet, CSV, ECSV and JSON are written in batches and have no such limit"))
     job_workers: int = Field(1, gt=0, description="threads running jobs")
     job_heartbeat_seconds: float = Field(2.0, gt=0, description="how often a running job's owner says it is alive")
     job_stale_seconds: float = Field(15.0, gt=0, description="a running job silent this long is re-queued")

@@ -116,33 +116,56 @@ def _astropy_parquet_meta(signature: tuple) -> dict[bytes, bytes]:
     return {b"table_meta_yaml": "\n".join(table_meta.get_yaml_from_table(Table(columns))).encode()}
 
 
-def _signature(table: pa.Table) -> tuple:
+def _signature(schema: pa.Schema) -> tuple:
     def dtype(field: pa.Field) -> str:
         if pa.types.is_string(field.type) or pa.types.is_large_string(field.type):
             return "U1"
         return np.dtype(field.type.to_pandas_dtype()).str
 
-    return tuple((f.name, dtype(f), ((f.metadata or {}).get(b"unit") or b"").decode() or None) for f in table.schema)
+    return tuple((f.name, dtype(f), ((f.metadata or {}).get(b"unit") or b"").decode() or None) for f in schema)
+
+
+def string_lengths(table: pa.Table) -> dict[str, int]:
+    """The longest value (characters) of each string column: astropy sizes its string
+    columns from these (``table::len::<name>`` in the parquet metadata)."""
+    return {field.name: pc.max(pc.utf8_length(column)).as_py() or 1
+            for field, column in zip(table.schema, table.columns) if pa.types.is_string(field.type)}
+
+
+def parquet_schema(schema: pa.Schema, provenance: dict, lengths: dict[str, int]) -> pa.Schema:
+    """``schema`` with what a parquet catalog carries in its metadata: the provenance,
+    astropy's types and units, and the string lengths ``lengths`` (see :func:`string_lengths`)."""
+    metadata = dict(schema.metadata or {})
+    metadata.update(_astropy_parquet_meta(_signature(schema)))
+    metadata.update({f"table::len::{name}".encode(): str(max(1, n)).encode() for name, n in lengths.items()})
+    return with_provenance(schema.empty_table().replace_schema_metadata(metadata), provenance).schema
 
 
 def _parquet(table: pa.Table, provenance: dict) -> bytes:
-    metadata = dict(table.schema.metadata or {})
-    metadata.update(_astropy_parquet_meta(_signature(table)))
-    for field, column in zip(table.schema, table.columns):  # astropy sizes its string columns from these
-        if pa.types.is_string(field.type):
-            lengths = pc.utf8_length(column)
-            metadata[f"table::len::{field.name}".encode()] = str(max(1, pc.max(lengths).as_py() or 1)).encode()
     sink = io.BytesIO()
-    pq.write_table(with_provenance(table.replace_schema_metadata(metadata), provenance), sink)
+    pq.write_table(table.replace_schema_metadata(parquet_schema(table.schema, provenance, string_lengths(table)).metadata), sink)
     return sink.getvalue()
 
 
-def _ecsv(table: pa.Table, provenance: dict) -> bytes:
-    """ECSV header (from astropy, on no rows) and comma-separated rows (pandas, fast)."""
+def ecsv_header(schema: pa.Schema, provenance: dict) -> bytes:
+    """The ECSV header of a catalog (from astropy, on no rows): columns, types, units, provenance."""
     head = io.StringIO()
-    to_astropy(table.slice(0, 0), provenance).write(head, format="ascii.ecsv", delimiter=",")
-    body = to_pandas(table).to_csv(index=False, header=False, lineterminator="\n")
-    return (head.getvalue() + body).encode()
+    to_astropy(schema.empty_table(), provenance).write(head, format="ascii.ecsv", delimiter=",")
+    return head.getvalue().encode()
+
+
+def csv_rows(table: pa.Table) -> bytes:
+    """The rows of ``table`` as the comma-separated lines that follow an ECSV header (pandas, fast)."""
+    return to_pandas(table).to_csv(index=False, header=False, lineterminator="\n").encode()
+
+
+def json_records(table: pa.Table) -> bytes:
+    """The rows of ``table`` as a JSON array of records (no units)."""
+    return to_pandas(table).to_json(orient="records", double_precision=15).encode()
+
+
+def _ecsv(table: pa.Table, provenance: dict) -> bytes:
+    return ecsv_header(table.schema, provenance) + csv_rows(table)
 
 
 def _fits(table: pa.Table, provenance: dict) -> bytes:
@@ -168,7 +191,7 @@ def encode_catalog(table: pa.Table, provenance: dict, fmt: str) -> bytes:
     if fmt in ("csv", "ecsv"):
         return _ecsv(table, provenance)
     if fmt == "json":
-        return to_pandas(table).to_json(orient="records", double_precision=15).encode()
+        return json_records(table)
     if fmt == "fits":
         return _fits(table, provenance)
     if fmt == "votable":

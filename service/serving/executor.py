@@ -32,6 +32,7 @@ import os
 from pathlib import Path
 import threading
 import time
+from typing import TypeVar
 
 import numpy as np
 import pandas as pd
@@ -49,6 +50,8 @@ from forcedphot.photometry.runner import run_directly
 from forcedphot.serving.allocator import keep_temporaries_on_heap
 from forcedphot.serving.batching import KernelBatcher
 from forcedphot.serving.exposure_cache import ExposureCache, HandleCache
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -220,6 +223,14 @@ class MeasureService:
         finally:
             for future in futures:
                 future.cancel()
+
+    async def call(self, function: Callable[..., T], *args: object, what: str, advice: str) -> T:
+        """``function(*args)`` (a module-level function: it may be pickled) off the event loop:
+        in a measurement process under the time budget, else on the thread pool."""
+        if self._pool is None:
+            return await asyncio.wrap_future(self._executor.submit(function, *args))
+        (result,) = await self._in_processes([(function, args)], what, advice)
+        return result
 
     async def measure_encoded(self, task: MeasureTask, fmt: str) -> tuple[MeasureOutcome, bytes, float]:
         """:meth:`run_encoded` off the event loop: in a measurement process, else on the thread pool.

@@ -76,6 +76,10 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 
 
+class IndexUnavailable(Exception):
+    """The index's database failed a call (full disk, read-only, damaged); the message says why."""
+
+
 @dataclass(frozen=True)
 class IndexedExposure:
     """One (visit, detector) of the index: its metadata and files."""
@@ -218,11 +222,15 @@ class ExposureIndex:
 
     @contextmanager
     def _session(self) -> Iterator[sqlite3.Connection]:
-        db = self._connect()
+        """A connection; SQLite's errors leave as :class:`IndexUnavailable`."""
         try:
-            yield db
-        finally:
-            db.close()
+            db = self._connect()
+            try:
+                yield db
+            finally:
+                db.close()
+        except sqlite3.Error as exc:
+            raise IndexUnavailable(str(exc)) from exc
 
     # --- building -----------------------------------------------------------------------
 

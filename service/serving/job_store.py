@@ -38,9 +38,6 @@ from pydantic import BaseModel, Field
 JobState = Literal["queued", "running", "succeeded", "failed"]
 
 
-JobState = Literal["queued", "running", "succeeded", "failed"]
-
-
 class JobProgress(BaseModel):
     exposures_done: int
     exposures_total: int
@@ -68,7 +65,7 @@ class JobStatus(BaseModel):
 
 
 class JobLimitReached(Exception):
-    """Too many queued and running jobs."""
+    """Too many queued and running jobs (in all, or of one client)."""
 
 
 class IdempotencyConflict(Exception):
@@ -115,9 +112,15 @@ def _iso(epoch: float | None) -> str | None:
     return None if epoch is None else datetime.fromtimestamp(epoch, UTC).isoformat(timespec="milliseconds")
 
 
+class StoreUnavailable(Exception):
+    """The job store's database failed a call (down, unreachable, full, read-only,
+    damaged); the message says why, without server paths or URLs."""
+
+
 ACTIVE_STATES = ("queued", "running")
 PARTIAL_RESULT = "result.partial"
-STORE_ERRORS = (sqlite3.Error, psycopg.Error, OSError)  # what a full, read-only, damaged or unreachable store raises
+DATABASE_ERRORS = (sqlite3.Error, psycopg.Error)
+STORE_ERRORS = (StoreUnavailable, *DATABASE_ERRORS, OSError)  # what a full, read-only, damaged or unreachable store raises
 _MIGRATIONS = Path(__file__).with_name("migrations")
 _CREATE_LOCK = 0x666F7263  # PostgreSQL advisory lock taken by submissions ("forc")
 _MIGRATE_LOCK = _CREATE_LOCK + 1
@@ -248,19 +251,31 @@ class JobStore:
     def objects_path(self, job_id: str) -> Path:
         return self.job_dir(job_id) / "objects.parquet"
 
-    def result_path(self, job_id: str) -> Path:
-        return self.job_dir(job_id) / "result.parquet"
+    def result_path(self, job_id: str, attempt: int, fmt: str = "parquet") -> Path:
+        """The result of run ``attempt`` (its parquet catalog, or the same in ``fmt``):
+        each run writes under its own name, so a run that lost its claim never touches
+        the result of the run that took the job over."""
+        return self.job_dir(job_id) / f"result-{attempt}.{fmt}"
 
-    def partial_path(self, job_id: str) -> Path:
-        return self.job_dir(job_id) / PARTIAL_RESULT
+    def partial_path(self, job_id: str, attempt: int) -> Path:
+        """Where run ``attempt`` writes its result before renaming it into place."""
+        return self.job_dir(job_id) / f"{PARTIAL_RESULT}-{attempt}"
+
+    def parts_dir(self, job_id: str, attempt: int) -> Path:
+        """Where run ``attempt`` writes the catalog of each exposure as it is measured."""
+        return self.job_dir(job_id) / f"parts-{attempt}"
 
     @contextmanager
     def _connection(self) -> Iterator[Any]:
-        db = self.database.connect()
+        """A connection for one call; the database's errors leave as :class:`StoreUnavailable`."""
         try:
-            yield db
-        finally:
-            db.close()
+            db = self.database.connect()
+            try:
+                yield db
+            finally:
+                db.close()
+        except DATABASE_ERRORS as exc:
+            raise StoreUnavailable(store_error_reason(exc)) from exc
 
     def _rows(self, sql: str, *args: Any) -> list[Any]:
         with self._connection() as db:
@@ -275,12 +290,18 @@ class JobStore:
             return db.execute(self.database.sql(sql), args).rowcount
 
     def get(self, job_id: str) -> Job | None:
+        """The job, whoever submitted it (for the runners)."""
         return self._one("SELECT * FROM jobs WHERE id = ?", job_id)
 
-    def by_key(self, key: str, fingerprint: str) -> Job | None:
-        """The job accepted under idempotency ``key``, or None; :class:`IdempotencyConflict`
-        when it was accepted for a request with another ``fingerprint``."""
-        job = self._one("SELECT * FROM jobs WHERE idempotency_key = ?", key)
+    def of(self, job_id: str, client: str) -> Job | None:
+        """The job if ``client`` submitted it, else None: a client never sees another's jobs."""
+        return self._one("SELECT * FROM jobs WHERE id = ? AND client = ?", job_id, client)
+
+    def by_key(self, client: str, key: str, fingerprint: str) -> Job | None:
+        """The job ``client`` submitted under idempotency ``key``, or None;
+        :class:`IdempotencyConflict` when it was accepted for a request with another
+        ``fingerprint``. Keys are scoped per client: another client's key never matches."""
+        job = self._one("SELECT * FROM jobs WHERE idempotency_key = ?", _scoped_key(client, key))
         return _same_request(job, fingerprint)
 
     def of_client(self, client: str, *, limit: int, offset: int) -> list[Job]:
@@ -292,14 +313,17 @@ class JobStore:
         return self._rows("SELECT count(*) AS n FROM jobs WHERE state IN (?, ?)", *ACTIVE_STATES)[0]["n"]
 
     def create(self, *, spec: dict[str, Any], objects: pd.DataFrame, fingerprint: str, key: str | None,
-               max_active: int, client: str | None = None) -> tuple[Job, bool]:
-        """Accept a job: ``(job, True)``, or ``(existing, False)`` for a known idempotency key.
+               max_active: int, client: str, max_active_per_client: int | None = None) -> tuple[Job, bool]:
+        """Accept ``client``'s job: ``(job, True)``, or ``(existing, False)`` for a key that
+        client used before.
 
-        Raises :class:`JobLimitReached` or :class:`IdempotencyConflict`. The object table is
-        written before the row is committed, so a committed job always has its inputs.
-        Submissions are serialised (SQLite's write lock, a PostgreSQL advisory lock), so the
-        limit and the key hold across processes and replicas.
+        Raises :class:`JobLimitReached` (``max_active`` queued and running jobs in all, or
+        ``max_active_per_client`` of this client's) or :class:`IdempotencyConflict`. The
+        object table is written before the row is committed, so a committed job always has
+        its inputs. Submissions are serialised (SQLite's write lock, a PostgreSQL advisory
+        lock), so the limits and the key hold across processes and replicas.
         """
+        scoped = _scoped_key(client, key) if key else None
         job_id = uuid.uuid4().hex
         self.job_dir(job_id).mkdir(parents=True)
         objects.to_parquet(self.objects_path(job_id), index=False)
@@ -308,15 +332,13 @@ class JobStore:
             with self._connection() as db:
                 self.database.begin_write(db)
                 try:
-                    existing = db.execute(sql("SELECT * FROM jobs WHERE idempotency_key = ?"), (key,)).fetchone() if key else None
-                    active = db.execute(sql("SELECT count(*) AS n FROM jobs WHERE state IN (?, ?)"), ACTIVE_STATES).fetchone()["n"]
-                    if existing is None and active >= max_active:
-                        raise JobLimitReached(f"{max_active} jobs are queued or running already")
+                    existing = db.execute(sql("SELECT * FROM jobs WHERE idempotency_key = ?"), (scoped,)).fetchone() if key else None
                     if existing is None:
+                        self._check_limits(db, client, max_active, max_active_per_client)
                         db.execute(sql(
                             "INSERT INTO jobs (id, idempotency_key, fingerprint, state, spec, created, exposures_total, client) "
                             "VALUES (?, ?, ?, 'queued', ?, ?, ?, ?)"),
-                            (job_id, key, fingerprint, json.dumps(spec), time.time(), len(spec["exposures"]), client))
+                            (job_id, scoped, fingerprint, json.dumps(spec), time.time(), len(spec["exposures"]), client))
                 except BaseException:
                     db.execute("ROLLBACK")
                     raise
@@ -329,16 +351,32 @@ class JobStore:
             return _same_request(Job.from_row(existing), fingerprint), False
         return self.get(job_id), True  # type: ignore[return-value]
 
+    def _check_limits(self, db: Any, client: str, max_active: int, max_active_per_client: int | None) -> None:
+        """Raise :class:`JobLimitReached` when another job would pass a limit (inside the
+        submission's transaction)."""
+        sql = self.database.sql
+        active = db.execute(sql("SELECT count(*) AS n FROM jobs WHERE state IN (?, ?)"), ACTIVE_STATES).fetchone()["n"]
+        if active >= max_active:
+            raise JobLimitReached(f"{max_active} jobs are queued or running already")
+        if max_active_per_client is not None:
+            mine = db.execute(sql("SELECT count(*) AS n FROM jobs WHERE state IN (?, ?) AND client = ?"),
+                              (*ACTIVE_STATES, client)).fetchone()["n"]
+            if mine >= max_active_per_client:
+                raise JobLimitReached(f"this API key has {max_active_per_client} jobs queued or running already, "
+                                      "the most one key may have")
+
     def claim(self, owner: str) -> Job | None:
         """Take the oldest queued job for ``owner`` (atomic across threads, processes and replicas)."""
         with self._connection() as db:
             job_id = self.database.claim(db, owner, time.time())
         return None if job_id is None else self.get(job_id)
 
-    def beat(self, owner: str, job_ids: list[str]) -> None:
-        """Mark these running jobs of ``owner`` alive (those whose work progresses)."""
-        for job_id in job_ids:
-            self._run("UPDATE jobs SET heartbeat = ? WHERE id = ? AND state = 'running' AND owner = ?", time.time(), job_id, owner)
+    def beat(self, owner: str, runs: dict[str, int]) -> list[str]:
+        """Mark these running jobs of ``owner`` alive (job id -> the attempt it runs); returns
+        the ids of those whose claim was lost (re-queued, taken over, deleted)."""
+        return [job_id for job_id, attempt in runs.items()
+                if self._run("UPDATE jobs SET heartbeat = ? WHERE id = ? AND state = 'running' AND owner = ? AND attempts = ?",
+                             time.time(), job_id, owner, attempt) != 1]
 
     def probe_write(self) -> None:
         """Write to the database and to the directory, as jobs do; raises (a database or OS
@@ -352,11 +390,12 @@ class JobStore:
         probe.unlink()
 
     def remove_partials(self) -> int:
-        """Delete result files left half-written by runs that are no longer running."""
+        """Delete result files and parts left half-written by runs that are no longer running."""
         running = {row["id"] for row in self._rows("SELECT id FROM jobs WHERE state = 'running'")}
-        partials = [p for p in self.directory.glob(f"*/{PARTIAL_RESULT}") if p.parent.name not in running]
+        partials = [p for pattern in (f"*/{PARTIAL_RESULT}*", "*/parts-*") for p in self.directory.glob(pattern)
+                    if p.parent.name not in running]
         for partial in partials:
-            partial.unlink(missing_ok=True)
+            shutil.rmtree(partial, ignore_errors=True) if partial.is_dir() else partial.unlink(missing_ok=True)
         return len(partials)
 
     def requeue_stale(self, stale_seconds: float, max_attempts: int) -> int:
@@ -368,16 +407,20 @@ class JobStore:
         queued = self._run("UPDATE jobs SET state = 'queued', owner = NULL WHERE state = 'running' AND heartbeat < ?", limit)
         return failed + queued
 
-    def progress(self, job_id: str, owner: str, done: int, fraction: float) -> None:
-        self._run("UPDATE jobs SET exposures_done = ?, fraction = ?, heartbeat = ? WHERE id = ? AND owner = ? AND state = 'running'",
-                  done, fraction, time.time(), job_id, owner)
+    def progress(self, job_id: str, owner: str, attempt: int, done: int, fraction: float) -> bool:
+        """Record progress of run ``attempt``; False when that run lost its claim."""
+        return self._run("UPDATE jobs SET exposures_done = ?, fraction = ?, heartbeat = ? "
+                         "WHERE id = ? AND owner = ? AND attempts = ? AND state = 'running'",
+                         done, fraction, time.time(), job_id, owner, attempt) == 1
 
-    def finish(self, job_id: str, owner: str, *, state: str, errors: list[dict[str, str]], rows: int | None) -> bool:
-        """Record the outcome; False when the job was deleted or taken over meanwhile."""
+    def finish(self, job_id: str, owner: str, attempt: int, *, state: str, errors: list[dict[str, str]], rows: int | None) -> bool:
+        """Record the outcome of run ``attempt``; False when the job was deleted, re-queued
+        or taken over meanwhile (fenced by owner and attempt: only the run holding the
+        claim finishes a job)."""
         return self._run(
             "UPDATE jobs SET state = ?, errors = ?, rows = ?, finished = ?, owner = NULL, "
-            "exposures_done = exposures_total, fraction = 1 WHERE id = ? AND owner = ? AND state = 'running'",
-            state, json.dumps(errors), rows, time.time(), job_id, owner) == 1
+            "exposures_done = exposures_total, fraction = 1 WHERE id = ? AND owner = ? AND attempts = ? AND state = 'running'",
+            state, json.dumps(errors), rows, time.time(), job_id, owner, attempt) == 1
 
     def release(self, job_id: str, owner: str) -> None:
         """Put back a job interrupted by a clean shutdown (the run does not count as an attempt)."""
@@ -392,6 +435,12 @@ class JobStore:
 
 
 
+def _scoped_key(client: str, key: str) -> str:
+    """The idempotency key as stored: the client's identity, then its key (one client's
+    key never names another's job, nor blocks another from using the same key)."""
+    return f"{client}\x1f{key}"
+
+
 def _same_request(job: Job | None, fingerprint: str) -> Job | None:
     """``job``, if it was accepted for the request with ``fingerprint``."""
     if job is not None and job.fingerprint != fingerprint:
@@ -400,8 +449,11 @@ def _same_request(job: Job | None, fingerprint: str) -> Job | None:
 
 
 def store_error_reason(exc: BaseException) -> str:
-    """What went wrong, without file paths (an OSError's message names its file)."""
+    """What went wrong, without file paths (an OSError's message names its file) or
+    connection details (a PostgreSQL error's first line only names the failure)."""
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror
-    return str(exc)
+    if isinstance(exc, psycopg.OperationalError):
+        return "the database server cannot be reached" if "connect" in str(exc).lower() else "the database server failed the call"
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
 

@@ -21,13 +21,10 @@ import uuid
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
-import pyarrow.dataset as ds
 
+from forcedphot.photometry.catalog_files import merge_parts, write_part
 from forcedphot.photometry.config import MeasurementConfig
 from forcedphot.photometry.exposure import ExposureError
-from forcedphot.photometry.formats import encode_catalog
-from forcedphot.photometry.lightcurve import sort_lightcurves
 from forcedphot.photometry.objects import InputError
 from forcedphot.photometry.psf_models import PsfError
 from forcedphot.serving.campaign import run_campaign
@@ -53,7 +50,8 @@ def job_spec(exposures: list[tuple[ExposureInput, ExposureInput | None, Exposure
 
 
 class _Stop(Exception):
-    """The running job must stop: server shutdown or the job was deleted."""
+    """The running job must stop: server shutdown, the job was deleted, or its run lost
+    the claim (re-queued while this server could not reach the store, then taken over)."""
 
 
 class JobRunner:
@@ -79,7 +77,9 @@ class JobRunner:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._deleted: set[str] = set()
+        self._lost: set[str] = set()  # jobs whose run here lost its claim: they stop and write nothing
         self._progressed: dict[str, float] = {}  # job id -> monotonic time of its last progress
+        self._attempts: dict[str, int] = {}  # job id -> the attempt this runner runs
         self._threads: list[threading.Thread] = []
 
     def start(self) -> None:
@@ -132,9 +132,10 @@ class JobRunner:
     def _keep(self) -> None:
         while not self._stop.wait(self.heartbeat):
             recent = time.monotonic() - self.stale
-            progressing = [job_id for job_id, at in list(self._progressed.items()) if at > recent]
+            progressing = {job_id: self._attempts[job_id] for job_id, at in list(self._progressed.items())
+                           if at > recent and job_id in self._attempts}
             try:
-                self.store.beat(self.owner, progressing)
+                self._lost.update(self.store.beat(self.owner, progressing))
                 if self.store.requeue_stale(self.stale, self.max_attempts):
                     self._wake.set()
             except STORE_ERRORS as exc:
@@ -150,17 +151,21 @@ class JobRunner:
                 self._wake.wait(self.heartbeat)
                 self._wake.clear()
                 continue
+            self._attempts[job.id] = job.attempts
             self._progress_made(job.id)
             try:
                 self._run(job)
             except _Stop:
-                if job.id not in self._deleted:
+                self._remove_run_files(job)
+                if job.id not in self._deleted and job.id not in self._lost:
                     self._finally("releasing a job", self.store.release, job.id, self.owner)
             except Exception as exc:  # a bug or a store fault must not kill the runner thread
                 self._fail(job, exc)
             finally:
                 self._progressed.pop(job.id, None)
+                self._attempts.pop(job.id, None)
                 self._deleted.discard(job.id)
+                self._lost.discard(job.id)
 
     def _finally(self, what: str, call, *args, **kwargs):
         """A store call that must happen; given up only when the runner stops (the job is
@@ -171,28 +176,47 @@ class JobRunner:
             log.warning("job store: %s given up at shutdown: %s", what, store_error_reason(exc))
             return None
 
+    def _remove_run_files(self, job: Job, result: bool = False) -> None:
+        """Delete what this run wrote: its parts and partial result (and its result)."""
+        shutil.rmtree(self.store.parts_dir(job.id, job.attempts), ignore_errors=True)
+        self.store.partial_path(job.id, job.attempts).unlink(missing_ok=True)
+        if result:
+            self.store.result_path(job.id, job.attempts).unlink(missing_ok=True)
+
     def _fail(self, job: Job, exc: Exception) -> None:
-        self.store.partial_path(job.id).unlink(missing_ok=True)
+        self._remove_run_files(job, result=True)
         if isinstance(exc, STORE_ERRORS):
             detail = f"the job store could not keep the result: {store_error_reason(exc)}"
             log.warning("job %s failed: %s", job.id, detail)
         else:
             detail = "internal error while running the job; it has been logged"
             log.exception("job %s failed", job.id)
-        if self._finally("recording a failed job", self.store.finish, job.id, self.owner, state="failed", rows=None,
+        if self._finally("recording a failed job", self.store.finish, job.id, self.owner, job.attempts, state="failed", rows=None,
                          errors=[{"exposure": "*", "detail": detail}]):
             self.on_finished("failed")
 
     def _check(self, job_id: str) -> None:
-        if self._stop.is_set() or job_id in self._deleted:
+        if self._stop.is_set() or job_id in self._deleted or job_id in self._lost:
             raise _Stop
 
-    def _measure_here(self, job: Job, objects: pd.DataFrame, config: MeasurementConfig) -> tuple[list, list, list]:
-        """Every exposure of the job in this process, one after the other: (catalogs,
-        provenances, errors)."""
+    def _record_progress(self, job: Job, done: int, fraction: float, *, retry: bool) -> None:
+        """Record progress (``retry``: until the store takes it); a run that lost its claim stops."""
+        try:
+            held = (self._retrying("recording progress", self.store.progress, job.id, self.owner, job.attempts, done, fraction)
+                    if retry else self.store.progress(job.id, self.owner, job.attempts, done, fraction))
+        except STORE_ERRORS as exc:  # progress within an exposure is for display only
+            log.warning("job store: recording progress failed: %s", store_error_reason(exc))
+            return
+        if not held:
+            self._lost.add(job.id)
+            raise _Stop
+
+    def _measure_here(self, job: Job, objects: pd.DataFrame, config: MeasurementConfig, parts: Path) -> tuple[list, list, list]:
+        """Every exposure of the job in this process, one after the other, each catalog
+        written to ``parts`` as it comes: (part files, provenances, errors)."""
         spec = job.spec
         n = len(spec["exposures"])
-        catalogs, provenances, errors = [], [], []
+        written, provenances, errors = [], [], []
         for i, item in enumerate(spec["exposures"]):
             self._check(job.id)
             science, difference = _input(item["science"]), _input(item["difference"])
@@ -205,67 +229,66 @@ class JobRunner:
                 self._progress_made(job.id)
                 if time.monotonic() - last[0] > 0.5:
                     last[0] = time.monotonic()
-                    try:  # progress within an exposure is for display only
-                        self.store.progress(job.id, self.owner, i, (i + done / max(total, 1)) / n)
-                    except STORE_ERRORS as exc:
-                        log.warning("job store: recording progress failed: %s", store_error_reason(exc))
+                    self._record_progress(job, i, (i + done / max(total, 1)) / n, retry=False)
 
             try:
                 outcome = self.service.run(task, progress)
             except (InputError, ExposureError, PsfError, OSError) as exc:
                 errors.append({"exposure": (difference or science).label, "detail": str(exc)})
                 continue
-            catalogs.append(outcome.measurement.table)
+            if outcome.measurement.table.num_rows:
+                written.append(write_part(outcome.measurement.table, parts / f"part-{i:06d}.parquet"))
             provenances.append(outcome.measurement.provenance)
             self._progress_made(job.id)
-            self._retrying("recording progress", self.store.progress, job.id, self.owner, i + 1, (i + 1) / n)
-        return catalogs, provenances, errors
+            self._record_progress(job, i + 1, (i + 1) / n, retry=True)
+        return written, provenances, errors
 
-    def _measure_on_dask(self, job: Job, objects: pd.DataFrame, config: MeasurementConfig) -> tuple[list, list, list]:
+    def _measure_on_dask(self, job: Job, objects: pd.DataFrame, config: MeasurementConfig, parts: Path) -> tuple[list, list, list]:
         """A light-curve job as a campaign on the Dask scheduler: one task per exposure,
-        partitions in the job's folder, progress as exposures finish."""
+        its partitions written to ``parts``, progress as exposures finish."""
         spec = job.spec
         every = np.arange(len(objects))  # each exposure measures the objects it covers
         epochs = [EpochInput(_input(item["science"]), _input(item["difference"]), every) for item in spec["exposures"]]
-        folder = self.store.job_dir(job.id) / "dataset"
-        shutil.rmtree(folder, ignore_errors=True)  # a rerun starts afresh
+        folder = parts / "dataset"
 
         def progress(done: int, total: int) -> None:
             self._check(job.id)
             self._progress_made(job.id)
-            try:
-                self.store.progress(job.id, self.owner, done, done / max(total, 1))
-            except STORE_ERRORS as exc:
-                log.warning("job store: recording progress failed: %s", store_error_reason(exc))
+            self._record_progress(job, done, done / max(total, 1), retry=False)
 
         report = run_campaign(LightCurveTask(epochs, objects, config, spec["psf_fwhm"]), folder, where="dask",
                               scheduler=self.dask_scheduler, progress=progress)
-        catalogs = [ds.dataset(folder, format="parquet").to_table()] if report.rows else []
-        shutil.rmtree(folder, ignore_errors=True)
-        return catalogs, [{"campaign": report.manifest()}], report.errors
+        written = sorted(folder.glob("*.parquet")) if report.rows else []
+        return written, [{"campaign": report.manifest()}], report.errors
 
     def _run(self, job: Job) -> None:
+        """Run ``job``: each exposure's catalog written as a part, the parts merged on disk
+        into this run's result, the outcome recorded only while this run holds the claim."""
         spec = job.spec
         config = MeasurementConfig(**spec["config"])
         objects = pd.read_parquet(self.store.objects_path(job.id))
         on_dask = self.dask_scheduler is not None and spec.get("order") == "lightcurve" and not any(i.get("psf") for i in spec["exposures"])
         measure_all = self._measure_on_dask if on_dask else self._measure_here
-        catalogs, provenances, errors = measure_all(job, objects, config)
+        parts = self.store.parts_dir(job.id, job.attempts)
+        shutil.rmtree(parts, ignore_errors=True)  # a rerun of this attempt starts afresh
+        parts.mkdir(parents=True)
+        written, provenances, errors = measure_all(job, objects, config, parts)
         self._check(job.id)
         rows = None
-        if catalogs:
-            catalog = pa.concat_tables(catalogs)
-            if spec.get("order") == "lightcurve":
-                catalog = sort_lightcurves(catalog)
-            partial = self.store.partial_path(job.id)
-            partial.write_bytes(encode_catalog(catalog, {"job": job.id, "exposures": provenances, "errors": errors}, "parquet"))
-            os.replace(partial, self.store.result_path(job.id))
-            rows = catalog.num_rows
-        state = "succeeded" if catalogs else "failed"
-        if self._finally("recording a finished job", self.store.finish, job.id, self.owner, state=state, errors=errors, rows=rows):
+        if written:
+            partial = self.store.partial_path(job.id, job.attempts)
+            rows = merge_parts(written, partial, {"job": job.id, "exposures": provenances, "errors": errors},
+                               lightcurve=spec.get("order") == "lightcurve")
+            os.replace(partial, self.store.result_path(job.id, job.attempts))
+        shutil.rmtree(parts, ignore_errors=True)
+        self._check(job.id)
+        state = "succeeded" if written else "failed"
+        if self._finally("recording a finished job", self.store.finish, job.id, self.owner, job.attempts, state=state, errors=errors, rows=rows):
             self.on_finished(state)
         elif job.id in self._deleted:
             shutil.rmtree(self.store.job_dir(job.id), ignore_errors=True)
+        else:  # the claim was lost meanwhile: the run that took over writes the result
+            self._remove_run_files(job, result=True)
 
 
 def _input(side: dict[str, str] | None) -> ExposureInput | None:

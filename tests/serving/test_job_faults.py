@@ -46,23 +46,23 @@ def test_disk_full_while_writing_the_result_fails_the_job_and_the_runner_goes_on
     """The probe's sequence: the partial result cannot be written (ENOSPC), then recording
     the outcome fails (disk I/O error) until space is back. The job ends failed with the
     reason, no partial file is left, and the next job runs."""
-    real_write = Path.write_bytes
+    from forcedphot.serving import jobs as jobs_module
 
-    def full_disk(self, data):
-        if self.name == PARTIAL_RESULT:
-            real_write(self, data[: len(data) // 2])
-            raise OSError(errno.ENOSPC, "No space left on device", str(self))
-        return real_write(self, data)
+    real_merge = jobs_module.merge_parts
+
+    def full_disk(parts, path, provenance, **kwargs):
+        Path(path).write_bytes(b"half a parquet file")
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
     with client_for(repo, tmp_path) as c:
         store = c.app.state.runtime.jobs
-        monkeypatch.setattr(Path, "write_bytes", full_disk)
+        monkeypatch.setattr(jobs_module, "merge_parts", full_disk)
         monkeypatch.setattr(store, "finish", failing(3, sqlite3.OperationalError("disk I/O error"), store.finish))
         job = c.post("/v1/jobs", json=job_body()).json()
         status = wait_until(lambda: (s := state_of(c, job["id"]))["state"] == "failed" and s, timeout=20)
         assert "No space left on device" in status["errors"][0]["detail"] and str(tmp_path) not in str(status)
-        assert not list((tmp_path / "jobs").glob(f"*/{PARTIAL_RESULT}"))
-        monkeypatch.setattr(Path, "write_bytes", real_write)
+        assert not list((tmp_path / "jobs").glob(f"*/{PARTIAL_RESULT}*")) and not list((tmp_path / "jobs").glob("*/parts-*"))
+        monkeypatch.setattr(jobs_module, "merge_parts", real_merge)
         assert c.app.state.runtime.runner.alive()
         second = c.post("/v1/jobs", json=job_body()).json()
         assert wait_until(lambda: state_of(c, second["id"])["state"] == "succeeded", timeout=20)

@@ -36,7 +36,7 @@ def together(count: int, work) -> list:
 
 def test_concurrent_claims_from_many_stores_take_each_job_once(tmp_path, job_database):
     stores = [JobStore(tmp_path, job_database) for _ in range(6)]  # as six replicas
-    created = [stores[0].create(spec=spec(), objects=OBJECTS, fingerprint=str(i), key=None, max_active=100)[0].id for i in range(30)]
+    created = [stores[0].create(spec=spec(), objects=OBJECTS, fingerprint=str(i), key=None, max_active=100, client="c")[0].id for i in range(30)]
 
     def drain(i):
         taken = []
@@ -51,7 +51,7 @@ def test_concurrent_claims_from_many_stores_take_each_job_once(tmp_path, job_dat
 
 def test_one_key_from_many_stores_at_once_is_one_job(tmp_path, job_database):
     stores = [JobStore(tmp_path, job_database) for _ in range(6)]
-    answers = together(6, lambda i: stores[i].create(spec=spec(), objects=OBJECTS, fingerprint="same", key="k-1", max_active=100))
+    answers = together(6, lambda i: stores[i].create(spec=spec(), objects=OBJECTS, fingerprint="same", key="k-1", max_active=100, client="c"))
     assert len({job.id for job, _ in answers}) == 1 and sum(created for _, created in answers) == 1
     assert stores[0].count_active() == 1
     assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == [answers[0][0].id]  # the losers' files are gone
@@ -62,7 +62,7 @@ def test_the_active_limit_holds_across_stores(tmp_path, job_database):
 
     def submit(i):
         try:
-            return stores[i].create(spec=spec(), objects=OBJECTS, fingerprint=str(i), key=None, max_active=3)[1]
+            return stores[i].create(spec=spec(), objects=OBJECTS, fingerprint=str(i), key=None, max_active=3, client="c")[1]
         except JobLimitReached:
             return False
 
@@ -72,7 +72,7 @@ def test_the_active_limit_holds_across_stores(tmp_path, job_database):
 def test_stale_jobs_are_requeued_then_failed_and_times_keep_their_precision(tmp_path, job_database):
     store = JobStore(tmp_path, job_database)
     before = time.time()
-    job, _ = store.create(spec=spec(2), objects=OBJECTS, fingerprint="f", key=None, max_active=10)
+    job, _ = store.create(spec=spec(2), objects=OBJECTS, fingerprint="f", key=None, max_active=10, client="c")
     assert before <= job.created <= time.time() + 1e-3  # float64 seconds (a float4 column would round to ~2 minutes)
     store.claim("dead")
     assert store.requeue_stale(60.0, max_attempts=3) == 0  # its heartbeat is fresh

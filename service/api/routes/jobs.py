@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import FileResponse
-import pyarrow.parquet as pq
 from starlette.concurrency import run_in_threadpool
 
-from forcedphot.api.dependencies import AUTH, CATALOG_RESPONSE, Caller, OutputFormat, Runtime, json_body, json_request_body, problems
+from forcedphot.api.dependencies import (AUTH, CATALOG_RESPONSE, Caller, OutputFormat, Runtime, json_body, json_request_body, problems,
+                                        run_measurement)
 from forcedphot.api.problems import Problem
 from forcedphot.api.schemas import JobList, JobRequest, JobStatus
-from forcedphot.photometry.formats import FORMATS, encode_catalog, read_provenance
+from forcedphot.api.runtime import ServiceRuntime
+from forcedphot.photometry.catalog_files import STREAMED_FORMATS, convert
+from forcedphot.photometry.formats import FORMATS
+from forcedphot.serving.job_store import Job
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], dependencies=AUTH)
 IdempotencyKey = Annotated[str | None, Header(min_length=1, max_length=255, pattern=r"^[\x21-\x7e]+$")]
@@ -45,33 +49,52 @@ async def list_jobs(runtime: Runtime, caller: Caller, request: Request,
 
 
 @router.get("/{job_id}", response_model=JobStatus, responses=problems(401, 404))
-async def job_status(job_id: str, runtime: Runtime) -> JobStatus:
-    """State, progress and errors of a job."""
-    return (await run_in_threadpool(runtime.job, job_id)).status()
+async def job_status(job_id: str, runtime: Runtime, caller: Caller) -> JobStatus:
+    """State, progress and errors of one of the caller's jobs."""
+    return (await run_in_threadpool(runtime.job, job_id, caller)).status()
 
 
-@router.get("/{job_id}/result", response_class=Response, responses={200: CATALOG_RESPONSE, **problems(401, 404, 406, 409)})
-async def job_result(job_id: str, runtime: Runtime, fmt: OutputFormat) -> Response:
-    """The catalog of a succeeded job (parquet, or JSON/CSV by Accept)."""
-    job = await run_in_threadpool(runtime.job, job_id)
+@router.get("/{job_id}/result", response_class=Response, responses={200: CATALOG_RESPONSE, **problems(401, 404, 406, 409, 413, 429, 503, 504)})
+async def job_result(job_id: str, request: Request, runtime: Runtime, caller: Caller, fmt: OutputFormat) -> Response:
+    """The catalog of one of the caller's succeeded jobs (parquet, or another format by
+    Accept: encoded once, at the first fetch, then served from disk)."""
+    job = await run_in_threadpool(runtime.job, job_id, caller)
     if job.state != "succeeded":
         detail = f"job {job_id} is {job.state}" + ("; poll GET /v1/jobs/" + job_id if job.state != "failed" else "")
         raise Problem(409, f"job-{job.state}", detail, errors=job.errors,
                       headers={"Retry-After": runtime.retry_after()} if job.state != "failed" else None)
-    path = runtime.jobs.result_path(job_id)
-    if fmt == "parquet":
-        return FileResponse(path, media_type=FORMATS[fmt], filename=f"{job_id}.parquet")
-    content = await run_in_threadpool(_reencode, path, fmt)
-    return Response(content, media_type=FORMATS[fmt])
+    path = runtime.jobs.result_path(job.id, job.attempts, fmt)
+    if not path.exists():
+        await _encode(request, runtime, job, fmt, path)
+    return FileResponse(path, media_type=FORMATS[fmt], filename=f"{job_id}.{fmt}")
+
+
+_ENCODING: dict[Path, asyncio.Lock] = {}  # one encoding of a result per format at a time; later fetches wait for it
+
+
+async def _encode(request: Request, runtime: ServiceRuntime, job: Job, fmt: str, path: Path) -> None:
+    """Write the job's result in ``fmt`` beside its parquet catalog, once: as a measurement
+    (a slot, the time budget, a measurement process where there are some)."""
+    if fmt not in STREAMED_FORMATS and (job.rows or 0) > runtime.settings.max_table_encode_rows:
+        raise Problem(413, "result-too-large", f"job {job.id} has {job.rows} rows; {fmt} is written from the whole table, "
+                      f"at most {runtime.settings.max_table_encode_rows} rows: ask for parquet, CSV, ECSV or JSON")
+    lock = _ENCODING.setdefault(path, asyncio.Lock())
+    try:
+        async with lock:
+            if path.exists():
+                return
+            await run_measurement(request, runtime, lambda: runtime.service.call(
+                convert, runtime.jobs.result_path(job.id, job.attempts), fmt, path,
+                what=f"encoding the result as {fmt}", advice="fetch it as parquet"))
+    finally:
+        if not lock.locked():
+            _ENCODING.pop(path, None)
 
 
 @router.delete("/{job_id}", status_code=204, response_class=Response, responses=problems(401, 404))
-async def delete_job(job_id: str, runtime: Runtime) -> Response:
-    """Cancel a job if it is queued or running, and delete it with its result."""
-    await run_in_threadpool(runtime.delete_job, job_id)
+async def delete_job(job_id: str, runtime: Runtime, caller: Caller) -> Response:
+    """Cancel one of the caller's jobs if it is queued or running, and delete it with its result."""
+    await run_in_threadpool(runtime.delete_job, job_id, caller)
     return Response(status_code=204)
 
 
-def _reencode(path: Path, fmt: str) -> bytes:
-    """A stored parquet catalog in another format."""
-    return encode_catalog(pq.read_table(path), read_provenance(path), fmt)
