@@ -224,14 +224,21 @@ class ServiceRuntime:
             failing["measure"] = f"the {self.service.processes} measurement processes are starting"
         if self._jobs is None:
             failing["jobs"] = f"batch jobs are unavailable: {self._jobs_error}"
-        else:
-            try:
-                self._jobs.probe_write()  # a write, as jobs make: a full or read-only store fails it
-            except STORE_ERRORS as exc:
-                failing["jobs"] = f"the job store cannot be written ({store_error_reason(exc)})"
-            if self.runner is not None and not self.runner.alive():
-                failing["jobs"] = "the job runner has stopped"
+        elif self.runner is not None and not self.runner.alive():
+            failing["jobs"] = "the job runner has stopped"
         return failing
+
+    def degraded(self) -> dict[str, str]:
+        """What works only in part, by name: a job store that cannot be written (full disk,
+        read-only) refuses new jobs, but requests, light curves and reads of jobs still
+        work, so the server stays ready (taking it out of service would stop those too)."""
+        if self._jobs is None:
+            return {}
+        try:
+            self._jobs.probe_write()  # a write, as jobs make: a full or read-only store fails it
+        except STORE_ERRORS as exc:
+            return {"jobs": f"the job store cannot be written ({store_error_reason(exc)}): new jobs are refused, reads work"}
+        return {}
 
     def intake(self) -> Intake:
         """Request parsing against the repository; 503 while it is not there yet."""

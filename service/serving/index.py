@@ -41,6 +41,7 @@ import numpy as np
 
 from forcedphot.photometry.exposure import Exposure, ExposureError, open_exposure
 from forcedphot.photometry.psf_models import PsfError, header_fwhm_pixels
+from forcedphot.serving.sqlite_wal import keep_open
 
 SCIENCE, DIFFERENCE = "calexp", "difference"
 DEFAULT_NSIDE = 256
@@ -214,6 +215,7 @@ class ExposureIndex:
                 db.execute("DELETE FROM exposures")  # filed under other pixels: rebuild
                 db.execute("DELETE FROM sky")
                 db.execute("UPDATE meta SET value = ? WHERE key = 'nside'", (str(nside),))
+        self._keeper = keep_open(self.path)  # reads keep working on a full disk (see sqlite_wal.keep_open)
 
     def _connect(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)

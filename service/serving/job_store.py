@@ -35,6 +35,8 @@ import psycopg
 from psycopg.rows import dict_row
 from pydantic import BaseModel, Field
 
+from forcedphot.serving.sqlite_wal import keep_open
+
 JobState = Literal["queued", "running", "succeeded", "failed"]
 
 
@@ -133,6 +135,7 @@ class _Sqlite:
 
     def __init__(self, path: Path):
         self.path = path
+        self._keeper: sqlite3.Connection | None = None
 
     def connect(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
@@ -143,6 +146,7 @@ class _Sqlite:
     def prepare(self) -> None:
         with self.connect() as db:
             db.execute("PRAGMA journal_mode=WAL")
+        self._keeper = keep_open(self.path)  # reads keep working on a full disk
 
     def sql(self, statement: str) -> str:
         return statement

@@ -107,16 +107,16 @@ def test_a_stuck_run_is_not_heartbeaten_and_is_requeued(repo, tmp_path, monkeypa
     assert status["attempts"] >= 2
 
 
-def test_readiness_reflects_an_unwritable_store_and_a_dead_runner(repo, tmp_path, monkeypatch):
+def test_readiness_reports_an_unwritable_store_as_degraded_and_a_dead_runner_as_not_ready(repo, tmp_path, monkeypatch):
     with client_for(repo, tmp_path) as c:
         runtime = c.app.state.runtime
         assert c.get("/readyz").status_code == 200
         monkeypatch.setattr(runtime.jobs, "probe_write", failing(10**6, sqlite3.OperationalError("attempt to write a readonly database"),
                                                                  runtime.jobs.probe_write))
-        ready = c.get("/readyz")
-        assert ready.status_code == 503 and "readonly" in ready.json()["checks"]["jobs"]
+        ready = c.get("/readyz")  # still in service: reads and requests work, new jobs are refused
+        assert ready.status_code == 200 and ready.json()["status"] == "degraded" and "readonly" in ready.json()["checks"]["jobs"]
         monkeypatch.undo()
-        assert c.get("/readyz").status_code == 200
+        assert c.get("/readyz").json()["status"] == "ready"
         runtime.runner.stop()
         ready = c.get("/readyz")
         assert ready.status_code == 503 and "runner has stopped" in ready.json()["checks"]["jobs"]

@@ -25,13 +25,15 @@ async def healthz() -> Health:
 
 @router.get("/readyz", response_model=Health, responses=problems(503))
 async def readyz(runtime: Runtime) -> Health:
-    """Backend initialised, repository readable, job store usable."""
+    """Backend initialised, repository readable, job store usable (200 "degraded" when it
+    cannot be written: new jobs are refused, everything else works)."""
     failing = await run_in_threadpool(runtime.problems)
     if failing:
         raise Problem(503, "not-ready", "; ".join(failing.values()), checks=failing,
                       headers={"Retry-After": runtime.retry_after()})
-    return Health(status="ready", checks={"backend": f"{runtime.backend.name}:{runtime.backend.device}",
-                                          "repository": "ok", "jobs": "ok"})
+    degraded = await run_in_threadpool(runtime.degraded)
+    return Health(status="degraded" if degraded else "ready",
+                  checks={"backend": f"{runtime.backend.name}:{runtime.backend.device}", "repository": "ok", "jobs": "ok", **degraded})
 
 
 # HEAD answers as GET without the body (load balancers probe with it)
