@@ -21,7 +21,7 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from forcedphot.photometry.exposure import ExposureError
+from forcedphot.photometry.exposure import ExposureChanged, ExposureError
 from forcedphot.photometry.objects import InputError
 from forcedphot.photometry.psf_models import PsfError
 from forcedphot.photometry.table_limits import TableTooLarge
@@ -93,6 +93,8 @@ def from_exception(exc: Exception) -> Problem | None:
         return Problem(413, "table-too-large", str(exc))
     if isinstance(exc, InputError):
         return Problem(422, "invalid-objects", str(exc))
+    if isinstance(exc, ExposureChanged):
+        return Problem(409, "exposure-changed", str(exc), headers={"Retry-After": "1"})
     if isinstance(exc, ExposureError):
         return Problem(422, "unreadable-exposure", str(exc))
     if isinstance(exc, PsfError):

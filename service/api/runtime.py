@@ -55,11 +55,12 @@ class ServiceRuntime:
         self.keys = ApiKeys(settings.api_keys)
         self.backend = select_backend(settings.backend)
         limits = settings.exposure_limits
-        self.cache = ExposureCache(settings.cache_bytes, on_event=self._count_cache, limits=limits, backend=self.backend)
+        # no memory maps of repository files in the server process: a file truncated under a map kills it (SIGBUS)
+        self.cache = ExposureCache(settings.cache_bytes, on_event=self._count_cache, limits=limits, backend=self.backend, memory_map=False)
         batcher = KernelBatcher(settings.batch_wait_ms / 1000, settings.batch_max_objects) if settings.batching else None
         self.service = MeasureService(self.cache, self.backend, settings.measure_threads, batcher,
                                       processes=measure_processes(settings, self.backend.name), on_process_cache_event=self._count_cache,
-                                      time_limit=settings.request_time_limit_seconds, limits=limits)
+                                      time_limit=settings.request_time_limit_seconds, limits=limits, memory_map=False)
         self._jobs: JobStore | None = None
         self.runner: JobRunner | None = None
         self._jobs_error: str | None = None  # why jobs are unavailable (degraded mode)

@@ -22,7 +22,8 @@ from typing import Any
 import numpy as np
 
 from forcedphot.photometry.afw_archive import Archive, ArchiveError
-from forcedphot.photometry.psf_models import Array, PsfError, PsfexPsf, PsfModel, Put, ResampledPsf, SampledGaussianPsf, _normalised, _positions
+from forcedphot.photometry.psf_models import (MAX_PSF_MODEL_PX, MAX_PSF_STAMP_PX, Array, PsfError, PsfexPsf, PsfModel, Put, ResampledPsf,
+                                              SampledGaussianPsf, _normalised, _positions, check_degree, check_psf_size)
 
 __all__ = ["Chebyshev1Function2D", "KernelPsf", "PiffPsf", "archive_psf", "archive_psf_class"]
 
@@ -134,7 +135,7 @@ def archive_psf(archive: Archive | None, xy0: tuple[int, int], *, allow_pickled:
         return reader(archive, archive_id, xy0, allow_pickled)
     except PsfError:
         raise
-    except (ArchiveError, KeyError, TypeError, ValueError) as exc:
+    except (ArchiveError, KeyError, TypeError, ValueError, OverflowError, IndexError) as exc:
         raise PsfError(f"the archive's {kind} cannot be read: {exc}") from None
 
 
@@ -148,7 +149,8 @@ def _gaussian(archive: Archive, archive_id: int, xy0: tuple[int, int], allow_pic
     record = archive.record(archive_id)
     dims = record.get("dimensions")
     width, height = (dims[0], dims[1]) if dims is not None else (record["dimensions_x"], record["dimensions_y"])
-    return SampledGaussianPsf(float(record["sigma"]), int(width), int(height))
+    return SampledGaussianPsf(float(record["sigma"]), _size("GaussianPsf dimensions", width, MAX_PSF_STAMP_PX),
+                              _size("GaussianPsf dimensions", height, MAX_PSF_STAMP_PX))
 
 
 def _pca(archive: Archive, archive_id: int, xy0: tuple[int, int], allow_pickled: bool) -> PsfModel:
@@ -157,7 +159,7 @@ def _pca(archive: Archive, archive_id: int, xy0: tuple[int, int], allow_pickled:
     if archive.class_name(kernel_id) != "LinearCombinationKernel":
         raise PsfError(f"{kind}: its kernel is a {archive.class_name(kernel_id)}; only LinearCombinationKernel is read")
     kernel = archive.record(kernel_id)
-    width, height = (int(v) for v in kernel["dimensions"])
+    width, height = (_size(f"{kind} kernel dimensions", v, MAX_PSF_STAMP_PX) for v in kernel["dimensions"])
     if width != height or width % 2 == 0 or tuple(int(v) for v in kernel["center"]) != (width // 2, height // 2):
         raise PsfError(f"{kind}: kernel of {width} x {height} px centred at {list(kernel['center'])}; "
                        "only odd square kernels centred on their middle pixel are read")
@@ -186,12 +188,12 @@ def _psfex(archive: Archive, archive_id: int, xy0: tuple[int, int], allow_pickle
     sizes, arrays = catalogs[0][0], catalogs[1][0]
     if int(sizes["ndim"]) != 2 or int(sizes["ngroup"]) != 1:
         raise PsfError(f"PsfexPsf: {sizes['ndim']} context dimensions in {sizes['ngroup']} groups; only one group in x, y is read")
-    width, height, *rest = (int(v) for v in np.atleast_1d(arrays["_size"]))
+    width, height, *rest = (_size("PsfexPsf _size", v, MAX_PSF_MODEL_PX) for v in np.atleast_1d(arrays["_size"]))
     nbasis = rest[0] if rest else 1
     comp = np.asarray(arrays["_comp"], np.float64).reshape(nbasis, width * height)
     # meas_extensions_psfex copies _comp[k][a * w + b] to image column a, row b: the transpose
     basis = comp.reshape(nbasis, height, width).transpose(0, 2, 1)
-    degree = int(np.atleast_1d(arrays["degree"])[0])
+    degree = check_degree("the archive's PsfexPsf", np.atleast_1d(arrays["degree"])[0])
     first, second = np.atleast_1d(arrays["_context_first"]), np.atleast_1d(arrays["_context_second"])
     return PsfexPsf(basis, degree, (first[0], first[1]), (second[0], second[1]), float(sizes["_pixstep"]), xy0,
                     "the archive's PsfexPsf")
@@ -209,7 +211,15 @@ def _piff(archive: Archive, archive_id: int, xy0: tuple[int, int], allow_pickled
 
     width, height, piff_psf = pickle.loads(archive.record(archive_id)["bytes"])  # noqa: S301 (local or repository files only)
     _upgrade_old_piff(piff_psf, piff.version)
-    return PiffPsf(piff_psf, int(width), xy0)
+    return PiffPsf(piff_psf, _size("PiffPsf width", width, MAX_PSF_STAMP_PX), xy0)
+
+
+def _size(what: str, value: Any, limit: int) -> int:
+    """A declared side as an int, or PsfError unless it is a whole number in [1, ``limit``]."""
+    check_psf_size("the archive's PSF", what, float(value) if not isinstance(value, (bool, str)) else value, limit)
+    if value != int(value):
+        raise PsfError(f"the archive's PSF: {what} = {value!r} is not a whole number")
+    return int(value)
 
 
 def _upgrade_old_piff(piff_psf: Any, version: str) -> None:

@@ -62,7 +62,7 @@ from forcedphot.photometry.cutouts import DeviceCopies, ResidentPlanes
 from forcedphot.photometry.lsst_fits import AFW_DEFAULT_MASK_PLANES
 from forcedphot.photometry.photocalib import PhotoCalib, read_photocalib
 
-__all__ = ["DEFAULT_LIMITS", "REFERENCE_FLUX_NJY", "Exposure", "ExposureError", "ExposureLimits", "njy_per_count", "open_exposure"]
+__all__ = ["DEFAULT_LIMITS", "REFERENCE_FLUX_NJY", "Exposure", "ExposureChanged", "ExposureError", "ExposureLimits", "njy_per_count", "open_exposure"]
 
 #: AB zero-magnitude flux density in nJy (afw ``utils::referenceFlux``): 10**(31.4/2.5).
 AB_MAG_OF_ONE_NJY = 31.4  # the AB magnitude of 1 nJy
@@ -126,6 +126,10 @@ class ExposureError(ValueError):
     """An exposure file cannot be used; the message names the file and the problem."""
 
 
+class ExposureChanged(ExposureError):
+    """The file changed (rewritten, replaced, truncated) while it was open: a retry may work."""
+
+
 @dataclass
 class Exposure:
     """An open exposure; pixel planes are read on demand by :meth:`read_rows`.
@@ -185,7 +189,8 @@ class Exposure:
     _variance_is_weight: bool = field(repr=False, compare=False)
     _mask_hdu: _ImageHDU | None = field(repr=False, compare=False)
     _constant_variance: float = field(repr=False, compare=False)
-    _file_size: int = field(repr=False, compare=False)
+    _file_stamp: tuple[int, int, int] = field(repr=False, compare=False)
+    _memory_map: bool = field(repr=False, compare=False)
     _resident: DeviceCopies = field(default_factory=DeviceCopies, repr=False, compare=False)
 
     def read_rows(self, y_start: int, y_stop: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -193,40 +198,52 @@ class Exposure:
 
         Returns the image (image units), variance (image units squared), each of float32
         values, and the int32 mask bits, each shaped ``(y_stop - y_start, width)``. Only
-        those rows are read. Plain unscaled HDUs come back as read-only memory-mapped
-        views in the file's byte order (nothing is copied until a caller gathers from
-        them, so sparse cutouts touch only their pages; a missing variance or mask is a
-        broadcast constant); tile-compressed HDUs decompress only the overlapping tiles
-        (astropy ``.section``) into native arrays. Callers must not write to the result.
-        NaN image pixels are returned as NaN. The caller clips the range to
+        those rows are read. Plain unscaled HDUs come back in the file's byte order: as
+        read-only memory-mapped views when the exposure was opened with ``memory_map``
+        (nothing is copied until a caller gathers from them, so sparse cutouts touch only
+        their pages), else read from the file (a missing variance or mask is a broadcast
+        constant); tile-compressed HDUs decompress only the overlapping tiles (astropy
+        ``.section``) into native arrays. Callers must not write to the result. NaN image
+        pixels are returned as NaN. The caller clips the range to
         ``0 <= y_start <= y_stop <= height``.
+
+        Raises :class:`ExposureChanged` when the file was replaced or rewritten since it
+        was opened, :class:`ExposureError` when it cannot be read.
         """
         if not 0 <= y_start <= y_stop <= self.height:
             raise ExposureError(
                 f"{self.name}: row range [{y_start}, {y_stop}) is outside [0, {self.height}]"
             )
-        if os.path.getsize(self.path) < self._file_size:
-            # reading a memory map beyond the end of a file that shrank kills the process
-            raise ExposureError(f"{self.name}: the file was truncated after it was opened")
+        self.check_unchanged()
+        mapped = self._memory_map
         try:
-            image = _read_band(self._image_hdu, y_start, y_stop, np.float32)
+            image = _read_band(self._image_hdu, y_start, y_stop, np.float32, mapped)
             if self._variance_hdu is None:
                 variance = np.broadcast_to(np.float32(self._constant_variance), image.shape)
             elif self._variance_is_weight:
-                variance = _weight_to_variance(
-                    _read_band(self._variance_hdu, y_start, y_stop, np.float64))
+                variance = _weight_to_variance(_read_band(self._variance_hdu, y_start, y_stop, np.float64, mapped))
             else:
-                variance = _read_band(self._variance_hdu, y_start, y_stop, np.float32)
+                variance = _read_band(self._variance_hdu, y_start, y_stop, np.float32, mapped)
             if self._mask_hdu is None:
                 mask = np.broadcast_to(np.int32(0), image.shape)
             else:
-                mask = _read_mask_band(self._mask_hdu, y_start, y_stop)
+                mask = _read_mask_band(self._mask_hdu, y_start, y_stop, mapped)
         except (OSError, ValueError, TypeError, IndexError, EOFError) as exc:
-            raise ExposureError(
-                f"{self.name}: cannot read rows [{y_start}, {y_stop}) (truncated or damaged "
-                f"file?): {exc}"
-            ) from exc
+            self.check_unchanged()
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc  # an OSError's text names the file
+            raise ExposureError(f"{self.name}: cannot read rows [{y_start}, {y_stop}) (truncated or damaged file?): {reason}") from exc
+        self.check_unchanged()  # rewritten while these rows were read: they may mix old and new bytes
         return image, variance, mask
+
+    def check_unchanged(self) -> None:
+        """Raise :class:`ExposureChanged` if the file is no longer the one opened (size,
+        modification time or inode differ: rewritten in place, replaced or truncated)."""
+        try:
+            now = _stamp(self.path)
+        except OSError:
+            now = None
+        if now != self._file_stamp:
+            raise ExposureChanged(f"{self.name}: the file changed while it was being read; retry the request")
 
     @property
     def calibration_mean(self) -> float:
@@ -261,12 +278,15 @@ class Exposure:
         self.close()
 
 
-def open_exposure(path: str | os.PathLike, *, name: str | None = None, limits: ExposureLimits = DEFAULT_LIMITS) -> Exposure:
+def open_exposure(path: str | os.PathLike, *, name: str | None = None, limits: ExposureLimits = DEFAULT_LIMITS,
+                  memory_map: bool = True) -> Exposure:
     """Open ``path`` (either layout, see the module docstring) and read its metadata.
 
     ``name`` is how errors refer to the file (default: its path; a service passes the
     caller's reference so that no server path reaches a client). ``limits`` bounds what
-    the file may declare (see :class:`ExposureLimits`).
+    the file may declare (see :class:`ExposureLimits`). ``memory_map``: read pixels
+    through memory maps (fast, zero-copy; but a file truncated while mapped kills the
+    process with SIGBUS, so a server process passes False and reads with plain reads).
 
     Raises
     ------
@@ -279,9 +299,10 @@ def open_exposure(path: str | os.PathLike, *, name: str | None = None, limits: E
     name = name or path
     if not os.path.isfile(path):
         raise ExposureError(f"{name}: no such file")
-    hdul = _open_fits(path, name, limits)
+    stamp = _stamp(path)
+    hdul = _open_fits(path, name, limits, memory_map)
     try:
-        return _build_exposure(path, name, hdul, limits)
+        return _build_exposure(path, name, hdul, limits, stamp, memory_map)
     except BaseException:
         hdul.close()
         raise
@@ -290,7 +311,13 @@ def open_exposure(path: str | os.PathLike, *, name: str | None = None, limits: E
 # --- file level -------------------------------------------------------------------------
 
 
-def _open_fits(path: str, name: str, limits: ExposureLimits) -> fits.HDUList:
+def _stamp(path: str) -> tuple[int, int, int]:
+    """What identifies the file's contents: size, modification time (ns), inode."""
+    stat = os.stat(path)
+    return stat.st_size, stat.st_mtime_ns, stat.st_ino
+
+
+def _open_fits(path: str, name: str, limits: ExposureLimits, memory_map: bool) -> fits.HDUList:
     """Open the file and read every header now; a truncated or damaged file raises here.
 
     Checked: astropy can parse it, it has at most ``limits.max_hdus`` HDUs (headers are
@@ -302,7 +329,7 @@ def _open_fits(path: str, name: str, limits: ExposureLimits) -> fits.HDUList:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            hdul = fits.open(path, mode="readonly", memmap=True, lazy_load_hdus=True)
+            hdul = fits.open(path, mode="readonly", memmap=memory_map, lazy_load_hdus=True)
             for index, hdu in enumerate(hdul):
                 if index >= limits.max_hdus:
                     hdul.close()
@@ -346,7 +373,8 @@ def _check_size(name: str, hdu: _ImageHDU, limits: ExposureLimits) -> None:
                                 f"{tile_pixels} pixels, more than the {limits.max_tile_pixels} that may be decompressed at once")
 
 
-def _build_exposure(path: str, name: str, hdul: fits.HDUList, limits: ExposureLimits) -> Exposure:
+def _build_exposure(path: str, name: str, hdul: fits.HDUList, limits: ExposureLimits, stamp: tuple[int, int, int],
+                    memory_map: bool) -> Exposure:
     _check_afw_archive(name, hdul)
     image_index = _find_image_hdu(name, hdul)
     image_hdu = hdul[image_index]
@@ -381,7 +409,7 @@ def _build_exposure(path: str, name: str, hdul: fits.HDUList, limits: ExposureLi
     plane_hdu = variance_hdu if variance_hdu is not None else weight_hdu
     constant_variance = math.nan
     if plane_hdu is None:
-        constant_variance = _estimate_variance(name, image_hdu, mask_hdu, height)
+        constant_variance = _estimate_variance(name, image_hdu, mask_hdu, height, memory_map)
     return Exposure(
         path=path,
         name=name,
@@ -405,7 +433,8 @@ def _build_exposure(path: str, name: str, hdul: fits.HDUList, limits: ExposureLi
         _variance_is_weight=weight_hdu is not None,
         _mask_hdu=mask_hdu,
         _constant_variance=constant_variance,
-        _file_size=os.path.getsize(path),
+        _file_stamp=stamp,
+        _memory_map=memory_map,
         archive=archive,
     )
 
@@ -486,32 +515,39 @@ def _merged_header(primary: fits.Header, image: fits.Header, image_is_primary: b
 # --- pixels -----------------------------------------------------------------------------
 
 
-def _memory_mapped(hdu: _ImageHDU) -> np.ndarray | None:
-    """The HDU's pixels as a memory map when they are stored plainly (no compression,
-    no BSCALE/BZERO scaling), else None."""
-    if isinstance(hdu, fits.CompImageHDU):
-        return None
-    if hdu.header.get("BSCALE", 1) != 1 or hdu.header.get("BZERO", 0) != 0:
-        return None
-    return hdu.data
-
-
 _RAW_TYPES = {8: "u1", 16: ">i2", 32: ">i4", 64: ">i8", -32: ">f4", -64: ">f8"}
 
 
-def _scaled_rows(hdu: _ImageHDU, y_start: int, y_stop: int) -> np.ndarray | None:
-    """Rows of a plain (not tile-compressed) HDU stored with ``BSCALE``/``BZERO`` (e.g. an
-    afw uint16 mask: BITPIX 16, BZERO 32768), read from a memory map of the raw values
-    and scaled here, so only these rows are read (astropy refuses to memory-map scaled
-    data). Integers stay exact (int64); ``BLANK`` becomes NaN for floating results.
-    None for HDUs that need no scaling."""
+def _raw_rows(hdu: _ImageHDU, y_start: int, y_stop: int, memory_map: bool) -> np.ndarray:
+    """Rows [y_start, y_stop) of a plain (not tile-compressed) HDU as stored: raw values in
+    the file's byte order. ``memory_map``: a read-only view of a memory map (nothing is
+    read until touched); else read from the file (a file that shrank gives a short read,
+    raised as EOFError, where a memory map would kill the process with SIGBUS)."""
+    info = hdu.fileinfo()
+    dtype = np.dtype(_RAW_TYPES[hdu.header["BITPIX"]])
+    height, width = hdu.shape
+    if memory_map:
+        return np.memmap(info["file"].name, dtype=dtype, mode="r", offset=info["datLoc"], shape=(height, width))[y_start:y_stop]
+    size = (y_stop - y_start) * width * dtype.itemsize
+    with open(info["file"].name, "rb") as f:
+        f.seek(info["datLoc"] + y_start * width * dtype.itemsize)
+        data = f.read(size)
+    if len(data) != size:
+        raise EOFError(f"{len(data)} of {size} bytes of HDU {hdu.name or 'PRIMARY'} could be read")
+    return np.frombuffer(data, dtype).reshape(y_stop - y_start, width)
+
+
+def _plain_rows(hdu: _ImageHDU, y_start: int, y_stop: int, memory_map: bool) -> np.ndarray | None:
+    """Rows of a plain HDU with its ``BSCALE``/``BZERO`` applied (integers stay exact as
+    int64; ``BLANK`` becomes NaN for floating results), else the raw values; None for a
+    tile-compressed HDU. Only these rows are read."""
+    if isinstance(hdu, fits.CompImageHDU):
+        return None
+    raw = _raw_rows(hdu, y_start, y_stop, memory_map)
     header = hdu.header
     bscale, bzero = header.get("BSCALE", 1), header.get("BZERO", 0)
-    if isinstance(hdu, fits.CompImageHDU) or (bscale == 1 and bzero == 0):
-        return None
-    info = hdu.fileinfo()
-    raw = np.memmap(info["file"].name, dtype=_RAW_TYPES[header["BITPIX"]], mode="r", offset=info["datLoc"],
-                    shape=tuple(hdu.shape))[y_start:y_stop]
+    if bscale == 1 and bzero == 0:
+        return raw
     if raw.dtype.kind in "iu" and float(bscale).is_integer() and float(bzero).is_integer():
         return raw.astype(np.int64) * int(bscale) + int(bzero)
     values = raw.astype(np.float64) * bscale + bzero
@@ -520,31 +556,29 @@ def _scaled_rows(hdu: _ImageHDU, y_start: int, y_stop: int) -> np.ndarray | None
     return values
 
 
-def _read_band(hdu: _ImageHDU, y_start: int, y_stop: int, dtype: type) -> np.ndarray:
-    """Rows [y_start, y_stop) of ``hdu`` with values of ``dtype``: a memory-mapped view in
-    the file's byte order when the file stores exactly that type, else a decoded copy."""
-    mapped = _memory_mapped(hdu)
-    if mapped is not None and mapped.dtype.newbyteorder("=") == np.dtype(dtype):
-        return mapped[y_start:y_stop]
-    scaled = _scaled_rows(hdu, y_start, y_stop)
-    if scaled is not None:
-        return scaled.astype(dtype)
-    return np.array(hdu.section[y_start:y_stop, :], dtype=dtype)
+def _read_band(hdu: _ImageHDU, y_start: int, y_stop: int, dtype: type, memory_map: bool) -> np.ndarray:
+    """Rows [y_start, y_stop) of ``hdu`` with values of ``dtype``: the stored values as they
+    are (a memory-mapped view, with ``memory_map``) when the file stores exactly that type
+    in either byte order, else a decoded copy."""
+    values = _plain_rows(hdu, y_start, y_stop, memory_map)
+    if values is None:
+        return np.array(hdu.section[y_start:y_stop, :], dtype=dtype)
+    if values.dtype.newbyteorder("=") == np.dtype(dtype):
+        return values
+    return values.astype(dtype)
 
 
-def _read_mask_band(hdu: _ImageHDU, y_start: int, y_stop: int) -> np.ndarray:
+def _read_mask_band(hdu: _ImageHDU, y_start: int, y_stop: int, memory_map: bool) -> np.ndarray:
     """Mask rows as int32 bit fields (uint32 planes are reinterpreted bit for bit, uint16
     planes stored with BZERO read exactly)."""
-    mapped = _memory_mapped(hdu)
-    if mapped is not None and mapped.dtype.newbyteorder("=") == np.dtype(np.int32):
-        return mapped[y_start:y_stop]
-    scaled = _scaled_rows(hdu, y_start, y_stop)
-    if scaled is not None:
-        return scaled.astype(np.uint32).view(np.int32)
-    band = np.asarray(hdu.section[y_start:y_stop, :])
-    if band.dtype.kind == "u" and band.dtype.itemsize == 4:
-        return band.astype(np.uint32).view(np.int32)
-    return band.astype(np.int32)
+    values = _plain_rows(hdu, y_start, y_stop, memory_map)
+    if values is None:
+        values = np.asarray(hdu.section[y_start:y_stop, :])
+    if values.dtype.newbyteorder("=") == np.dtype(np.int32):
+        return values
+    if values.dtype.kind in "iu" and (values.dtype.itemsize == 8 or (values.dtype.kind == "u" and values.dtype.itemsize == 4)):
+        return values.astype(np.uint32).view(np.int32)
+    return values.astype(np.int32)
 
 
 def _weight_to_variance(weight: np.ndarray) -> np.ndarray:
@@ -556,7 +590,7 @@ def _weight_to_variance(weight: np.ndarray) -> np.ndarray:
 
 
 def _estimate_variance(path: str, image_hdu: _ImageHDU, mask_hdu: _ImageHDU | None,
-                       height: int) -> float:
+                       height: int, memory_map: bool) -> float:
     """Constant per-pixel noise variance from the image itself.
 
     Uses up to 64 evenly spaced rows; in each, differences of horizontally adjacent
@@ -568,10 +602,10 @@ def _estimate_variance(path: str, image_hdu: _ImageHDU, mask_hdu: _ImageHDU | No
     rows = np.unique(np.linspace(0, height - 1, min(height, _VARIANCE_SAMPLE_ROWS)).astype(int))
     differences = []
     for row in rows:
-        values = _read_band(image_hdu, row, row + 1, np.float64)[0]
+        values = _read_band(image_hdu, row, row + 1, np.float64, memory_map)[0]
         good = np.isfinite(values)
         if mask_hdu is not None:
-            good &= _read_mask_band(mask_hdu, row, row + 1)[0] == 0
+            good &= _read_mask_band(mask_hdu, row, row + 1, memory_map)[0] == 0
         pair_good = good[1:] & good[:-1]
         differences.append((values[1:] - values[:-1])[pair_good])
     sample = np.concatenate(differences)

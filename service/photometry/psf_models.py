@@ -47,6 +47,41 @@ class PsfError(ValueError):
     """A PSF cannot be built: the message names the file (or parameter) and the problem."""
 
 
+#: What a PSF may declare, checked from its header or record before anything is allocated
+#: (a few kilobytes can otherwise ask for gigabytes: a sampling of 300, a polynomial of
+#: degree 3000, a 16383^2 compressed image). Real models are far inside: LSST's PSF
+#: kernels are 21-41 px, DES PSFEx models 25-35 px of degree 2-3 sampled every 0.5-1 px.
+MAX_PSF_STAMP_PX = 127  # side of a PSF stamp, image pixels
+MAX_PSF_MODEL_PX = 255  # side of a model, kernel or basis image as stored
+MAX_PSF_DEGREE = 8  # PSFEx polynomial degree (45 basis images)
+PSF_SAMPLING_RANGE = (0.1, 10.0)  # PSFEx PSF_SAMP, image pixels per model pixel
+MAX_PSF_FILE_BYTES = 64 * 2**20  # what one HDU of a PSF file may declare
+
+
+def check_psf_size(source: str, what: str, value: float, limit: float) -> None:
+    """PsfError naming ``what`` when ``value`` is not a finite number within [1, ``limit``]."""
+    if isinstance(value, bool) or not (isinstance(value, (int, float, np.integer, np.floating)) and math.isfinite(value)) \
+            or not 1 <= value <= limit:
+        raise PsfError(f"{source}: {what} = {value!r}, outside the 1 to {limit:g} allowed")
+
+
+def check_sampling(source: str, sampling: float) -> None:
+    """PsfError unless the model's sampling (image pixels per model pixel) is finite and
+    within :data:`PSF_SAMPLING_RANGE`."""
+    low, high = PSF_SAMPLING_RANGE
+    if isinstance(sampling, bool) or not (isinstance(sampling, (int, float, np.integer, np.floating)) and math.isfinite(sampling)) \
+            or not low <= sampling <= high:
+        raise PsfError(f"{source}: sample spacing {sampling!r} px is outside the {low:g} to {high:g} allowed")
+
+
+def check_degree(source: str, degree: float) -> int:
+    """The polynomial degree as an int, or PsfError unless it is a whole number in [0, :data:`MAX_PSF_DEGREE`]."""
+    if isinstance(degree, bool) or not (isinstance(degree, (int, float, np.integer, np.floating)) and math.isfinite(degree)) \
+            or degree != int(degree) or not 0 <= degree <= MAX_PSF_DEGREE:
+        raise PsfError(f"{source}: polynomial degree {degree!r} is outside the 0 to {MAX_PSF_DEGREE} allowed")
+    return int(degree)
+
+
 @runtime_checkable
 class PsfModel(Protocol):
     """What photometry needs from a PSF model."""
@@ -200,8 +235,10 @@ class SampledGaussianPsf:
     Positions keep their sub-pixel offsets, as ``computeImage(position)`` does."""
 
     def __init__(self, sigma_pixels: float, width: int, height: int):
-        if not (math.isfinite(sigma_pixels) and sigma_pixels > 0) or width < 1 or height < 1:
-            raise PsfError(f"GaussianPsf record: sigma {sigma_pixels!r} px and dimensions {width} x {height} are not usable")
+        if not (math.isfinite(sigma_pixels) and sigma_pixels > 0):
+            raise PsfError(f"GaussianPsf record: sigma {sigma_pixels!r} px is not usable")
+        for what, value in (("width", width), ("height", height)):
+            check_psf_size("GaussianPsf record", what, value, MAX_PSF_STAMP_PX)
         self.sigma_pixels = float(sigma_pixels)
         self.stamp_size = max(int(width), int(height)) | 1  # odd, as the stamps are centred
 
@@ -222,8 +259,20 @@ class SampledGaussianPsf:
         return np.full(x.size, self.sigma_pixels)
 
 
+def _declared_bytes(header: fits.Header) -> int:
+    """Bytes of data an HDU's header declares (decompressed, for a tile-compressed image)."""
+    prefix = "Z" if header.get("ZIMAGE") is True else ""
+    axes = [header.get(f"{prefix}NAXIS{i}", 0) for i in range(1, int(header.get(f"{prefix}NAXIS", 0) or 0) + 1)]
+    bits = header.get(f"{prefix}BITPIX", 8)
+    values = [*axes, bits, header.get("PCOUNT", 0) or 0]
+    if any(isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) for v in values):
+        raise ValueError("a header declares its data size with a value that is not a number")
+    return int(math.prod(abs(int(a)) for a in axes) * abs(int(bits)) // 8 + abs(int(values[-1]))) if axes else 0
+
+
 def _read_fits(path: str) -> fits.HDUList:
-    """All HDUs of a FITS file, data loaded; PsfError if unreadable or truncated."""
+    """All HDUs of a FITS file, data loaded; PsfError if unreadable or truncated, or if a
+    header declares more than :data:`MAX_PSF_FILE_BYTES` (checked before any data is decoded)."""
     try:
         with open(path, "rb") as stream:
             content = stream.read()
@@ -234,10 +283,18 @@ def _read_fits(path: str) -> fits.HDUList:
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("error", message="(?s).*(truncated|corrupted)")
+            hdus = fits.open(io.BytesIO(content), lazy_load_hdus=False, disable_image_compression=True)
+            for index, hdu in enumerate(hdus):
+                declared = _declared_bytes(hdu.header)
+                if declared > MAX_PSF_FILE_BYTES:
+                    raise PsfError(f"PSF file {path}: HDU {index} declares {declared} bytes of data, more than the "
+                                   f"{MAX_PSF_FILE_BYTES} a PSF may have")
             hdus = fits.open(io.BytesIO(content), lazy_load_hdus=False)
             for hdu in hdus:
                 hdu.data  # noqa: B018 (decode every HDU now, so damage shows here)
             return hdus
+    except PsfError:
+        raise
     except Exception as err:  # astropy raises OSError, ValueError, TypeError, warnings...
         raise PsfError(f"PSF file {path}: not a readable FITS file ({err})") from err
 
@@ -311,6 +368,9 @@ class ImagePsf(ResampledPsf):
     """
 
     def __init__(self, image: Any, source: str = "PSF image"):
+        image = np.asarray(image)
+        if image.ndim == 2:
+            check_psf_size(source, "image side", max(image.shape), MAX_PSF_STAMP_PX)
         image = _odd_square(np.asarray(image, dtype=np.float64), source)
         if not image.sum() > 0:
             raise PsfError(f"{source}: PSF image must have a positive sum, got {image.sum()}")
@@ -382,7 +442,10 @@ class PsfexPsf(ResampledPsf):
     def __init__(self, basis: np.ndarray, degree: int, zero: tuple[float, float], scale: tuple[float, float],
                  sample_scale: float, offset: tuple[float, float], source: str):
         basis = np.asarray(basis, dtype=np.float64)
-        self.powers = psfex_powers(degree)
+        self.powers = psfex_powers(check_degree(source, degree))
+        check_sampling(source, sample_scale)
+        if basis.ndim == 3:
+            check_psf_size(source, "basis image side", basis.shape[1], MAX_PSF_MODEL_PX)
         if basis.ndim != 3 or basis.shape[0] != len(self.powers) or basis.shape[1] != basis.shape[2] or basis.shape[1] % 2 == 0:
             raise PsfError(f"{source}: basis images of shape {basis.shape} do not match a degree-{degree} polynomial "
                            f"({len(self.powers)} square images of odd side)")
@@ -396,6 +459,7 @@ class PsfexPsf(ResampledPsf):
         self.zero = np.asarray(zero, np.float64) - np.asarray(offset, np.float64)
         self.scale = np.asarray(scale, np.float64)
         self.stamp_size = 2 * math.ceil((basis.shape[1] // 2) * self.sample_scale - 1e-9) + 1
+        check_psf_size(source, f"stamp side ({basis.shape[1]} px sampled every {self.sample_scale:g} px)", self.stamp_size, MAX_PSF_STAMP_PX)
 
     @classmethod
     def from_file(cls, path: str) -> "PsfexPsf":
@@ -415,9 +479,11 @@ class PsfexPsf(ResampledPsf):
         if not_numbers:
             raise PsfError(f"PSFEx file {path}: PSF_DATA keywords {', '.join(not_numbers)} are not numbers")
         _check_psfex_context(path, header)
-        if not header["PSF_SAMP"] > 0:
-            raise PsfError(f"PSFEx file {path}: PSF_SAMP = {header['PSF_SAMP']} is not positive")
-        degree = int(header["POLDEG1"])
+        source = f"PSFEx file {path}"
+        check_sampling(source + " PSF_SAMP", header["PSF_SAMP"])
+        for key in ("PSFAXIS1", "PSFAXIS2"):
+            check_psf_size(source, key, header[key], MAX_PSF_MODEL_PX)
+        degree = check_degree(source + " POLDEG1", header["POLDEG1"])
         side, nbasis = int(header["PSFAXIS1"]), int(header["PSFAXIS3"])
         if side != header["PSFAXIS2"] or side % 2 == 0:
             raise PsfError(f"PSFEx file {path}: basis images are {header['PSFAXIS2']}x{side} "
@@ -464,8 +530,8 @@ def _check_psfex_context(path: str, header: fits.Header) -> None:
     if not (names[0].startswith("X") and names[0].endswith("IMAGE")
             and names[1].startswith("Y") and names[1].endswith("IMAGE")):
         raise PsfError(f"PSFEx file {path}: context parameters {names} are not X_IMAGE, Y_IMAGE")
-    if int(header["POLDEG1"]) < 0 or int(header["PSFNAXIS"]) != 3:
-        raise PsfError(f"PSFEx file {path}: need POLDEG1 >= 0 and PSFNAXIS = 3")
+    if header["PSFNAXIS"] != 3:
+        raise PsfError(f"PSFEx file {path}: need PSFNAXIS = 3")
 
 
 SIGMA_CELL_PX = 128.0

@@ -125,18 +125,22 @@ class MeasureService:
 
     def __init__(self, cache: ExposureCache, backend: Backend, threads: int, batcher: KernelBatcher | None = None,
                  processes: int = 0, on_process_cache_event: Callable[[str], None] | None = None,
-                 time_limit: float | None = None, limits: ExposureLimits = DEFAULT_LIMITS):
+                 time_limit: float | None = None, limits: ExposureLimits = DEFAULT_LIMITS, memory_map: bool = True):
         """``processes`` > 0 measures requests in that many processes, which share out
         ``cache.max_bytes`` equally for their own caches; ``on_process_cache_event`` is
         told their cache outcomes. ``time_limit`` (seconds) bounds a request measured in a
-        process. Jobs use ``cache`` in this process. ``limits`` bound every file opened."""
+        process. Jobs use ``cache`` in this process. ``limits`` bound every file opened.
+        ``memory_map``: files opened here are read through memory maps (a server process
+        passes False: a file truncated under a map kills the process; the measurement
+        processes map theirs, a death there costs one request)."""
         self.cache, self.backend, self.batcher, self.limits = cache, backend, batcher, limits
         self.time_limit = time_limit
         self._on_process_cache_event = on_process_cache_event or (lambda outcome: None)
         self._execute = batcher.execute if batcher is not None else run_directly
         self._executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="measure")
         self.processes = processes
-        self.handles = HandleCache(limits=limits)
+        self.memory_map = memory_map
+        self.handles = HandleCache(limits=limits, memory_map=memory_map)
         self._pool = pebble.ProcessPool(max_workers=processes, initializer=_start_process,
                                         initargs=(backend.name, cache.max_bytes // processes, limits),
                                         context=multiprocessing.get_context("spawn")) if processes else None
@@ -150,7 +154,7 @@ class MeasureService:
     def _open(self, stack: ExitStack, source: ExposureInput) -> tuple[object, str]:
         if not source.uploaded:
             return stack.enter_context(self.cache.lease(source.path, name=source.label))
-        return stack.enter_context(open_exposure(source.path, name=source.label, limits=self.limits)), "bypass"
+        return stack.enter_context(open_exposure(source.path, name=source.label, limits=self.limits, memory_map=self.memory_map)), "bypass"
 
     def run(self, task: MeasureTask, progress: Callable[[int, int], None] | None = None) -> MeasureOutcome:
         """Measure ``task`` in the calling thread."""

@@ -92,12 +92,14 @@ class ExposureCache:
     ``on_event(name)`` is called with "hit", "miss" or "bypass" for each lease (metrics).
     With a device ``backend`` every entry's planes are also copied to the device when
     loaded, and ``max_bytes`` bounds host and device bytes together (24 per pixel).
+    ``memory_map``: files are read through memory maps (see :func:`open_exposure`; a
+    server process passes False).
     """
 
     def __init__(self, max_bytes: int, on_event: Callable[[str], None] | None = None, limits: ExposureLimits = DEFAULT_LIMITS,
-                 backend: Backend | None = None):
+                 backend: Backend | None = None, memory_map: bool = True):
         self.max_bytes = int(max_bytes)
-        self.limits = limits
+        self.limits, self.memory_map = limits, memory_map
         self.device = backend if backend is not None and backend.name != "numpy" else None
         self._entries: OrderedDict[tuple, tuple[InMemoryExposure, int]] = OrderedDict()  # entry, bytes when stored
         self._loading: dict[tuple, Future] = {}
@@ -127,7 +129,7 @@ class ExposureCache:
         if cached is not None:
             yield cached.view(), outcome
             return
-        with open_exposure(path, name=name, limits=self.limits) as exposure:  # too large for the cache: memory-mapped
+        with open_exposure(path, name=name, limits=self.limits, memory_map=self.memory_map) as exposure:  # too large for the cache
             yield exposure, outcome
 
     def _get(self, key: tuple, path: Path, name: str) -> tuple[InMemoryExposure | None, str]:
@@ -158,7 +160,7 @@ class ExposureCache:
         return entry, "miss" if entry is not None else "bypass"
 
     def _load(self, path: Path, name: str) -> InMemoryExposure | None:
-        with open_exposure(path, name=name, limits=self.limits) as exposure:
+        with open_exposure(path, name=name, limits=self.limits, memory_map=self.memory_map) as exposure:
             per_pixel = BYTES_PER_PIXEL * (2 if self.device is not None else 1)
             if exposure.width * exposure.height * per_pixel > self.max_bytes:
                 return None
@@ -181,16 +183,17 @@ class ExposureCache:
 
 
 class HandleCache:
-    """An LRU of open, memory-mapped exposures (headers, WCS and file handles; no pixels
-    read), bounded in count. For light curves: one cutout from each of many files, where
-    reading whole planes would waste the time and the memory.
+    """An LRU of open exposures (headers, WCS and file handles; no pixels read), bounded
+    in count. For light curves: one cutout from each of many files, where reading whole
+    planes would waste the time and the memory.
 
     A handle is used by one thread at a time (:meth:`lease` holds its lock); a replaced
-    file (other size, mtime or inode) is opened again.
+    file (other size, mtime or inode) is opened again. ``memory_map`` as for
+    :class:`ExposureCache`.
     """
 
-    def __init__(self, max_open: int = 512, limits: ExposureLimits = DEFAULT_LIMITS):
-        self.max_open, self.limits = max_open, limits
+    def __init__(self, max_open: int = 512, limits: ExposureLimits = DEFAULT_LIMITS, memory_map: bool = True):
+        self.max_open, self.limits, self.memory_map = max_open, limits, memory_map
         self._open: OrderedDict[tuple, tuple[Exposure, threading.Lock]] = OrderedDict()
         self._lock = threading.Lock()
 
@@ -206,7 +209,7 @@ class HandleCache:
             if entry is not None:
                 self._open.move_to_end(key)
         if entry is None:
-            opened = (open_exposure(path, name=name, limits=self.limits), threading.Lock())
+            opened = (open_exposure(path, name=name, limits=self.limits, memory_map=self.memory_map), threading.Lock())
             with self._lock:
                 entry = self._open.setdefault(key, opened)  # another thread may have opened it meanwhile
                 while len(self._open) > self.max_open:

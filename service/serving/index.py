@@ -309,7 +309,7 @@ class ExposureIndex:
         return report
 
     def _read(self, key: tuple[int, int], science: Path, difference: Path | None, stamp: tuple) -> dict[str, Any]:
-        with open_exposure(science) as exposure:
+        with open_exposure(science, memory_map=False) as exposure:  # the server process maps no repository file
             footprint = footprint_of(exposure)
             fwhm = header_fwhm_pixels(exposure.header, str(science))
             return {

@@ -1,5 +1,7 @@
 """Reading exposures: LSST afw layout (plain and compressed), plain FITS, metadata, errors."""
 
+import os
+import time
 import tracemalloc
 
 from astropy.io import fits
@@ -10,7 +12,7 @@ import galsim
 import numpy as np
 import pytest
 
-from forcedphot.photometry.exposure import ExposureError, open_exposure
+from forcedphot.photometry.exposure import ExposureChanged, ExposureError, open_exposure
 from forcedphot.photometry.lsst_fits import AFW_DEFAULT_MASK_PLANES, afw_visit_metadata, write_lsst_exposure
 
 SHAPE = (300, 200)  # (ny, nx)
@@ -471,14 +473,29 @@ def test_read_rows_out_of_range(afw_file):
             exposure.read_rows(-1, 3)
 
 
-def test_file_truncated_after_open(tmp_path, rng):
+@pytest.mark.parametrize("memory_map", [True, False])
+def test_file_truncated_after_open(tmp_path, rng, memory_map):
     path = tmp_path / "e.fits"
     write_lsst_exposure(path, *planes(rng), tan_wcs())
-    with open_exposure(path) as exposure:
+    with open_exposure(path, memory_map=memory_map) as exposure:
         with open(path, "r+b") as stream:
             stream.truncate(100_000)
-        with pytest.raises(ExposureError, match="truncated after it was opened"):
+        with pytest.raises(ExposureChanged, match="changed while it was being read"):
             exposure.read_rows(200, 210)
+
+
+def test_file_rewritten_in_place_while_open_is_refused_and_plain_reads_equal_mapped(tmp_path, rng):
+    path = tmp_path / "e.fits"
+    write_lsst_exposure(path, *planes(rng), tan_wcs())
+    with open_exposure(path, memory_map=False) as plain, open_exposure(path) as mapped:
+        for a, b in zip(plain.read_rows(10, 60), mapped.read_rows(10, 60)):
+            np.testing.assert_array_equal(a, b)
+        data = path.read_bytes()
+        with open(path, "r+b") as stream:  # same size, new bytes, as a writer rewriting the file in place
+            stream.write(data[: len(data) // 2])
+        os.utime(path, ns=(time.time_ns(), time.time_ns() + 10**9))
+        with pytest.raises(ExposureChanged):
+            plain.read_rows(10, 60)
 
 
 def test_real_des_header(tmp_path, rng):
