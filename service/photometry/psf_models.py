@@ -62,7 +62,7 @@ def check_psf_size(source: str, what: str, value: float, limit: float) -> None:
     """PsfError naming ``what`` when ``value`` is not a finite number within [1, ``limit``]."""
     if isinstance(value, bool) or not (isinstance(value, (int, float, np.integer, np.floating)) and math.isfinite(value)) \
             or not 1 <= value <= limit:
-        raise PsfError(f"{source}: {what} = {value!r}, outside the 1 to {limit:g} allowed")
+        raise PsfError(f"{source}: {what} = {_plain(value)!r}, outside the 1 to {limit:g} allowed")
 
 
 def check_sampling(source: str, sampling: float) -> None:
@@ -71,15 +71,20 @@ def check_sampling(source: str, sampling: float) -> None:
     low, high = PSF_SAMPLING_RANGE
     if isinstance(sampling, bool) or not (isinstance(sampling, (int, float, np.integer, np.floating)) and math.isfinite(sampling)) \
             or not low <= sampling <= high:
-        raise PsfError(f"{source}: sample spacing {sampling!r} px is outside the {low:g} to {high:g} allowed")
+        raise PsfError(f"{source}: sample spacing {_plain(sampling)!r} px is outside the {low:g} to {high:g} allowed")
 
 
 def check_degree(source: str, degree: float) -> int:
     """The polynomial degree as an int, or PsfError unless it is a whole number in [0, :data:`MAX_PSF_DEGREE`]."""
     if isinstance(degree, bool) or not (isinstance(degree, (int, float, np.integer, np.floating)) and math.isfinite(degree)) \
             or degree != int(degree) or not 0 <= degree <= MAX_PSF_DEGREE:
-        raise PsfError(f"{source}: polynomial degree {degree!r} is outside the 0 to {MAX_PSF_DEGREE} allowed")
+        raise PsfError(f"{source}: polynomial degree {_plain(degree)!r} is outside the 0 to {MAX_PSF_DEGREE} allowed")
     return int(degree)
+
+
+def _plain(value: Any) -> Any:
+    """A NumPy scalar as the Python number it holds (for messages)."""
+    return value.item() if isinstance(value, np.generic) else value
 
 
 @runtime_checkable
