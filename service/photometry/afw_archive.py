@@ -55,9 +55,15 @@ class Archive:
         self._entries: dict[int, list[_Entry]] = {}
         data = index.data
         names = data[columns["name"]] if "name" in columns else [""] * len(data)
-        for archive_id, catalog, row0, nrows, name in zip(data[columns["id"]], data[columns["cat_archive"]],
-                                                          data[columns["row0"]], data[columns["nrows"]], names):
-            self._entries.setdefault(int(archive_id), []).append(_Entry(int(catalog), int(row0), int(nrows), str(name).strip()))
+        for row, (archive_id, catalog, row0, nrows, name) in enumerate(zip(data[columns["id"]], data[columns["cat_archive"]],
+                                                                            data[columns["row0"]], data[columns["nrows"]], names)):
+            numbers = {}
+            for column, value in (("id", archive_id), ("cat_archive", catalog), ("row0", row0), ("nrows", nrows)):
+                numbers[column] = _integer(value)
+                if numbers[column] is None:
+                    raise ArchiveError(f"ARCHIVE_INDEX row {row} column {columns[column]} = {value!r} is not a whole number")
+            self._entries.setdefault(numbers["id"], []).append(
+                _Entry(numbers["cat_archive"], numbers["row0"], numbers["nrows"], str(name).strip()))
 
     @classmethod
     def of(cls, hdul: fits.HDUList) -> Archive | None:

@@ -59,6 +59,7 @@ import numpy as np
 from forcedphot.photometry.afw_archive import Archive, ArchiveError
 from forcedphot.photometry.backend import Backend
 from forcedphot.photometry.cutouts import DeviceCopies, ResidentPlanes
+from forcedphot.photometry.fits_preflight import DeclaredTooMuch, preflight
 from forcedphot.photometry.lsst_fits import AFW_DEFAULT_MASK_PLANES
 from forcedphot.photometry.photocalib import PhotoCalib, read_photocalib
 
@@ -118,6 +119,13 @@ _VARIANCE_SAMPLE_ROWS = 64
 #: 1 / Phi^-1(3/4): converts a median absolute deviation into a Gaussian sigma.
 _MAD_TO_SIGMA = 1.482602218505602
 _FITS_BLOCK = 2880
+INT64_MAX = 2**63 - 1
+INT16_MAX = 2**15 - 1
+MJD_RANGE = (0, 100_000)  # 1858-11-17 to 2132-09-01: any exposure's time
+MAX_EXPTIME_S = 1e6
+MAX_ZERO_POINT_MAG = 100.0
+MAX_MASK_BIT = 30
+MAX_ORIGIN = 2**31 - 1  # an image origin (XY0) in pixels
 
 _ImageHDU = fits.PrimaryHDU | fits.ImageHDU | fits.CompImageHDU
 
@@ -303,6 +311,13 @@ def open_exposure(path: str | os.PathLike, *, name: str | None = None, limits: E
     hdul = _open_fits(path, name, limits, memory_map)
     try:
         return _build_exposure(path, name, hdul, limits, stamp, memory_map)
+    except ExposureError:
+        hdul.close()
+        raise
+    except (KeyError, ValueError, TypeError, OverflowError, IndexError, ArithmeticError, fits.VerifyError) as exc:
+        # astropy reading a structurally malformed header (NAXIS = 999 without NAXIS3, an unparsable card, ...)
+        hdul.close()
+        raise ExposureError(f"{name}: malformed header: {type(exc).__name__}: {exc}") from None
     except BaseException:
         hdul.close()
         raise
@@ -324,6 +339,12 @@ def _open_fits(path: str, name: str, limits: ExposureLimits, memory_map: bool) -
     read one by one, so a file with too many stops early), no header was cut short
     (astropy only warns and stops), and every HDU's data ends within the file.
     """
+    try:
+        preflight(path, limits.max_hdus, limits.max_pixels)
+    except DeclaredTooMuch as exc:
+        raise ExposureError(f"{name}: {exc}") from None
+    except (OSError, EOFError, ValueError) as exc:  # a damaged gzip or bzip2 stream
+        raise ExposureError(f"{name}: not a readable FITS file (damaged compressed stream?): {exc}") from None
     size = os.path.getsize(path)
     problems: list[str] = []
     with warnings.catch_warnings(record=True) as caught:
@@ -335,18 +356,22 @@ def _open_fits(path: str, name: str, limits: ExposureLimits, memory_map: bool) -
                     hdul.close()
                     raise ExposureError(f"{name}: more than {limits.max_hdus} HDUs; an exposure has its image, "
                                         "mask, variance and archive tables only")
+                _check_axes(name, index, hdu.header)
                 if not hdu.name and isinstance(hdu.header.get("EXTTYPE"), str):  # pre-2019 afw: no EXTNAME
                     hdu.name = hdu.header["EXTTYPE"].strip()
                 info = hdu.fileinfo()  # per HDU: HDUList.fileinfo walks every HDU on each call
-                # datSpan is padded to 2880 bytes: less than (span - 2879) bytes means lost data.
-                if info and info["datSpan"] and size < info["datLoc"] + info["datSpan"] - (_FITS_BLOCK - 1):
+                # datSpan is padded to 2880 bytes: less than (span - 2879) bytes means lost data
+                # (offsets of a gzip or bzip2 file are in its decompressed stream: astropy checks those)
+                if info and info["datSpan"] and not info["file"].compression and size < info["datLoc"] + info["datSpan"] - (_FITS_BLOCK - 1):
                     problems.append(f"HDU {index} needs bytes up to {info['datLoc'] + info['datSpan']}, "
                                     f"the file has {size}")
         except ExposureError:
             raise
-        except (OSError, ValueError, TypeError, IndexError, EOFError, UnicodeDecodeError) as exc:
-            raise ExposureError(
-                f"{name}: not a readable FITS file (damaged or truncated?): {exc}") from exc
+        except KeyError as exc:  # astropy sizing an HDU whose header lacks a NAXISn it declares
+            raise ExposureError(f"{name}: malformed header: the key {exc} is declared (by NAXIS) but missing") from None
+        except (OSError, ValueError, TypeError, IndexError, EOFError, UnicodeDecodeError, OverflowError, fits.VerifyError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc  # an OSError's text may name the file
+            raise ExposureError(f"{name}: not a readable FITS file (damaged or truncated?): {reason}") from exc
     # astropy stops at an HDU whose header is cut short, with only a warning
     problems = [str(w.message).splitlines()[0] for w in caught
                 if "Error validating header" in str(w.message)] + problems
@@ -354,6 +379,15 @@ def _open_fits(path: str, name: str, limits: ExposureLimits, memory_map: bool) -
         hdul.close()
         raise ExposureError(f"{name}: truncated or damaged FITS file: {problems[0]}")
     return hdul
+
+
+def _check_axes(name: str, index: int, header: fits.Header) -> None:
+    """NAXIS (and a compressed image's ZNAXIS) must be a whole number from 0 to 999, as
+    FITS allows: astropy builds a list of that many axes before anything else is read."""
+    for key in ("NAXIS", "ZNAXIS"):
+        value = header.get(key, 0)
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 999:
+            raise ExposureError(f"{name}: HDU {index} header key {key} = {value!r} is not a whole number from 0 to 999")
 
 
 def _check_size(name: str, hdu: _ImageHDU, limits: ExposureLimits) -> None:
@@ -418,13 +452,13 @@ def _build_exposure(path: str, name: str, hdul: fits.HDUList, limits: ExposureLi
         x0=x0,
         y0=y0,
         wcs=wcs,
-        mask_planes=_mask_planes(mask_hdu),
+        mask_planes=_mask_planes(name, mask_hdu),
         calibration_source=calibration_source,
         photocalib=photocalib,
-        visit=_first_int(header, _VISIT_KEYS),
-        detector=_first_int(header, _DETECTOR_KEYS),
+        visit=_first_int(name, header, _VISIT_KEYS, 0, INT64_MAX),
+        detector=_first_int(name, header, _DETECTOR_KEYS, 0, INT16_MAX),
         band=_band(header),
-        midpoint_mjd_tai=_midpoint_mjd_tai(header),
+        midpoint_mjd_tai=_midpoint_mjd_tai(name, header),
         variance_estimated=plane_hdu is None,
         header=header,
         _hdul=hdul,
@@ -489,7 +523,7 @@ def _check_afw_archive(path: str, hdul: fits.HDUList) -> None:
     archive_hdu = _header_int(hdul[0].header, "AR_HDU")
     if archive_hdu is not None and archive_hdu > len(hdul):
         raise ExposureError(
-            f"{path}: primary header puts the archive in HDU {archive_hdu} (1-based) but the "
+            f"{path}: the primary header key AR_HDU = {archive_hdu} puts the archive in HDU {archive_hdu} (1-based) but the "
             f"file has {len(hdul)} HDUs (truncated or incomplete)"
         )
     if "ARCHIVE_INDEX" in hdul:
@@ -540,8 +574,9 @@ def _raw_rows(hdu: _ImageHDU, y_start: int, y_stop: int, memory_map: bool) -> np
 def _plain_rows(hdu: _ImageHDU, y_start: int, y_stop: int, memory_map: bool) -> np.ndarray | None:
     """Rows of a plain HDU with its ``BSCALE``/``BZERO`` applied (integers stay exact as
     int64; ``BLANK`` becomes NaN for floating results), else the raw values; None for a
-    tile-compressed HDU. Only these rows are read."""
-    if isinstance(hdu, fits.CompImageHDU):
+    tile-compressed HDU or a whole-file compressed (gzip, bzip2) one, which astropy
+    decompresses. Only these rows are read."""
+    if isinstance(hdu, fits.CompImageHDU) or hdu.fileinfo()["file"].compression:
         return None
     raw = _raw_rows(hdu, y_start, y_stop, memory_map)
     header = hdu.header
@@ -643,22 +678,42 @@ def _origin(path: str, header: fits.Header) -> tuple[int, int]:
     if (str(header.get("CTYPE1A", "")).strip().upper() == "LINEAR"
             and "CRVAL1A" in header and "CRVAL2A" in header):
         # parent = CRVALnA + (local + 1 - CRPIXnA), so X0 = CRVAL1A + 1 - CRPIX1A
-        origin = [float(header[f"CRVAL{n}A"]) + 1.0 - float(header.get(f"CRPIX{n}A", 1.0))
+        origin = [_number(path, header, f"CRVAL{n}A", None) + 1.0 - _number(path, header, f"CRPIX{n}A", 1.0)
                   for n in (1, 2)]
+        keys = "CRVAL1A, CRVAL2A, CRPIX1A, CRPIX2A"
     else:
-        origin = [-float(header.get(f"LTV{n}", 0.0)) for n in (1, 2)]
+        origin = [-_number(path, header, f"LTV{n}", 0.0) for n in (1, 2)]
+        keys = "LTV1, LTV2"
+    if any(not math.isfinite(value) or abs(value) > MAX_ORIGIN for value in origin):
+        raise ExposureError(f"{path}: image origin {origin} (from {keys}) is beyond the +-{MAX_ORIGIN} pixels allowed")
     rounded = [round(value) for value in origin]
     if any(abs(value - r) > 1e-6 for value, r in zip(origin, rounded)):
-        raise ExposureError(f"{path}: image origin {origin} is not a whole pixel")
+        raise ExposureError(f"{path}: image origin {origin} (from {keys}) is not a whole pixel")
     return rounded[0], rounded[1]
 
 
-def _mask_planes(mask_hdu: _ImageHDU | None) -> dict[str, int]:
-    """Plane name -> bit from ``MP_<NAME>`` keys; afw defaults when there are none."""
+def _number(path: str, header: fits.Header, key: str, default: float | None) -> float:
+    """A finite number at ``key`` (``default`` when absent), else an ExposureError naming
+    the key and its value."""
+    if key not in header:
+        return default  # type: ignore[return-value]
+    value = header[key]
+    number = _header_float(header, key)
+    if number is None:
+        raise ExposureError(f"{path}: header key {key} = {value!r} is not a finite number")
+    return number
+
+
+def _mask_planes(path: str, mask_hdu: _ImageHDU | None) -> dict[str, int]:
+    """Plane name -> bit from ``MP_<NAME>`` keys; afw defaults when there are none.
+    ExposureError naming the key for a bit outside 0 to 30 (the mask is int32)."""
     if mask_hdu is None:
         return dict(AFW_DEFAULT_MASK_PLANES)
     planes = {key[3:]: int(value) for key, value in mask_hdu.header.items()
               if key.startswith("MP_") and isinstance(value, int) and not isinstance(value, bool)}
+    for plane, bit in planes.items():
+        if not 0 <= bit <= MAX_MASK_BIT:
+            raise ExposureError(f"{path}: header key MP_{plane} = {bit} is not a mask bit (0 to {MAX_MASK_BIT})")
     return planes or dict(AFW_DEFAULT_MASK_PLANES)
 
 
@@ -678,10 +733,19 @@ def _calibration(path: str, archive: Archive | None, header: fits.Header) -> tup
     fluxmag0 = _header_float(header, "FLUXMAG0")
     if fluxmag0 is not None and fluxmag0 > 0:
         fluxmag0_err = _header_float(header, "FLUXMAG0ERR") or 0.0
-        return PhotoCalib(REFERENCE_FLUX_NJY / fluxmag0, REFERENCE_FLUX_NJY * fluxmag0_err / fluxmag0**2), "FLUXMAG0"
+        with np.errstate(all="ignore"):
+            mean, err = REFERENCE_FLUX_NJY / np.float64(fluxmag0), REFERENCE_FLUX_NJY * np.float64(fluxmag0_err) / np.float64(fluxmag0) ** 2
+        if not (math.isfinite(mean) and mean > 0):
+            raise ExposureError(f"{path}: header key FLUXMAG0 = {header['FLUXMAG0']!r} gives no usable calibration ({mean} nJy per count)")
+        if not math.isfinite(err):
+            raise ExposureError(f"{path}: header key FLUXMAG0ERR = {header['FLUXMAG0ERR']!r} gives no usable calibration error")
+        return PhotoCalib(float(mean), float(err)), "FLUXMAG0"
     for key in _ZERO_POINT_KEYS:
         zero_point = _header_float(header, key)
         if zero_point is not None:
+            if abs(zero_point) > MAX_ZERO_POINT_MAG:
+                raise ExposureError(f"{path}: header key {key} = {header[key]!r} is not a usable zero point "
+                                    f"(|ZP| <= {MAX_ZERO_POINT_MAG} mag)")
             return PhotoCalib(njy_per_count(zero_point), 0.0), f"keyword:{key}"
     return PhotoCalib(math.nan, math.nan), "none"
 
@@ -709,10 +773,14 @@ def _header_int(header: fits.Header, key: str) -> int | None:
     return int(number)
 
 
-def _first_int(header: fits.Header, keys: tuple[str, ...]) -> int | None:
+def _first_int(path: str, header: fits.Header, keys: tuple[str, ...], low: int, high: int) -> int | None:
+    """The first whole number among ``keys``; ExposureError naming the key when it lies
+    outside [low, high] (the catalog column's range)."""
     for key in keys:
         value = _header_int(header, key)
         if value is not None:
+            if not low <= value <= high:
+                raise ExposureError(f"{path}: header key {key} = {header[key]!r} is outside the {low} to {high} allowed")
             return value
     return None
 
@@ -730,10 +798,14 @@ def _band(header: fits.Header) -> str | None:
     return None
 
 
-def _midpoint_mjd_tai(header: fits.Header) -> float | None:
-    """Exposure midpoint as a TAI MJD, from the first usable key (module docstring order)."""
+def _midpoint_mjd_tai(path: str, header: fits.Header) -> float | None:
+    """Exposure midpoint as a TAI MJD, from the first usable key (module docstring order);
+    ExposureError naming the key when its value gives a time outside MJD 0 to 100000 or
+    EXPTIME is outside 0 to 1e6 s."""
     scale = _TIME_SCALES.get(str(header.get("TIMESYS", "UTC")).strip().upper())
     exptime = _header_float(header, "EXPTIME")
+    if exptime is not None and not 0 <= exptime <= MAX_EXPTIME_S:
+        raise ExposureError(f"{path}: header key EXPTIME = {header['EXPTIME']!r} is outside the 0 to {MAX_EXPTIME_S:g} s allowed")
     # (key, value is an MJD number, time scale, key is the start so add EXPTIME/2)
     candidates = (
         ("DATE-AVG", False, scale, False),
@@ -747,14 +819,22 @@ def _midpoint_mjd_tai(header: fits.Header) -> float | None:
             continue
         if is_mjd:
             value = _header_float(header, key)
+            if value is not None and not MJD_RANGE[0] <= value <= MJD_RANGE[1]:
+                raise ExposureError(f"{path}: header key {key} = {header[key]!r} is outside MJD {MJD_RANGE[0]} to {MJD_RANGE[1]}")
             time = None if value is None else Time(value, format="mjd", scale=key_scale)
         else:
             time = _parse_iso(str(header[key]), key_scale)
         if time is None:
             continue
-        if is_start:
-            time = time + TimeDelta(exptime / 2.0, format="sec")
-        return float(time.tai.mjd)
+        try:
+            if is_start:
+                time = time + TimeDelta(exptime / 2.0, format="sec")
+            mjd = float(time.tai.mjd)
+        except (ValueError, OverflowError, ArithmeticError) as exc:  # erfa's ErfaError is a ValueError
+            raise ExposureError(f"{path}: header key {key} = {header[key]!r} is not a usable time: {exc}") from None
+        if not MJD_RANGE[0] <= mjd <= MJD_RANGE[1]:
+            raise ExposureError(f"{path}: header key {key} = {header[key]!r} is outside MJD {MJD_RANGE[0]} to {MJD_RANGE[1]}")
+        return mjd
     return None
 
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import math
+
 import numpy as np
 from numpy.polynomial import chebyshev
 
@@ -84,12 +86,27 @@ def read_photocalib(archive: Archive) -> PhotoCalib | None:
     record = archive.record(archive_id)
     if "calibrationMean" not in record:
         raise ArchiveError("the PhotoCalib row has no calibrationMean")
-    mean, err = float(record["calibrationMean"]), float(record.get("calibrationErr", 0.0))
+    mean, err = _finite(record, "calibrationMean"), _finite(record, "calibrationErr", 0.0)
+    if not mean > 0:
+        raise ArchiveError(f"the PhotoCalib's calibrationMean = {mean!r} is not positive")
     flags = np.atleast_1d(record.get("flags", [True]))
-    field_id = int(record.get("field") or 0)
+    field_id = int(_finite(record, "field", 0.0))
     if bool(flags[0]) or field_id <= 0:
         return PhotoCalib(mean, err)
     kind = archive.class_name(field_id)
     if kind != "ChebyshevBoundedField":
         raise ArchiveError(f"the PhotoCalib varies over the detector as a {kind}; only ChebyshevBoundedField is read")
     return PhotoCalib(mean, err, ChebyshevField.from_record(archive.record(field_id)))
+
+
+def _finite(record: dict, column: str, default: float | None = None) -> float:
+    """A finite number in ``column`` of a PhotoCalib row, else ArchiveError naming it."""
+    value = record.get(column)
+    value = default if value is None else value
+    try:
+        number = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        number = math.nan
+    if isinstance(value, (bool, str, bytes)) or not math.isfinite(number):
+        raise ArchiveError(f"the PhotoCalib's {column} = {value!r} is not a finite number")
+    return number

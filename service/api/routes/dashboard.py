@@ -5,8 +5,10 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Annotated
 
 from fastapi import APIRouter, FastAPI, Request, Response
+from fastapi import Path as FastApiPath
 from fastapi.openapi.docs import get_redoc_html
 from fastapi.responses import FileResponse, HTMLResponse
 from fastapi.staticfiles import StaticFiles
@@ -58,7 +60,8 @@ async def plotly_js() -> FileResponse:
 
 
 @router.get("/v1/objects/{dia_object_id}", dependencies=AUTH, tags=["light curves"], responses=problems(401, 404))
-async def find_object(dia_object_id: int, runtime: Runtime) -> dict:
+async def find_object(dia_object_id: Annotated[int, FastApiPath(ge=-(2**63), le=2**63 - 1, description="a DiaObject id (int64)")],
+                      runtime: Runtime) -> dict:
     """A DiaObject's position, from the ``diaObjects.parquet`` table at a repository root."""
     intake = runtime.intake()
 
@@ -68,8 +71,9 @@ async def find_object(dia_object_id: int, runtime: Runtime) -> dict:
             if table.is_file():
                 found = pd.read_parquet(table, columns=["diaObjectId", "ra", "dec"], filters=[("diaObjectId", "==", dia_object_id)])
                 if len(found):
-                    row = found.iloc[0]
-                    return {"diaObjectId": int(row["diaObjectId"]), "ra": float(row["ra"]), "dec": float(row["dec"])}
+                    # by column: a row of int64 and float64 values would pass the id through float64
+                    return {"diaObjectId": int(found["diaObjectId"].iloc[0]), "ra": float(found["ra"].iloc[0]),
+                            "dec": float(found["dec"].iloc[0])}
         return None
 
     found = await run_in_threadpool(look_up)
