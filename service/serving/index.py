@@ -246,11 +246,16 @@ class ExposureIndex:
         report = RefreshReport()
         glob_pattern, regex = template_pattern(template)
         found: dict[tuple[int, int], dict[str, tuple[Path, str]]] = {}
+        outside: dict[str, str] = {}
         for root in roots:
+            real_root = root.resolve()
             for path in root.glob(glob_pattern):
                 relative = path.relative_to(root).as_posix()
                 match = regex.match(relative)
                 if not match or not path.is_file():
+                    continue
+                if not path.resolve().is_relative_to(real_root):  # the rule references follow (serving/repository.py)
+                    outside[relative] = "leads out of the repository (through a symbolic link); not indexed"
                     continue
                 try:
                     key = (int(match["visit"]), int(match["detector"]))
@@ -265,6 +270,7 @@ class ExposureIndex:
                 "difference_mtime_ns FROM exposures")}
             unreadable = {row[0]: (row[1], row[2], row[3]) for row in db.execute("SELECT path, reason, size, mtime_ns FROM unreadable")}
             db.execute("DELETE FROM unreadable")
+            report.unreadable.update(outside)
             for key, files in sorted(found.items()):
                 if SCIENCE not in files:
                     continue

@@ -142,3 +142,21 @@ def test_a_query_over_10k_exposures_takes_milliseconds(tmp_path):
         seconds.append(time.perf_counter() - start)
         assert i in [e.visit for e in found]
     assert np.median(seconds) < 0.02, f"median {np.median(seconds) * 1e3:.1f} ms"
+
+
+def test_files_reached_through_links_out_of_the_repository_are_not_indexed(tmp_path):
+    """The rule references follow: a symbolic link (to a file or a folder) that leads out of
+    the root is refused, so nothing outside a repository becomes an epoch of its light curves."""
+    root, elsewhere = tmp_path / "repo", tmp_path / "elsewhere"
+    write(root, 1, 10.0, 5.0)
+    outside = write(elsewhere, 2, 10.0, 5.0)
+    (root / "2").mkdir()
+    (root / "2" / "1").symlink_to(outside.parent, target_is_directory=True)  # a folder link
+    (root / "3" / "1").mkdir(parents=True)
+    (root / "3" / "1" / "calexp.fits").symlink_to(outside)  # a file link
+    (root / "4" / "1").mkdir(parents=True)
+    (root / "4" / "1" / "calexp.fits").symlink_to(root / "1" / "1" / "calexp.fits")  # inside: allowed
+    report = ExposureIndex(tmp_path / "index.sqlite").refresh([root], TEMPLATE)
+    assert report.added == 2  # visits 1 and 4
+    assert sorted(report.unreadable) == ["2/1/calexp.fits", "2/1/difference.fits", "3/1/calexp.fits"]
+    assert all("leads out of the repository" in reason for reason in report.unreadable.values())
