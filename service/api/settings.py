@@ -75,8 +75,8 @@ class Settings(BaseSettings):
     max_objects: int = Field(100_000, gt=0, description="most DiaObjects in one request or job; beyond it 413")
     max_concurrent_requests: int = Field(16, gt=0, description="measurements in flight; beyond it 429")
     request_time_limit_seconds: float = Field(60.0, gt=0, description=(
-        "time budget of one request's measurement in a measurement process; beyond it the process is "
-        "terminated and the request answered 504"))
+        "time budget of one request's measurement; beyond it the request is answered 504 (a measurement process "
+        "is terminated; in threads, MEASURE_PROCESSES=0, the work stops at its next batch of kernels)"))
     body_timeout_seconds: float = Field(30.0, gt=0, description="time to receive a request body; beyond it 408")
     header_timeout_seconds: float = Field(10.0, gt=0, description="time for a new connection to send its first request's headers")
     keep_alive_seconds: float = Field(5.0, gt=0, description="idle keep-alive connections are closed after this")

@@ -68,12 +68,16 @@ def _add_timings(total: dict[str, float], timings: dict[str, float]) -> None:
 
 
 def measure_epochs(epochs: Iterable[Epoch], config: MeasurementConfig, *, backend: Backend | None = None,
-                   execute: Execute = run_directly, errors_of: tuple[type[Exception], ...] = ()) -> LightCurves:
+                   execute: Execute = run_directly, errors_of: tuple[type[Exception], ...] = (),
+                   check: Callable[..., None] | None = None) -> LightCurves:
     """Measure every epoch; an epoch whose files raise one of ``errors_of`` is reported in
-    ``errors`` (the others still count), any other error propagates."""
+    ``errors`` (the others still count), any other error propagates. ``check()`` (a
+    deadline, say) is called before each epoch and after each batch of kernels."""
     tables, timings, errors, provenance = [], {"open": 0.0}, [], []
     count = pairs = 0
     for epoch in epochs:
+        if check:
+            check()
         count += 1
         pairs += len(epoch.objects)
         start = time.perf_counter()
@@ -82,7 +86,7 @@ def measure_epochs(epochs: Iterable[Epoch], config: MeasurementConfig, *, backen
                 timings["open"] += time.perf_counter() - start
                 psf, science_psf = epoch.psf(science, difference)
                 result = measure(science, epoch.objects, psf, config, difference=difference, science_psf=science_psf,
-                                 backend=backend, execute=execute)
+                                 backend=backend, execute=execute, progress=check)
         except errors_of as exc:
             errors.append({"exposure": epoch.label, "detail": str(exc)})
             continue

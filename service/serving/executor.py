@@ -117,7 +117,31 @@ class MeasurementProcessDied(RuntimeError):
 
 
 class MeasurementTimedOut(RuntimeError):
-    """A request outlived its time budget; its measurement process was terminated."""
+    """A request outlived its time budget; its measurement process was terminated (or, in
+    a thread, it stopped at the next batch)."""
+
+
+class MeasurementCancelled(RuntimeError):
+    """The caller of a measurement in a thread went away; it stopped at the next batch."""
+
+
+class _Budget:
+    """A measurement in a thread: its deadline, and whether its caller went away. Threads
+    cannot be killed: :meth:`check` is called between batches of kernels and between
+    epochs, and stops the work there."""
+
+    def __init__(self, seconds: float | None, what: str, advice: str):
+        self.seconds, self.what, self.advice = seconds, what, advice
+        self.deadline = time.monotonic() + seconds if seconds else float("inf")
+        self.cancelled = threading.Event()
+
+    def check(self, *progress: int) -> None:
+        """Raise if the caller left or the deadline passed (``progress`` is ignored: this
+        is also a ``progress(done, total)`` callback)."""
+        if self.cancelled.is_set():
+            raise MeasurementCancelled(f"{self.what} was cancelled")
+        if time.monotonic() > self.deadline:
+            raise MeasurementTimedOut(f"{self.what} took longer than the {self.seconds:g} s allowed a request; {self.advice}")
 
 
 class MeasureService:
@@ -175,16 +199,18 @@ class MeasureService:
             result.provenance["science"]["path"] = task.science.label
         return MeasureOutcome(result, read_seconds, cache)
 
-    def run_encoded(self, task: MeasureTask, fmt: str) -> tuple[MeasureOutcome, bytes, float]:
+    def run_encoded(self, task: MeasureTask, fmt: str, progress: Callable[[int, int], None] | None = None
+                    ) -> tuple[MeasureOutcome, bytes, float]:
         """Measure ``task`` here and serialise its catalog as ``fmt``: (outcome, body, encode seconds)."""
-        outcome = self.run(task)
+        outcome = self.run(task, progress)
         start = time.perf_counter()
         body = encode_catalog(outcome.measurement.table, outcome.measurement.provenance, fmt)
         return outcome, body, time.perf_counter() - start
 
-    def run_lightcurves(self, task: LightCurveTask) -> LightCurves:
+    def run_lightcurves(self, task: LightCurveTask, check: Callable[..., None] | None = None) -> LightCurves:
         """Measure every epoch of ``task`` in the calling thread (files through the handle
-        cache); epochs whose files cannot be read are reported, not fatal."""
+        cache); epochs whose files cannot be read are reported, not fatal. ``check()`` is
+        called before each epoch and after each batch (it may raise to stop the work)."""
 
         def epoch(item: EpochInput) -> Epoch:
             @contextmanager
@@ -200,13 +226,14 @@ class MeasureService:
                                                                      fwhm_pixels=task.psf_fwhm))
 
         return measure_epochs((epoch(item) for item in task.epochs), task.config, backend=self.backend, execute=self._execute,
-                              errors_of=(ExposureError, PsfError))
+                              errors_of=(ExposureError, PsfError), check=check)
 
     async def measure_lightcurves(self, task: LightCurveTask) -> LightCurves:
         """:meth:`run_lightcurves` off the event loop: the epochs shared out over the
         measurement processes (each with its own handles), else on the thread pool."""
         if self._pool is None:
-            return await asyncio.wrap_future(self._executor.submit(self.run_lightcurves, task))
+            budget = _Budget(self.time_limit, "the light curves", "ask for fewer objects or a shorter time range, or submit a job")
+            return await self._in_thread(budget, self.run_lightcurves, task, budget.check)
         parts = await self._in_processes([(_run_lightcurves_in_process, (chunk,)) for chunk in task.chunks(self.processes)],
                                          "the light curves", "ask for fewer objects or a shorter time range, or submit a job")
         return merge_lightcurves(parts, task.config)
@@ -228,6 +255,17 @@ class MeasureService:
             for future in futures:
                 future.cancel()
 
+    async def _in_thread(self, budget: _Budget, function: Callable[..., T], *args: object) -> T:
+        """``function(*args)`` on the thread pool under ``budget``: the work stops at its next
+        check when the deadline passes (:class:`MeasurementTimedOut`) or the awaiting task
+        is cancelled (the client went away)."""
+        future = self._executor.submit(function, *args)
+        try:
+            return await asyncio.wrap_future(future)
+        except asyncio.CancelledError:
+            budget.cancelled.set()
+            raise
+
     async def call(self, function: Callable[..., T], *args: object, what: str, advice: str) -> T:
         """``function(*args)`` (a module-level function: it may be pickled) off the event loop:
         in a measurement process under the time budget, else on the thread pool."""
@@ -243,7 +281,8 @@ class MeasureService:
         a running task that way), so no work outlives a caller that went away.
         """
         if self._pool is None:
-            return await asyncio.wrap_future(self._executor.submit(self.run_encoded, task, fmt))
+            budget = _Budget(self.time_limit, "the measurement", "send fewer objects, or submit a job")
+            return await self._in_thread(budget, self.run_encoded, task, fmt, budget.check)
         (result,) = await self._in_processes([(_run_encoded_in_process, (task, fmt))], "the measurement",
                                              "send fewer objects, or submit a job")
         self._on_process_cache_event(result[0].cache)
