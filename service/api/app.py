@@ -25,6 +25,7 @@ from forcedphot.api.routes import dashboard, jobs, lightcurves, operations, phot
 from forcedphot.api.runtime import ServiceRuntime
 from forcedphot.api.schemas import JobRequest, LightCurveRequest, MeasureRequest
 from forcedphot.api.settings import Settings, load_settings
+from forcedphot.api.shutdown import ShutdownAnswerMiddleware
 from forcedphot.version import __version__
 
 CLIENT_CLOSED_REQUEST = 499  # nginx's code for a request its client abandoned
@@ -56,6 +57,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_exception_handler(ClientGone, _client_gone)
     app.add_middleware(BodyLimitMiddleware, limits=BodyLimits(settings.max_body_bytes, settings.max_json_body_bytes, settings.json_values_limit))
     app.add_middleware(MetricsMiddleware, metrics=runtime.metrics)
+    app.add_middleware(ShutdownAnswerMiddleware, retry_after_seconds=settings.retry_after_seconds)  # outermost
     for module in (operations, photometry, lightcurves, stamps, jobs, dashboard):
         app.include_router(module.router)
     dashboard.mount_static(app)

@@ -10,9 +10,8 @@ body past either bound is refused before any route sees it.
 from __future__ import annotations
 
 from dataclasses import dataclass
-import json
 
-from forcedphot.api.problems import PROBLEM_MEDIA_TYPE, Problem, problem_body
+from forcedphot.api.problems import Problem, send_problem
 from forcedphot.photometry.table_limits import json_values
 
 TOO_LARGE = "content-too-large"  # the one slug of a 413 for a body, announced or streamed
@@ -58,7 +57,7 @@ class BodyLimitMiddleware:
             status = 413 if length.isdigit() else 400
             detail = (f"{what} ({int(length)} bytes) is larger than the {max_bytes} bytes allowed"
                       if status == 413 else "the Content-Length header is not a number")
-            await _send_problem(send, status, TOO_LARGE if status == 413 else "bad-request", detail, scope.get("path", ""))
+            await send_problem(send, status, TOO_LARGE if status == 413 else "bad-request", detail, scope.get("path", ""))
             return
         received = values = 0
 
@@ -78,11 +77,3 @@ class BodyLimitMiddleware:
             return message
 
         await self.app(scope, limited_receive, send)
-
-
-async def _send_problem(send, status: int, slug: str, detail: str, path: str) -> None:
-    body = json.dumps(problem_body(status, slug, detail, path)).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", PROBLEM_MEDIA_TYPE.encode()), (b"content-length", str(len(body)).encode()),
-                            (b"connection", b"close")]})
-    await send({"type": "http.response.body", "body": body})

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import errno
 from http import HTTPStatus
+import json
 import logging
 from typing import Any
 
@@ -59,6 +60,17 @@ def problem_body(status: int, slug: str, detail: str, instance: str | None = Non
         body["instance"] = instance
     body.update(extra)
     return body
+
+
+async def send_problem(send, status: int, slug: str, detail: str, path: str, headers: dict[str, str] | None = None) -> None:
+    """Answer with a problem document straight through ASGI ``send`` (from middleware, where
+    there is no response object), closing the connection."""
+    body = json.dumps(problem_body(status, slug, detail, path)).encode()
+    extra = [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", PROBLEM_MEDIA_TYPE.encode()), (b"content-length", str(len(body)).encode()),
+                            (b"connection", b"close"), *extra]})
+    await send({"type": "http.response.body", "body": body})
 
 
 def problem_response(request: Request, problem: Problem) -> JSONResponse:

@@ -9,6 +9,7 @@ the data directory (job store, demo repository).
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import socket
@@ -17,13 +18,14 @@ import sys
 import uvicorn
 from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
+from forcedphot.api.problems import PROBLEM_MEDIA_TYPE, problem_body
 from forcedphot.api.settings import ENV_PREFIX, SettingsError, load_settings
 from forcedphot.photometry.backend import select_backend
 
 
-class NoDelayHTTPProtocol(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
-    """uvicorn's HTTP protocol with Nagle's algorithm off and a deadline for the first
-    request's headers on every connection.
+class GuardedHTTPProtocol(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
+    """uvicorn's HTTP protocol with Nagle's algorithm off, a deadline for every request's
+    headers, a write timeout, and a cap on open connections.
 
     asyncio turns ``TCP_NODELAY`` on only for sockets it knows to be TCP. With
     ``--workers N > 1`` uvicorn hands its listening socket to the worker processes in a
@@ -31,28 +33,86 @@ class NoDelayHTTPProtocol(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
     body) waited for the client's delayed ACK (about 40 ms on Linux; see
     ``bench/RESULTS.md``).
 
-    uvicorn itself has no limit on how long a client may take to send its headers: a
-    connection that has not completed its first request's headers within
-    :attr:`header_timeout` seconds is closed (idle keep-alive connections are closed by
-    uvicorn's ``timeout_keep_alive``).
+    uvicorn itself bounds none of the rest:
+
+    - headers: a connection that has not completed a request's headers within
+      :attr:`header_timeout` seconds of its first byte (or, for the first request, of
+      the connection) is closed, on every request of a keep-alive connection (idle
+      connections are closed by uvicorn's ``timeout_keep_alive``);
+    - slow readers: while a client reads nothing, its answer waits in memory; a
+      connection whose writes stay paused (the transport's buffer above its high-water
+      mark) for :attr:`write_timeout` seconds is aborted, which frees the buffer;
+    - connections: beyond :attr:`max_connections` open ones, a new connection is
+      answered 503 with Retry-After and closed, before it holds anything.
     """
 
-    header_timeout: float = 10.0  # set from the settings by app_from_environment
+    header_timeout: float = 10.0  # these three are set from the settings by app_from_environment
+    write_timeout: float = 30.0
+    max_connections: int = 1000
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         super().connection_made(transport)
-        self._header_deadline = self.loop.call_later(self.header_timeout, self._headers_overdue)
+        self._write_deadline: asyncio.TimerHandle | None = None
+        self._header_deadline: asyncio.TimerHandle | None = None
+        if len(self.connections) > self.max_connections:
+            transport.write(CONNECTIONS_FULL)
+            transport.close()
+            return
+        self._header_deadline = self.loop.call_later(self.header_timeout, self._headers_overdue, self.cycle)
 
-    def _headers_overdue(self) -> None:
-        if self.cycle is None and not self.transport.is_closing():  # no request has begun
+    def _awaiting_headers(self) -> bool:
+        """No request is being answered: the next bytes are a request's headers."""
+        return self.cycle is None or self.cycle.response_complete
+
+    def data_received(self, data: bytes) -> None:
+        if self._header_deadline is None and self._awaiting_headers():
+            self._header_deadline = self.loop.call_later(self.header_timeout, self._headers_overdue, self.cycle)
+        before = self.cycle
+        super().data_received(data)
+        if self.cycle is not before and self._header_deadline is not None:  # a request's headers are complete
+            self._header_deadline.cancel()
+            self._header_deadline = None
+
+    def _headers_overdue(self, cycle: object) -> None:
+        self._header_deadline = None
+        if self.cycle is cycle and self._awaiting_headers() and not self.transport.is_closing():
             self.transport.close()
 
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        if self._write_deadline is None:
+            self._write_deadline = self.loop.call_later(self.write_timeout, self._writes_overdue)
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        if self._write_deadline is not None:
+            self._write_deadline.cancel()
+            self._write_deadline = None
+
+    def _writes_overdue(self) -> None:
+        self._write_deadline = None
+        if not self.transport.is_closing():
+            self.transport.abort()  # drops what the client did not read
+
     def connection_lost(self, exc: Exception | None) -> None:
-        self._header_deadline.cancel()
+        for timer in (self._header_deadline, self._write_deadline):
+            if timer is not None:
+                timer.cancel()
         super().connection_lost(exc)
+
+
+def _refusal(status: str, slug: str, detail: str) -> bytes:
+    """A whole HTTP/1.1 problem+json answer, written before any request was read."""
+    body = json.dumps(problem_body(int(status.split()[0]), slug, detail)).encode()
+    return (f"HTTP/1.1 {status}\r\ncontent-type: {PROBLEM_MEDIA_TYPE}\r\nretry-after: 1\r\nconnection: close\r\n"
+            f"content-length: {len(body)}\r\n\r\n").encode() + body
+
+
+CONNECTIONS_FULL = _refusal("503 Service Unavailable", "too-many-connections",
+                            "the server has as many connections open as it takes; retry shortly")
 
 
 def app_from_environment():
@@ -64,7 +124,9 @@ def app_from_environment():
     if not logging.getLogger().handlers:  # uvicorn configures only its own loggers
         logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(name)s: %(message)s")
     settings = load_settings()
-    NoDelayHTTPProtocol.header_timeout = settings.header_timeout_seconds
+    GuardedHTTPProtocol.header_timeout = settings.header_timeout_seconds
+    GuardedHTTPProtocol.write_timeout = settings.write_timeout_seconds
+    GuardedHTTPProtocol.max_connections = settings.max_connections
     return create_app(settings)
 
 
@@ -85,7 +147,7 @@ def run_server(*, host: str = "127.0.0.1", port: int = 8000, repository: str | N
     print(f"forcedphot: serving {where} on http://{host}:{port} (docs at /docs)", file=sys.stderr, flush=True)
     try:
         uvicorn.run("forcedphot.api.server:app_from_environment", factory=True, host=host, port=port, workers=workers,
-                    http="forcedphot.api.server:NoDelayHTTPProtocol",
+                    http="forcedphot.api.server:GuardedHTTPProtocol",
                     timeout_keep_alive=settings.keep_alive_seconds, timeout_graceful_shutdown=settings.shutdown_grace_seconds,
                     log_level="info")
     except SystemExit as exc:  # uvicorn exits this way when it cannot start (e.g. port in use)

@@ -78,7 +78,11 @@ class Settings(BaseSettings):
         "time budget of one request's measurement; beyond it the request is answered 504 (a measurement process "
         "is terminated; in threads, MEASURE_PROCESSES=0, the work stops at its next batch of kernels)"))
     body_timeout_seconds: float = Field(30.0, gt=0, description="time to receive a request body; beyond it 408")
-    header_timeout_seconds: float = Field(10.0, gt=0, description="time for a new connection to send its first request's headers")
+    header_timeout_seconds: float = Field(10.0, gt=0, description=(
+        "time a connection has to send a request's headers, from their first byte (from the connection, for the first)"))
+    write_timeout_seconds: float = Field(30.0, gt=0, description=(
+        "a client that reads nothing of its answer for this long is disconnected (what it did not read is dropped)"))
+    max_connections: int = Field(1000, gt=0, description="open connections per server process; beyond it 503 and closed")
     keep_alive_seconds: float = Field(5.0, gt=0, description="idle keep-alive connections are closed after this")
     shutdown_grace_seconds: float = Field(20.0, ge=0, description=(
         "after SIGTERM, how long requests in flight may finish before they are cancelled (their measurement "

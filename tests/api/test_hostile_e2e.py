@@ -146,11 +146,11 @@ def test_sigterm_during_a_measurement_ends_within_the_grace_period(server, visit
             server.process.send_signal(signal.SIGTERM)
             server.process.wait(30)
             stopped = time.perf_counter() - start
-            try:
-                pending.result()
-            except httpx.HTTPError:
-                pass
+            cut_off = pending.result()
     finally:
         server.stop()
     assert stopped < 8, f"shutdown took {stopped:.1f} s"
+    # the request cut off at the end of the grace period: a problem+json 503 to retry, not a text/plain 500
+    assert cut_off.status_code == 503 and cut_off.headers["content-type"] == "application/problem+json", cut_off.text
+    assert cut_off.json()["type"].endswith("shutting-down") and int(cut_off.headers["retry-after"]) >= 1
     wait_until(lambda: not any(_cmdline(pid) for pid in helpers), timeout=10, interval=0.1)
