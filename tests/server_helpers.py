@@ -6,6 +6,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 
 import httpx
 import numpy as np
@@ -79,6 +80,21 @@ class Server:
                 self.kill()
 
 
+def serving(tmp_path_factory, name: str, **env: str):
+    """A started server in a fresh folder, stopped when the generator is closed (for fixtures:
+    ``yield from serving(...)``)."""
+    running = Server(tmp_path_factory.mktemp(name), **env).start()
+    try:
+        yield running
+    finally:
+        running.stop()
+
+
+def demo_visits(server: Server) -> list[dict]:
+    """The demo repository's data ids, as ``/v1/info`` lists them."""
+    return httpx.get(f"{server.url}/v1/info").json()["demo"]
+
+
 def demo_request(visit: dict, objects=None) -> dict:
     ref = {"visit": visit["visit"], "detector": visit["detector"]}
     return {"exposure": {**ref, "datasetType": "calexp"}, "difference": {**ref, "datasetType": "difference"},
@@ -100,3 +116,26 @@ def many_objects(data_dir: Path, visit: dict, n: int) -> list[dict]:
     ra = rng.uniform(on["ra"].min(), on["ra"].max(), n)
     dec = rng.uniform(on["dec"].min(), on["dec"].max(), n)
     return [{"diaObjectId": int(i) + 1, "ra": float(r), "dec": float(d)} for i, r, d in zip(range(n), ra, dec)]
+
+
+def read_answer(s: socket.socket) -> bytes:
+    """One whole HTTP answer with a Content-Length, read from a keep-alive connection; its head."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += s.recv(65536)
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = int(next(line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")))
+    while len(body) < length:
+        body += s.recv(65536)
+    return head
+
+
+def assert_closed_by_server(s: socket.socket, within: float = 3.0) -> None:
+    """The server closes ``s`` (nothing more to read) within ``within`` seconds; ``s`` is closed after."""
+    try:
+        s.settimeout(within + 2)
+        start = time.perf_counter()
+        assert s.recv(100) == b""  # closed by the server
+        assert time.perf_counter() - start < within
+    finally:
+        s.close()

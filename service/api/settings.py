@@ -101,6 +101,9 @@ class Settings(BaseSettings):
     max_active_jobs_per_key: int = Field(16, gt=0, description=(
         "queued plus running jobs of one API key (so that one key cannot take every place); beyond it 429"))
     max_job_exposures: int = Field(1000, gt=0, description="most exposures in one job")
+    result_encode_seconds: float = Field(600.0, gt=0, description=(
+        "time budget of encoding a job result in another format than parquet (once per result and format, "
+        "in a measurement process, holding a measurement slot)"))
     max_table_encode_rows: int = Field(1_000_000, gt=0, description=(
         "most rows of a job result served as FITS or VOTable (written from the whole table in memory); "
         "parquet, CSV, ECSV and JSON are written in batches and have no such limit"))

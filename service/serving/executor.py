@@ -238,17 +238,18 @@ class MeasureService:
                                          "the light curves", "ask for fewer objects or a shorter time range, or submit a job")
         return merge_lightcurves(parts, task.config)
 
-    async def _in_processes(self, calls: list[tuple[Callable, tuple]], what: str, advice: str) -> list:
+    async def _in_processes(self, calls: list[tuple[Callable, tuple]], what: str, advice: str, time_limit: float | None = None) -> list:
         """Run ``calls`` (function, arguments) in the measurement processes, each under the
         time budget; a call past it is :class:`MeasurementTimedOut`, a process that died
         :class:`MeasurementProcessDied` (``what`` and ``advice`` word the message). The
         calls still running are cancelled (their processes terminated) when one fails or
         the caller is cancelled."""
-        futures = [self._pool.schedule(function, args=args, timeout=self.time_limit) for function, args in calls]
+        limit = time_limit or self.time_limit
+        futures = [self._pool.schedule(function, args=args, timeout=limit) for function, args in calls]
         try:
             return await asyncio.gather(*(asyncio.wrap_future(f) for f in futures))
         except TimeoutError:
-            raise MeasurementTimedOut(f"{what} took longer than the {self.time_limit:g} s allowed a request; {advice}") from None
+            raise MeasurementTimedOut(f"{what} took longer than the {limit:g} s allowed; {advice}") from None
         except pebble.ProcessExpired:
             raise MeasurementProcessDied("the measurement process exited during the request; retry it") from None
         finally:
@@ -266,12 +267,13 @@ class MeasureService:
             budget.cancelled.set()
             raise
 
-    async def call(self, function: Callable[..., T], *args: object, what: str, advice: str) -> T:
+    async def call(self, function: Callable[..., T], *args: object, what: str, advice: str, time_limit: float | None = None) -> T:
         """``function(*args)`` (a module-level function: it may be pickled) off the event loop:
-        in a measurement process under the time budget, else on the thread pool."""
+        in a measurement process under ``time_limit`` (default: the request time budget),
+        else on the thread pool."""
         if self._pool is None:
             return await asyncio.wrap_future(self._executor.submit(function, *args))
-        (result,) = await self._in_processes([(function, args)], what, advice)
+        (result,) = await self._in_processes([(function, args)], what, advice, time_limit)
         return result
 
     async def measure_encoded(self, task: MeasureTask, fmt: str) -> tuple[MeasureOutcome, bytes, float]:

@@ -85,7 +85,8 @@ async def _encode(request: Request, runtime: ServiceRuntime, job: Job, fmt: str,
                 return
             await run_measurement(request, runtime, lambda: runtime.service.call(
                 convert, runtime.jobs.result_path(job.id, job.attempts), fmt, path,
-                what=f"encoding the result as {fmt}", advice="fetch it as parquet"))
+                what=f"encoding the result as {fmt}", advice="fetch it as parquet",
+                time_limit=runtime.settings.result_encode_seconds))
     finally:
         if not lock.locked():
             _ENCODING.pop(path, None)
