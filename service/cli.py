@@ -122,8 +122,18 @@ def _index_path(args: argparse.Namespace) -> Path:
 
 
 def _open_index(args: argparse.Namespace):
-    from forcedphot.serving.index import ExposureIndex
+    """The coverage of ``lightcurve`` and ``campaign``: a Butler's registry (``--butler``),
+    else the file index of REPOSITORY, refreshed: (index, refresh report)."""
+    from forcedphot.serving.index import ExposureIndex, RefreshReport
 
+    if getattr(args, "butler", None):
+        from forcedphot.serving.butler import ButlerSource
+
+        if not args.collections:
+            raise ValueError("--butler needs --collections (comma-separated)")
+        return ButlerSource(args.butler, args.collections, args.science_type, args.difference_type), RefreshReport()
+    if args.repository is None:
+        raise ValueError("give the REPOSITORY folder, or --butler REPO --collections C")
     if not Path(args.repository).is_dir():
         raise ValueError(f"repository {args.repository} is not a directory")
     index = ExposureIndex(_index_path(args))
@@ -207,18 +217,31 @@ def _campaign(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     from forcedphot.api.server import run_server
 
-    return run_server(host=args.host, port=args.port, repository=args.repository, workers=args.workers)
+    return run_server(host=args.host, port=args.port, repository=args.repository, workers=args.workers,
+                      butler=args.butler, collections=args.collections)
 
 
-def _repository_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("repository", help="repository root directory")
+def _repository_arguments(parser: argparse.ArgumentParser, optional: bool = False) -> None:
+    parser.add_argument("repository", nargs="?" if optional else None,
+                        help="repository root directory" + (" (or --butler)" if optional else ""))
     parser.add_argument("--template", default=DEFAULT_PATH_TEMPLATE, help=f"path template of the files (default {DEFAULT_PATH_TEMPLATE})")
     parser.add_argument("--index", help=f"index file (default REPOSITORY/{DEFAULT_INDEX}); re-running adds new and changed files only")
 
 
+def _butler_arguments(c: argparse.ArgumentParser) -> None:
+    """Where a Butler repository's exposures are (instead of a folder of files)."""
+    b = c.add_argument_group("a Butler repository instead of a folder (lsst-daf-butler)")
+    b.add_argument("--butler", help="Butler repository root (or its butler.yaml URI)")
+    b.add_argument("--collections", type=lambda text: [part.strip() for part in text.split(",") if part.strip()],
+                   help="collections to search, comma-separated")
+    b.add_argument("--science-type", default="visit_image", help="dataset type of the science image (default visit_image)")
+    b.add_argument("--difference-type", default="difference_image", help="dataset type of the difference image (default difference_image)")
+
+
 def _plan_arguments(c: argparse.ArgumentParser) -> None:
     """What ``lightcurve`` and ``campaign`` measure."""
-    _repository_arguments(c)
+    _repository_arguments(c, optional=True)
+    _butler_arguments(c)
     where = c.add_argument_group("what to measure (--objects, or --ra and --dec)")
     where.add_argument("--objects", help="DiaObject table: parquet, CSV or JSON with diaObjectId, ra, dec (deg)")
     where.add_argument("--ra", type=float, help="right ascension of one position, deg (diaObjectId 0)")
@@ -298,6 +321,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     s.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
     s.add_argument("--repository", help="root directory of the exposure repository (default: embedded demo)")
+    s.add_argument("--butler", help="a Butler repository instead (root or butler.yaml URI); with --collections")
+    s.add_argument("--collections", help="Butler collections to search, comma-separated")
     s.add_argument("--workers", type=int, default=1, help="uvicorn worker processes")
     s.set_defaults(run=_serve)
     return parser

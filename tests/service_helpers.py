@@ -54,11 +54,12 @@ def data_id(kind: str = "calexp", visit: int = VISIT) -> dict:
     return {"visit": visit, "detector": DETECTOR, "datasetType": kind}
 
 
-def settings_for(root: Path, data_dir: Path, **overrides) -> Settings:
-    """Test settings; requests are measured in-process (threads) unless ``measure_processes`` is given."""
+def settings_for(root: Path | None, data_dir: Path, **overrides) -> Settings:
+    """Test settings; requests are measured in-process (threads) unless ``measure_processes``
+    is given. ``root`` None: no folder of files (a Butler repository in ``overrides``)."""
     overrides.setdefault("measure_processes", 0)
     overrides.setdefault("api_keys", [API_KEY])
-    return Settings(repository_roots=[root], data_dir=data_dir, backend="numpy", **overrides)
+    return Settings(repository_roots=[root] if root is not None else [], data_dir=data_dir, backend="numpy", **overrides)
 
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}

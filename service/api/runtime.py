@@ -15,6 +15,7 @@ import os
 from pathlib import Path
 import random
 import threading
+from typing import TYPE_CHECKING
 
 from forcedphot.api.auth import ApiKeys
 from forcedphot.api.intake import Intake
@@ -32,6 +33,9 @@ from forcedphot.serving.job_store import STORE_ERRORS, IdempotencyConflict, Job,
 from forcedphot.serving.jobs import JobRunner, job_spec
 from forcedphot.serving.lightcurves import plan_lightcurves
 from forcedphot.serving.repository import Repository
+
+if TYPE_CHECKING:
+    from forcedphot.serving.butler import ButlerSource
 
 log = logging.getLogger("forcedphot.service")
 
@@ -92,10 +96,27 @@ class ServiceRuntime:
         reader = device_memory_reader(self.backend.name)
         if reader:
             self.metrics.watch(self.metrics.device_memory, reader)
-        self.index = ExposureIndex(settings.data_dir / "index.sqlite")
+        self.index: ExposureIndex | ButlerSource = ExposureIndex(settings.data_dir / "index.sqlite")
         self.index_report: RefreshReport | None = None  # the last refresh's
-        if not settings.demo_mode:
+        if settings.butler_repository:
+            self._open_butler()
+        elif not settings.demo_mode:
             self._repository = Repository(settings.repository_roots, settings.path_template)
+
+    def _open_butler(self) -> None:
+        """The Butler repository serves the references and the coverage (its registry is the
+        index); one that cannot be opened is reported by /readyz."""
+        from forcedphot.serving.butler import ButlerSource, ButlerUnavailable
+
+        s = self.settings
+        try:
+            source = ButlerSource(s.butler_repository, s.butler_collections, s.butler_science_type, s.butler_difference_type)
+        except ButlerUnavailable as exc:
+            self._startup_error = str(exc)
+            log.error("%s", exc)
+            return
+        self._repository = self.index = source
+        self.index_report = RefreshReport()
 
     def _queue_depth(self) -> float:
         try:
@@ -134,7 +155,7 @@ class ServiceRuntime:
             threading.Thread(target=self._start_processes, name="measure-processes", daemon=True).start()
         if self.settings.demo_mode:
             threading.Thread(target=self._make_demo, name="demo-repository", daemon=True).start()
-        else:
+        elif not self.settings.butler_repository:
             threading.Thread(target=self._refresh_index_logged, name="index", daemon=True).start()
 
     def stop(self) -> None:

@@ -130,20 +130,30 @@ def app_from_environment():
     return create_app(settings)
 
 
-def run_server(*, host: str = "127.0.0.1", port: int = 8000, repository: str | None = None, workers: int = 1) -> int:
-    """Serve until interrupted; returns uvicorn's exit code.
+def run_server(*, host: str = "127.0.0.1", port: int = 8000, repository: str | None = None, workers: int = 1,
+               butler: str | None = None, collections: str | None = None) -> int:
+    """Serve until interrupted; returns uvicorn's exit code. ``repository`` (a folder) or
+    ``butler`` with ``collections`` (comma-separated) override the settings' sources.
 
     Raises :class:`SettingsError` or :class:`BackendError` before serving when the
     settings cannot be used.
     """
     if repository is not None:
         os.environ[f"{ENV_PREFIX}REPOSITORY_ROOTS"] = os.path.abspath(repository)
+    if butler is not None:
+        os.environ[f"{ENV_PREFIX}BUTLER_REPOSITORY"] = butler if "://" in butler else os.path.abspath(butler)
+    if collections is not None:
+        os.environ[f"{ENV_PREFIX}BUTLER_COLLECTIONS"] = collections
     settings = load_settings()
     select_backend(settings.backend)
     if repository is not None and not os.path.isdir(repository):
         raise SettingsError(f"repository {repository} is not a directory")
-    where = "the embedded demo repository in " + str(settings.demo_repository) if settings.demo_mode else \
-        ", ".join(map(str, settings.repository_roots))
+    if settings.demo_mode:
+        where = f"the embedded demo repository in {settings.demo_repository}"
+    elif settings.butler_repository:
+        where = f"the Butler repository {settings.butler_repository} (collections {', '.join(settings.butler_collections)})"
+    else:
+        where = ", ".join(map(str, settings.repository_roots))
     print(f"forcedphot: serving {where} on http://{host}:{port} (docs at /docs)", file=sys.stderr, flush=True)
     try:
         uvicorn.run("forcedphot.api.server:app_from_environment", factory=True, host=host, port=port, workers=workers,

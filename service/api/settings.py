@@ -51,6 +51,12 @@ class Settings(BaseSettings):
     data_dir: Path = Field(default_factory=default_data_dir, description="job store, results, uploads, demo repository")
     repository_roots: Annotated[list[Path], NoDecode] = Field(
         default_factory=list, description="directories exposures are served from; none: demo mode")
+    butler_repository: str | None = Field(None, description=(
+        "a Butler repository (its root, or the URI of its butler.yaml): exposures are data ids resolved by its registry "
+        "and light curves find their exposures from its regions; needs butler_collections"))
+    butler_collections: Annotated[list[str], NoDecode] = Field(default_factory=list, description="Butler collections searched, in order")
+    butler_science_type: str = Field("visit_image", description='the Butler dataset type measured for "calexp" (scienceFlux)')
+    butler_difference_type: str = Field("difference_image", description='the Butler dataset type measured for "difference" (psfFlux)')
     path_template: str = Field(DEFAULT_PATH_TEMPLATE, description="data id -> path inside a root; fields visit, detector, datasetType")
     api_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list, description="accepted bearer tokens")
     database_url: SecretStr | None = Field(None, description=(
@@ -118,7 +124,7 @@ class Settings(BaseSettings):
     max_lightcurve_pairs: int = Field(20_000, gt=0, description=(
         "(object, exposure) pairs a light-curve request measures at once; a larger request is accepted as a job"))
 
-    @field_validator("repository_roots", "api_keys", mode="before")
+    @field_validator("repository_roots", "api_keys", "butler_collections", mode="before")
     @classmethod
     def _split_list(cls, value: Any) -> Any:
         if isinstance(value, str):
@@ -146,6 +152,14 @@ class Settings(BaseSettings):
         return url
 
     @model_validator(mode="after")
+    def _one_source(self) -> Settings:
+        if self.butler_repository and self.repository_roots:
+            raise ValueError("give either repository_roots (plain files) or butler_repository, not both")
+        if self.butler_repository and not self.butler_collections:
+            raise ValueError("butler_repository needs butler_collections (FORCEDPHOT_BUTLER_COLLECTIONS=coll1,coll2)")
+        return self
+
+    @model_validator(mode="after")
     def _keys_outside_demo(self) -> Settings:
         if not self.demo_mode and not self.api_keys:
             raise ValueError(
@@ -157,8 +171,8 @@ class Settings(BaseSettings):
 
     @property
     def demo_mode(self) -> bool:
-        """True when no repository root is configured: the embedded demo repository is served."""
-        return not self.repository_roots
+        """True when no repository is configured: the embedded demo repository is served."""
+        return not self.repository_roots and not self.butler_repository
 
     @property
     def demo_repository(self) -> Path:
@@ -183,7 +197,9 @@ class Settings(BaseSettings):
 
     def public(self) -> dict[str, Any]:
         """The settings safe to show a client (no keys, no server paths)."""
-        shown = self.model_dump(mode="json", exclude={"api_keys", "config_file", "data_dir", "repository_roots", "database_url"})
+        shown = self.model_dump(mode="json", exclude={"api_keys", "config_file", "data_dir", "repository_roots", "database_url",
+                                                      "butler_repository"})
+        shown["exposures"] = "butler" if self.butler_repository else "files"
         shown["job_store"] = "postgresql" if self.database_url else "sqlite"
         shown["auth"] = "api-key" if self.api_keys else "none"
         shown["demo_mode"] = self.demo_mode

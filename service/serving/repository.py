@@ -14,13 +14,13 @@ from __future__ import annotations
 import os
 from pathlib import Path, PurePosixPath
 import re
-from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*:")
 MAX_URI_LENGTH = 1024
 DEFAULT_PATH_TEMPLATE = "{visit}/{detector}/{datasetType}.fits"
+PLAIN_DATASET_TYPES = ("calexp", "difference")  # what a path template names: the science and the difference image
 
 
 class UriRef(BaseModel):
@@ -32,13 +32,20 @@ class UriRef(BaseModel):
 
 
 class DataIdRef(BaseModel):
-    """An exposure named by its data id, resolved with the repository's path template."""
+    """An exposure named by its data id: resolved with the repository's path template, or
+    by a Butler registry (:mod:`forcedphot.serving.butler`)."""
 
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"visit": 2026112400042, "detector": 94, "datasetType": "calexp"}]})
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+        {"visit": 2026112400042, "detector": 94, "datasetType": "calexp"},
+        {"instrument": "LSSTCam", "visit": 2025120100123, "detector": 94, "datasetType": "visit_image"}]})
 
     visit: int = Field(ge=0, le=2**63 - 1)
     detector: int = Field(ge=0, le=2**31 - 1)
-    datasetType: Literal["calexp", "difference"]  # noqa: N815 (the Butler's spelling)
+    datasetType: str = Field(  # noqa: N815 (the Butler's spelling)
+        min_length=1, max_length=64, pattern=r"^[A-Za-z][A-Za-z0-9_]*$",
+        description='"calexp" or "difference" (the science and difference image, any repository), or a Butler dataset type')
+    instrument: str | None = Field(None, min_length=1, max_length=64, pattern=r"^[A-Za-z][A-Za-z0-9_-]*$",
+                                   description="the Butler instrument (optional when the repository has one)")
 
 
 ExposureRef = UriRef | DataIdRef
@@ -62,6 +69,13 @@ class ForbiddenReference(RepositoryError):
     slug = "forbidden-reference"
 
 
+class UnknownDatasetType(RepositoryError):
+    """A dataset type the repository does not have."""
+
+    status = 422
+    slug = "unknown-dataset-type"
+
+
 class UnknownReference(RepositoryError):
     """Well-formed but nothing is there."""
 
@@ -73,7 +87,8 @@ def describe(ref: ExposureRef) -> str:
     """A short text naming the reference, for messages and provenance."""
     if isinstance(ref, UriRef):
         return ref.uri
-    return f"visit={ref.visit} detector={ref.detector} datasetType={ref.datasetType}"
+    instrument = f"instrument={ref.instrument} " if ref.instrument else ""
+    return f"{instrument}visit={ref.visit} detector={ref.detector} datasetType={ref.datasetType}"
 
 
 class Repository:
@@ -94,6 +109,9 @@ class Repository:
         """The path inside a root that ``ref`` names (not yet checked)."""
         if isinstance(ref, UriRef):
             return ref.uri
+        if ref.datasetType not in PLAIN_DATASET_TYPES:
+            raise UnknownDatasetType(f"{describe(ref)}: a plain repository has the dataset types {' and '.join(PLAIN_DATASET_TYPES)}; "
+                                     f"{ref.datasetType!r} needs a Butler repository (FORCEDPHOT_BUTLER_REPOSITORY)")
         return self.path_template.format(visit=ref.visit, detector=ref.detector, datasetType=ref.datasetType)
 
     def resolve(self, ref: ExposureRef) -> Path:

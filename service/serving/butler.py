@@ -1,0 +1,215 @@
+"""A Butler repository (``lsst-daf-butler``) as the source of exposures and of their coverage.
+
+A reference ``{"datasetType": "visit_image", "instrument": "LSSTCam", "visit": V,
+"detector": D}`` is resolved by the registry (``find_dataset`` in the configured
+collections, then ``getURI``); the file is read by this package's own reader, so a
+repository written by the Rubin pipelines works without obs_base (its datastore records
+name ``lsst.obs.base...FitsExposureFormatter``, which is never imported: only the file's
+location is asked for). ``calexp`` and ``difference`` stand for the configured science and
+difference dataset types (default Rubin's current ``visit_image`` and ``difference_image``),
+so requests written for a plain repository work unchanged. ``instrument`` may be left out
+when the repository has one.
+
+Coverage comes from the registry, not from a scan of files: the ``visit_detector_region``
+region of each (visit, detector), the ``visit`` record's timespan (its TAI midpoint) and
+its band, in one query per request (:meth:`ButlerSource.covering_many`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from lsst.daf.butler import Butler
+from lsst.daf.butler.registry import MissingCollectionError, MissingDatasetTypeError
+import lsst.sphgeom as sphgeom
+import numpy as np
+
+from forcedphot.serving.index import DIFFERENCE, SCIENCE, IndexedExposure, RefreshReport
+from forcedphot.serving.repository import (BadReference, DataIdRef, ExposureRef, RepositoryError, UnknownDatasetType, UnknownReference,
+                                           UriRef, describe)
+
+DEFAULT_SCIENCE_TYPE = "visit_image"
+DEFAULT_DIFFERENCE_TYPE = "difference_image"
+
+
+class ButlerUnavailable(RepositoryError):
+    """The repository cannot be opened or queried now; the message says why (no path)."""
+
+    status = 503
+    slug = "butler-unavailable"
+
+
+class AmbiguousReference(RepositoryError):
+    """A data id that leaves a required dimension open (e.g. the instrument of a repository of several)."""
+
+    status = 422
+    slug = "ambiguous-reference"
+
+
+class ButlerSource:
+    """Exposures and their coverage from one Butler repository, opened once.
+
+    Parameters
+    ----------
+    repository : str
+        Its root (a folder with ``butler.yaml``) or the URI of its configuration.
+    collections : list[str]
+        Searched in order for every dataset.
+    science_type, difference_type : str
+        The dataset types measured as the science and the difference image.
+    """
+
+    roots: list[Path] = []  # no folder of files: tables are not read from a Butler by path
+
+    def __init__(self, repository: str, collections: list[str], science_type: str = DEFAULT_SCIENCE_TYPE,
+                 difference_type: str = DEFAULT_DIFFERENCE_TYPE):
+        self.collections = list(collections)
+        self.types = {SCIENCE: science_type, DIFFERENCE: difference_type}
+        try:
+            self.butler = Butler.from_config(repository, collections=self.collections, writeable=False)
+        except Exception as exc:  # daf_butler raises many kinds for a missing or damaged repository
+            raise ButlerUnavailable(f"the Butler repository cannot be opened ({type(exc).__name__})") from None
+        known = set(self.butler.collections.query("*"))
+        missing = [c for c in self.collections if c not in known]
+        if missing:
+            raise ButlerUnavailable(f"the Butler repository has no collection {', '.join(map(repr, missing))}")
+        instruments = [record.name for record in self.butler.query_dimension_records("instrument", explain=False)]
+        self.instrument = instruments[0] if len(instruments) == 1 else None
+
+    def readable(self) -> list[str]:
+        """Problems that stop the repository from being served (empty when all is well)."""
+        return []
+
+    def dataset_type(self, name: str) -> str:
+        """The repository's dataset type for a reference's ``datasetType`` ("calexp" and
+        "difference" stand for the configured science and difference types)."""
+        return self.types.get(name, name)
+
+    def resolve(self, ref: ExposureRef) -> Path:
+        """The local file a data id names in the collections; raises :class:`RepositoryError`."""
+        if isinstance(ref, UriRef):
+            raise BadReference(f"{ref.uri!r}: a Butler repository is addressed by data ids "
+                               '({"datasetType", "instrument", "visit", "detector"}), not by file names')
+        dataset_type = self.dataset_type(ref.datasetType)
+        instrument = ref.instrument or self.instrument
+        if instrument is None:
+            raise AmbiguousReference(f"{describe(ref)}: the repository has several instruments; give \"instrument\"")
+        try:
+            found = self.butler.find_dataset(dataset_type, instrument=instrument, visit=ref.visit, detector=ref.detector,
+                                             collections=self.collections)
+        except MissingDatasetTypeError:
+            raise UnknownDatasetType(f"{describe(ref)}: the repository has no dataset type {dataset_type!r}") from None
+        except MissingCollectionError as exc:
+            raise ButlerUnavailable(f"a collection is missing from the Butler repository: {exc}") from None
+        except LookupError as exc:  # an unknown instrument, visit or detector value
+            raise UnknownReference(f"{describe(ref)}: {exc}") from None
+        if found is None:
+            raise UnknownReference(f"no {dataset_type} for {describe(ref)} in the collections {', '.join(self.collections)}")
+        return _local_path(self.butler.getURI(found), describe(ref))
+
+    # --- coverage (the exposure index's interface) -------------------------------------
+
+    def refresh(self, roots: list[Path], template: str) -> RefreshReport:
+        """Nothing to do: the registry is the index."""
+        return RefreshReport()
+
+    def count(self) -> int:
+        """Science datasets in the collections."""
+        return len(self.butler.query_datasets(self.types[SCIENCE], collections=self.collections, explain=False, limit=None))
+
+    def unreadable(self) -> dict[str, str]:
+        return {}
+
+    def covering(self, ra: float, dec: float, *, radius_deg: float = 0.0, bands: list[str] | None = None,
+                 mjd_min: float | None = None, mjd_max: float | None = None) -> list[IndexedExposure]:
+        """Exposures whose region holds (ra, dec), or comes within ``radius_deg``; by time."""
+        found = self.covering_many(np.array([ra]), np.array([dec]), radius_deg=radius_deg, bands=bands, mjd_min=mjd_min, mjd_max=mjd_max)
+        return [exposure for exposure, _ in found]
+
+    def covering_many(self, ra: np.ndarray, dec: np.ndarray, *, radius_deg: float = 0.0, bands: list[str] | None = None,
+                      mjd_min: float | None = None, mjd_max: float | None = None) -> list[tuple[IndexedExposure, np.ndarray]]:
+        """For positions (deg), every science exposure whose ``visit_detector_region`` holds
+        at least one of them (within ``radius_deg``), with the indices of those positions;
+        in time order. One registry query over a circle around all the positions."""
+        ra, dec = np.asarray(ra, np.float64), np.asarray(dec, np.float64)
+        if ra.size == 0:
+            return []
+        points = [sphgeom.UnitVector3d(sphgeom.LonLat.fromDegrees(float(r), float(d))) for r, d in zip(ra, dec)]
+        centre = sphgeom.UnitVector3d(sum(p.x() for p in points), sum(p.y() for p in points), sum(p.z() for p in points))
+        reach = max(_separation_deg(centre, p) for p in points)
+        circle = sphgeom.Circle(centre, sphgeom.Angle.fromDegrees(min(180.0, reach + radius_deg + 1e-6)))
+        science = self._query(self.types[SCIENCE], circle)
+        differences = {_key(ref): ref for ref in self._query(self.types[DIFFERENCE], circle, optional=True)}
+        lon, lat = np.radians(ra), np.radians(dec)
+        found = []
+        for ref in science:
+            records = ref.dataId.records
+            region = records["visit_detector_region"].region
+            if radius_deg > 0:
+                rows = np.flatnonzero([not (region.relate(sphgeom.Circle(p, sphgeom.Angle.fromDegrees(radius_deg))) & sphgeom.DISJOINT)
+                                       for p in points])
+            else:
+                rows = np.flatnonzero(region.contains(lon, lat))
+            if rows.size == 0:
+                continue
+            exposure = self._exposure(ref, region, differences.get(_key(ref)))
+            if bands and exposure.band not in bands:
+                continue
+            midpoint = exposure.midpoint_mjd_tai
+            if (mjd_min is not None or mjd_max is not None) and midpoint is None:
+                continue
+            if (mjd_min is not None and midpoint < mjd_min) or (mjd_max is not None and midpoint > mjd_max):
+                continue
+            found.append((exposure, rows))
+        found.sort(key=lambda item: (item[0].midpoint_mjd_tai is None, item[0].midpoint_mjd_tai or 0.0, item[0].visit, item[0].detector))
+        return found
+
+    def _query(self, dataset_type: str, region: sphgeom.Region, optional: bool = False) -> list[Any]:
+        try:
+            return self.butler.query_datasets(dataset_type, collections=self.collections, with_dimension_records=True, explain=False,
+                                              where="visit_detector_region.region OVERLAPS search", bind={"search": region})
+        except MissingDatasetTypeError:
+            if optional:
+                return []
+            raise UnknownDatasetType(f"the repository has no dataset type {dataset_type!r}") from None
+
+    def _exposure(self, ref: Any, region: sphgeom.Region, difference: Any | None) -> IndexedExposure:
+        data_id, records = ref.dataId, ref.dataId.records
+        visit = records["visit"]
+        midpoint = None
+        if visit.timespan is not None and visit.timespan.begin is not None and visit.timespan.end is not None:
+            begin, end = visit.timespan.begin.tai, visit.timespan.end.tai
+            midpoint = float((begin + (end - begin) / 2).mjd)
+        vertices = [sphgeom.LonLat(v) for v in region.getVertices()] if hasattr(region, "getVertices") else []
+        footprint = [(v.getLon().asDegrees(), v.getLat().asDegrees()) for v in vertices]
+        centre = sphgeom.LonLat(region.getCentroid()) if hasattr(region, "getCentroid") else sphgeom.LonLat(region.getBoundingCircle().getCenter())
+        label = describe(DataIdRef(visit=data_id["visit"], detector=data_id["detector"], datasetType=SCIENCE,
+                                          instrument=data_id["instrument"]))
+        return IndexedExposure(
+            visit=int(data_id["visit"]), detector=int(data_id["detector"]), band=_band(data_id), midpoint_mjd_tai=midpoint,
+            exposure_time=visit.exposure_time, ra=centre.getLon().asDegrees(), dec=centre.getLat().asDegrees(), footprint=footprint,
+            psf_fwhm_px=None, calibration=None, science_path=str(_local_path(self.butler.getURI(ref), label)),
+            difference_path=str(_local_path(self.butler.getURI(difference), label)) if difference is not None else None)
+
+
+def _band(data_id: Any) -> str | None:
+    try:
+        return str(data_id["band"])
+    except (KeyError, LookupError):
+        return None
+
+
+def _key(ref: Any) -> tuple:
+    return ref.dataId["instrument"], ref.dataId["visit"], ref.dataId["detector"]
+
+
+def _separation_deg(a: sphgeom.UnitVector3d, b: sphgeom.UnitVector3d) -> float:
+    return sphgeom.NormalizedAngle(a, b).asDegrees()
+
+
+def _local_path(uri: Any, label: str) -> Path:
+    """The local file behind a datastore URI; others (s3://, ...) are not read here yet."""
+    if uri.scheme not in ("file", ""):
+        raise ButlerUnavailable(f"{label}: the file is in {uri.scheme}:// storage, which this server does not read yet")
+    return Path(uri.ospath)

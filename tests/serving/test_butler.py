@@ -1,0 +1,140 @@
+"""Butler repositories (real ``lsst-daf-butler`` registries made in the tests) as the source
+of exposures and of light-curve coverage: data ids resolved by the registry, files under
+names no template could guess, datastore records naming obs_base's formatter (never
+imported), regions and timespans from the registry; named errors for what is not there."""
+
+import io
+
+from butler_helpers import INSTRUMENT, make_butler_repository
+from fastapi.testclient import TestClient
+import numpy as np
+import pandas as pd
+import pytest
+from service_helpers import AUTH, DETECTOR, FWHM, VISIT, assert_same_catalog, engine_catalog, settings_for
+
+from forcedphot.api.app import create_app
+from forcedphot.cli import main as cli_main
+from forcedphot.serving.butler import ButlerSource, ButlerUnavailable
+from forcedphot.serving.index import ExposureIndex
+from forcedphot.serving.repository import BadReference, DataIdRef, UnknownDatasetType, UnknownReference, UriRef
+
+COLLECTIONS = ["LSSTCam/runs/forced-test"]
+
+
+@pytest.fixture(scope="module")
+def butler_root(repo, tmp_path_factory):
+    return make_butler_repository(tmp_path_factory.mktemp("butler"), [
+        (VISIT, DETECTOR, repo["calexp"], repo["difference"]),
+        (VISIT + 1, DETECTOR, repo["calexp2"], None),
+    ])
+
+
+@pytest.fixture(scope="module")
+def source(butler_root):
+    return ButlerSource(str(butler_root), COLLECTIONS)
+
+
+def ref(dataset_type="visit_image", visit=VISIT, **extra):
+    return DataIdRef(visit=visit, detector=DETECTOR, datasetType=dataset_type, **extra)
+
+
+def test_data_ids_resolve_to_the_registered_files(source, repo):
+    science = source.resolve(ref(instrument=INSTRUMENT))
+    assert science.read_bytes() == repo["calexp"].read_bytes() and "calexp" not in science.name  # a name no template guesses
+    assert source.resolve(ref("calexp")) == science  # the plain repository's name stands for the science type
+    assert source.resolve(ref("difference")).read_bytes() == repo["difference"].read_bytes()
+    assert source.resolve(ref("difference_image")) == source.resolve(ref("difference"))
+
+
+@pytest.mark.parametrize("reference, error, fragment", [
+    (ref("goodSeeingDiff_differenceExp"), UnknownDatasetType, "no dataset type 'goodSeeingDiff_differenceExp'"),
+    (ref(visit=999), UnknownReference, "no visit_image for"),
+    (ref("difference_image", visit=VISIT + 1), UnknownReference, "no difference_image"),
+    (ref(instrument="HSC"), UnknownReference, "HSC"),
+    (UriRef(uri="datastore-files/x.fits"), BadReference, "data ids"),
+])
+def test_what_is_not_there_is_named(source, reference, error, fragment):
+    with pytest.raises(error, match=fragment):
+        source.resolve(reference)
+
+
+def test_a_repository_or_collection_that_is_not_there_is_named(butler_root, tmp_path):
+    with pytest.raises(ButlerUnavailable, match="cannot be opened") as opened:
+        ButlerSource(str(tmp_path / "nothing-here"), COLLECTIONS)
+    assert str(tmp_path) not in str(opened.value)
+    with pytest.raises(ButlerUnavailable, match="no collection 'nope'"):
+        ButlerSource(str(butler_root), ["nope"])
+
+
+def test_coverage_from_the_registry_agrees_with_the_file_index(source, repo, tmp_path):
+    objects = repo["objects"]
+    ra, dec = objects["ra"].to_numpy(), objects["dec"].to_numpy()
+    index = ExposureIndex(tmp_path / "index.sqlite")
+    index.refresh([repo["root"]], "{visit}/{detector}/{datasetType}.fits")
+    ours = {(e.visit, e.detector): (rows.tolist(), e.band, e.midpoint_mjd_tai, e.difference_path is not None)
+            for e, rows in source.covering_many(ra, dec)}
+    files = {(e.visit, e.detector): (rows.tolist(), e.band, e.midpoint_mjd_tai, e.difference_path is not None)
+             for e, rows in index.covering_many(ra, dec)}
+    assert set(ours) == set(files) == {(VISIT, DETECTOR), (VISIT + 1, DETECTOR)}
+    for key in ours:
+        assert ours[key][0] == files[key][0] and ours[key][1] == files[key][1] == "r" and ours[key][3] == files[key][3]
+        assert ours[key][2] == pytest.approx(files[key][2], abs=1e-6)  # the visit timespan's midpoint, TAI
+    assert len(objects) - 1 not in ours[(VISIT, DETECTOR)][0]  # the object placed off the detector
+    assert source.covering_many(ra, dec, bands=["g"]) == [] and source.covering_many(ra, dec, mjd_max=60000.0) == []
+    assert [e.visit for e in source.covering(float(ra[0]), float(dec[0]))] == [VISIT, VISIT + 1]
+
+
+@pytest.fixture(scope="module")
+def client(butler_root, tmp_path_factory):
+    settings = settings_for(None, tmp_path_factory.mktemp("data"), butler_repository=str(butler_root), butler_collections=COLLECTIONS)
+    with TestClient(create_app(settings), headers=AUTH) as c:
+        yield c
+
+
+def test_the_service_measures_butler_references(client, repo):
+    body = {"exposure": {"datasetType": "visit_image", "instrument": INSTRUMENT, "visit": VISIT, "detector": DETECTOR},
+            "difference": {"datasetType": "difference_image", "visit": VISIT, "detector": DETECTOR},
+            "objects": [{"diaObjectId": int(i), "ra": float(r), "dec": float(d)} for i, r, d in repo["objects"][["diaObjectId", "ra", "dec"]].to_numpy()],
+            "psf_fwhm": FWHM}
+    answer = client.post("/v1/forced-photometry", json=body)
+    assert answer.status_code == 200, answer.text
+    expected = engine_catalog(repo["calexp"], repo["objects"], repo["difference"])
+    assert_same_catalog(pd.read_parquet(io.BytesIO(answer.content)), expected)
+    assert client.get("/readyz").status_code == 200 and client.get("/v1/info").json()["settings"]["exposures"] == "butler"
+
+
+def test_light_curves_and_exposures_come_from_the_registry(client, repo):
+    ra, dec = float(repo["objects"]["ra"][0]), float(repo["objects"]["dec"][0])
+    found = client.get("/v1/exposures", params={"ra": ra, "dec": dec}).json()
+    assert [e["visit"] for e in found["exposures"]] == [VISIT, VISIT + 1] and found["exposures"][0]["band"] == "r"
+    answer = client.post("/v1/lightcurves", json={"objects": {"ra": ra, "dec": dec}, "psf_fwhm": FWHM}, headers={"Accept": "application/json"})
+    assert answer.status_code == 200, answer.text
+    rows = answer.json()
+    assert [r["visit"] for r in rows] == [VISIT, VISIT + 1] and np.isfinite(rows[0]["psfFlux"])
+
+
+@pytest.mark.parametrize("exposure, status, slug", [
+    ({"datasetType": "calexp_v2", "visit": VISIT, "detector": DETECTOR}, 422, "unknown-dataset-type"),
+    ({"datasetType": "visit_image", "visit": 4, "detector": DETECTOR}, 404, "unknown-exposure"),
+    ({"uri": "datastore-files/a.fits"}, 400, "bad-reference"),
+])
+def test_bad_butler_references_are_named_errors(client, butler_root, exposure, status, slug):
+    answer = client.post("/v1/forced-photometry", json={"exposure": exposure, "objects": [{"diaObjectId": 1, "ra": 1.0, "dec": 1.0}],
+                                                        "psf_fwhm": FWHM})
+    assert answer.status_code == status and answer.json()["type"].endswith(slug), answer.text
+    assert str(butler_root) not in answer.text
+
+
+def test_a_butler_that_cannot_be_opened_is_reported_by_readiness(tmp_path):
+    settings = settings_for(None, tmp_path / "data", butler_repository=str(tmp_path / "missing"), butler_collections=COLLECTIONS)
+    with TestClient(create_app(settings), headers=AUTH) as c:
+        ready = c.get("/readyz")
+    assert ready.status_code == 503 and "cannot be opened" in ready.json()["checks"]["repository"] and str(tmp_path) not in ready.text
+
+
+def test_the_command_line_measures_light_curves_from_a_butler(butler_root, repo, tmp_path, capsys):
+    out = tmp_path / "lc.parquet"
+    code = cli_main(["lightcurve", "--butler", str(butler_root), "--collections", ",".join(COLLECTIONS), "--ra", str(repo["objects"]["ra"][0]),
+                     "--dec", str(repo["objects"]["dec"][0]), "--psf-fwhm", str(FWHM), "-o", str(out)])
+    assert code == 0, capsys.readouterr().err
+    assert pd.read_parquet(out)["visit"].tolist() == [VISIT, VISIT + 1]
