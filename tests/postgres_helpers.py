@@ -5,6 +5,7 @@ import glob
 import os
 from pathlib import Path
 import shutil
+import signal
 import subprocess
 import tempfile
 import uuid
@@ -50,7 +51,7 @@ class PostgresServer:
 
     def halt(self) -> None:
         """Stop the server, keeping its cluster (an outage; :meth:`resume` ends it)."""
-        self.process.terminate()
+        self.process.send_signal(signal.SIGINT)  # PostgreSQL's fast shutdown: clients are disconnected
         self.process.wait(30)
 
     def resume(self) -> "PostgresServer":
@@ -76,17 +77,21 @@ class PostgresServer:
         except psycopg.OperationalError:
             return False
 
-    def new_database(self) -> str:
-        """A fresh empty database; its URL."""
+    def new_database(self, extensions: tuple[str, ...] = ()) -> str:
+        """A fresh empty database with these extensions (e.g. btree_gist, which a Butler
+        registry needs); its URL."""
         import psycopg
 
         name = f"test_{uuid.uuid4().hex[:12]}"
         with psycopg.connect(self.url(), autocommit=True) as db:
             db.execute(f"CREATE DATABASE {name}")
+        with psycopg.connect(self.url(name), autocommit=True) as db:
+            for extension in extensions:
+                db.execute(f"CREATE EXTENSION IF NOT EXISTS {extension}")
         return self.url(name)
 
     def stop(self) -> None:
         if self.process and self.process.poll() is None:
-            self.process.terminate()
+            self.process.send_signal(signal.SIGINT)  # fast shutdown: SIGTERM would wait for every client to leave
             self.process.wait(30)
         shutil.rmtree(self.root, ignore_errors=True)

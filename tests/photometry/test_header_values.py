@@ -18,6 +18,8 @@ from forcedphot.photometry.exposure import ExposureError, open_exposure
 from forcedphot.photometry.psf_choice import choose_psf
 from forcedphot.photometry.psf_models import PsfError
 
+pytestmark = pytest.mark.filterwarnings("ignore::astropy.io.fits.verify.VerifyWarning")  # the cards are malformed on purpose
+
 IMAGE_KEYS = ("LTV1", "LTV2", "CRVAL1A", "CRVAL2A", "CRPIX1A", "CRPIX2A", "MJD-AVG", "MJD-OBS", "DATE-AVG", "DATE-OBS", "TIME-MID",
               "EXPTIME", "TIMESYS", "VISIT", "IDNUM", "EXPID", "EXPNUM", "DETECTOR", "CCDNUM", "BAND", "FILTER", "FLUXMAG0",
               "FLUXMAG0ERR", "MAGZERO", "MAGZPT", "ZEROPT", "ZP", "MAGZP", "BUNIT", "PSF_FWHM", "AR_HDU", "NAXIS", "NAXIS1", "BITPIX")

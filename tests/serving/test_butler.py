@@ -138,3 +138,19 @@ def test_the_command_line_measures_light_curves_from_a_butler(butler_root, repo,
                      "--dec", str(repo["objects"]["dec"][0]), "--psf-fwhm", str(FWHM), "-o", str(out)])
     assert code == 0, capsys.readouterr().err
     assert pd.read_parquet(out)["visit"].tolist() == [VISIT, VISIT + 1]
+
+
+def test_a_registry_on_postgresql_serves_as_sqlite_does(postgres, repo, tmp_path):
+    root = make_butler_repository(tmp_path / "butler", [(VISIT, DETECTOR, repo["calexp"], repo["difference"]),
+                                                        (VISIT + 1, DETECTOR, repo["calexp2"], None)],
+                                  registry_url=postgres.new_database(("btree_gist",)))
+    on_postgres = ButlerSource(str(root), COLLECTIONS)
+    assert on_postgres.resolve(ref()).read_bytes() == repo["calexp"].read_bytes()
+    ra, dec = repo["objects"]["ra"].to_numpy(), repo["objects"]["dec"].to_numpy()
+    assert [(e.visit, rows.tolist()) for e, rows in on_postgres.covering_many(ra, dec)] == [
+        (VISIT, list(range(len(ra) - 1))), (VISIT + 1, list(range(len(ra) - 1)))]
+    settings = settings_for(None, tmp_path / "data", butler_repository=str(root), butler_collections=COLLECTIONS)
+    with TestClient(create_app(settings), headers=AUTH) as c:
+        answer = c.post("/v1/lightcurves", json={"objects": {"ra": float(ra[0]), "dec": float(dec[0])}, "psf_fwhm": FWHM},
+                        headers={"Accept": "application/json"})
+    assert answer.status_code == 200 and [r["visit"] for r in answer.json()] == [VISIT, VISIT + 1]
