@@ -23,6 +23,8 @@ from forcedphot.api.metrics import ServiceMetrics, device_memory_reader
 from forcedphot.api.problems import Problem
 from forcedphot.api.schemas import JobRequest, LightCurveRequest
 from forcedphot.api.settings import Settings
+from forcedphot.demo.butler import RUN as DEMO_RUN
+from forcedphot.demo.repository import BUTLER as DEMO_BUTLER
 from forcedphot.demo.repository import DemoVisitId, ensure_demo_repository
 from forcedphot.photometry.backend import select_backend
 from forcedphot.serving.batching import KernelBatcher
@@ -99,18 +101,18 @@ class ServiceRuntime:
         self.index: ExposureIndex | ButlerSource = ExposureIndex(settings.data_dir / "index.sqlite")
         self.index_report: RefreshReport | None = None  # the last refresh's
         if settings.butler_repository:
-            self._open_butler()
+            self._open_butler(settings.butler_repository, settings.butler_collections)
         elif not settings.demo_mode:
             self._repository = Repository(settings.repository_roots, settings.path_template)
 
-    def _open_butler(self) -> None:
+    def _open_butler(self, repository: str, collections: list[str], table_roots: list[Path] | None = None) -> None:
         """The Butler repository serves the references and the coverage (its registry is the
         index); one that cannot be opened is reported by /readyz."""
         from forcedphot.serving.butler import ButlerSource, ButlerUnavailable
 
         s = self.settings
         try:
-            source = ButlerSource(s.butler_repository, s.butler_collections, s.butler_science_type, s.butler_difference_type)
+            source = ButlerSource(repository, collections, s.butler_science_type, s.butler_difference_type, table_roots=table_roots)
         except ButlerUnavailable as exc:
             self._startup_error = str(exc)
             log.error("%s", exc)
@@ -177,9 +179,9 @@ class ServiceRuntime:
         try:
             log.info("preparing the demo repository in %s", s.demo_repository)
             self.demo_visits = ensure_demo_repository(s.demo_repository, visits=s.demo_visits, size=s.demo_size, objects=s.demo_objects)
-            self._repository = Repository([s.demo_repository], s.path_template)
-            log.info("demo repository ready: %d visits from %d", len(self.demo_visits), self.demo_visits[0].visit)
-            self._refresh_index_logged()
+            self._open_butler(str(s.demo_repository / DEMO_BUTLER), [DEMO_RUN], table_roots=[s.demo_repository])
+            log.info("demo repository ready: %d visits from %d, served through its Butler repository", len(self.demo_visits),
+                     self.demo_visits[0].visit)
         except Exception as exc:  # reported by /readyz
             log.exception("the demo repository could not be written")
             self._startup_error = f"the demo repository could not be written: {store_error_reason(exc)}"

@@ -5,6 +5,10 @@ Layout (matches the default path template ``{visit}/{detector}/{datasetType}.fit
     <root>/<visit>/<detector>/calexp.fits, difference.fits, diaObjects.parquet
     <root>/diaObjects.parquet, truth.parquet, objects.parquet
 
+The files are registered in a Butler repository at ``<root>/butler`` (collection
+:data:`~forcedphot.demo.butler.RUN`, dataset types ``visit_image`` and ``difference_image``),
+through which the service serves them: the demo takes a Rubin deployment's code paths.
+
 Made with :func:`forcedphot.demo.survey.make_demo_survey`. A file lock makes concurrent server
 processes wait for one writer; a marker file records that the repository is complete and
 with which parameters, so a restart reuses it and a change of parameters rebuilds it.
@@ -18,9 +22,11 @@ import json
 from pathlib import Path
 import shutil
 
+from forcedphot.demo.butler import Registered, register_exposures
 from forcedphot.demo.survey import DETECTOR, FIRST_VISIT, make_demo_survey
 
 MARKER = ".complete.json"
+BUTLER = "butler"  # the demo's Butler repository, inside its root
 
 
 @dataclass(frozen=True)
@@ -36,7 +42,7 @@ def demo_visit_ids(visits: int) -> list[DemoVisitId]:
 
 def ensure_demo_repository(root: Path, *, visits: int, size: int, objects: int) -> list[DemoVisitId]:
     """Create the demo repository at ``root`` unless it is already complete; return its data ids."""
-    wanted = {"visits": visits, "size": size, "objects": objects, "first_visit": FIRST_VISIT, "detector": DETECTOR, "kind": "survey"}
+    wanted = {"visits": visits, "size": size, "objects": objects, "first_visit": FIRST_VISIT, "detector": DETECTOR, "kind": "survey+butler"}
     root.parent.mkdir(parents=True, exist_ok=True)
     with open(root.parent / f"{root.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -46,7 +52,12 @@ def ensure_demo_repository(root: Path, *, visits: int, size: int, objects: int) 
         building = root.parent / f"{root.name}.building"
         shutil.rmtree(building, ignore_errors=True)
         make_demo_survey(building, visits=visits, size=size, n_objects=objects)
-        (building / MARKER).write_text(json.dumps(wanted))
         shutil.rmtree(root, ignore_errors=True)
         building.rename(root)
+        ids = demo_visit_ids(visits)
+        folder = "{visit}/{detector}"
+        register_exposures(root / BUTLER, [Registered(i.visit, i.detector, root / folder.format(visit=i.visit, detector=i.detector) / "calexp.fits",
+                                                      root / folder.format(visit=i.visit, detector=i.detector) / "difference.fits")
+                                           for i in ids])
+        (root / MARKER).write_text(json.dumps(wanted))  # last: only a repository with its Butler is complete
     return demo_visit_ids(visits)

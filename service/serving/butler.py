@@ -18,6 +18,8 @@ its band, in one query per request (:meth:`ButlerSource.covering_many`).
 from __future__ import annotations
 
 from pathlib import Path
+import threading
+import time
 from typing import Any
 
 from lsst.daf.butler import Butler
@@ -26,9 +28,13 @@ import lsst.sphgeom as sphgeom
 import numpy as np
 
 from forcedphot.serving.index import DIFFERENCE, SCIENCE, IndexedExposure, RefreshReport
-from forcedphot.serving.repository import (BadReference, DataIdRef, ExposureRef, RepositoryError, UnknownDatasetType, UnknownReference,
-                                           UriRef, describe)
+from forcedphot.serving.repository import (DEFAULT_PATH_TEMPLATE, BadReference, DataIdRef, ExposureRef, Repository, RepositoryError,
+                                           UnknownDatasetType, UnknownReference, UriRef, describe)
 
+#: how long a resolved data id is reused (a registry query is ~5 ms, two per request): a
+#: dataset added or removed in the collections is seen after at most this long
+RESOLVED_SECONDS = 30.0
+RESOLVED_ENTRIES = 4096
 DEFAULT_SCIENCE_TYPE = "visit_image"
 DEFAULT_DIFFERENCE_TYPE = "difference_image"
 
@@ -58,14 +64,19 @@ class ButlerSource:
         Searched in order for every dataset.
     science_type, difference_type : str
         The dataset types measured as the science and the difference image.
+    table_roots : list[Path]
+        Folders whose files ``{"uri": ...}`` references may name (object tables, PSF files);
+        none: such references are refused.
     """
 
-    roots: list[Path] = []  # no folder of files: tables are not read from a Butler by path
-
     def __init__(self, repository: str, collections: list[str], science_type: str = DEFAULT_SCIENCE_TYPE,
-                 difference_type: str = DEFAULT_DIFFERENCE_TYPE):
+                 difference_type: str = DEFAULT_DIFFERENCE_TYPE, table_roots: list[Path] | None = None):
+        self.roots = [Path(root) for root in table_roots or []]
+        self._files = Repository(self.roots, DEFAULT_PATH_TEMPLATE) if self.roots else None
         self.collections = list(collections)
         self.types = {SCIENCE: science_type, DIFFERENCE: difference_type}
+        self._lock = threading.RLock()  # a Butler is not safe to share between threads: its calls take turns (each is milliseconds)
+        self._resolved: dict[tuple, tuple[Path, float]] = {}  # data id -> (file, monotonic expiry)
         try:
             self.butler = Butler.from_config(repository, collections=self.collections, writeable=False)
         except Exception as exc:  # daf_butler raises many kinds for a missing or damaged repository
@@ -79,7 +90,7 @@ class ButlerSource:
 
     def readable(self) -> list[str]:
         """Problems that stop the repository from being served (empty when all is well)."""
-        return []
+        return self._files.readable() if self._files is not None else []
 
     def dataset_type(self, name: str) -> str:
         """The repository's dataset type for a reference's ``datasetType`` ("calexp" and
@@ -89,15 +100,32 @@ class ButlerSource:
     def resolve(self, ref: ExposureRef) -> Path:
         """The local file a data id names in the collections; raises :class:`RepositoryError`."""
         if isinstance(ref, UriRef):
+            if self._files is not None:
+                return self._files.resolve(ref)
             raise BadReference(f"{ref.uri!r}: a Butler repository is addressed by data ids "
                                '({"datasetType", "instrument", "visit", "detector"}), not by file names')
         dataset_type = self.dataset_type(ref.datasetType)
         instrument = ref.instrument or self.instrument
         if instrument is None:
             raise AmbiguousReference(f"{describe(ref)}: the repository has several instruments; give \"instrument\"")
+        key = (dataset_type, instrument, ref.visit, ref.detector)
+        known = self._resolved.get(key)
+        if known is not None and known[1] > time.monotonic() and known[0].is_file():
+            return known[0]
+        path = self._find(ref, dataset_type, instrument)
+        with self._lock:
+            self._resolved[key] = (path, time.monotonic() + RESOLVED_SECONDS)
+            while len(self._resolved) > RESOLVED_ENTRIES:
+                self._resolved.pop(next(iter(self._resolved)))
+        return path
+
+    def _find(self, ref: DataIdRef, dataset_type: str, instrument: str) -> Path:
+        """The registry's answer for one data id (:meth:`resolve` keeps it a while)."""
         try:
-            found = self.butler.find_dataset(dataset_type, instrument=instrument, visit=ref.visit, detector=ref.detector,
-                                             collections=self.collections)
+            with self._lock:
+                found = self.butler.find_dataset(dataset_type, instrument=instrument, visit=ref.visit, detector=ref.detector,
+                                                 collections=self.collections)
+                uri = self.butler.getURI(found) if found is not None else None
         except MissingDatasetTypeError:
             raise UnknownDatasetType(f"{describe(ref)}: the repository has no dataset type {dataset_type!r}") from None
         except MissingCollectionError as exc:
@@ -106,7 +134,7 @@ class ButlerSource:
             raise UnknownReference(f"{describe(ref)}: {exc}") from None
         if found is None:
             raise UnknownReference(f"no {dataset_type} for {describe(ref)} in the collections {', '.join(self.collections)}")
-        return _local_path(self.butler.getURI(found), describe(ref))
+        return _local_path(uri, describe(ref))
 
     # --- coverage (the exposure index's interface) -------------------------------------
 
@@ -116,7 +144,8 @@ class ButlerSource:
 
     def count(self) -> int:
         """Science datasets in the collections."""
-        return len(self.butler.query_datasets(self.types[SCIENCE], collections=self.collections, explain=False, limit=None))
+        with self._lock:
+            return len(self.butler.query_datasets(self.types[SCIENCE], collections=self.collections, explain=False, limit=None))
 
     def unreadable(self) -> dict[str, str]:
         return {}
@@ -139,8 +168,10 @@ class ButlerSource:
         centre = sphgeom.UnitVector3d(sum(p.x() for p in points), sum(p.y() for p in points), sum(p.z() for p in points))
         reach = max(_separation_deg(centre, p) for p in points)
         circle = sphgeom.Circle(centre, sphgeom.Angle.fromDegrees(min(180.0, reach + radius_deg + 1e-6)))
-        science = self._query(self.types[SCIENCE], circle)
-        differences = {_key(ref): ref for ref in self._query(self.types[DIFFERENCE], circle, optional=True)}
+        with self._lock:
+            science = self._query(self.types[SCIENCE], circle)
+            differences = {_key(ref): ref for ref in self._query(self.types[DIFFERENCE], circle, optional=True)}
+            uris = {ref.id: uri.primaryURI for ref, uri in self.butler.get_many_uris([*science, *differences.values()]).items()}
         lon, lat = np.radians(ra), np.radians(dec)
         found = []
         for ref in science:
@@ -153,7 +184,8 @@ class ButlerSource:
                 rows = np.flatnonzero(region.contains(lon, lat))
             if rows.size == 0:
                 continue
-            exposure = self._exposure(ref, region, differences.get(_key(ref)))
+            difference = differences.get(_key(ref))
+            exposure = self._exposure(ref, region, uris[ref.id], uris[difference.id] if difference is not None else None)
             if bands and exposure.band not in bands:
                 continue
             midpoint = exposure.midpoint_mjd_tai
@@ -174,7 +206,7 @@ class ButlerSource:
                 return []
             raise UnknownDatasetType(f"the repository has no dataset type {dataset_type!r}") from None
 
-    def _exposure(self, ref: Any, region: sphgeom.Region, difference: Any | None) -> IndexedExposure:
+    def _exposure(self, ref: Any, region: sphgeom.Region, science_uri: Any, difference_uri: Any | None) -> IndexedExposure:
         data_id, records = ref.dataId, ref.dataId.records
         visit = records["visit"]
         midpoint = None
@@ -189,8 +221,8 @@ class ButlerSource:
         return IndexedExposure(
             visit=int(data_id["visit"]), detector=int(data_id["detector"]), band=_band(data_id), midpoint_mjd_tai=midpoint,
             exposure_time=visit.exposure_time, ra=centre.getLon().asDegrees(), dec=centre.getLat().asDegrees(), footprint=footprint,
-            psf_fwhm_px=None, calibration=None, science_path=str(_local_path(self.butler.getURI(ref), label)),
-            difference_path=str(_local_path(self.butler.getURI(difference), label)) if difference is not None else None)
+            psf_fwhm_px=None, calibration=None, science_path=str(_local_path(science_uri, label)),
+            difference_path=str(_local_path(difference_uri, label)) if difference_uri is not None else None)
 
 
 def _band(data_id: Any) -> str | None:

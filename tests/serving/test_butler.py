@@ -5,7 +5,7 @@ imported), regions and timespans from the registry; named errors for what is not
 
 import io
 
-from butler_helpers import INSTRUMENT, make_butler_repository
+from butler_helpers import INSTRUMENT, RUN, make_butler_repository
 from fastapi.testclient import TestClient
 import numpy as np
 import pandas as pd
@@ -18,7 +18,7 @@ from forcedphot.serving.butler import ButlerSource, ButlerUnavailable
 from forcedphot.serving.index import ExposureIndex
 from forcedphot.serving.repository import BadReference, DataIdRef, UnknownDatasetType, UnknownReference, UriRef
 
-COLLECTIONS = ["LSSTCam/runs/forced-test"]
+COLLECTIONS = [RUN]
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +40,7 @@ def ref(dataset_type="visit_image", visit=VISIT, **extra):
 
 def test_data_ids_resolve_to_the_registered_files(source, repo):
     science = source.resolve(ref(instrument=INSTRUMENT))
-    assert science.read_bytes() == repo["calexp"].read_bytes() and "calexp" not in science.name  # a name no template guesses
+    assert science.read_bytes() == repo["calexp"].read_bytes() and "calexp" not in str(science)  # a name no template guesses
     assert source.resolve(ref("calexp")) == science  # the plain repository's name stands for the science type
     assert source.resolve(ref("difference")).read_bytes() == repo["difference"].read_bytes()
     assert source.resolve(ref("difference_image")) == source.resolve(ref("difference"))
@@ -154,3 +154,19 @@ def test_a_registry_on_postgresql_serves_as_sqlite_does(postgres, repo, tmp_path
         answer = c.post("/v1/lightcurves", json={"objects": {"ra": float(ra[0]), "dec": float(dec[0])}, "psf_fwhm": FWHM},
                         headers={"Accept": "application/json"})
     assert answer.status_code == 200 and [r["visit"] for r in answer.json()] == [VISIT, VISIT + 1]
+
+
+def test_a_resolved_data_id_is_reused_until_it_expires_or_its_file_goes(butler_root, monkeypatch):
+    from forcedphot.serving import butler as butler_module
+
+    fresh = ButlerSource(str(butler_root), COLLECTIONS)
+    calls = []
+    real = fresh.butler.find_dataset
+    monkeypatch.setattr(fresh.butler, "find_dataset", lambda *a, **k: calls.append(a) or real(*a, **k))
+    first = fresh.resolve(ref())
+    assert fresh.resolve(ref("calexp")) == first and len(calls) == 1  # the registry is asked once
+    monkeypatch.setattr(butler_module, "RESOLVED_SECONDS", 0.0)
+    fresh._resolved.clear()
+    fresh.resolve(ref())
+    fresh.resolve(ref())
+    assert len(calls) == 3  # expired at once: asked again each time
