@@ -52,6 +52,13 @@ def measure_processes(settings: Settings, backend_name: str) -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
+def index_path(settings: Settings) -> Path:
+    """The exposure index of the served folders: one file per (roots, path template), so
+    that servers of other repositories sharing the data directory never touch it."""
+    served = json.dumps([[str(Path(root).resolve()) for root in settings.repository_roots], settings.path_template])
+    return settings.data_dir / "indexes" / f"{hashlib.sha256(served.encode()).hexdigest()[:16]}.sqlite"
+
+
 class ServiceRuntime:
     """Everything a request needs, shared by all requests of one server process."""
 
@@ -98,7 +105,7 @@ class ServiceRuntime:
         reader = device_memory_reader(self.backend.name)
         if reader:
             self.metrics.watch(self.metrics.device_memory, reader)
-        self.index: ExposureIndex | ButlerSource = ExposureIndex(settings.data_dir / "index.sqlite")
+        self.index: ExposureIndex | ButlerSource = ExposureIndex(index_path(settings))
         self.index_report: RefreshReport | None = None  # the last refresh's
         if settings.butler_repository:
             self._open_butler(settings.butler_repository, settings.butler_collections)
