@@ -156,13 +156,19 @@ def _plan(args: argparse.Namespace):
     if args.objects:
         objects = read_objects(args.objects)
     elif args.ra is not None and args.dec is not None:
+        if not (0 <= args.ra < 360 and -90 <= args.dec <= 90):
+            raise ValueError(f"--ra {args.ra:g} --dec {args.dec:g} is not a sky position (0 <= ra < 360, -90 <= dec <= 90, degrees)")
         objects = validate_objects(pd.DataFrame({"diaObjectId": [0], "ra": [args.ra], "dec": [args.dec]}))
     else:
         raise ValueError("give --objects FILE, or --ra and --dec (degrees)")
     config = MeasurementConfig(apertures_px=args.apertures or MeasurementConfig().apertures_px, backend=args.backend,
                                extra_columns=args.extra_columns)
+    if args.mjd_min is not None and args.mjd_max is not None and args.mjd_min > args.mjd_max:
+        raise ValueError(f"--mjd-min {args.mjd_min:g} is after --mjd-max {args.mjd_max:g}: the time range is empty")
     index, report = _open_index(args)
     task = plan_lightcurves(index, objects, config, mjd_min=args.mjd_min, mjd_max=args.mjd_max, bands=args.band, psf_fwhm=args.psf_fwhm)
+    if not task.epochs:
+        print("forcedphot: note: no exposure covers these objects (in this time range and these bands)", file=sys.stderr)
     return objects, index, report, task
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from forcedphot.photometry.psf_models import MAX_PSF_FWHM_PX, MIN_PSF_FWHM_PX
 from forcedphot.serving.job_store import JobError, JobProgress, JobStatus
@@ -95,6 +95,12 @@ class LightCurveRequest(MeasureOptions):
     mjd_max: float | None = Field(None, allow_inf_nan=False, description="latest exposure midpoint, MJD (TAI)")
     bands: list[Annotated[str, Field(min_length=1, max_length=16)]] | None = Field(None, min_length=1, max_length=16,
                                                                                   description="only these bands")
+
+    @model_validator(mode="after")
+    def _time_range(self) -> LightCurveRequest:
+        if self.mjd_min is not None and self.mjd_max is not None and self.mjd_min > self.mjd_max:
+            raise ValueError(f"mjd_min ({self.mjd_min}) is after mjd_max ({self.mjd_max}): the time range is empty")
+        return self
 
 
 class JobList(BaseModel):

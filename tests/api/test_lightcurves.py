@@ -212,3 +212,25 @@ def test_a_light_curve_job_runs_on_a_dask_cluster_with_the_same_rows(survey, tmp
     assert (np.lexsort((ordered[:, 1], ordered[:, 0])) == np.arange(len(ordered))).all()
     (campaign,) = provenance["exposures"]  # measured as one campaign, on the cluster's two workers
     assert campaign["campaign"]["where"] == f"dask {cluster.scheduler_address}, 2 workers" and campaign["campaign"]["epochs"] > 5
+
+
+def test_impossible_requests_are_refused_and_empty_ones_say_so(client, survey, tmp_path, capsys):
+    """Issue 23, item 8: an empty time range or a position off the sky is 422 (exit 2)
+    naming the fields; a request that covers nothing is 200 with a note (X-Note; a note
+    on stderr), not a silent empty table."""
+    position = {"ra": float(survey["objects"]["ra"][0]), "dec": float(survey["objects"]["dec"][0])}
+    refused = client.post("/v1/lightcurves", json={"objects": position, "mjd_min": 61001, "mjd_max": 61000})
+    assert refused.status_code == 422 and "mjd_min (61001.0) is after mjd_max" in refused.json()["detail"]
+    assert client.post("/v1/lightcurves", json={"objects": {"ra": 10.0, "dec": 95.0}}).status_code == 422
+    empty = client.post("/v1/lightcurves", json={"objects": position, "bands": ["z"]}, headers={"Accept": "application/json"})
+    assert empty.status_code == 200 and empty.json() == [] and empty.headers["x-epochs"] == "0"
+    assert "no exposure covers" in empty.headers["x-note"]
+    root, out = str(survey["root"]), str(tmp_path / "lc.parquet")
+    assert cli(["lightcurve", root, "--ra", "10", "--dec", "95", "-o", out]) == 2
+    assert "--dec 95 is not a sky position" in capsys.readouterr().err
+    assert cli(["lightcurve", root, "--ra", str(position["ra"]), "--dec", str(position["dec"]), "--mjd-min", "61001", "--mjd-max", "61000",
+                "-o", out]) == 2
+    assert "--mjd-min 61001 is after --mjd-max 61000" in capsys.readouterr().err
+    assert cli(["lightcurve", root, "--ra", str(position["ra"]), "--dec", str(position["dec"]), "--band", "z", "-o", out,
+                "--index", str(tmp_path / "index.sqlite"), "--backend", "numpy"]) == 0
+    assert "no exposure covers these objects" in capsys.readouterr().err

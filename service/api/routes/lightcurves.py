@@ -63,9 +63,13 @@ async def lightcurves(request: Request, runtime: Runtime, fmt: OutputFormat, cal
     content = await run_in_threadpool(encode_catalog, result.table, {"lightcurves": result.provenance, "errors": result.errors}, fmt)
     timings = {"plan": plan_seconds, **result.timings, "encode": time.perf_counter() - started}
     runtime.metrics.objects.inc(result.table.num_rows)
-    return Response(content, media_type=FORMATS[fmt], headers={
-        "X-Epochs": str(len(task.epochs)), "X-Pairs": str(pairs), "X-Measurements": str(result.table.num_rows),
-        "X-Epochs-Failed": str(len(result.errors)),
-        "Server-Timing": ", ".join(f"{name};dur={seconds * 1e3:.2f}" for name, seconds in timings.items()),
-    })
+    headers = {"X-Epochs": str(len(task.epochs)), "X-Pairs": str(pairs), "X-Measurements": str(result.table.num_rows),
+               "X-Epochs-Failed": str(len(result.errors)),
+               "Server-Timing": ", ".join(f"{name};dur={seconds * 1e3:.2f}" for name, seconds in timings.items())}
+    if not task.epochs:
+        headers["X-Note"] = NOTHING_COVERS
+    return Response(content, media_type=FORMATS[fmt], headers=headers)
+
+
+NOTHING_COVERS = "no exposure covers these objects (in this time range and these bands): the table is empty"
 
