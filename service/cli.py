@@ -127,11 +127,13 @@ def _open_index(args: argparse.Namespace):
     from forcedphot.serving.index import ExposureIndex, RefreshReport
 
     if getattr(args, "butler", None):
-        from forcedphot.serving.butler import ButlerSource
+        from forcedphot.api.settings import default_data_dir
+        from forcedphot.serving.butler import DEFAULT_REMOTE_CACHE_BYTES, ButlerSource, RemoteFiles
 
         if not args.collections:
             raise ValueError("--butler needs --collections (comma-separated)")
-        return ButlerSource(args.butler, args.collections, args.science_type, args.difference_type), RefreshReport()
+        remote = RemoteFiles(default_data_dir() / "remote-files", DEFAULT_REMOTE_CACHE_BYTES)  # object storage files are copied here
+        return ButlerSource(args.butler, args.collections, args.science_type, args.difference_type, remote=remote), RefreshReport()
     if args.repository is None:
         raise ValueError("give the REPOSITORY folder, or --butler REPO --collections C")
     if not Path(args.repository).is_dir():

@@ -115,11 +115,12 @@ class ServiceRuntime:
     def _open_butler(self, repository: str, collections: list[str], table_roots: list[Path] | None = None) -> None:
         """The Butler repository serves the references and the coverage (its registry is the
         index); one that cannot be opened is reported by /readyz."""
-        from forcedphot.serving.butler import ButlerSource, ButlerUnavailable
+        from forcedphot.serving.butler import ButlerSource, ButlerUnavailable, RemoteFiles
 
         s = self.settings
         try:
-            source = ButlerSource(repository, collections, s.butler_science_type, s.butler_difference_type, table_roots=table_roots)
+            source = ButlerSource(repository, collections, s.butler_science_type, s.butler_difference_type, table_roots=table_roots,
+                                  remote=RemoteFiles(s.data_dir / "remote-files", s.remote_cache_bytes))
         except ButlerUnavailable as exc:
             self._startup_error = str(exc)
             log.error("%s", exc)

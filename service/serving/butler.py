@@ -17,13 +17,17 @@ its band, in one query per request (:meth:`ButlerSource.covering_many`).
 
 from __future__ import annotations
 
+import hashlib
+import os
 from pathlib import Path
 import threading
 import time
 from typing import Any
+import uuid
 
 from lsst.daf.butler import Butler
 from lsst.daf.butler.registry import MissingCollectionError, MissingDatasetTypeError
+from lsst.resources import ResourcePath
 import lsst.sphgeom as sphgeom
 import numpy as np
 
@@ -35,6 +39,7 @@ from forcedphot.serving.repository import (DEFAULT_PATH_TEMPLATE, BadReference, 
 #: dataset added or removed in the collections is seen after at most this long
 RESOLVED_SECONDS = 30.0
 RESOLVED_ENTRIES = 4096
+DEFAULT_REMOTE_CACHE_BYTES = 8 * 2**30  # local copies of files in object storage
 DEFAULT_SCIENCE_TYPE = "visit_image"
 DEFAULT_DIFFERENCE_TYPE = "difference_image"
 
@@ -67,10 +72,14 @@ class ButlerSource:
     table_roots : list[Path]
         Folders whose files ``{"uri": ...}`` references may name (object tables, PSF files);
         none: such references are refused.
+    remote : RemoteFiles, optional
+        Where files in object storage are copied to be read; none: they are refused (503).
     """
 
     def __init__(self, repository: str, collections: list[str], science_type: str = DEFAULT_SCIENCE_TYPE,
-                 difference_type: str = DEFAULT_DIFFERENCE_TYPE, table_roots: list[Path] | None = None):
+                 difference_type: str = DEFAULT_DIFFERENCE_TYPE, table_roots: list[Path] | None = None,
+                 remote: RemoteFiles | None = None):
+        self.remote = remote
         self.roots = [Path(root) for root in table_roots or []]
         self._files = Repository(self.roots, DEFAULT_PATH_TEMPLATE) if self.roots else None
         self.collections = list(collections)
@@ -134,7 +143,7 @@ class ButlerSource:
             raise UnknownReference(f"{describe(ref)}: {exc}") from None
         if found is None:
             raise UnknownReference(f"no {dataset_type} for {describe(ref)} in the collections {', '.join(self.collections)}")
-        return _local_path(uri, describe(ref))
+        return _local_path(uri, describe(ref), self.remote)
 
     # --- coverage (the exposure index's interface) -------------------------------------
 
@@ -221,8 +230,8 @@ class ButlerSource:
         return IndexedExposure(
             visit=int(data_id["visit"]), detector=int(data_id["detector"]), band=_band(data_id), midpoint_mjd_tai=midpoint,
             exposure_time=visit.exposure_time, ra=centre.getLon().asDegrees(), dec=centre.getLat().asDegrees(), footprint=footprint,
-            psf_fwhm_px=None, calibration=None, science_path=str(_local_path(science_uri, label)),
-            difference_path=str(_local_path(difference_uri, label)) if difference_uri is not None else None)
+            psf_fwhm_px=None, calibration=None, science_path=str(_local_path(science_uri, label, self.remote)),
+            difference_path=str(_local_path(difference_uri, label, self.remote)) if difference_uri is not None else None)
 
 
 def _band(data_id: Any) -> str | None:
@@ -240,8 +249,52 @@ def _separation_deg(a: sphgeom.UnitVector3d, b: sphgeom.UnitVector3d) -> float:
     return sphgeom.NormalizedAngle(a, b).asDegrees()
 
 
-def _local_path(uri: Any, label: str) -> Path:
-    """The local file behind a datastore URI; others (s3://, ...) are not read here yet."""
-    if uri.scheme not in ("file", ""):
-        raise ButlerUnavailable(f"{label}: the file is in {uri.scheme}:// storage, which this server does not read yet")
-    return Path(uri.ospath)
+class RemoteFiles:
+    """Local copies of datastore files kept in object storage (``s3://``, ``gs://``,
+    ``https://``: whatever ``lsst-resources`` reads). A file is fetched whole, once, into
+    ``folder`` (a temporary name renamed into place), then read from disk like any other;
+    the least recently used copies are removed beyond ``max_bytes``.
+    """
+
+    def __init__(self, folder: Path, max_bytes: int):
+        self.folder, self.max_bytes = Path(folder), int(max_bytes)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+
+    def local(self, uri: Any) -> Path:
+        """The local copy of ``uri`` (fetched now if it is not here)."""
+        path = self.folder / f"{hashlib.sha256(str(uri).encode()).hexdigest()[:32]}{uri.getExtension() or '.fits'}"
+        if path.is_file():
+            os.utime(path)  # recently used
+            return path
+        partial = path.with_name(f".{path.name}.{uuid.uuid4().hex}.partial")
+        try:
+            ResourcePath(partial).transfer_from(uri, transfer="copy")
+            os.replace(partial, path)
+        finally:
+            partial.unlink(missing_ok=True)
+        self._evict(keep=path)
+        return path
+
+    def _evict(self, keep: Path) -> None:
+        with self._lock:
+            copies = sorted((p for p in self.folder.iterdir() if p.is_file() and not p.name.startswith(".")), key=lambda p: p.stat().st_mtime)
+            total = sum(p.stat().st_size for p in copies)
+            for copy in copies:
+                if total <= self.max_bytes:
+                    break
+                if copy != keep:
+                    total -= copy.stat().st_size
+                    copy.unlink(missing_ok=True)
+
+
+def _local_path(uri: Any, label: str, remote: RemoteFiles | None) -> Path:
+    """The local file behind a datastore URI: the file itself, or a local copy of a remote one."""
+    if uri.scheme in ("file", ""):
+        return Path(uri.ospath)
+    if remote is None:
+        raise ButlerUnavailable(f"{label}: the file is in {uri.scheme}:// storage and this server keeps no local copies")
+    try:
+        return remote.local(uri)
+    except Exception as exc:  # lsst-resources raises per scheme: botocore errors, OSError, FileNotFoundError ...
+        raise ButlerUnavailable(f"{label}: the file cannot be fetched from {uri.scheme}:// storage ({type(exc).__name__})") from None

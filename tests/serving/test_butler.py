@@ -4,6 +4,7 @@ names no template could guess, datastore records naming obs_base's formatter (ne
 imported), regions and timespans from the registry; named errors for what is not there."""
 
 import io
+from pathlib import Path
 
 from butler_helpers import INSTRUMENT, RUN, make_butler_repository
 from fastapi.testclient import TestClient
@@ -170,3 +171,73 @@ def test_a_resolved_data_id_is_reused_until_it_expires_or_its_file_goes(butler_r
     fresh.resolve(ref())
     fresh.resolve(ref())
     assert len(calls) == 3  # expired at once: asked again each time
+
+
+@pytest.fixture()
+def s3(monkeypatch):
+    """A local S3 server (moto's, on 127.0.0.1) with one bucket; lsst-resources and boto3 pointed at it."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+    from server_helpers import free_port
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    for name, value in (("S3_ENDPOINT_URL", endpoint), ("AWS_ACCESS_KEY_ID", "test"), ("AWS_SECRET_ACCESS_KEY", "test"),
+                        ("AWS_DEFAULT_REGION", "us-east-1")):
+        monkeypatch.setenv(name, value)
+    client = boto3.client("s3", endpoint_url=endpoint)
+    client.create_bucket(Bucket="survey")
+    yield client
+    server.stop()
+
+
+def test_files_in_s3_are_fetched_once_and_measured(s3, repo, tmp_path):
+    """A datastore whose files are at s3:// URIs (moved there after ingest, as a cloud
+    deployment keeps them): each file is fetched once into the local copies and read from
+    there; the answer equals the engine's on the original files."""
+    import sqlite3
+
+    from forcedphot.serving.butler import RemoteFiles
+
+    root = make_butler_repository(tmp_path / "butler", [(VISIT, DETECTOR, repo["calexp"], repo["difference"])])
+    with sqlite3.connect(root / "gen3.sqlite3") as db:
+        for dataset_id, path in db.execute("SELECT dataset_id, path FROM file_datastore_records").fetchall():
+            local = Path(path.removeprefix("file://"))
+            s3.upload_file(str(local), "survey", f"visits/{local.name}")
+            db.execute("UPDATE file_datastore_records SET path = ? WHERE dataset_id = ?", (f"s3://survey/visits/{local.name}", dataset_id))
+            local.unlink()  # only the copy in the bucket is left
+    source = ButlerSource(str(root), COLLECTIONS, remote=RemoteFiles(tmp_path / "copies", 10**9))
+    science = source.resolve(ref())
+    assert science.parent == tmp_path / "copies" and science.read_bytes() == repo["calexp"].read_bytes()
+    settings = settings_for(None, tmp_path / "data", butler_repository=str(root), butler_collections=COLLECTIONS)
+    with TestClient(create_app(settings), headers=AUTH) as c:
+        body = {"exposure": {"datasetType": "visit_image", "visit": VISIT, "detector": DETECTOR},
+                "difference": {"datasetType": "difference_image", "visit": VISIT, "detector": DETECTOR},
+                "objects": [{"diaObjectId": int(i), "ra": float(r), "dec": float(d)} for i, r, d in repo["objects"][["diaObjectId", "ra", "dec"]].to_numpy()],
+                "psf_fwhm": FWHM}
+        answer = c.post("/v1/forced-photometry", json=body)
+    assert answer.status_code == 200, answer.text
+    assert_same_catalog(pd.read_parquet(io.BytesIO(answer.content)), engine_catalog(repo["calexp"], repo["objects"], repo["difference"]))
+    assert len(list((tmp_path / "data" / "remote-files").iterdir())) == 2  # the service keeps its copies in its data directory
+    for listed in s3.list_objects_v2(Bucket="survey")["Contents"]:  # gone from the bucket: the local copy serves
+        s3.delete_object(Bucket="survey", Key=listed["Key"])
+    source._resolved.clear()
+    assert source.resolve(ref()) == science
+
+
+def test_remote_copies_are_bounded(tmp_path):
+    from lsst.resources import ResourcePath
+
+    from forcedphot.serving.butler import RemoteFiles
+
+    sources = []
+    for i in range(3):
+        path = tmp_path / f"f{i}.fits"
+        path.write_bytes(bytes(1000))
+        sources.append(ResourcePath(f"file://{path}"))
+    copies = RemoteFiles(tmp_path / "copies", 2500)
+    for uri in sources:
+        copies.local(uri)
+    assert len(list((tmp_path / "copies").iterdir())) == 2  # the oldest went
