@@ -85,14 +85,12 @@ def aperture_name(radius: float) -> str:
     return f"apFlux_{text}"
 
 
-def _in_njy(inst_flux: np.ndarray, inst_flux_err: np.ndarray, calibration: np.ndarray,
-           calibration_err: float) -> tuple[np.ndarray, np.ndarray]:
+def _in_njy(inst_flux: np.ndarray, inst_flux_err: np.ndarray, calibration: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Instrumental fluxes and errors (counts) in nJy (float64), as afw's
-    ``PhotoCalib.instFluxToNanojansky``: flux = instFlux c, error = |flux|
-    hypot(instFluxErr / instFlux, c_err / c), written hypot(instFluxErr c, instFlux c_err)
-    so that it stays finite at instFlux = 0. ``calibration`` is per row (nJy per count)."""
-    flux = inst_flux * calibration
-    return flux, np.hypot(inst_flux_err * calibration, inst_flux * calibration_err)
+    ``PhotoCalib.instFluxToNanojansky`` since afw 29 (March 2025): flux = instFlux c,
+    error = instFluxErr c, with ``c`` the calibration at the row (nJy per count). The
+    calibration's own error is not added (it stays in ``localPhotoCalibErr``)."""
+    return inst_flux * calibration, inst_flux_err * calibration
 
 
 def _njy_columns(flux: np.ndarray, error: np.ndarray, calibration: np.ndarray) -> tuple[np.ndarray | pa.Array, np.ndarray | pa.Array]:
@@ -164,12 +162,12 @@ def build_catalog(
         "visit": pa.nulls(n, pa.int64()) if primary.visit is None else np.full(n, primary.visit, np.int64),
         "detector": pa.nulls(n, pa.int16()) if primary.detector is None else np.full(n, primary.detector, np.int16),
     }
-    psf_njy = _in_njy(psf.inst_flux, psf.inst_flux_err, calib, calib_err)
+    psf_njy = _in_njy(psf.inst_flux, psf.inst_flux_err, calib)
     columns["psfFlux"], columns["psfFluxErr"] = _njy_columns(*psf_njy, calib)
     if science is not None and science_psf is not None:  # a difference image shares its science image's pixel grid
         science_calib = science.local_calibration(x_parent, y_parent)
         columns["scienceFlux"], columns["scienceFluxErr"] = _njy_columns(*_in_njy(
-            science_psf.inst_flux, science_psf.inst_flux_err, science_calib, science.calibration_err), science_calib)
+            science_psf.inst_flux, science_psf.inst_flux_err, science_calib), science_calib)
         columns["scienceFlux_flag"] = science_psf.flag | off
     else:
         columns["scienceFlux"] = np.full(n, np.nan, dtype=np.float32)
@@ -195,7 +193,7 @@ def build_catalog(
         stem = aperture_name(radius)
         value, error = apertures.flux[:, k], apertures.flux_err[:, k]
         truncated = apertures.truncated[:, k] | off
-        columns[stem], columns[stem.replace("apFlux_", "apFluxErr_")] = _njy_columns(*_in_njy(value, error, calib, calib_err), calib)
+        columns[stem], columns[stem.replace("apFlux_", "apFluxErr_")] = _njy_columns(*_in_njy(value, error, calib), calib)
         columns[f"{stem}_instFlux"] = value.astype(np.float32)
         columns[f"{stem}_instFluxErr"] = error.astype(np.float32)
         columns[f"{stem}_flag"] = truncated | ~np.isfinite(value)
