@@ -60,8 +60,6 @@ UNITS: dict[str, str] = {
     "scienceFlux": NJY,
     "scienceFluxErr": NJY,
     "midpointMjdTai": "d",
-    "timeProcessedMjdTai": "d",
-    "timeWithdrawnMjdTai": "d",
     "psfFlux_instFlux": "count",
     "psfFlux_instFluxErr": "count",
     "psfFlux_area": "pixel",
@@ -177,7 +175,7 @@ def build_catalog(
         midpointMjdTai=np.full(n, np.nan if primary.midpoint_mjd_tai is None else primary.midpoint_mjd_tai),
         band=pa.array([primary.band] * n, pa.string()),
         timeProcessedMjdTai=np.full(n, _now_mjd_tai()),
-        timeWithdrawnMjdTai=np.full(n, np.nan),
+        timeWithdrawnMjdTai=pa.nulls(n, pa.float64()),  # not withdrawn (the APDB's null)
         x=np.asarray(x_parent, dtype=np.float64),
         y=np.asarray(y_parent, dtype=np.float64),
         psfFlux_instFlux=psf.inst_flux,
