@@ -21,6 +21,7 @@ import pyarrow as pa
 from forcedphot.kernels.cutouts import Cutouts
 from forcedphot.photometry.backend import Backend, select_backend
 from forcedphot.photometry.catalog import build_catalog
+from forcedphot.photometry.objects import validate_objects
 from forcedphot.photometry.config import MeasurementConfig
 from forcedphot.photometry.cutouts import (
     BYTES_PER_BAND_PIXEL,
@@ -157,6 +158,8 @@ def measure(
     """
     config = config or MeasurementConfig()
     backend = backend or select_backend(config.backend)
+    if "coord_valid" not in objects.columns:  # a table made in memory: validated as a file's would be
+        objects = validate_objects(objects)
     primary = difference if difference is not None else science
     timings: dict[str, float] = {}
 

@@ -11,9 +11,11 @@ import io
 import json
 from pathlib import Path
 import re
+from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from forcedphot.photometry.formats import OUTPUT_ONLY, table_format
@@ -35,16 +37,21 @@ def _format_examples(values) -> str:
     return shown + (f" ... ({len(values)} in all)" if len(values) > _SHOWN else "")
 
 
-def read_objects(source: str | Path | bytes, *, media_type: str | None = None, name: str = "objects",
+def read_objects(source: str | Path | bytes | pd.DataFrame | Any, *, media_type: str | None = None, name: str = "objects",
                  limits: TableLimits | None = None) -> pd.DataFrame:
-    """Read a DiaObject table from a file path or from bytes, then validate it.
+    """Read a DiaObject table from a file path, from bytes, or from a table in memory (a
+    pandas DataFrame, an astropy Table or a pyarrow Table), then validate it.
 
-    ``media_type`` (or the file suffix) picks the format: parquet, CSV or JSON (records).
+    ``media_type`` (or the file suffix) picks the format of a file or bytes: parquet, CSV or JSON (records).
+    A table in memory is validated exactly as a file's would be.
     ``name`` is how errors refer to the table (a file name, or "request body").
     ``limits`` (a service's, for tables from clients) are checked from the bytes before
     anything is decoded (:class:`~forcedphot.photometry.table_limits.TableTooLarge`), and
     then only the columns the engine uses are decoded from parquet.
     """
+    in_memory = _in_memory_frame(source)
+    if in_memory is not None:
+        return validate_objects(in_memory, name=name)
     if isinstance(source, (str, Path)):
         path = Path(source)
         name = str(path)
@@ -71,6 +78,17 @@ def read_objects(source: str | Path | bytes, *, media_type: str | None = None, n
     except Exception as exc:  # every reader has its own exception zoo
         raise InputError(f"{name}: cannot read as {kind}: {exc}") from None
     return validate_objects(frame, name=name)
+
+
+def _in_memory_frame(source: Any) -> pd.DataFrame | None:
+    """A DataFrame of a table held in memory (pandas, astropy, pyarrow), else None."""
+    if isinstance(source, pd.DataFrame):
+        return source
+    if isinstance(source, pa.Table):
+        return source.to_pandas()
+    if type(source).__module__.startswith("astropy.table"):
+        return source.to_pandas()
+    return None
 
 
 def _present(buffer: io.BytesIO) -> list[str]:

@@ -8,20 +8,21 @@ from forcedphot.photometry.psf_models import PSF_FWHM_KEYWORD, PsfError, PsfMode
 __all__ = ["choose_psf", "choose_psfs"]
 
 
-def choose_psf(exposure, source: str, *, path: str | None = None, path_name: str | None = None, fwhm_pixels: float | None = None,
+def choose_psf(exposure, source: str | None = None, *, path: str | None = None, path_name: str | None = None, fwhm_pixels: float | None = None,
                fwhm_name: str = "psf_fwhm", how: str = "send psf_fwhm (pixels)", allow_pickled: bool = True) -> PsfModel:
     """The PSF to measure ``exposure`` with: the file ``path``, else a Gaussian of
     ``fwhm_pixels``, else the PSF in the exposure's afw archive (see
     :mod:`~forcedphot.photometry.archive_psfs`), else the Gaussian its header declares
     (``PSF_FWHM``).
 
-    ``source`` names the exposure, ``path_name`` the PSF file (default its path; a service
+    ``source`` names the exposure (default its ``name``), ``path_name`` the PSF file (default its path; a service
     passes the form field or reference, so no server path reaches a client) and
     ``fwhm_name`` the caller's FWHM option in errors; ``how`` tells the caller how to pass
     a PSF when none is found. ``allow_pickled`` False refuses an archive PSF stored as a
     pickle (``PiffPsf``): a service passes False for uploads. The model's ``origin`` says in
     words where it came from.
     """
+    source = source or exposure.name
     if path is not None:
         name = path_name or str(path)
         try:
