@@ -88,7 +88,7 @@ def _measure(args: argparse.Namespace) -> int:
     write_catalog(result.table, result.provenance, args.output)
     elapsed = time.perf_counter() - start
     print(
-        f"{result.n_input} objects in, {result.n_on_detector} on the detector, {result.n_off_detector} off, "
+        f"{plural(result.n_input, 'object')} in, {result.n_on_detector} on the detector, {result.n_off_detector} off, "
         f"{result.n_invalid_coords} with invalid coordinates, {result.n_flagged} {FLAGGED}; "
         f"{result.table.num_rows} rows -> {args.output} in {elapsed:.2f} s ({result.backend})"
     )
@@ -115,6 +115,11 @@ def _demo(args: argparse.Namespace) -> int:
         what = "demo visit"
     print(f"{what} written to {args.directory} in {time.perf_counter() - start:.1f} s: {written}")
     return 0
+
+
+def plural(count: int, noun: str) -> str:
+    """``1 object``, ``2 objects``."""
+    return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
 def _index_path(args: argparse.Namespace) -> Path:
@@ -194,8 +199,9 @@ def _lightcurve(args: argparse.Namespace) -> int:
 
         plot_lightcurves(to_pandas(result.table), args.plot)
     n_objects = len(set(result.table.column("diaObjectId").to_pylist()))
-    print(f"{len(objects)} objects, {len(task.epochs)} covering exposures ({index.count()} indexed; {report.added + report.updated} "
-          f"read now); {result.table.num_rows} measurements of {n_objects} objects -> {args.output} in "
+    print(f"{plural(len(objects), 'object')}, {plural(len(task.epochs), 'covering exposure')} ({index.count()} indexed; "
+          f"{report.added + report.updated} read now); {plural(result.table.num_rows, 'measurement')} of {plural(n_objects, 'object')} -> "
+          f"{args.output} in "
           f"{time.perf_counter() - start:.2f} s" + (f"; plot -> {args.plot}" if args.plot else ""))
     for error in result.errors:
         print(f"  not measured: {error['exposure']}: {error['detail']}", file=sys.stderr)
@@ -206,7 +212,7 @@ def _campaign(args: argparse.Namespace) -> int:
     from forcedphot.serving.campaign import run_campaign
 
     objects, index, report, task = _plan(args)
-    print(f"{len(objects)} objects on {len(task.epochs)} covering exposures ({index.count()} indexed; {report.added + report.updated} "
+    print(f"{plural(len(objects), 'object')} on {plural(len(task.epochs), 'covering exposure')} ({index.count()} indexed; {report.added + report.updated} "
           f"read now)")
 
     def progress(done: int, total: int) -> None:

@@ -231,3 +231,10 @@ def test_extra_columns_on_request_only(files):
     table = pq.read_table(out).to_pandas()
     positive = table["psfFlux"] > 0
     np.testing.assert_allclose(table.loc[positive, "psfMag"], 31.4 - 2.5 * np.log10(table.loc[positive, "psfFlux"]), rtol=1e-5)
+
+
+def test_counts_agree_with_their_nouns():
+    """Issue 23, item 12: "1 objects" no more."""
+    from forcedphot.cli import plural
+
+    assert (plural(1, "object"), plural(0, "object"), plural(2, "covering exposure")) == ("1 object", "0 objects", "2 covering exposures")

@@ -32,7 +32,8 @@ CLIENT_CLOSED_REQUEST = 499  # nginx's code for a request its client abandoned
 DESCRIPTION = """Forced photometry of DiaObjects on LSST-style exposures.
 
 Send one exposure (a repository reference or an uploaded FITS file) and a DiaObject
-table; get the DiaForcedSource catalog as parquet (default), JSON or CSV by `Accept`.
+table; get the DiaForcedSource catalog by `Accept`: parquet (default), CSV (with an ECSV
+header), JSON, ECSV, FITS or VOTable.
 Larger work goes to batch jobs. Errors are RFC 9457 problem+json."""
 
 

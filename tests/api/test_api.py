@@ -380,3 +380,9 @@ def test_demo_mode_serves_the_embedded_repository_without_keys(tmp_path):
     assert int(response.headers["x-objects-measured"]) == len(truth) > 0
     catalog = read_parquet(response.content)
     assert set(catalog["diaObjectId"]) == set(truth["diaObjectId"])
+
+
+def test_the_docs_name_every_output_format(client):
+    """Issue 23, item 12: /docs listed three of the six formats."""
+    description = client.get("/openapi.json").json()["info"]["description"]
+    assert all(name in description for name in ("parquet", "CSV", "JSON", "ECSV", "FITS", "VOTable"))
