@@ -149,7 +149,8 @@ def _open_index(args: argparse.Namespace):
 
 def _index(args: argparse.Namespace) -> int:
     index, report = _open_index(args)
-    print(f"{_index_path(args)}: {index.count()} exposures; {report}")
+    where = f"the Butler registry at {args.butler} (its regions are the index)" if args.butler else _index_path(args)
+    print(f"{where}: {plural(index.count(), 'exposure')}; {report}")
     return 0
 
 
@@ -309,7 +310,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(run=_demo)
 
     i = command("index", "index a repository's exposures (sky footprints, times, bands) for light curves", "forcedphot index survey")
-    _repository_arguments(i)
+    _repository_arguments(i, optional=True)
+    _butler_arguments(i)
     i.set_defaults(run=_index)
 
     c = command("lightcurve", "measure objects on every indexed exposure that covers them",

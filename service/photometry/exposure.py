@@ -26,7 +26,7 @@ Calibration (nJy per image unit), first found wins: the archive's ``PhotoCalib``
 (calibrationMean, calibrationErr, constant or a ChebyshevBoundedField over the detector,
 see :mod:`forcedphot.photometry.photocalib`) > ``BUNIT = 'nJy'`` (1.0) > ``FLUXMAG0`` (> 0;
 3630.78e9 / FLUXMAG0, error 3630.78e9 * FLUXMAG0ERR / FLUXMAG0**2 as afw) > a zero-point
-keyword ``MAGZERO``, ``MAGZPT``, ``ZEROPT``, ``ZP``, ``MAGZP`` (10**((31.4 - ZP)/2.5),
+keyword ``MAGZERO``, ``MAGZPT``, ``ZEROPT``, ``ZP``, ``MAGZP``, ``PHOTZP`` (10**((31.4 - ZP)/2.5),
 error 0) > none (NaN, NaN).
 
 Visit information (primary header merged with the image header, image keys winning):
@@ -103,7 +103,7 @@ DEFAULT_LIMITS = ExposureLimits()
 _VARIANCE_NAMES = ("VARIANCE", "VAR")
 _WEIGHT_NAMES = ("WEIGHT", "WHT", "WGT", "IVAR", "INVVAR")
 _MASK_NAMES = ("MASK", "MSK", "BPM", "DQ")
-_ZERO_POINT_KEYS = ("MAGZERO", "MAGZPT", "ZEROPT", "ZP", "MAGZP")
+_ZERO_POINT_KEYS = ("MAGZERO", "MAGZPT", "ZEROPT", "ZP", "MAGZP", "PHOTZP")
 _VISIT_KEYS = ("LSST BUTLER DATAID VISIT", "IDNUM", "VISIT", "EXPID", "EXPNUM")
 _DETECTOR_KEYS = ("LSST BUTLER DATAID DETECTOR", "DETECTOR", "CCDNUM")
 _BAND_KEYS = ("LSST BUTLER DATAID BAND", "BAND")

@@ -347,6 +347,7 @@ AB_ZERO_NJY = 3630.78e9  # the spec's reference flux, nJy
         ({"ZEROPT": 26.5}, (26.5 * u.ABmag).to_value(u.nJy), 0.0, "keyword:ZEROPT"),
         ({"ZP": 28.0}, (28.0 * u.ABmag).to_value(u.nJy), 0.0, "keyword:ZP"),
         ({"MAGZP": 30.0}, (30.0 * u.ABmag).to_value(u.nJy), 0.0, "keyword:MAGZP"),
+        ({"PHOTZP": 29.5}, (29.5 * u.ABmag).to_value(u.nJy), 0.0, "keyword:PHOTZP"),  # the ESO / VST keyword
         ({"FLUXMAG0": 0.0, "ZP": 28.0}, (28.0 * u.ABmag).to_value(u.nJy), 0.0, "keyword:ZP"),
     ],
 )

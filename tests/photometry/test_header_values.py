@@ -22,8 +22,8 @@ pytestmark = pytest.mark.filterwarnings("ignore::astropy.io.fits.verify.VerifyWa
 
 IMAGE_KEYS = ("LTV1", "LTV2", "CRVAL1A", "CRVAL2A", "CRPIX1A", "CRPIX2A", "MJD-AVG", "MJD-OBS", "DATE-AVG", "DATE-OBS", "TIME-MID",
               "EXPTIME", "TIMESYS", "VISIT", "IDNUM", "EXPID", "EXPNUM", "DETECTOR", "CCDNUM", "BAND", "FILTER", "FLUXMAG0",
-              "FLUXMAG0ERR", "MAGZERO", "MAGZPT", "ZEROPT", "ZP", "MAGZP", "BUNIT", "PSF_FWHM", "AR_HDU", "NAXIS", "NAXIS1", "BITPIX")
-ZERO_POINT_KEYS = ("MAGZERO", "MAGZPT", "ZEROPT", "ZP", "MAGZP")
+              "FLUXMAG0ERR", "MAGZERO", "MAGZPT", "ZEROPT", "ZP", "MAGZP", "PHOTZP", "BUNIT", "PSF_FWHM", "AR_HDU", "NAXIS", "NAXIS1", "BITPIX")
+ZERO_POINT_KEYS = ("MAGZERO", "MAGZPT", "ZEROPT", "ZP", "MAGZP", "PHOTZP")
 MASK_KEYS = ("MP_BAD", "MP_SAT", "BITPIX", "NAXIS2")
 SIDE = 32
 

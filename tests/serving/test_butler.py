@@ -241,3 +241,8 @@ def test_remote_copies_are_bounded(tmp_path):
     for uri in sources:
         copies.local(uri)
     assert len(list((tmp_path / "copies").iterdir())) == 2  # the oldest went
+
+
+def test_the_index_command_counts_a_butlers_exposures(butler_root, capsys):
+    assert cli_main(["index", "--butler", str(butler_root), "--collections", ",".join(COLLECTIONS)]) == 0
+    assert "2 exposures" in capsys.readouterr().out
