@@ -238,3 +238,20 @@ def test_counts_agree_with_their_nouns():
     from forcedphot.cli import plural
 
     assert (plural(1, "object"), plural(0, "object"), plural(2, "covering exposure")) == ("1 object", "0 objects", "2 covering exposures")
+
+
+def test_serve_on_a_busy_port_says_so_in_one_line_before_preparing_anything(tmp_path, monkeypatch, capsys):
+    """Issue 23, item 10: the bind error came last, after "serving on ...", the demo and 15 INFO lines."""
+    import socket
+    import time
+
+    monkeypatch.setenv("FORCEDPHOT_DATA_DIR", str(tmp_path))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        start = time.perf_counter()
+        assert main(["serve", "--port", str(port)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and f"cannot listen on 127.0.0.1:{port}" in err and "in use" in err, err
+    assert time.perf_counter() - start < 5 and not (tmp_path / "demo-repository").exists()

@@ -130,6 +130,18 @@ def app_from_environment():
     return create_app(settings)
 
 
+def _check_port(host: str, port: int) -> None:
+    """SettingsError, in one line, when ``host:port`` cannot be listened on (in use, not
+    an address of this machine, a privileged port): said before anything is prepared."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: a port in TIME_WAIT is free
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise SettingsError(f"cannot listen on {host}:{port}: {exc.strerror or exc} (is another server running? choose --port)") from None
+
+
 def run_server(*, host: str = "127.0.0.1", port: int = 8000, repository: str | None = None, workers: int = 1,
                butler: str | None = None, collections: str | None = None) -> int:
     """Serve until interrupted; returns uvicorn's exit code. ``repository`` (a folder) or
@@ -148,6 +160,7 @@ def run_server(*, host: str = "127.0.0.1", port: int = 8000, repository: str | N
     select_backend(settings.backend)
     if repository is not None and not os.path.isdir(repository):
         raise SettingsError(f"repository {repository} is not a directory")
+    _check_port(host, port)
     if settings.demo_mode:
         where = f"the embedded demo repository in {settings.demo_repository}"
     elif settings.butler_repository:
