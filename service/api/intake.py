@@ -22,7 +22,7 @@ from forcedphot.api.schemas import MeasureOptions, MeasureRequest, Position
 from forcedphot.photometry.config import MeasurementConfig
 from forcedphot.photometry.formats import DEFAULT_FORMAT, FORMATS, table_format
 from forcedphot.photometry.objects import InputError, read_objects, records_frame, validate_objects
-from forcedphot.photometry.table_limits import TableLimits, TableTooLarge
+from forcedphot.photometry.table_limits import TableLimits, TableTooLarge, check_size
 from forcedphot.serving.executor import ExposureInput, MeasureTask
 from forcedphot.serving.repository import ExposureRef, Repository, UriRef, describe
 
@@ -70,11 +70,6 @@ class Intake:
             raise Problem(413, "too-many-objects", f"{name}: {n} DiaObjects, more than the {self.max_objects} allowed per request; "
                                                    "split the table or submit a job")
 
-    def _check_table_size(self, size: int, name: str) -> None:
-        """Refuse a table larger than the limit before reading it into memory."""
-        if size > self.table_limits.max_bytes:
-            raise TableTooLarge(f"{name}: {size} bytes, more than the {self.table_limits.max_bytes} allowed for an object table")
-
     def objects_from_records(self, records: list[dict[str, Any]]) -> pd.DataFrame:
         """Inline JSON records -> validated objects."""
         name = "objects"
@@ -100,7 +95,7 @@ class Intake:
         fmt = table_format(path.suffix) if path.suffix else None
         if fmt is None:
             raise Problem(415, "unsupported-media-type", f"{ref.uri}: object tables must be .parquet, .csv or .json files")
-        self._check_table_size(path.stat().st_size, ref.uri)
+        check_size(path.stat().st_size, self.table_limits, ref.uri)
         frame = _caller_table_problem(ref.uri, lambda: read_objects(path.read_bytes(), media_type=fmt, name=ref.uri, limits=self.table_limits))
         self._check_count(len(frame), ref.uri)
         return frame
@@ -212,7 +207,7 @@ class Intake:
             raise Problem(422, "invalid-request", "form field 'objects' must be a file part holding a parquet, CSV or JSON table")
         name = f"objects part {upload.filename or ''}".strip()
         fmt = _table_format(upload)
-        self._check_table_size(upload.file.seek(0, 2), name)
+        check_size(upload.file.seek(0, 2), self.table_limits, name)
         upload.file.seek(0)
         return self.objects_from_bytes(upload.file.read(), fmt, name)
 

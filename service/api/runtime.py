@@ -23,7 +23,6 @@ from forcedphot.api.metrics import ServiceMetrics, device_memory_reader
 from forcedphot.api.problems import Problem
 from forcedphot.api.schemas import JobRequest, LightCurveRequest
 from forcedphot.api.settings import Settings
-from forcedphot.demo.butler import RUN as DEMO_RUN
 from forcedphot.demo.repository import BUTLER as DEMO_BUTLER
 from forcedphot.demo.repository import DemoVisitId, ensure_demo_repository
 from forcedphot.photometry.backend import select_backend
@@ -186,6 +185,8 @@ class ServiceRuntime:
         s = self.settings
         try:
             log.info("preparing the demo repository in %s", s.demo_repository)
+            from forcedphot.demo.butler import RUN as DEMO_RUN  # loads the Butler: only the demo needs it at start
+
             self.demo_visits = ensure_demo_repository(s.demo_repository, visits=s.demo_visits, size=s.demo_size, objects=s.demo_objects)
             self._open_butler(str(s.demo_repository / DEMO_BUTLER), [DEMO_RUN], table_roots=[s.demo_repository])
             log.info("demo repository ready: %d visits from %d, served through its Butler repository", len(self.demo_visits),

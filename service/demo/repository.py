@@ -22,7 +22,6 @@ import json
 from pathlib import Path
 import shutil
 
-from forcedphot.demo.butler import Registered, register_exposures
 from forcedphot.demo.survey import DETECTOR, FIRST_VISIT, make_demo_survey
 
 MARKER = ".complete.json"
@@ -54,6 +53,8 @@ def ensure_demo_repository(root: Path, *, visits: int, size: int, objects: int) 
         make_demo_survey(building, visits=visits, size=size, n_objects=objects)
         shutil.rmtree(root, ignore_errors=True)
         building.rename(root)
+        from forcedphot.demo.butler import Registered, register_exposures  # loads the Butler: only when one is written
+
         ids = demo_visit_ids(visits)
         folder = "{visit}/{detector}"
         register_exposures(root / BUTLER, [Registered(i.visit, i.detector, root / folder.format(visit=i.visit, detector=i.detector) / "calexp.fits",

@@ -216,7 +216,7 @@ def _piff(archive: Archive, archive_id: int, xy0: tuple[int, int], allow_pickled
 
 def _size(what: str, value: Any, limit: int) -> int:
     """A declared side as an int, or PsfError unless it is a whole number in [1, ``limit``]."""
-    check_psf_size("the archive's PSF", what, float(value) if not isinstance(value, (bool, str)) else value, limit)
+    check_psf_size("the archive's PSF", what, value, limit)
     if value != int(value):
         raise PsfError(f"the archive's PSF: {what} = {value!r} is not a whole number")
     return int(value)

@@ -16,11 +16,10 @@ import uuid
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
-from forcedphot.photometry.formats import csv_rows, ecsv_header, encode_catalog, json_records, parquet_schema, read_provenance
+from forcedphot.photometry.formats import csv_rows, ecsv_header, encode_catalog, json_records, parquet_schema, read_provenance, string_lengths
 from forcedphot.photometry.lightcurve import sort_lightcurves
 
 CHUNK_ROWS = 100_000  # rows held at once by a merge or a conversion (a catalog row is ~600 bytes)
@@ -38,12 +37,8 @@ def merge_parts(parts: list[Path], path: Path, provenance: dict, *, lightcurve: 
     catalog with ``provenance``; rows as the parts hold them, or sorted as light curves
     (``lightcurve``). Returns the number of rows."""
     dataset = ds.dataset([str(p) for p in parts], format="parquet")
-    strings = [f.name for f in dataset.schema if pa.types.is_string(f.type)]
-    lengths = {name: 1 for name in strings}
-    if strings:  # small columns: read whole for astropy's string sizes
-        for name, column in zip(strings, dataset.to_table(columns=strings).columns):
-            lengths[name] = max(1, pc.max(pc.utf8_length(column)).as_py() or 1)
-    schema = parquet_schema(dataset.schema, provenance, lengths)
+    strings = [f.name for f in dataset.schema if pa.types.is_string(f.type)]  # small columns: read whole for their lengths
+    schema = parquet_schema(dataset.schema, provenance, string_lengths(dataset.to_table(columns=strings)))
     rows = 0
     with pq.ParquetWriter(path, schema) as writer:
         for table in (_by_object_ranges(dataset, chunk_rows) if lightcurve else _in_order(parts)):
@@ -104,9 +99,4 @@ def _write_streamed(catalog: pq.ParquetFile, fmt: str, provenance: dict, out, ch
         out.write(b"]")
 
 
-def read_rows(path: Path) -> int:
-    """Rows of a parquet catalog, from its footer."""
-    return pq.ParquetFile(path).metadata.num_rows
-
-
-__all__ = ["CHUNK_ROWS", "STREAMED_FORMATS", "convert", "merge_parts", "read_rows", "write_part"]
+__all__ = ["CHUNK_ROWS", "STREAMED_FORMATS", "convert", "merge_parts", "write_part"]

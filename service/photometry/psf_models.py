@@ -58,10 +58,14 @@ PSF_SAMPLING_RANGE = (0.1, 10.0)  # PSFEx PSF_SAMP, image pixels per model pixel
 MAX_PSF_FILE_BYTES = 64 * 2**20  # what one HDU of a PSF file may declare
 
 
+def _finite_number(value: Any) -> bool:
+    """A finite int or float (NumPy's too), not a bool: what a declared size may be."""
+    return not isinstance(value, (bool, np.bool_)) and isinstance(value, (int, float, np.integer, np.floating)) and math.isfinite(value)
+
+
 def check_psf_size(source: str, what: str, value: float, limit: float) -> None:
     """PsfError naming ``what`` when ``value`` is not a finite number within [1, ``limit``]."""
-    if isinstance(value, bool) or not (isinstance(value, (int, float, np.integer, np.floating)) and math.isfinite(value)) \
-            or not 1 <= value <= limit:
+    if not _finite_number(value) or not 1 <= value <= limit:
         raise PsfError(f"{source}: {what} = {_plain(value)!r}, outside the 1 to {limit:g} allowed")
 
 
@@ -69,15 +73,13 @@ def check_sampling(source: str, sampling: float) -> None:
     """PsfError unless the model's sampling (image pixels per model pixel) is finite and
     within :data:`PSF_SAMPLING_RANGE`."""
     low, high = PSF_SAMPLING_RANGE
-    if isinstance(sampling, bool) or not (isinstance(sampling, (int, float, np.integer, np.floating)) and math.isfinite(sampling)) \
-            or not low <= sampling <= high:
+    if not _finite_number(sampling) or not low <= sampling <= high:
         raise PsfError(f"{source}: sample spacing {_plain(sampling)!r} px is outside the {low:g} to {high:g} allowed")
 
 
 def check_degree(source: str, degree: float) -> int:
     """The polynomial degree as an int, or PsfError unless it is a whole number in [0, :data:`MAX_PSF_DEGREE`]."""
-    if isinstance(degree, bool) or not (isinstance(degree, (int, float, np.integer, np.floating)) and math.isfinite(degree)) \
-            or degree != int(degree) or not 0 <= degree <= MAX_PSF_DEGREE:
+    if not _finite_number(degree) or degree != int(degree) or not 0 <= degree <= MAX_PSF_DEGREE:
         raise PsfError(f"{source}: polynomial degree {_plain(degree)!r} is outside the 0 to {MAX_PSF_DEGREE} allowed")
     return int(degree)
 

@@ -55,7 +55,7 @@ def json_values(data: bytes) -> int:
 
 def check_json(data: bytes, limits: TableLimits, name: str) -> None:
     """Refuse a JSON table whose bytes or values exceed ``limits`` (before parsing it)."""
-    _check_bytes(len(data), limits, name)
+    check_size(len(data), limits, name)
     values = json_values(data)
     if values > limits.max_json_values:
         raise TableTooLarge(f"{name}: the JSON holds up to {values} values, more than the {limits.max_json_values} values allowed; "
@@ -68,7 +68,7 @@ def check_json(data: bytes, limits: TableLimits, name: str) -> None:
 def check_csv(data: bytes, limits: TableLimits, name: str) -> None:
     """Refuse a CSV table whose bytes, rows (lines after the header) or header columns
     exceed ``limits`` (before parsing it)."""
-    _check_bytes(len(data), limits, name)
+    check_size(len(data), limits, name)
     lines = data.count(b"\n") + (0 if data.endswith(b"\n") or not data else 1)
     if lines - 1 > limits.max_rows:
         raise TableTooLarge(f"{name}: up to {lines - 1} rows, more than the {limits.max_rows} DiaObjects allowed")
@@ -81,7 +81,7 @@ def check_parquet(data: bytes, limits: TableLimits, name: str) -> None:
     """Refuse a parquet table whose footer declares more rows, columns or decoded bytes
     than ``limits`` allow; only the footer is read. A footer that cannot be read is left
     to the reader, which names the problem."""
-    _check_bytes(len(data), limits, name)
+    check_size(len(data), limits, name)
     try:
         metadata = pq.ParquetFile(io.BytesIO(data)).metadata
     except (pa.ArrowException, OSError, ValueError):
@@ -95,7 +95,8 @@ def check_parquet(data: bytes, limits: TableLimits, name: str) -> None:
         raise TableTooLarge(f"{name}: {decoded} bytes once decompressed, more than the {limits.max_bytes} allowed")
 
 
-def _check_bytes(size: int, limits: TableLimits, name: str) -> None:
+def check_size(size: int, limits: TableLimits, name: str) -> None:
+    """Refuse a table of ``size`` bytes beyond ``limits`` (before it is read into memory)."""
     if size > limits.max_bytes:
         raise TableTooLarge(f"{name}: {size} bytes, more than the {limits.max_bytes} allowed for an object table")
 
