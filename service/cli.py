@@ -25,6 +25,7 @@ from forcedphot.photometry.objects import InputError, read_objects
 from forcedphot.photometry.psf_choice import choose_psfs
 from forcedphot.photometry.psf_models import PsfError
 from forcedphot.serving.allocator import keep_temporaries_on_heap
+from forcedphot.serving.apdb import DEFAULT_MIN_DIA_SOURCES, ApdbUnavailable
 from forcedphot.serving.repository import DEFAULT_PATH_TEMPLATE
 from forcedphot.version import __version__
 
@@ -74,10 +75,21 @@ def _measure(args: argparse.Namespace) -> int:
         batch_bytes=args.batch_mib * 2**20,
     )
     backend = select_backend(config.backend)
-    objects = read_objects(args.objects)
+    if args.objects is None and args.apdb is None:
+        raise ValueError("give the OBJECTS table, or --apdb APDB.yaml to measure the APDB's DiaObjects")
+    if args.store and args.apdb is None:
+        raise ValueError("--store needs --apdb APDB.yaml")
+    if args.min_dia_sources < 1:
+        raise ValueError(f"--min-dia-sources must be at least 1, got {args.min_dia_sources}")
+    objects = read_objects(args.objects) if args.objects else None
     with ExitStack() as stack:
         science = stack.enter_context(open_exposure(args.exposure))
         difference = stack.enter_context(open_exposure(args.difference)) if args.difference else None
+        if objects is None:
+            from forcedphot.serving.apdb import objects_on, open_apdb
+            from forcedphot.serving.index import footprint_of
+
+            objects = objects_on(open_apdb(args.apdb), footprint_of(difference or science), args.min_dia_sources)
         psf, science_psf = choose_psfs(science, difference, str(args.exposure), str(args.difference) if args.difference else None,
                                        path=args.psf, fwhm_pixels=args.psf_fwhm, fwhm_name="--psf-fwhm",
                                        how="use --psf-fwhm PIX or --psf FILE")
@@ -85,12 +97,18 @@ def _measure(args: argparse.Namespace) -> int:
         result = measure(science, objects, psf, config, difference=difference, science_psf=science_psf, backend=backend,
                          progress=progress)
         progress.close()
+    stored = None
+    if args.store:
+        from forcedphot.serving.apdb import open_apdb, store_forced_sources
+
+        stored = store_forced_sources(open_apdb(args.apdb), result.table)
     write_catalog(result.table, result.provenance, args.output)
     elapsed = time.perf_counter() - start
     print(
-        f"{plural(result.n_input, 'object')} in, {result.n_on_detector} on the detector, {result.n_off_detector} off, "
-        f"{result.n_invalid_coords} with invalid coordinates, {result.n_flagged} {FLAGGED}; "
+        f"{plural(result.n_input, 'object')} in{' (from the APDB)' if args.objects is None else ''}, {result.n_on_detector} on the "
+        f"detector, {result.n_off_detector} off, {result.n_invalid_coords} with invalid coordinates, {result.n_flagged} {FLAGGED}; "
         f"{result.table.num_rows} rows -> {args.output} in {elapsed:.2f} s ({result.backend})"
+        + (f"; {plural(stored, 'DiaForcedSource')} stored in the APDB" if stored is not None else "")
     )
     uncalibrated = [side["path"] for side in (result.provenance["exposure"], result.provenance.get("science"))
                     if side and side["calibration_source"] == "none"]
@@ -233,7 +251,7 @@ def _serve(args: argparse.Namespace) -> int:
     from forcedphot.api.server import run_server
 
     return run_server(host=args.host, port=args.port, repository=args.repository, workers=args.workers,
-                      butler=args.butler, collections=args.collections)
+                      butler=args.butler, collections=args.collections, apdb=args.apdb)
 
 
 def _repository_arguments(parser: argparse.ArgumentParser, optional: bool = False) -> None:
@@ -283,8 +301,15 @@ def build_parser() -> argparse.ArgumentParser:
     m = command("measure", "measure DiaObjects on one exposure",
                 "forcedphot measure demo/calexp.fits demo/diaObjects.parquet --difference demo/difference.fits -o forced.parquet")
     m.add_argument("exposure", help="science (direct) exposure, FITS")
-    m.add_argument("objects", help="DiaObject table: parquet, CSV or JSON with diaObjectId, ra, dec (deg)")
+    m.add_argument("objects", nargs="?", help="DiaObject table: parquet, CSV or JSON with diaObjectId, ra, dec (deg); "
+                                              "or none, with --apdb")
     m.add_argument("-o", "--output", required=True, help=f"catalog to write; the suffix picks the format ({formats})")
+    apdb = m.add_argument_group("an APDB (lsst-dax-apdb) for the DiaObjects and the DiaForcedSources")
+    apdb.add_argument("--apdb", help="APDB configuration file: without OBJECTS, measure its DiaObjects on the exposure")
+    apdb.add_argument("--min-dia-sources", type=int, default=DEFAULT_MIN_DIA_SOURCES,
+                      help=f"only DiaObjects with at least this many DiaSources (default {DEFAULT_MIN_DIA_SOURCES}, as Rubin's "
+                           "DiaForcedSourceTask; 1 takes all)")
+    apdb.add_argument("--store", action="store_true", help="store the DiaForcedSources in the APDB (rows already there are left alone)")
     m.add_argument("--difference", help="difference image: psfFlux is measured on it, scienceFlux on EXPOSURE")
     psf = m.add_mutually_exclusive_group()
     psf.add_argument("--psf-fwhm", type=float, help="circular Gaussian PSF of this FWHM, pixels")
@@ -339,6 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--repository", help="root directory of the exposure repository (default: embedded demo)")
     s.add_argument("--butler", help="a Butler repository instead (root or butler.yaml URI); with --collections")
     s.add_argument("--collections", help="Butler collections to search, comma-separated")
+    s.add_argument("--apdb", help="an APDB configuration file (apdb-cli create-sql): DiaObjects from it, DiaForcedSources stored in it")
     s.add_argument("--workers", type=int, default=1, help="uvicorn worker processes")
     s.set_defaults(run=_serve)
     return parser
@@ -350,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with _header_warnings(args.command):
             return args.run(args)
-    except (InputError, ExposureError, PsfError, BackendError, SettingsError, ValueError, OSError) as exc:
+    except (InputError, ExposureError, PsfError, BackendError, SettingsError, ApdbUnavailable, ValueError, OSError) as exc:
         print(f"forcedphot {args.command}: error: {exc}", file=sys.stderr)
         return USAGE_ERROR
     except KeyboardInterrupt:

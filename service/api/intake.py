@@ -18,11 +18,12 @@ from pydantic import BaseModel, TypeAdapter, ValidationError
 from starlette.datastructures import FormData, UploadFile
 
 from forcedphot.api.problems import Problem, invalid_request
-from forcedphot.api.schemas import MeasureOptions, MeasureRequest, Position
+from forcedphot.api.schemas import ApdbObjectsRef, MeasureOptions, MeasureRequest, Position
 from forcedphot.photometry.config import MeasurementConfig
 from forcedphot.photometry.formats import DEFAULT_FORMAT, FORMATS, table_format
-from forcedphot.photometry.objects import InputError, read_objects, records_frame, validate_objects
+from forcedphot.photometry.objects import InputError, format_examples, read_objects, records_frame, validate_objects
 from forcedphot.photometry.table_limits import TableLimits, TableTooLarge, check_size
+from forcedphot.serving.apdb import ApdbObjects, objects_by_id, open_apdb
 from forcedphot.serving.executor import ExposureInput, MeasureTask
 from forcedphot.serving.repository import ExposureRef, Repository, UriRef, describe
 
@@ -55,8 +56,10 @@ class Intake:
     """Builds :class:`MeasureTask` objects against one repository and the service limits."""
 
     def __init__(self, repository: Repository, max_objects: int, batch_bytes: int, backend: str, upload_dir: Path,
-                 table_limits: TableLimits | None = None):
+                 table_limits: TableLimits | None = None, apdb: str | None = None):
+        """``apdb``: the configuration file of the server's APDB, if it has one."""
         self.repository = repository
+        self.apdb = apdb
         self.max_objects = max_objects
         self.table_limits = table_limits or TableLimits(max_rows=max_objects)
         self.batch_bytes = batch_bytes
@@ -100,10 +103,39 @@ class Intake:
         self._check_count(len(frame), ref.uri)
         return frame
 
-    def objects(self, objects: list[dict[str, Any]] | UriRef) -> pd.DataFrame:
+    def _apdb_config(self, what: str) -> str:
+        if self.apdb is None:
+            raise Problem(422, "no-apdb", f"{what}: this server has no APDB (start it with --apdb apdb.yaml, or set FORCEDPHOT_APDB_CONFIG)")
+        return self.apdb
+
+    def objects_from_apdb(self, ref: ApdbObjectsRef, *, per_exposure: bool) -> pd.DataFrame | ApdbObjects:
+        """DiaObjects of the APDB: those named (a table now), else, where ``per_exposure``,
+        those each exposure overlaps (read when it is measured)."""
+        config = self._apdb_config("objects.apdb")
+        if ref.apdb.diaObjectIds is None:
+            if not per_exposure:
+                raise Problem(422, "invalid-request", "objects.apdb: name the DiaObjects (diaObjectIds); the DiaObjects on an exposure "
+                                                      "are taken by POST /v1/forced-photometry, one exposure at a time")
+            return ApdbObjects(config, ref.apdb.min_dia_sources)
+        ids = list(dict.fromkeys(ref.apdb.diaObjectIds))
+        self._check_count(len(ids), "objects.apdb.diaObjectIds")
+        found = objects_by_id(open_apdb(config), ids)
+        missing = sorted(set(ids) - set(found["diaObjectId"].tolist()))
+        if missing:
+            raise Problem(404, "unknown-object", f"objects.apdb.diaObjectIds: no DiaObject {format_examples(missing)} in the APDB")
+        return found
+
+    def objects(self, objects: list[dict[str, Any]] | UriRef | ApdbObjectsRef, *, per_exposure: bool = False) -> pd.DataFrame | ApdbObjects:
+        """The objects of a request (``per_exposure``: one exposure's, which may come from the APDB's region)."""
+        if isinstance(objects, ApdbObjectsRef):
+            return self.objects_from_apdb(objects, per_exposure=per_exposure)
         return self.objects_from_ref(objects) if isinstance(objects, UriRef) else self.objects_from_records(objects)
 
-    def lightcurve_objects(self, objects: list[dict[str, Any]] | UriRef | Position) -> pd.DataFrame:
+    def store_to(self, store: bool) -> str | None:
+        """The APDB configuration to store a request's DiaForcedSources in, if asked to."""
+        return self._apdb_config("store") if store else None
+
+    def lightcurve_objects(self, objects: list[dict[str, Any]] | UriRef | ApdbObjectsRef | Position) -> pd.DataFrame:
         """The objects of a light-curve request; one position is diaObjectId 0."""
         if isinstance(objects, Position):
             return validate_objects(pd.DataFrame({"diaObjectId": [0], "ra": [objects.ra], "dec": [objects.dec]}), name="objects")
@@ -135,9 +167,10 @@ class Intake:
         return MeasureTask(
             science=self.exposure(request.exposure),
             difference=self.exposure(request.difference) if request.difference else None,
-            objects=self.objects(request.objects),
+            objects=self.objects(request.objects, per_exposure=True),
             config=self.config(request),
             psf_fwhm=request.psf_fwhm,
+            store=self.store_to(request.store),
         )
 
     def from_form(self, form: FormData) -> tuple[MeasureTask, list[Path]]:

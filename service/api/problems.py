@@ -26,6 +26,7 @@ from forcedphot.photometry.exposure import ExposureChanged, ExposureError
 from forcedphot.photometry.objects import InputError
 from forcedphot.photometry.psf_models import PsfError
 from forcedphot.photometry.table_limits import TableTooLarge
+from forcedphot.serving.apdb import ApdbUnavailable
 from forcedphot.serving.executor import MeasurementProcessDied, MeasurementTimedOut
 from forcedphot.serving.index import IndexUnavailable
 from forcedphot.serving.job_store import DATABASE_ERRORS, StoreUnavailable, store_error_reason
@@ -115,6 +116,8 @@ def from_exception(exc: Exception) -> Problem | None:
         return invalid_request(exc.errors(include_url=False))
     if isinstance(exc, StoreUnavailable):
         return _unavailable("store-unavailable", f"the job store cannot take this now ({exc})")
+    if isinstance(exc, ApdbUnavailable):
+        return _unavailable("apdb-unavailable", str(exc))
     if isinstance(exc, IndexUnavailable):
         return _unavailable("index-unavailable", f"the exposure index cannot be read now ({exc})")
     if isinstance(exc, DATABASE_ERRORS):
@@ -152,7 +155,7 @@ def install_problem_handlers(app: FastAPI) -> None:
         return problem_response(request, Problem(exc.status_code, slug, detail, headers=dict(exc.headers or {})))
 
     for kind in (Problem, RepositoryError, TableTooLarge, InputError, ExposureError, PsfError, ValidationError, MeasurementProcessDied, MeasurementTimedOut,
-                 StoreUnavailable, IndexUnavailable, *DATABASE_ERRORS, OSError, Exception):
+                 StoreUnavailable, IndexUnavailable, ApdbUnavailable, *DATABASE_ERRORS, OSError, Exception):
         app.add_exception_handler(kind, on_problem)
     app.add_exception_handler(RequestValidationError, on_validation)
     app.add_exception_handler(StarletteHTTPException, on_http)

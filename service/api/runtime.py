@@ -23,6 +23,7 @@ from forcedphot.api.metrics import ServiceMetrics, device_memory_reader
 from forcedphot.api.problems import Problem
 from forcedphot.api.schemas import JobRequest, LightCurveRequest
 from forcedphot.api.settings import Settings
+from forcedphot.demo.repository import APDB as DEMO_APDB
 from forcedphot.demo.repository import BUTLER as DEMO_BUTLER
 from forcedphot.demo.repository import DemoVisitId, ensure_demo_repository
 from forcedphot.photometry.backend import select_backend
@@ -104,6 +105,8 @@ class ServiceRuntime:
         reader = device_memory_reader(self.backend.name)
         if reader:
             self.metrics.watch(self.metrics.device_memory, reader)
+        #: the APDB's configuration file: the settings', else the demo's (once written)
+        self.apdb = settings.apdb_config
         self.index: ExposureIndex | ButlerSource = ExposureIndex(index_path(settings))
         self.index_report: RefreshReport | None = None  # the last refresh's
         if settings.butler_repository:
@@ -188,6 +191,7 @@ class ServiceRuntime:
             from forcedphot.demo.butler import RUN as DEMO_RUN  # loads the Butler: only the demo needs it at start
 
             self.demo_visits = ensure_demo_repository(s.demo_repository, visits=s.demo_visits, size=s.demo_size, objects=s.demo_objects)
+            self.apdb = self.apdb or str(s.demo_repository / DEMO_APDB)
             self._open_butler(str(s.demo_repository / DEMO_BUTLER), [DEMO_RUN], table_roots=[s.demo_repository])
             log.info("demo repository ready: %d visits from %d, served through its Butler repository", len(self.demo_visits),
                      self.demo_visits[0].visit)
@@ -279,7 +283,7 @@ class ServiceRuntime:
             raise Problem(503, "not-ready", self._startup_error or "the service is starting (writing the demo repository); retry shortly",
                           headers={"Retry-After": self.retry_after()})
         s = self.settings
-        return Intake(self._repository, s.max_objects, s.batch_bytes, self.backend.name, self.upload_dir, s.table_limits)
+        return Intake(self._repository, s.max_objects, s.batch_bytes, self.backend.name, self.upload_dir, s.table_limits, self.apdb)
 
     # --- jobs --------------------------------------------------------------------------
 

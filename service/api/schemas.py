@@ -7,10 +7,11 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from forcedphot.photometry.psf_models import MAX_PSF_FWHM_PX, MIN_PSF_FWHM_PX
+from forcedphot.serving.apdb import DEFAULT_MIN_DIA_SOURCES
 from forcedphot.serving.job_store import JobError, JobProgress, JobStatus
 from forcedphot.serving.repository import ExposureRef, UriRef
 
-__all__ = ["Health", "JobError", "JobExposure", "JobList", "JobProgress", "JobRequest", "JobStatus", "LightCurveRequest", "MeasureOptions",
+__all__ = ["ApdbObjectsRef", "ApdbQuery", "Health", "JobError", "JobExposure", "JobList", "JobProgress", "JobRequest", "JobStatus", "LightCurveRequest", "MeasureOptions",
            "MeasureRequest", "Position"]
 
 MAX_APERTURE_PX = 50.0
@@ -18,10 +19,39 @@ MAX_APERTURES = 16
 
 Radius = Annotated[float, Field(gt=0, le=MAX_APERTURE_PX, allow_inf_nan=False)]
 ObjectRecord = dict[str, Any]
+DiaObjectId = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
+
+
+class ApdbQuery(BaseModel):
+    """Which DiaObjects of the server's APDB: those named, or (one exposure) those on it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    min_dia_sources: int = Field(DEFAULT_MIN_DIA_SOURCES, ge=1, le=2**31 - 1,
+                                 description="the DiaObjects overlapping the exposure with at least this many DiaSources "
+                                             "(Rubin's DiaForcedSourceTask: 2; 1 takes all)")
+    diaObjectIds: list[DiaObjectId] | None = Field(None, min_length=1, description="these DiaObjects instead, wherever they are")
+
+    @model_validator(mode="after")
+    def _one_selection(self) -> ApdbQuery:
+        if self.diaObjectIds is not None and "min_dia_sources" in self.model_fields_set:
+            raise ValueError("give either diaObjectIds or min_dia_sources: named DiaObjects are measured whatever their nDiaSources")
+        return self
+
+
+class ApdbObjectsRef(BaseModel):
+    """DiaObjects read from the server's APDB."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    apdb: ApdbQuery
+
+
 Objects = Annotated[
-    list[ObjectRecord] | UriRef,
+    list[ObjectRecord] | UriRef | ApdbObjectsRef,
     Field(description="DiaObjects: inline records with diaObjectId, ra, dec (ICRS deg; 'decl' accepted), "
-                      "or {\"uri\": ...} naming a parquet/CSV/JSON table in the repository"),
+                      "{\"uri\": ...} naming a parquet/CSV/JSON table in the repository, "
+                      "or {\"apdb\": {...}}: DiaObjects of the server's APDB"),
 ]
 
 
@@ -50,6 +80,8 @@ class MeasureRequest(MeasureOptions):
     exposure: ExposureRef = Field(description="the science (direct) exposure")
     difference: ExposureRef | None = Field(None, description="its difference image: psfFlux is measured there, scienceFlux on the exposure")
     objects: Objects
+    store: bool = Field(False, description="store the DiaForcedSources measured in the server's APDB (idempotent: rows already "
+                                           "stored for this visit and detector are left alone); X-Apdb-Rows-Stored says how many were written")
 
 
 class JobExposure(BaseModel):
@@ -88,9 +120,9 @@ class LightCurveRequest(MeasureOptions):
         {"objects": {"ra": 150.1, "dec": 2.2}, "mjd_min": 61040, "bands": ["g", "r"]},
     ]})
 
-    objects: Annotated[list[ObjectRecord] | UriRef | Position, Field(
+    objects: Annotated[list[ObjectRecord] | UriRef | ApdbObjectsRef | Position, Field(
         description="DiaObjects: inline records (diaObjectId, ra, dec), a {\"uri\": ...} table in the repository, "
-                    "or one position {\"ra\", \"dec\"}")]
+                    "{\"apdb\": {\"diaObjectIds\": [...]}} from the server's APDB, or one position {\"ra\", \"dec\"}")]
     mjd_min: float | None = Field(None, allow_inf_nan=False, description="earliest exposure midpoint, MJD (TAI)")
     mjd_max: float | None = Field(None, allow_inf_nan=False, description="latest exposure midpoint, MJD (TAI)")
     bands: list[Annotated[str, Field(min_length=1, max_length=16)]] | None = Field(None, min_length=1, max_length=16,

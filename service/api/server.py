@@ -143,9 +143,10 @@ def _check_port(host: str, port: int) -> None:
 
 
 def run_server(*, host: str = "127.0.0.1", port: int = 8000, repository: str | None = None, workers: int = 1,
-               butler: str | None = None, collections: str | None = None) -> int:
+               butler: str | None = None, collections: str | None = None, apdb: str | None = None) -> int:
     """Serve until interrupted; returns uvicorn's exit code. ``repository`` (a folder) or
-    ``butler`` with ``collections`` (comma-separated) override the settings' sources.
+    ``butler`` with ``collections`` (comma-separated) override the settings' sources;
+    ``apdb`` (an APDB configuration file) the settings' APDB.
 
     Raises :class:`SettingsError` or :class:`BackendError` before serving when the
     settings cannot be used.
@@ -156,10 +157,14 @@ def run_server(*, host: str = "127.0.0.1", port: int = 8000, repository: str | N
         os.environ[f"{ENV_PREFIX}BUTLER_REPOSITORY"] = butler if "://" in butler else os.path.abspath(butler)
     if collections is not None:
         os.environ[f"{ENV_PREFIX}BUTLER_COLLECTIONS"] = collections
+    if apdb is not None:
+        os.environ[f"{ENV_PREFIX}APDB_CONFIG"] = apdb if "://" in apdb else os.path.abspath(apdb)
     settings = load_settings()
     select_backend(settings.backend)
     if repository is not None and not os.path.isdir(repository):
         raise SettingsError(f"repository {repository} is not a directory")
+    if settings.apdb_config and "://" not in settings.apdb_config and not os.path.isfile(settings.apdb_config):
+        raise SettingsError(f"APDB configuration {settings.apdb_config}: no such file (apdb-cli create-sql writes one)")
     _check_port(host, port)
     if settings.demo_mode:
         where = f"the embedded demo repository in {settings.demo_repository}"
@@ -167,6 +172,8 @@ def run_server(*, host: str = "127.0.0.1", port: int = 8000, repository: str | N
         where = f"the Butler repository {settings.butler_repository} (collections {', '.join(settings.butler_collections)})"
     else:
         where = ", ".join(map(str, settings.repository_roots))
+    if settings.apdb_config:
+        where += f", DiaObjects from the APDB {settings.apdb_config}"
     print(f"forcedphot: serving {where} on http://{host}:{port} (docs at /docs)", file=sys.stderr, flush=True)
     try:
         uvicorn.run("forcedphot.api.server:app_from_environment", factory=True, host=host, port=port, workers=workers,

@@ -54,6 +54,9 @@ class Settings(BaseSettings):
     butler_repository: str | None = Field(None, description=(
         "a Butler repository (its root, or the URI of its butler.yaml): exposures are data ids resolved by its registry "
         "and light curves find their exposures from its regions; needs butler_collections"))
+    apdb_config: str | None = Field(None, description=(
+        "an APDB's configuration file (apdb-cli create-sql writes one): requests may take their DiaObjects from it "
+        "and store DiaForcedSources in it; the demo has its own"))
     butler_collections: Annotated[list[str], NoDecode] = Field(default_factory=list, description="Butler collections searched, in order")
     butler_science_type: str = Field("visit_image", description='the Butler dataset type measured for "calexp" (scienceFlux)')
     butler_difference_type: str = Field("difference_image", description='the Butler dataset type measured for "difference" (psfFlux)')

@@ -31,7 +31,7 @@ _READ_COLUMNS = (*REQUIRED, "decl")  # what a bounded read decodes of a parquet 
 _SHOWN = 5  # how many offending values an error message lists
 
 
-def _format_examples(values) -> str:
+def format_examples(values) -> str:
     values = list(values)
     shown = ", ".join(str(v) for v in values[:_SHOWN])
     return shown + (f" ... ({len(values)} in all)" if len(values) > _SHOWN else "")
@@ -185,16 +185,16 @@ def validate_objects(frame: pd.DataFrame, *, name: str = "objects") -> pd.DataFr
     frame["diaObjectId"] = _exact_ids(frame["diaObjectId"], name)
     duplicated = frame["diaObjectId"][frame["diaObjectId"].duplicated()].unique()
     if len(duplicated):
-        raise InputError(f"{name}: duplicate diaObjectId {_format_examples(duplicated)}")
+        raise InputError(f"{name}: duplicate diaObjectId {format_examples(duplicated)}")
 
     for column in ("ra", "dec"):
         booleans = frame.index[frame[column].map(lambda v: isinstance(v, (bool, np.bool_)))]
         if len(booleans):
-            raise InputError(f"{name}: column {column} must be numeric (degrees); rows {_format_examples(booleans)} hold true/false")
+            raise InputError(f"{name}: column {column} must be numeric (degrees); rows {format_examples(booleans)} hold true/false")
         values = pd.to_numeric(frame[column], errors="coerce")
         not_numbers = frame.index[values.isna() & frame[column].notna()]
         if len(not_numbers):
-            raise InputError(f"{name}: column {column} must be numeric (degrees); rows {_format_examples(not_numbers)} are not")
+            raise InputError(f"{name}: column {column} must be numeric (degrees); rows {format_examples(not_numbers)} are not")
         frame[column] = values.astype(np.float64)
     ra, dec = frame["ra"].to_numpy(), frame["dec"].to_numpy()
     frame["coord_valid"] = np.isfinite(ra) & np.isfinite(dec) & (ra >= 0) & (ra < 360) & (np.abs(dec) <= 90)

@@ -48,8 +48,10 @@ from forcedphot.photometry.psf_choice import choose_psfs
 from forcedphot.photometry.psf_models import PsfError
 from forcedphot.photometry.runner import run_directly
 from forcedphot.serving.allocator import keep_temporaries_on_heap
+from forcedphot.serving.apdb import ApdbObjects, objects_on, open_apdb, store_forced_sources
 from forcedphot.serving.batching import KernelBatcher
 from forcedphot.serving.exposure_cache import ExposureCache, HandleCache
+from forcedphot.serving.index import footprint_of
 
 T = TypeVar("T")
 
@@ -68,11 +70,12 @@ class MeasureTask:
     """Everything one measurement needs."""
 
     science: ExposureInput
-    objects: pd.DataFrame = field(repr=False)
+    objects: pd.DataFrame | ApdbObjects = field(repr=False)  # a validated table, or the APDB's DiaObjects on the exposure
     config: MeasurementConfig
     difference: ExposureInput | None = None
     psf_fwhm: float | None = None  # pixels; None: the exposure's PSF_FWHM keyword
     psf: ExposureInput | None = None  # a PSF file (PSFEx .psf or FITS image); wins over psf_fwhm
+    store: str | None = None  # an APDB configuration: store the DiaForcedSources measured there
 
 
 @dataclass(frozen=True)
@@ -106,6 +109,7 @@ class MeasureOutcome:
     measurement: Measurement
     read_seconds: float
     cache: str  # "hit", "miss", "bypass" (uploads, or too large to cache)
+    stored: int | None = None  # DiaForcedSources written to the APDB (None: not asked to store)
 
     def timings(self) -> dict[str, float]:
         """Seconds per stage: read, then the engine's select, stage, kernels, catalog."""
@@ -191,13 +195,19 @@ class MeasureService:
                                            path=task.psf.path if task.psf else None, path_name=task.psf.label if task.psf else None,
                                            fwhm_pixels=task.psf_fwhm,
                                            allow_pickled=not any(source.uploaded for source in (task.science, task.difference) if source))
-            result = measure(science, task.objects, psf, task.config, difference=difference, science_psf=science_psf,
+            objects = task.objects
+            if isinstance(objects, ApdbObjects):
+                objects = objects_on(open_apdb(objects.config), footprint_of(difference or science), objects.min_dia_sources)
+            result = measure(science, objects, psf, task.config, difference=difference, science_psf=science_psf,
                              backend=self.backend, progress=progress, execute=self._execute)
         # name inputs by their references, not by server paths
         result.provenance["exposure"]["path"] = (task.difference or task.science).label
         if result.provenance.get("science"):
             result.provenance["science"]["path"] = task.science.label
-        return MeasureOutcome(result, read_seconds, cache)
+        stored = store_forced_sources(open_apdb(task.store), result.table) if task.store else None
+        if isinstance(task.objects, ApdbObjects) or stored is not None:
+            result.provenance["apdb"] = {"min_dia_sources": getattr(task.objects, "min_dia_sources", None), "rows_stored": stored}
+        return MeasureOutcome(result, read_seconds, cache, stored)
 
     def run_encoded(self, task: MeasureTask, fmt: str, progress: Callable[[int, int], None] | None = None
                     ) -> tuple[MeasureOutcome, bytes, float]:

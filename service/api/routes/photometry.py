@@ -48,6 +48,7 @@ def _measurement_headers(outcome: MeasureOutcome, parse_seconds: float, encode_s
         "X-Backend": m.backend,
         "X-Exposure-Cache": outcome.cache,
         "Server-Timing": ", ".join(f"{name};dur={seconds * 1e3:.2f}" for name, seconds in timings.items()),
+        **({"X-Apdb-Rows-Stored": str(outcome.stored)} if outcome.stored is not None else {}),
     }
 
 
