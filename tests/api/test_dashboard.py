@@ -21,6 +21,7 @@ from server_helpers import Server
 from service_helpers import AUTH, DETECTOR, VISIT, settings_for
 
 from forcedphot.api.app import create_app
+from forcedphot.demo.survey import DETECTOR as DEMO_DETECTOR
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 SCREENSHOT = Path(__file__).resolve().parents[2] / "docs" / "dashboard.png"
@@ -81,6 +82,35 @@ def test_the_dashboard_draws_a_light_curve_and_its_stamps(browser, server, tmp_p
     page.screenshot(path=str(tmp_path / "dashboard.png"), full_page=True)
     if not SCREENSHOT.exists():  # delete docs/dashboard.png to take a new one for the README
         shutil.copy(tmp_path / "dashboard.png", SCREENSHOT)
+    page.close()
+    assert errors == [] and foreign == []
+
+
+def test_the_dashboard_shows_what_the_apdb_stored_beside_fresh_measurements(browser, server):
+    """The demo's DiaObjects are in its APDB: store the DiaForcedSources of two visits through
+    the API, then the object's light curve shows them as their own trace."""
+    import httpx
+
+    demo = server.data_dir / "demo-repository"
+    truth = pd.read_parquet(demo / "truth.parquet")
+    first_two = sorted(truth["visit"].unique())[:2]
+    on_both = truth[truth["visit"].isin(first_two) & truth["on_detector"]].groupby("diaObjectId").size()
+    chosen = int(on_both[on_both == 2].index[0])
+    for visit in first_two:
+        reference = {"visit": int(visit), "detector": DEMO_DETECTOR}
+        answer = httpx.post(server.url + "/v1/forced-photometry", timeout=60, json={
+            "exposure": {**reference, "datasetType": "calexp"}, "difference": {**reference, "datasetType": "difference"},
+            "objects": {"apdb": {"min_dia_sources": 1}}, "store": True})
+        assert answer.status_code == 200 and int(answer.headers["X-Apdb-Rows-Stored"]) > 0, answer.text
+
+    page, errors, foreign = watched_page(browser, server)
+    page.goto(server.url + "/")
+    page.wait_for_function("document.querySelector('#status-list dd') !== null")
+    page.fill("#object-id", str(chosen))
+    page.click("#search button[type=submit]")
+    page.wait_for_function("document.querySelectorAll('#rows tbody tr').length > 0", timeout=30_000)
+    stored = page.evaluate("document.getElementById('plot').data.filter(t => t.name === 'stored in the APDB').map(t => t.x.length)")
+    assert stored == [2] and "2 DiaForcedSources stored in the APDB" in page.inner_text("#message")
     page.close()
     assert errors == [] and foreign == []
 

@@ -5,7 +5,7 @@
 
 const FLAGS = ["psfFlux_flag", "pixelFlags_saturated", "pixelFlags_cr", "pixelFlags_bad", "pixelFlags_edge"];
 const COLOURS = { u: "#56b4e9", g: "#009e73", r: "#d55e00", i: "#cc79a7", z: "#0072b2", y: "#e69f00" };
-const state = { rows: [], body: null, id: null, lastRequests: null };
+const state = { rows: [], stored: [], body: null, id: null, fromApdb: false, lastRequests: null };
 
 function headers(extra) {
   const key = sessionStorage.getItem("forcedphot-key");
@@ -45,11 +45,13 @@ async function requestBody() {
   const body = {};
   const id = document.getElementById("object-id").value.trim();
   state.id = null;
+  state.fromApdb = false;
   if (id) {
     if (!/^-?[0-9]+$/.test(id)) throw new Error("a diaObjectId is an integer");
     const found = await (await api("/v1/objects/" + encodeURIComponent(id))).json();
     body.objects = [{ diaObjectId: 0, ra: found.ra, dec: found.dec }];
     state.id = id;
+    state.fromApdb = found.source === "apdb";
   } else {
     const ra = numbers("ra"), dec = numbers("dec");
     if (ra === null || dec === null) throw new Error("give a diaObjectId, or RA and Dec in degrees");
@@ -78,7 +80,10 @@ async function search(event) {
       return;
     }
     state.rows = await response.json();
-    say(state.rows.length + " measurements on " + response.headers.get("X-Epochs") + " exposures");
+    // what the APDB holds for this DiaObject, drawn beside the fresh measurements
+    state.stored = state.fromApdb ? await (await api("/v1/objects/" + encodeURIComponent(state.id) + "/forced-sources")).json() : [];
+    say(state.rows.length + " measurements on " + response.headers.get("X-Epochs") + " exposures" +
+        (state.fromApdb ? "; " + state.stored.length + " DiaForcedSources stored in the APDB" : ""));
     draw();
     refreshStatus();
   } catch (error) {
@@ -113,13 +118,25 @@ function traces(column, axis) {
   return out;
 }
 
+function storedTraces() {
+  if (!state.stored.length) return [];
+  const trace = (column, axis) => ({
+    type: "scatter", mode: "markers", name: (axis === "y" ? "" : "science ") + "stored in the APDB", xaxis: "x", yaxis: axis,
+    x: state.stored.map((r) => r.midpointMjdTai), y: state.stored.map((r) => r[column]),
+    error_y: { type: "data", array: state.stored.map((r) => r[column + "Err"]), visible: true },
+    marker: { color: "#000", symbol: "diamond-open", size: 9 },
+    hovertext: state.stored.map((r) => "stored: visit " + r.visit + " detector " + r.detector + " band " + r.band), hoverinfo: "x+y+text",
+  });
+  return [trace("psfFlux", "y"), trace("scienceFlux", "y2")];
+}
+
 function draw() {
   const plot = document.getElementById("plot");
   const layout = {
     grid: { rows: 2, columns: 1, shared_xaxes: true }, margin: { t: 20, r: 10 }, hovermode: "closest",
     xaxis: { title: "MJD (TAI)" }, yaxis: { title: "difference flux [nJy]" }, yaxis2: { title: "science flux [nJy]" },
   };
-  Plotly.newPlot(plot, traces("psfFlux", "y").concat(traces("scienceFlux", "y2")), layout, { displaylogo: false });
+  Plotly.newPlot(plot, traces("psfFlux", "y").concat(traces("scienceFlux", "y2"), storedTraces()), layout, { displaylogo: false });
   plot.on("plotly_click", (event) => showStamps(event.points[0].customdata));
   table();
   document.getElementById("downloads").hidden = false;
