@@ -21,7 +21,7 @@ from forcedphot.api.problems import Problem, invalid_request
 from forcedphot.api.schemas import ApdbObjectsRef, MeasureOptions, MeasureRequest, Position
 from forcedphot.photometry.config import MeasurementConfig
 from forcedphot.photometry.formats import DEFAULT_FORMAT, FORMATS, table_format
-from forcedphot.photometry.objects import InputError, format_examples, read_objects, records_frame, validate_objects
+from forcedphot.photometry.objects import InputError, format_examples, object_table_format, read_objects, records_frame, validate_objects
 from forcedphot.photometry.table_limits import TableLimits, TableTooLarge, check_size
 from forcedphot.serving.apdb import ApdbObjects, objects_by_id, open_apdb
 from forcedphot.serving.executor import ExposureInput, MeasureTask
@@ -95,9 +95,9 @@ class Intake:
     def objects_from_ref(self, ref: UriRef) -> pd.DataFrame:
         """A table in the repository -> validated objects."""
         path = self.repository.resolve(ref)
-        fmt = table_format(path.suffix) if path.suffix else None
+        fmt = _object_format(path.suffix, ref.uri) if path.suffix else None
         if fmt is None:
-            raise Problem(415, "unsupported-media-type", f"{ref.uri}: object tables must be .parquet, .csv or .json files")
+            raise Problem(415, "unsupported-media-type", f"{ref.uri}: object tables must be .parquet, .csv, .json or .avro (alert packets) files")
         check_size(path.stat().st_size, self.table_limits, ref.uri)
         frame = _caller_table_problem(ref.uri, lambda: read_objects(path.read_bytes(), media_type=fmt, name=ref.uri, limits=self.table_limits))
         self._check_count(len(frame), ref.uri)
@@ -269,13 +269,21 @@ def _table_format(upload: UploadFile) -> str:
     """parquet, csv or json from the part's media type, else from its file name."""
     media_type = (upload.content_type or "").split(";")[0].strip().lower()
     if media_type not in GENERIC_MEDIA_TYPES:
-        fmt = table_format(media_type) if "/" in media_type else None
+        fmt = _object_format(media_type, "objects") if "/" in media_type else None
         if fmt is None:
             raise Problem(415, "unsupported-media-type", f"the objects part has media type {media_type!r}; send "
-                          f"{', '.join(sorted(FORMATS.values()))}")
+                          f"{', '.join(sorted(FORMATS[f] for f in ('parquet', 'csv', 'json')))} or application/avro (alert packets)")
         return fmt
     suffix = Path(upload.filename or "").suffix
-    return (table_format(suffix) if suffix else None) or DEFAULT_FORMAT
+    return (_object_format(suffix, "objects") if suffix else None) or DEFAULT_FORMAT
+
+
+def _object_format(kind: str, name: str) -> str | None:
+    """The object-table format ``kind`` names (see :func:`object_table_format`), else None."""
+    try:
+        return object_table_format(kind, name)
+    except InputError:
+        return None
 
 
 def remove_uploads(paths: list[Path]) -> None:

@@ -42,7 +42,8 @@ def read_objects(source: str | Path | bytes | pd.DataFrame | Any, *, media_type:
     """Read a DiaObject table from a file path, from bytes, or from a table in memory (a
     pandas DataFrame, an astropy Table or a pyarrow Table), then validate it.
 
-    ``media_type`` (or the file suffix) picks the format of a file or bytes: parquet, CSV or JSON (records).
+    ``media_type`` (or the file suffix) picks the format of a file or bytes: parquet, CSV, JSON
+    (records), or Rubin alert packets (``avro``: their diaObjects, see :mod:`~forcedphot.photometry.alerts`).
     A table in memory is validated exactly as a file's would be.
     ``name`` is how errors refer to the table (a file name, or "request body").
     ``limits`` (a service's, for tables from clients) are checked from the bytes before
@@ -62,7 +63,12 @@ def read_objects(source: str | Path | bytes | pd.DataFrame | Any, *, media_type:
     else:
         kind = media_type or "parquet"
         raw = source
-    kind = _format_of(kind, name)
+    kind = object_table_format(kind, name)
+    if kind == "avro":
+        from forcedphot.photometry.alerts import read_alerts
+
+        data = raw if isinstance(raw, bytes) else raw.read_bytes()
+        return validate_objects(read_alerts(data, name, limits.max_rows if limits else 2**31), name=name)
     if limits is not None:
         if not isinstance(raw, bytes):
             raw = raw.read_bytes()
@@ -108,10 +114,18 @@ def records_frame(records, name: str) -> pd.DataFrame:
     return frame
 
 
-def _format_of(kind: str, name: str) -> str:
+#: names of Avro alert packets as an object table: file suffix and media types
+AVRO_NAMES = ("avro", "application/avro", "avro/binary", "application/vnd.apache.avro+binary")
+
+
+def object_table_format(kind: str, name: str) -> str:
+    """The format of an object table (parquet, csv, json, or avro: alert packets) named by a
+    format name, media type or file suffix; else :class:`InputError`."""
+    if kind.strip().lower().lstrip(".") in AVRO_NAMES:
+        return "avro"
     fmt = table_format(kind)
     if fmt is None or fmt in OUTPUT_ONLY:
-        raise InputError(f"{name}: unknown table format {kind!r}; use parquet, CSV or JSON")
+        raise InputError(f"{name}: unknown table format {kind!r}; use parquet, CSV, JSON or Avro alert packets")
     return fmt
 
 
