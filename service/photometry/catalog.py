@@ -128,6 +128,7 @@ def build_catalog(
     *,
     on_image: np.ndarray,
     coord_valid: np.ndarray,
+    invalid_psf: np.ndarray | None = None,
     cd_matrix: np.ndarray,
     primary,
     science=None,
@@ -140,7 +141,9 @@ def build_catalog(
     ``results`` holds the kernels' instrumental outputs, one row per object (NaN/False
     for rows not measured); ``on_image`` marks measured rows, the others are flagged
     offimage; ``coord_valid`` False gives ``coord_flag`` (ra/dec non-finite or out of
-    range). ``primary`` is the exposure measured (the difference image in difference
+    range); ``invalid_psf`` marks measured rows without a usable PSF model at their position
+    (``invalidPsfFlag``, LSST's ``base_InvalidPsf_flag``: fluxes NaN and flagged).
+    ``primary`` is the exposure measured (the difference image in difference
     mode); ``science`` and ``science_psf`` (the PSF fit on it) give ``scienceFlux``.
     """
     n = len(objects)
@@ -204,6 +207,7 @@ def build_catalog(
         localBackground_flag_noGoodPixels=background_no_good,
     )
     columns["coord_flag"] = ~np.asarray(coord_valid, dtype=bool)
+    columns["invalidPsfFlag"] = np.zeros(n, bool) if invalid_psf is None else np.asarray(invalid_psf, dtype=bool)
     columns["pixelFlags_offimage"] = off
     for name, values in flags.as_dict(PIXEL_FLAG_NAMES).items():
         # offimage sets every edge flag (LSST)

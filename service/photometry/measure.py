@@ -176,6 +176,10 @@ def measure(
     x, y = selection.x[rows], selection.y[rows]
     sigma = np.full(len(rows), np.nan)
     sigma[measured] = psf.sigma(x[measured], y[measured])
+    # as LSST's base_InvalidPsf_flag: no usable PSF model at the position; the row stays, NaN and flagged
+    with np.errstate(invalid="ignore"):
+        invalid_psf = row_map.measured_mask() & ~(sigma > 0)
+    measured = measured[~invalid_psf[measured]]
     timings["select"] = time.perf_counter() - start
 
     kernels = KernelRunner(backend, primary, psf, config)
@@ -203,6 +207,7 @@ def measure(
         science_results = _science_psf_flux(science, science_kernels, ra[rows], dec[rows], config, execute)
         kernel_time += time.perf_counter() - t1
     timings["stage"], timings["kernels"] = stage_time, kernel_time
+    results.psf.flag[invalid_psf] = True
 
     start = time.perf_counter()
     cd = local_cd_matrix(primary.wcs, x, y) if len(rows) else np.empty((0, 2, 2))
@@ -212,6 +217,7 @@ def measure(
         y + primary.y0,
         results,
         on_image=row_map.measured_mask(),
+        invalid_psf=invalid_psf,
         coord_valid=coord_valid[rows],
         cd_matrix=cd,
         primary=primary,
@@ -228,7 +234,7 @@ def measure(
     return Measurement(
         table=catalog,
         n_input=len(objects),
-        n_on_detector=len(measured),
+        n_on_detector=len(row_map.measured),
         n_invalid_coords=int(np.count_nonzero(~coord_valid)),
         n_flagged=int(np.count_nonzero(flagged)),
         backend=f"{backend.name}:{backend.device}",

@@ -126,8 +126,10 @@ def _stamp_centres(x: np.ndarray, y: np.ndarray, size: int) -> tuple[np.ndarray,
 
 
 def _normalised(stamps: Array, xp: Any) -> Array:
-    """Divide each stamp of an (N, K, K) stack by its sum."""
-    return stamps / xp.sum(stamps, axis=(1, 2))[:, None, None]
+    """Divide each stamp of an (N, K, K) stack by its sum; a stamp whose sum is not positive
+    (a model that cannot be evaluated there) becomes NaN, and so does all that uses it."""
+    total = xp.sum(stamps, axis=(1, 2))
+    return stamps / xp.where(total > 0, total, xp.nan)[:, None, None]
 
 
 def adaptive_moments(images: np.ndarray, max_iter: int = 200, tol: float = 1e-9) -> np.ndarray:
