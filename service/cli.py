@@ -26,6 +26,7 @@ from forcedphot.photometry.psf_choice import choose_psfs
 from forcedphot.photometry.psf_models import PsfError
 from forcedphot.serving.allocator import keep_temporaries_on_heap
 from forcedphot.serving.apdb import DEFAULT_MIN_DIA_SOURCES, ApdbUnavailable
+from forcedphot.serving.repository import RepositoryError
 from forcedphot.serving.repository import DEFAULT_PATH_TEMPLATE
 from forcedphot.version import __version__
 
@@ -75,6 +76,14 @@ def _measure(args: argparse.Namespace) -> int:
         batch_bytes=args.batch_mib * 2**20,
     )
     backend = select_backend(config.backend)
+    if args.butler:
+        if args.objects is not None or args.difference:
+            raise ValueError("with --butler the exposure is --visit and --detector (its difference image comes from the "
+                             "repository): give only the OBJECTS table")
+        args.objects = args.exposure
+        args.exposure, args.difference = _butler_files(args)
+    elif args.exposure is None:
+        raise ValueError("give the EXPOSURE file, or --butler REPO --collections C --visit V --detector D")
     if args.objects is None and args.apdb is None:
         raise ValueError("give the OBJECTS table, or --apdb APDB.yaml to measure the APDB's DiaObjects")
     if args.store and args.apdb is None:
@@ -116,6 +125,26 @@ def _measure(args: argparse.Namespace) -> int:
         print(f"note: {', '.join(uncalibrated)} has no photometric calibration (no PhotoCalib, FLUXMAG0, zero point or "
               "BUNIT = 'nJy'): fluxes are in counts only (the *_instFlux columns); the nJy columns are null")
     return 0
+
+
+def _butler_files(args: argparse.Namespace) -> tuple[Path, Path | None]:
+    """The science and (if the repository has one) difference files of ``--visit`` and
+    ``--detector`` in the Butler repository ``--butler``."""
+    from forcedphot.serving.repository import DataIdRef, UnknownReference
+
+    if args.visit is None or args.detector is None:
+        raise ValueError("--butler needs --visit and --detector (the exposure's data id)")
+    source, _ = _open_index(args)
+
+    def data_id(kind: str) -> DataIdRef:
+        return DataIdRef(visit=args.visit, detector=args.detector, datasetType=kind, instrument=args.instrument)
+
+    science = source.resolve(data_id("calexp"))
+    try:
+        difference = source.resolve(data_id("difference"))
+    except UnknownReference:
+        difference = None
+    return science, difference
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -300,10 +329,15 @@ def build_parser() -> argparse.ArgumentParser:
     formats = ", ".join("." + f for f in FORMATS)
     m = command("measure", "measure DiaObjects on one exposure",
                 "forcedphot measure demo/calexp.fits demo/diaObjects.parquet --difference demo/difference.fits -o forced.parquet")
-    m.add_argument("exposure", help="science (direct) exposure, FITS")
+    m.add_argument("exposure", nargs="?", help="science (direct) exposure, FITS (or, with --butler, --visit and --detector)")
     m.add_argument("objects", nargs="?", help="DiaObject table: parquet, CSV or JSON with diaObjectId, ra, dec (deg); "
                                               "or none, with --apdb")
     m.add_argument("-o", "--output", required=True, help=f"catalog to write; the suffix picks the format ({formats})")
+    _butler_arguments(m)
+    butler = m.add_argument_group("the exposure's data id in the Butler repository (its difference image is used when there is one)")
+    butler.add_argument("--visit", type=int, help="visit")
+    butler.add_argument("--detector", type=int, help="detector")
+    butler.add_argument("--instrument", help="instrument (default: the repository's only one)")
     apdb = m.add_argument_group("an APDB (lsst-dax-apdb) for the DiaObjects and the DiaForcedSources")
     apdb.add_argument("--apdb", help="APDB configuration file: without OBJECTS, measure its DiaObjects on the exposure")
     apdb.add_argument("--min-dia-sources", type=int, default=DEFAULT_MIN_DIA_SOURCES,
@@ -376,7 +410,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with _header_warnings(args.command):
             return args.run(args)
-    except (InputError, ExposureError, PsfError, BackendError, SettingsError, ApdbUnavailable, ValueError, OSError) as exc:
+    except (InputError, ExposureError, PsfError, BackendError, SettingsError, ApdbUnavailable, RepositoryError, ValueError, OSError) as exc:
         print(f"forcedphot {args.command}: error: {exc}", file=sys.stderr)
         return USAGE_ERROR
     except KeyboardInterrupt:

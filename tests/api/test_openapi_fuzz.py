@@ -67,7 +67,7 @@ statuses: dict = collections.defaultdict(collections.Counter)
 def test_every_operation_answers_without_server_errors(api_schema):
     # (schemathesis.pytest.from_fixture fails under pytest 9, so operations are driven here)
     operations = [result.ok() for result in api_schema.get_all_operations()]
-    assert len(operations) == 15
+    assert len(operations) == 16
     for operation in operations:
         for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
             check_operation(operation, operation.as_strategy(mode), may_be_empty=mode == GenerationMode.NEGATIVE)

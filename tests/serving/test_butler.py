@@ -246,3 +246,55 @@ def test_remote_copies_are_bounded(tmp_path):
 def test_the_index_command_counts_a_butlers_exposures(butler_root, capsys):
     assert cli_main(["index", "--butler", str(butler_root), "--collections", ",".join(COLLECTIONS)]) == 0
     assert "2 exposures" in capsys.readouterr().out
+
+
+def test_jobs_run_on_butler_data_ids(client, repo):
+    """A job of data ids, resolved by the registry when accepted, measured as the engine does."""
+    from service_helpers import wait_until
+
+    records = [{"diaObjectId": int(i), "ra": float(r), "dec": float(d)} for i, r, d in repo["objects"][["diaObjectId", "ra", "dec"]].to_numpy()]
+    body = {"exposures": [{"exposure": {"datasetType": "visit_image", "visit": VISIT, "detector": DETECTOR},
+                           "difference": {"datasetType": "difference_image", "visit": VISIT, "detector": DETECTOR}},
+                          {"exposure": {"datasetType": "visit_image", "visit": VISIT + 1, "detector": DETECTOR}}],
+            "objects": records, "psf_fwhm": FWHM}
+    accepted = client.post("/v1/jobs", json=body)
+    assert accepted.status_code == 202, accepted.text
+
+    def finished():
+        status = client.get(f"/v1/jobs/{accepted.json()['id']}").json()
+        return status if status["state"] in ("succeeded", "failed") else None
+
+    status = wait_until(finished, timeout=60)
+    assert status["state"] == "succeeded" and status["errors"] == [], status
+    catalog = pd.read_parquet(io.BytesIO(client.get(status["result"]).content))
+    assert_same_catalog(catalog[catalog["visit"] == VISIT], engine_catalog(repo["calexp"], repo["objects"], repo["difference"]))
+    assert_same_catalog(catalog[catalog["visit"] == VISIT + 1], engine_catalog(repo["calexp2"], repo["objects"]))
+    unknown = client.post("/v1/jobs", json={**body, "exposures": [{"exposure": {"datasetType": "visit_image", "visit": 5, "detector": 1}}]})
+    assert unknown.status_code == 404 and unknown.json()["type"].endswith("unknown-exposure")
+
+
+def test_a_campaign_runs_on_a_butler(butler_root, repo, tmp_path, capsys):
+    objects = tmp_path / "objects.parquet"
+    repo["objects"].to_parquet(objects)
+    out = tmp_path / "campaign"
+    code = cli_main(["campaign", "--butler", str(butler_root), "--collections", ",".join(COLLECTIONS), "--objects", str(objects),
+                     "--psf-fwhm", str(FWHM), "--where", "local", "--workers", "1", "-o", str(out)])
+    assert code == 0, capsys.readouterr().err
+    table = pd.read_parquet(out)
+    assert sorted(set(table["visit"])) == [VISIT, VISIT + 1] and len(table) == 2 * (len(repo["objects"]) - 1)
+
+
+def test_the_command_line_measures_a_butler_data_id(butler_root, repo, tmp_path, capsys):
+    objects = tmp_path / "objects.parquet"
+    repo["objects"].to_parquet(objects)
+    out = tmp_path / "forced.parquet"
+    butler = ["--butler", str(butler_root), "--collections", ",".join(COLLECTIONS), "--psf-fwhm", str(FWHM), "--backend", "numpy"]
+    assert cli_main(["measure", str(objects), "--visit", str(VISIT), "--detector", str(DETECTOR), *butler, "-o", str(out)]) == 0
+    assert_same_catalog(pd.read_parquet(out), engine_catalog(repo["calexp"], repo["objects"], repo["difference"]))  # with its difference image
+    assert cli_main(["measure", str(objects), "--visit", str(VISIT + 1), "--detector", str(DETECTOR), *butler, "-o", str(out)]) == 0
+    assert_same_catalog(pd.read_parquet(out), engine_catalog(repo["calexp2"], repo["objects"]))  # none registered: direct image only
+    capsys.readouterr()
+    assert cli_main(["measure", str(objects), "--visit", "7", "--detector", str(DETECTOR), *butler, "-o", str(out)]) == 2
+    assert "no visit_image" in capsys.readouterr().err
+    assert cli_main(["measure", str(objects), *butler, "-o", str(out)]) == 2
+    assert "--butler needs --visit and --detector" in capsys.readouterr().err
