@@ -310,6 +310,7 @@ class ServiceRuntime:
             raise Problem(422, "invalid-request", f"exposure(s) listed more than once: {'; '.join(repeated)}")
         objects = intake.objects(request.objects)
         spec = job_spec(exposures, intake.config(request), request.psf_fwhm)
+        spec["store"] = intake.store_to(request.store)
         return self._create_job(spec, objects, fingerprint, key, client)
 
     def _earlier_job(self, request, key: str | None, client: str) -> tuple[str, Job | None]:

@@ -102,6 +102,8 @@ class JobRequest(MeasureOptions):
 
     exposures: list[JobExposure] = Field(min_length=1, description="exposures to measure the objects on")
     objects: Objects
+    store: bool = Field(False, description="store each exposure's DiaForcedSources in the server's APDB as it is measured "
+                                           "(idempotent); the counts are in the result's provenance, failures in the job's errors")
 
 
 class Position(BaseModel):

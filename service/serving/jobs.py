@@ -27,6 +27,7 @@ from forcedphot.photometry.config import MeasurementConfig
 from forcedphot.photometry.exposure import ExposureError
 from forcedphot.photometry.objects import InputError
 from forcedphot.photometry.psf_models import PsfError
+from forcedphot.serving.apdb import ApdbUnavailable, open_apdb, store_forced_sources
 from forcedphot.serving.campaign import run_campaign
 from forcedphot.serving.executor import EpochInput, ExposureInput, LightCurveTask, MeasureService, MeasureTask
 from forcedphot.serving.job_store import STORE_ERRORS, Job, JobStore, store_error_reason
@@ -238,6 +239,12 @@ class JobRunner:
                 continue
             if outcome.measurement.table.num_rows:
                 written.append(write_part(outcome.measurement.table, parts / f"part-{i:06d}.parquet"))
+            if spec.get("store"):  # the measurement is kept whether or not the APDB takes it
+                try:
+                    stored = store_forced_sources(open_apdb(spec["store"]), outcome.measurement.table)
+                    outcome.measurement.provenance["apdb"] = {"rows_stored": stored}
+                except (ApdbUnavailable, InputError) as exc:
+                    errors.append({"exposure": (difference or science).label, "detail": f"measured, but not stored in the APDB: {exc}"})
             provenances.append(outcome.measurement.provenance)
             self._progress_made(job.id)
             self._record_progress(job, i + 1, (i + 1) / n, retry=True)

@@ -185,3 +185,32 @@ def test_unreachable_apdb_is_named_without_its_address(tmp_path):
     with pytest.raises(ApdbUnavailable) as raised:
         objects_on(open_apdb(str(config)), [(10.0, 0.0), (10.1, 0.0), (10.1, 0.1)], 1)
     assert str(tmp_path) not in str(raised.value) and "cannot be reached" in str(raised.value)
+
+
+def test_a_job_of_named_apdb_objects_stores_each_exposure(apdb_config, repo, tmp_path):
+    from service_helpers import read_parquet, wait_until
+    import pyarrow.parquet as pq
+
+    app = create_app(settings_for(repo["root"], tmp_path / "data", apdb_config=str(apdb_config)))
+    ids = on_detector(repo)["diaObjectId"].tolist()[:5]
+    body = {"exposures": [{"exposure": data_id()}, {"exposure": data_id(visit=VISIT + 1)}], "objects": {"apdb": {"diaObjectIds": ids}},
+            "store": True, "psf_fwhm": FWHM}
+    with TestClient(app, headers=AUTH) as client:
+        def run(request):
+            accepted = client.post("/v1/jobs", json=request)
+            assert accepted.status_code == 202, accepted.text
+            status = wait_until(lambda: (lambda s: s if s["state"] in ("succeeded", "failed") else None)(
+                client.get(f"/v1/jobs/{accepted.json()['id']}").json()), timeout=60)
+            assert status["state"] == "succeeded" and status["errors"] == [], status
+            result = client.get(status["result"]).content
+            return read_parquet(result), pq.read_schema(pd.io.common.BytesIO(result)).metadata[b"forcedphot"].decode()
+
+        catalog, provenance = run(body)
+        assert sorted(set(catalog["diaObjectId"])) == sorted(ids) and len(catalog) == 10
+        assert provenance.count('"rows_stored": 5') == 2
+        _, again = run({**body, "psf_fwhm": FWHM + 0.5})  # another job, the same rows: nothing written twice
+        assert again.count('"rows_stored": 0') == 2
+        region = client.post("/v1/jobs", json={**body, "objects": {"apdb": {}}})
+        assert region.status_code == 422 and "one exposure at a time" in region.json()["detail"]
+    stored = stored_forced_sources(open_apdb(str(apdb_config)), ids)
+    assert len(stored) == 10 and set(stored["visit"]) == {VISIT, VISIT + 1}
