@@ -24,6 +24,9 @@ class MeasurementConfig(BaseModel):
     include_offimage: bool = Field(False, description="return objects off the detector, flagged pixelFlags_offimage")
     extra_columns: bool = Field(False, description="add psfMag, psfMagErr (AB), psfFlux_snr and psfMagLim5Sigma")
     backend: Literal["auto", "numpy", "cupy", "stand-in"] = "auto"
+    cpu_kernels: Literal["fused", "array-api"] = Field(
+        "fused", description="on the NumPy backend: every measurement of an object in one compiled pass (numba, all cores), "
+                             "or the array-API kernels that a GPU runs (the same numbers; kept for comparison)")
 
     @field_validator("apertures_px")
     @classmethod

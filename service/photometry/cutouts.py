@@ -61,6 +61,10 @@ class Windows:
     def __len__(self) -> int:
         return len(self.index)
 
+    def take(self, rows: np.ndarray) -> "Windows":
+        """The windows at ``rows`` of this batch."""
+        return Windows(self.index[rows], self.ix[rows], self.iy[rows], self.cx[rows], self.cy[rows], self.size)
+
 
 @dataclass(frozen=True)
 class ResidentPlanes:
@@ -123,17 +127,19 @@ class DeviceCopies:
             self._planes.clear()
 
 
-def objects_per_batch(size: int, batch_bytes: int) -> int:
-    """How many ``size`` x ``size`` cutouts fit in ``batch_bytes`` (at least one)."""
-    return max(1, int(batch_bytes) // (size * size * BYTES_PER_STAGED_PIXEL))
+def objects_per_batch(size: int, batch_bytes: int, pixel_bytes: int = BYTES_PER_STAGED_PIXEL) -> int:
+    """How many ``size`` x ``size`` cutouts fit in ``batch_bytes`` at ``pixel_bytes`` a cutout
+    pixel (at least one)."""
+    return max(1, int(batch_bytes) // (size * size * pixel_bytes))
 
 
-def plan_windows(x: np.ndarray, y: np.ndarray, size: int, *, batch_bytes: int, band_width: int | None = None) -> Iterator[Windows]:
+def plan_windows(x: np.ndarray, y: np.ndarray, size: int, *, batch_bytes: int, band_width: int | None = None,
+                 pixel_bytes: int = BYTES_PER_STAGED_PIXEL) -> Iterator[Windows]:
     """Batches of windows of odd ``size`` for objects at local positions ``(x, y)``.
 
     All positions must be finite. Objects are visited in order of increasing row.
-    ``batch_bytes`` bounds each batch's stack (:data:`BYTES_PER_STAGED_PIXEL` per cutout
-    pixel) and, when the rows are read on the host (``band_width``: the image width),
+    ``batch_bytes`` bounds each batch's stack (``pixel_bytes`` per cutout pixel: staged
+    cutouts and the array-API kernels' work, :data:`BYTES_PER_STAGED_PIXEL`) and, when the rows are read on the host (``band_width``: the image width),
     the band of rows read for it (:data:`BYTES_PER_BAND_PIXEL` per band pixel); one
     object always fits.
     """
@@ -145,7 +151,7 @@ def plan_windows(x: np.ndarray, y: np.ndarray, size: int, *, batch_bytes: int, b
     iy = np.floor(y + 0.5).astype(np.int64)
     order = np.argsort(iy, kind="stable")
     sorted_rows = iy[order]
-    step = objects_per_batch(size, batch_bytes)
+    step = objects_per_batch(size, batch_bytes, pixel_bytes)
     band_rows = None if band_width is None else max(1, int(batch_bytes) // (BYTES_PER_BAND_PIXEL * (band_width + 2 * h)) - 2 * h)
     start = 0
     while start < len(order):
@@ -158,19 +164,48 @@ def plan_windows(x: np.ndarray, y: np.ndarray, size: int, *, batch_bytes: int, b
         start = stop
 
 
+@dataclass(frozen=True)
+class Band:
+    """The rows of an exposure's planes that one batch of windows spans, on the host."""
+
+    image: np.ndarray  # (rows, W) float32
+    variance: np.ndarray  # (rows, W) float32
+    mask: np.ndarray  # (rows, W) int32
+    row0: int  # the exposure row of the band's first row
+    height: int  # the exposure's height (rows beyond it lie off the image)
+    no_data_bit: int
+
+    def interior(self, windows: Windows) -> np.ndarray:
+        """(n,) bool: the window lies wholly on the image."""
+        h, width = windows.size // 2, self.image.shape[1]
+        ix, iy = windows.ix, windows.iy
+        return (ix - h >= 0) & (ix + h < width) & (iy - h >= 0) & (iy + h < self.height)
+
+    def cutouts(self, windows: Windows) -> Cutouts:
+        """Host cutouts of ``windows``: those wholly on the image taken straight from the
+        band (a memory-mapped view where the file allows, so only their pages are touched),
+        the few that cross an edge through :func:`~forcedphot.kernels.cutouts.gather_cutouts`."""
+        return _cutouts(self, windows)
+
+
+def read_band(reader: RowReader, windows: Windows, no_data_bit: int) -> Band:
+    """The band of rows the windows of one batch (from :func:`plan_windows` with ``band_width``) span."""
+    h = windows.size // 2
+    read_lo, read_hi = max(int(windows.iy.min()) - h, 0), min(int(windows.iy.max()) + h + 1, reader.height)
+    return Band(*reader.read_rows(read_lo, read_hi), row0=read_lo, height=reader.height, no_data_bit=no_data_bit)
+
+
 def stage_cutouts(reader: RowReader, windows: Windows, no_data_bit: int) -> Cutouts:
     """Host cutouts of one batch (from :func:`plan_windows` with ``band_width``), gathered
-    from the band of rows they span.
+    from the band of rows they span (see :meth:`Band.cutouts`)."""
+    return read_band(reader, windows, no_data_bit).cutouts(windows)
 
-    Windows wholly on the image are taken straight from the band (a memory-mapped view
-    where the file allows, so only their pages are touched); the few that cross an edge
-    go through :func:`~forcedphot.kernels.cutouts.gather_cutouts` on the band.
-    """
+
+def _cutouts(band: Band, windows: Windows) -> Cutouts:
     size, h = windows.size, windows.size // 2
     ix, iy = windows.ix, windows.iy
-    height, width = reader.height, reader.width
-    read_lo, read_hi = max(int(iy.min()) - h, 0), min(int(iy.max()) + h + 1, height)
-    planes = reader.read_rows(read_lo, read_hi)
+    read_lo, no_data_bit = band.row0, band.no_data_bit
+    planes = (band.image, band.variance, band.mask)
     n = len(windows)
     image = np.empty((n, size, size), np.float32)
     variance = np.empty((n, size, size), np.float32)
@@ -178,7 +213,7 @@ def stage_cutouts(reader: RowReader, windows: Windows, no_data_bit: int) -> Cuto
     inside = np.ones((n, size, size), bool)
     stacks = (image, variance, mask)
 
-    interior = (ix - h >= 0) & (ix + h < width) & (iy - h >= 0) & (iy + h < height)
+    interior = band.interior(windows)
     inner = np.flatnonzero(interior)
     if inner.size:
         for stack, plane in zip(stacks, planes):

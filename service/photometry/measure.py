@@ -26,10 +26,12 @@ from forcedphot.photometry.config import MeasurementConfig
 from forcedphot.photometry.cutouts import (
     BYTES_PER_BAND_PIXEL,
     BYTES_PER_PLANE_PIXEL,
+    Band,
     ResidentPlanes,
     Windows,
     no_data_bit,
     plan_windows,
+    read_band,
     stage_cutouts,
 )
 from forcedphot.photometry.exposure import Exposure
@@ -105,16 +107,20 @@ def stays_on_device(exposure: Exposure, backend: Backend, n_objects: int, size: 
 
 
 def batches(exposure: Exposure, backend: Backend, x: np.ndarray, y: np.ndarray, size: int,
-            config: MeasurementConfig) -> Iterator[tuple[Windows, Cutouts | ResidentPlanes]]:
+            config: MeasurementConfig) -> Iterator[tuple[Windows, Cutouts | ResidentPlanes | Band]]:
     """Cutout windows of objects at local ``(x, y)`` in memory-bounded batches, each with
-    its pixels: the exposure's device-resident planes (:func:`stays_on_device`), or host
-    cutouts staged from bands of rows."""
+    its pixels: the exposure's device-resident planes (:func:`stays_on_device`), host
+    cutouts staged from bands of rows, or (the fused CPU kernels) the band itself."""
     resident = stays_on_device(exposure, backend, len(x), size)
     if resident is not None:
         for windows in plan_windows(x, y, size, batch_bytes=config.batch_bytes):
             yield windows, resident
         return
     no_data = no_data_bit(exposure.mask_planes)
+    if backend.name == "numpy" and config.cpu_kernels == "fused":  # read in place from the band: nothing staged
+        for windows in plan_windows(x, y, size, batch_bytes=config.batch_bytes, band_width=exposure.width, pixel_bytes=BYTES_PER_BAND_PIXEL):
+            yield windows, read_band(exposure, windows, no_data)
+        return
     for windows in plan_windows(x, y, size, batch_bytes=config.batch_bytes, band_width=exposure.width):
         yield windows, stage_cutouts(exposure, windows, no_data)
 

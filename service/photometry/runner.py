@@ -34,7 +34,7 @@ from forcedphot.kernels import (
 from forcedphot.kernels.cutouts import Cutouts
 from forcedphot.photometry.backend import Backend
 from forcedphot.photometry.config import MeasurementConfig
-from forcedphot.photometry.cutouts import ResidentPlanes, Windows
+from forcedphot.photometry.cutouts import Band, ResidentPlanes, Windows
 from forcedphot.photometry.exposure import Exposure
 from forcedphot.photometry.psf_models import PsfModel
 
@@ -140,7 +140,7 @@ class KernelInputs:
     positions are concatenated, each part's pixels being gathered where they lie."""
 
     windows: Windows
-    pixels: Cutouts | ResidentPlanes  # (n, K, K) host stacks, or device-resident planes
+    pixels: Cutouts | ResidentPlanes | Band  # (n, K, K) host stacks, device-resident planes, or a host band of rows
     x: np.ndarray  # (n,) local positions, px (for the PSF model)
     y: np.ndarray
     sigma: np.ndarray  # (n,) PSF determinant radius, px
@@ -171,7 +171,7 @@ class KernelRunner:
         """Runners with equal keys compute identically: their inputs may share a batch."""
         return (self.backend.name, self.bad_fit_bits, self.background_reject_bits, tuple(sorted(self.flag_bits.items())), self.config.model_dump_json())
 
-    def inputs(self, windows: Windows, pixels: Cutouts | ResidentPlanes, x: np.ndarray, y: np.ndarray,
+    def inputs(self, windows: Windows, pixels: Cutouts | ResidentPlanes | Band, x: np.ndarray, y: np.ndarray,
                sigma: np.ndarray | None = None) -> KernelInputs:
         """Kernel inputs for one batch of windows; x, y local positions, sigma PSF widths (px)."""
         sigma = np.full(len(x), np.nan) if sigma is None else sigma
@@ -199,6 +199,8 @@ class KernelRunner:
             hi = lo + len(part)
             if isinstance(part.pixels, ResidentPlanes):
                 stacks.append(part.pixels.gather(ix[lo:hi], iy[lo:hi], part.windows.size))
+            elif isinstance(part.pixels, Band):
+                stacks.append(Cutouts(*(to(plane) for plane in part.pixels.cutouts(part.windows))))
             else:
                 stacks.append(Cutouts(*(to(plane) for plane in part.pixels)))
             stamps.append(part.psf.stamps(part.x, part.y, xp, to))
@@ -216,14 +218,16 @@ class KernelRunner:
         windows the host computed; and brings everything back in one download.
         """
         xp, to, config = self.backend.xp, self.backend.to_device, self.config
+        if full and self.backend.name == "numpy" and config.cpu_kernels == "fused":
+            return [self._fused(part) for part in parts]
         host = {name: np.concatenate([getattr(p.windows, name) for p in parts]) for name in ("ix", "iy", "cx", "cy")}
         host["sigma"] = np.concatenate([p.sigma for p in parts])
         packed = to(np.stack([host["ix"], host["iy"], host["cx"], host["cy"], host["sigma"]]).astype(np.float64))
         ix, iy = (xp.astype(packed[i, ...], xp.int64) for i in (0, 1))
         cx, cy, sigma = packed[2, ...], packed[3, ...], packed[4, ...]
         image, variance, mask, inside, psf = self._on_device(parts, ix, iy)
-        fit = self._psf_fit(xp, image, variance, mask, inside, psf)
         sizes = [len(p) for p in parts]
+        fit = self._psf_fit(xp, image, variance, mask, inside, psf)
         if not full:
             return split_results(self._download(KernelResults(fit)), sizes)
         k = image.shape[1]
@@ -240,6 +244,33 @@ class KernelRunner:
         flags = pixel_flags(mask, inside, cx, cy, config.psf_footprint_scaling * sigma, self.flag_bits,
                             window=footprint_window(host["cx"], host["cy"], radius, k))
         return split_results(self._download(KernelResults(fit, apertures, background, flags)), sizes)
+
+    def _fused(self, part: KernelInputs) -> KernelResults:
+        """Every measurement of one batch on the host in one compiled pass per object
+        (:mod:`forcedphot.kernels.fused_cpu`), the same numbers as the array-API kernels.
+        From a band, windows wholly on the image are read in place; only those crossing its
+        edge are staged."""
+        from forcedphot.kernels.fused_cpu import NO_PLANE, FusedParameters, measure_windows
+
+        c, w = self.config, part.windows
+        flag_bits = np.array([NO_PLANE if self.flag_bits[name] is None else self.flag_bits[name] for name in PIXEL_FLAG_NAMES], np.int64)
+        parameters = FusedParameters(np.asarray(c.apertures_px, np.float64), self.bad_fit_bits, self.background_reject_bits, flag_bits,
+                                     c.psf_footprint_scaling, c.background_inner_sigma, c.background_outer_sigma,
+                                     c.background_iterations, c.background_clip_sigma)
+        stamps = part.psf.stamps(part.x, part.y, np)
+        if isinstance(part.pixels, Band):
+            band, h = part.pixels, w.size // 2
+            edge = np.flatnonzero(~band.interior(w))
+            staged = band.cutouts(w.take(edge))
+            stack_of = np.full(len(w), -1, np.int64)
+            stack_of[edge] = np.arange(len(edge))
+            out = measure_windows(band.image, band.variance, band.mask, w.iy - h - band.row0, w.ix - h, *staged, stack_of,
+                                  stamps, w.cx, w.cy, part.sigma, parameters)
+        else:
+            nothing = np.zeros((0, 0), np.float32)
+            out = measure_windows(nothing, nothing, np.zeros((0, 0), np.int32), np.zeros(len(w), np.int64), np.zeros(len(w), np.int64),
+                                  *part.pixels, np.arange(len(w)), stamps, w.cx, w.cy, part.sigma, parameters)
+        return KernelResults(PsfFluxResult(*out[:8]), ApertureFluxes(*out[8:11]), LocalBackground(*out[11:15]), PixelFlags(*out[15:18]))
 
     def _download(self, results: KernelResults) -> KernelResults:
         """``results`` on the host, copied in one transfer: every array packed as float64

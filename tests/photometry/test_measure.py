@@ -164,7 +164,7 @@ def test_difference_mode(scene, tmp_path):
     diff_path = write_exposure(tmp_path / "diff.fits", diff, np.full(diff.shape, 2 * SKY_VARIANCE), wcs=scene["wcs"], x0=X0, y0=Y0)
     calls = []
     with open_exposure(scene["path"]) as science, open_exposure(diff_path) as difference:
-        result = measure(science, scene["objects"], GaussianPsf(FWHM), MeasurementConfig(backend="numpy", batch_bytes=2**20),
+        result = measure(science, scene["objects"], GaussianPsf(FWHM), MeasurementConfig(backend="numpy", batch_bytes=2**17),
                          difference=difference, progress=lambda done, total: calls.append((done, total)))
     # progress counts objects (not object-images): it ends at the number measured
     assert len(calls) > 1 and calls[-1] == (result.n_on_detector, result.n_on_detector)

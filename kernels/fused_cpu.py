@@ -1,0 +1,457 @@
+"""Every measurement of a stack in one compiled pass per object: the CPU fast path.
+
+The array-API kernels (:mod:`~forcedphot.kernels.psf_flux`, :mod:`~.aperture`,
+:mod:`~.local_background`, :mod:`~.pixel_flags`) run the same formulas as whole-array
+operations over ``(N, K, K)`` stacks, which streams every object's pixels through memory
+tens of times and sorts each background annulus. Here each object is measured once, in a
+loop compiled with numba and spread over the cores (``prange``), touching only its own
+pixels: the PSF-stamp box, the pixels some aperture reaches (exact overlap computed only
+for pixels on a circle's rim), the annulus (its quartiles found by selection, not a sort;
+the clipping passes as sums over the kept values) and the footprint.
+
+Same inputs, same semantics, same pixel conventions as the array-API kernels (see their
+module docstrings, which this follows line by line). Results agree with them to the last
+bits of the sums (different summation order; ``tests/kernels/test_fused_cpu.py`` holds the
+two to 1e-10 relative and every flag identical). A background pixel exactly at a clipping
+boundary could fall the other way for a difference in the last bit of the clip centre.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+from numba import njit, prange
+import numpy as np
+
+from forcedphot.kernels.local_background import IQ_TO_STDEV
+
+NO_PLANE = -1  # a flag plane the mask does not define: never set
+
+
+class FusedParameters(NamedTuple):
+    """Everything but the pixels and positions, as the array-API kernels take it."""
+
+    radii: np.ndarray  # (R,) aperture radii, px
+    bad_fit_bits: int  # mask bits the PSF fit leaves out (0: none)
+    background_reject_bits: int  # mask bits left out of the background annulus
+    flag_bits: np.ndarray  # (P,) int64 bit numbers of the flag planes, NO_PLANE where undefined
+    footprint_scaling: float  # footprint radius in PSF sigmas
+    inner: float  # annulus radii in PSF sigmas
+    outer: float
+    n_iter: int  # clipping passes
+    n_sigma: float  # clipping half-width
+
+
+def measure_stack(image: np.ndarray, variance: np.ndarray, mask: np.ndarray, inside: np.ndarray, psf: np.ndarray,
+                  cx: np.ndarray, cy: np.ndarray, sigma: np.ndarray, parameters: FusedParameters) -> tuple[np.ndarray, ...]:
+    """Measure every object of a stack of cutouts.
+
+    Parameters
+    ----------
+    image, variance : (N, K, K) float arrays
+        Cutouts of the image and its variance.
+    mask : (N, K, K) integer array
+        Mask bits.
+    inside : (N, K, K) bool array
+        The pixel lies on the image.
+    psf : (N, Kp, Kp) float array
+        PSF stamps (sum 1), centred as the cutouts' central ``Kp x Kp`` box.
+    cx, cy : (N,) float arrays
+        Positions in stamp coordinates, px (pixel ``[j, i]`` centred at ``(i, j)``).
+    sigma : (N,) float array
+        PSF determinant radius, px.
+    parameters : FusedParameters
+
+    Returns
+    -------
+    tuple of arrays
+        PSF fit: flux, flux_err, area, chi2 (float64), npixels (int64), flag, flag_edge,
+        flag_no_good_pixels (bool); apertures: flux, flux_err (float64), truncated (bool),
+        each ``(N, R)``; background: mean, std (float64), n_pixels (int64), no-good flag;
+        pixel flags: any, center, center_all, each ``(N, P)`` bool.
+    """
+    n = image.shape[0]
+    nothing = np.zeros((0, 0), np.float32)
+    return measure_windows(nothing, nothing, np.zeros((0, 0), np.int32), np.zeros(n, np.int64), np.zeros(n, np.int64),
+                           image, variance, mask, inside, np.arange(n), psf, cx, cy, sigma, parameters)
+
+
+def measure_windows(band_image: np.ndarray, band_variance: np.ndarray, band_mask: np.ndarray, row0: np.ndarray, col0: np.ndarray,
+                    image: np.ndarray, variance: np.ndarray, mask: np.ndarray, inside: np.ndarray, stack_of: np.ndarray,
+                    psf: np.ndarray, cx: np.ndarray, cy: np.ndarray, sigma: np.ndarray, parameters: FusedParameters) -> tuple[np.ndarray, ...]:
+    """Measure objects whose ``K x K`` windows lie wholly inside a band of rows of the image
+    planes (``stack_of[i] < 0``: window ``band[row0[i]:row0[i] + K, col0[i]:col0[i] + K]``,
+    read in place, nothing staged) or are staged cutouts (``stack_of[i]``: the cutout's
+    index in the ``(M, K, K)`` stacks, with their ``inside``; for windows crossing the
+    image's edge). ``K`` is the stacks' side; the rest as :func:`measure_stack`."""
+    p = parameters
+    native = [np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("=")) for a in (band_image, band_variance, band_mask, image, variance, mask)]
+    return _measure(*native[:3], np.asarray(row0, np.int64), np.asarray(col0, np.int64), *native[3:], np.ascontiguousarray(inside),
+                    np.asarray(stack_of, np.int64), np.ascontiguousarray(psf, dtype=np.float64),
+                    np.ascontiguousarray(cx, dtype=np.float64), np.ascontiguousarray(cy, dtype=np.float64),
+                    np.ascontiguousarray(sigma, dtype=np.float64), np.asarray(p.radii, dtype=np.float64),
+                    np.int64(p.bad_fit_bits), np.int64(p.background_reject_bits), np.asarray(p.flag_bits, dtype=np.int64),
+                    float(p.footprint_scaling), float(p.inner), float(p.outer), int(p.n_iter), float(p.n_sigma))
+
+
+@njit(parallel=True, cache=True, error_model="numpy")
+def _measure(band_image, band_variance, band_mask, row0, col0, image, variance, mask, inside, stack_of, psf, cx, cy, sigma,
+             radii, bad_fit_bits, reject_bits, flag_bits, footprint_scaling, inner, outer, n_iter, n_sigma):
+    n, k = psf.shape[0], image.shape[1]
+    n_radii, n_planes = radii.shape[0], flag_bits.shape[0]
+    fit = np.empty((n, 4))
+    npixels = np.zeros(n, np.int64)
+    fit_flags = np.zeros((n, 3), np.bool_)
+    ap_flux = np.zeros((n, n_radii))
+    ap_err = np.zeros((n, n_radii))
+    ap_truncated = np.zeros((n, n_radii), np.bool_)
+    background = np.empty((n, 2))
+    n_background = np.zeros(n, np.int64)
+    flags_any = np.zeros((n, n_planes), np.bool_)
+    flags_center = np.zeros((n, n_planes), np.bool_)
+    flags_all = np.zeros((n, n_planes), np.bool_)
+    on_image = np.ones((k, k), np.bool_)
+    for i in prange(n):
+        scratch = np.empty((10, k + 2))
+        j = stack_of[i]
+        if j < 0:
+            y, x = row0[i], col0[i]
+            _object(band_image[y:y + k, x:x + k], band_variance[y:y + k, x:x + k], band_mask[y:y + k, x:x + k], on_image, psf[i],
+                    cx[i], cy[i], sigma[i], radii, bad_fit_bits, reject_bits, flag_bits, footprint_scaling, inner, outer, n_iter, n_sigma,
+                    i, scratch, fit, fit_flags, npixels, ap_flux, ap_err, ap_truncated, background, n_background,
+                    flags_any, flags_center, flags_all)
+        else:
+            _object(image[j], variance[j], mask[j], inside[j], psf[i],
+                    cx[i], cy[i], sigma[i], radii, bad_fit_bits, reject_bits, flag_bits, footprint_scaling, inner, outer, n_iter, n_sigma,
+                    i, scratch, fit, fit_flags, npixels, ap_flux, ap_err, ap_truncated, background, n_background,
+                    flags_any, flags_center, flags_all)
+    return (fit[:, 0].copy(), fit[:, 1].copy(), fit[:, 2].copy(), fit[:, 3].copy(), npixels,
+            fit_flags[:, 0].copy(), fit_flags[:, 1].copy(), fit_flags[:, 2].copy(),
+            ap_flux, ap_err, ap_truncated,
+            background[:, 0].copy(), background[:, 1].copy(), n_background, n_background == 0,
+            flags_any, flags_center, flags_all)
+
+
+@njit(cache=True, error_model="numpy")
+def _object(image, variance, mask, inside, psf, cx, cy, sigma, radii, bad_fit_bits, reject_bits, flag_bits, footprint_scaling,
+            inner, outer, n_iter, n_sigma, i, scratch, fit, fit_flags, npixels, ap_flux, ap_err, ap_truncated, background,
+            n_background, flags_any, flags_center, flags_all):
+    """Every measurement of object ``i`` from its ``K x K`` window, into row ``i`` of the outputs."""
+    _psf_fit(image, variance, mask, inside, psf, bad_fit_bits, fit[i], fit_flags[i], npixels, i)
+    for a in range(radii.shape[0]):
+        _aperture(image, variance, inside, cx, cy, radii[a], ap_flux, ap_err, ap_truncated, i, a, scratch)
+    _background(image, variance, mask, inside, cx, cy, inner * sigma, outer * sigma, reject_bits, n_iter, n_sigma,
+                background[i], n_background, i)
+    _flags(mask, inside, cx, cy, footprint_scaling * sigma, flag_bits, flags_any[i], flags_center[i], flags_all[i])
+
+
+@njit(cache=True, error_model="numpy")
+def _psf_fit(image, variance, mask, inside, psf, bad_fit_bits, out, out_flags, npixels, i):
+    """As :func:`~forcedphot.kernels.psf_flux.psf_flux` on the central ``Kp x Kp`` box."""
+    k, kp = image.shape[0], psf.shape[0]
+    start = k // 2 - kp // 2
+    count = 0
+    sum_p = sum_pp = sum_pd = sum_ppv = 0.0
+    all_inside = True
+    for y in range(kp):
+        for x in range(kp):
+            on = inside[start + y, start + x]
+            if not on:
+                all_inside = False
+                continue
+            if bad_fit_bits != 0 and (mask[start + y, start + x] & bad_fit_bits) != 0:
+                continue
+            pv = psf[y, x]
+            count += 1
+            sum_p += pv
+            sum_pp += pv * pv
+            sum_pd += pv * float(image[start + y, start + x])
+            sum_ppv += pv * pv * float(variance[start + y, start + x])
+    npixels[i] = count
+    good = count > 0
+    nan = math.nan
+    if good:
+        flux = sum_pd / sum_pp
+        flux_err = math.sqrt(sum_ppv) / sum_pp
+        area = sum_p * sum_p / sum_pp
+        chi2 = 0.0
+        for y in range(kp):
+            for x in range(kp):
+                if not inside[start + y, start + x]:
+                    continue
+                if bad_fit_bits != 0 and (mask[start + y, start + x] & bad_fit_bits) != 0:
+                    continue
+                residual = float(image[start + y, start + x]) - flux * psf[y, x]
+                chi2 += residual * residual / float(variance[start + y, start + x])
+    else:
+        flux = flux_err = area = chi2 = nan
+    finite = math.isfinite(flux) and math.isfinite(flux_err)
+    out[0] = flux if finite else nan
+    out[1] = flux_err
+    out[2] = area
+    out[3] = chi2
+    out_flags[1] = not all_inside
+    out_flags[2] = not good
+    out_flags[0] = (not all_inside) or (not good) or (not finite)
+
+
+@njit(cache=True, error_model="numpy")
+def _edge_terms(offsets, r, sign, clipped, root, term, row):
+    """The per-edge parts of :func:`~forcedphot.kernels.aperture._corner_area` for corner
+    offsets ``offsets`` (px from the centre) along one axis: the sign, ``min(|o|, r)``, its
+    chord half-length, and the row part ``a c + r^2 atan2(c, a)`` (``row``) or the column
+    part ``c s - r^2 atan2(s, c)``; one atan2 per edge, as the array-API kernel."""
+    for j in range(offsets.shape[0]):
+        o = offsets[j]
+        sign[j] = 1.0 - 2.0 * (1.0 if o < 0 else 0.0)
+        c = min(abs(o), r)
+        h = math.sqrt((r - c) * (r + c))
+        clipped[j] = c
+        root[j] = h
+        term[j] = h * c + r * r * math.atan2(c, h) if row else c * h - r * r * math.atan2(h, c)
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _corner(j, i, r, sign_v, yc, rows, sign_u, xc, cols):
+    """Signed circle area inside the rectangle from the centre to corner (row j, column i)."""
+    if xc[i] * xc[i] + yc[j] * yc[j] <= r * r:
+        area = xc[i] * yc[j]
+    else:
+        area = 0.5 * (rows[j] + cols[i])
+    return (sign_v[j] * sign_u[i]) * area
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _gaps(lo, hi):
+    """Nearest and farthest distance from the centre, along one axis, of a pixel's span."""
+    near = max(max(lo, -hi), 0.0)
+    far = max(abs(lo), abs(hi))
+    return near, far
+
+
+@njit(cache=True, error_model="numpy")
+def _aperture(image, variance, inside, cx, cy, r, flux_out, err_out, truncated_out, i, a, scratch):
+    """As :func:`~forcedphot.kernels.aperture.aperture_fluxes` for one object and radius:
+    exact overlap weights, from corners only for pixels on the circle's rim."""
+    k = image.shape[0]
+    flux = 0.0
+    var = 0.0
+    truncated = (cx - r < -0.5) or (cx + r > k - 0.5) or (cy - r < -0.5) or (cy + r > k - 0.5)
+    if math.isfinite(cx) and math.isfinite(cy):
+        x0 = max(0, int(math.floor(cx - r - 0.5)))
+        x1 = min(k, int(math.ceil(cx + r + 0.5)) + 1)
+        y0 = max(0, int(math.floor(cy - r - 0.5)))
+        y1 = min(k, int(math.ceil(cy + r + 0.5)) + 1)
+        nx, ny = x1 - x0 + 1, y1 - y0 + 1  # corner columns and rows
+        u, v = scratch[0, :nx], scratch[1, :ny]
+        for c in range(nx):
+            u[c] = (x0 + c - 0.5) - cx
+        for c in range(ny):
+            v[c] = (y0 + c - 0.5) - cy
+        sign_u, xc, s, cols = scratch[2, :nx], scratch[3, :nx], scratch[4, :nx], scratch[5, :nx]
+        sign_v, yc, h, rows = scratch[6, :ny], scratch[7, :ny], scratch[8, :ny], scratch[9, :ny]
+        _edge_terms(u, r, sign_u, xc, s, cols, False)
+        _edge_terms(v, r, sign_v, yc, h, rows, True)
+        r2 = r * r
+        for y in range(y0, y1):
+            j = y - y0
+            near_y, far_y = _gaps(v[j], v[j + 1])
+            for x in range(x0, x1):
+                c = x - x0
+                near_x, far_x = _gaps(u[c], u[c + 1])
+                if near_y * near_y + near_x * near_x >= r2:
+                    continue
+                if far_y * far_y + far_x * far_x <= r2:
+                    w = 1.0
+                else:
+                    across_hi = _corner(j + 1, c + 1, r, sign_v, yc, rows, sign_u, xc, cols) - \
+                        _corner(j + 1, c, r, sign_v, yc, rows, sign_u, xc, cols)
+                    across_lo = _corner(j, c + 1, r, sign_v, yc, rows, sign_u, xc, cols) - \
+                        _corner(j, c, r, sign_v, yc, rows, sign_u, xc, cols)
+                    w = min(max(across_hi - across_lo, 0.0), 1.0)
+                    if w <= 0.0:
+                        continue
+                d = float(image[y, x])
+                vv = float(variance[y, x])
+                if inside[y, x] and math.isfinite(d) and math.isfinite(vv):
+                    flux += w * d
+                    var += w * w * vv
+                else:
+                    truncated = True
+    flux_out[i, a] = flux
+    err_out[i, a] = math.sqrt(var)
+    truncated_out[i, a] = truncated
+
+
+@njit(cache=True)
+def _select(values, lo, hi, kth):
+    """Put the ``kth`` smallest of ``values[lo:hi]`` at ``values[kth]``, smaller ones
+    before it and larger after (Hoare's selection, median-of-three pivots)."""
+    while hi - lo > 1:
+        mid = (lo + hi - 1) // 2
+        a, b, c = values[lo], values[mid], values[hi - 1]
+        pivot = max(min(a, b), min(max(a, b), c))
+        i, j = lo, hi - 1
+        while i <= j:
+            while values[i] < pivot:
+                i += 1
+            while values[j] > pivot:
+                j -= 1
+            if i <= j:
+                values[i], values[j] = values[j], values[i]
+                i += 1
+                j -= 1
+        if kth <= j:
+            hi = j + 1
+        elif kth >= i:
+            lo = i
+        else:
+            return
+
+
+@njit(cache=True, inline="always")
+def _smallest(values, lo, hi):
+    """The smallest of ``values[lo:hi]``; ``values[lo]`` for an empty range (``lo`` then is the
+    next selected position, whose value is the one wanted)."""
+    least = values[lo]
+    for j in range(lo + 1, hi):
+        if values[j] < least:
+            least = values[j]
+    return least
+
+
+@njit(cache=True, error_model="numpy")
+def _quartiles(values, n, out):
+    """The order statistics around ``f (n - 1)`` for f = 1/4, 1/2, 3/4 (each one's floor and
+    ceiling position, ``out[2 q]`` and ``out[2 q + 1]``) of ``values[:n]``, which it reorders:
+    the median's floor is selected over all, the quartiles' floors in the halves on each
+    side, and each ceiling is the smallest value between its floor and the next selected
+    position (about two passes over the values, where a sort takes log2(n))."""
+    lo1, hi1, _ = _quantile_positions(n, 0.25)
+    lo2, hi2, _ = _quantile_positions(n, 0.5)
+    lo3, hi3, _ = _quantile_positions(n, 0.75)
+    _select(values, 0, n, lo2)
+    if lo3 > lo2:
+        _select(values, lo2 + 1, n, lo3)  # the values above the median's floor
+    if lo1 < lo2:
+        _select(values, 0, lo2, lo1)  # those below it
+    next1 = lo2 if lo2 > lo1 else (lo3 if lo3 > lo1 else n)  # the next selected position, or the end
+    next2 = lo3 if lo3 > lo2 else n
+    out[0] = values[lo1]
+    out[1] = values[lo1] if hi1 == lo1 else _smallest(values, lo1 + 1, next1)
+    out[2] = values[lo2]
+    out[3] = values[lo2] if hi2 == lo2 else _smallest(values, lo2 + 1, next2)
+    out[4] = values[lo3]
+    out[5] = values[lo3] if hi3 == lo3 else _smallest(values, lo3 + 1, n)
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _quantile_positions(n, f):
+    last = max(n - 1, 0)
+    pos = f * float(last)
+    lo = int(math.floor(pos))
+    hi = min(lo + 1, last)
+    return lo, hi, pos - float(lo)
+
+
+@njit(cache=True, error_model="numpy")
+def _background(image, variance, mask, inside, cx, cy, r_in, r_out, reject_bits, n_iter, n_sigma, out, n_out, i):
+    """As :func:`~forcedphot.kernels.local_background.local_background` for one object:
+    the annulus ``r_in < d <= r_out`` (afw's rim rule), clipped mean and std."""
+    k = image.shape[0]
+    nan = math.nan
+    n = 0
+    values = np.empty(0, image.dtype)
+    if math.isfinite(cx) and math.isfinite(cy) and math.isfinite(r_out) and math.isfinite(r_in):
+        x0 = max(0, int(math.floor(cx - r_out)))
+        x1 = min(k, int(math.ceil(cx + r_out)) + 1)
+        y0 = max(0, int(math.floor(cy - r_out)))
+        y1 = min(k, int(math.ceil(cy + r_out)) + 1)
+        values = np.empty(max(0, (x1 - x0) * (y1 - y0)), image.dtype)
+        ro2, ri2 = r_out * r_out, r_in * r_in
+        for y in range(y0, y1):
+            dy2 = (float(y) - cy) ** 2
+            for x in range(x0, x1):
+                d2 = (float(x) - cx) ** 2 + dy2
+                if not (dy2 < ro2 and d2 <= ro2) or (dy2 < ri2 and d2 <= ri2):
+                    continue
+                if not inside[y, x] or (mask[y, x] & reject_bits) != 0:
+                    continue
+                value = image[y, x]
+                if not (math.isfinite(value) and math.isfinite(variance[y, x])):
+                    continue
+                values[n] = value
+                n += 1
+    n_out[i] = n
+    if n == 0:
+        out[0] = nan
+        out[1] = nan
+        return
+    # quartiles and median: linear interpolation between the order statistics around f (n - 1)
+    stats = np.empty(6)
+    _quartiles(values, n, stats)
+    fractions = (0.25, 0.5, 0.75)
+    quartiles = np.empty(3)
+    for q in range(3):
+        _, _, w = _quantile_positions(n, fractions[q])
+        quartiles[q] = (1.0 - w) * stats[2 * q] + w * stats[2 * q + 1]
+    median = quartiles[1]
+    iqr_width = n_sigma * IQ_TO_STDEV * (quartiles[2] - quartiles[0])
+    centre, half_width, std = median, iqr_width, nan
+    for _ in range(n_iter):
+        low, high = centre - half_width, centre + half_width
+        count = 0
+        s1 = s2 = 0.0
+        for j in range(n):
+            value = float(values[j])
+            if low <= value <= high:
+                shifted = value - median
+                count += 1
+                s1 += shifted
+                s2 += shifted * shifted
+        mean_shift = s1 / (count if count > 0 else 1.0)
+        var = max(s2 - s1 * mean_shift, 0.0) / (count - 1.0 if count > 1 else 1.0)
+        centre = median + mean_shift if count > 0 else nan
+        std = math.sqrt(var) if count > 1 else nan
+        half_width = n_sigma * std if n > 1 else iqr_width
+    out[0] = centre
+    out[1] = std
+
+
+@njit(cache=True, error_model="numpy")
+def _flags(mask, inside, cx, cy, radius, flag_bits, any_out, center_out, all_out):
+    """As :func:`~forcedphot.kernels.pixel_flags.pixel_flags` for one object: the bits of the
+    footprint (disc of ``radius`` plus the peak pixel) and of the central 3x3 box."""
+    k = mask.shape[0]
+    footprint_bits = 0
+    box_any = 0
+    box_all = -1  # all bits: afw starts _allBits at all-ones (an empty box sets every CenterAll)
+    if math.isfinite(cx) and math.isfinite(cy):
+        near_x, near_y = math.floor(cx + 0.5), math.floor(cy + 0.5)
+        r = radius if math.isfinite(radius) else 0.0
+        x0 = max(0, int(min(near_x - 1.0, math.floor(cx - r))))
+        x1 = min(k, int(max(near_x + 1.0, math.ceil(cx + r))) + 1)
+        y0 = max(0, int(min(near_y - 1.0, math.floor(cy - r))))
+        y1 = min(k, int(max(near_y + 1.0, math.ceil(cy + r))) + 1)
+        r2 = radius * radius
+        for y in range(y0, y1):
+            dy2 = (float(y) - cy) ** 2
+            for x in range(x0, x1):
+                if not inside[y, x]:
+                    continue
+                bits = int(mask[y, x])
+                d2 = (float(x) - cx) ** 2 + dy2
+                if (dy2 < r2 and d2 <= r2) or (x == near_x and y == near_y):
+                    footprint_bits |= bits
+                if abs(x - near_x) <= 1.0 and abs(y - near_y) <= 1.0:
+                    box_any |= bits
+                    box_all &= bits
+    for p in range(flag_bits.shape[0]):
+        bit = flag_bits[p]
+        if bit < 0:
+            continue
+        b = 1 << bit
+        any_out[p] = (footprint_bits & b) != 0
+        center_out[p] = (box_any & b) != 0
+        all_out[p] = (box_all & b) != 0

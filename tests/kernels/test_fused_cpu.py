@@ -1,0 +1,117 @@
+"""The fused CPU kernel (numba) holds to the array-API kernels on the same inputs: every
+result to 1e-10 relative (sums taken in another order), every flag and count identical.
+The inputs cover the edge cases: objects at and beyond the stack's edge, NaN and masked
+pixels inside apertures and annuli, PSF widths that leave an annulus empty or with one
+pixel, bad-fit mask bits, undefined flag planes, integer-valued images (ties in the
+quartiles)."""
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from forcedphot.kernels.cutouts import Cutouts
+from forcedphot.kernels.fused_cpu import _quantile_positions, _quartiles
+from forcedphot.kernels.psf_stamps import gaussian_stamps
+from forcedphot.photometry.backend import select_backend
+from forcedphot.photometry.config import MeasurementConfig
+from forcedphot.photometry.cutouts import Windows
+from forcedphot.photometry.psf_models import GaussianPsf
+from forcedphot.photometry.runner import KernelRunner
+
+K = 47
+PLANES = {"BAD": 0, "SAT": 1, "INTRP": 2, "CR": 3, "EDGE": 4, "NO_DATA": 8, "SUSPECT": 7}  # DETECTED-like bits 5, 6 unused
+
+
+class StampPsf(GaussianPsf):
+    """A Gaussian PSF whose stamps are those the test gives (its sigma is the test's too)."""
+
+    def __init__(self, stamps: np.ndarray):
+        super().__init__(3.5, stamp_size=stamps.shape[1])
+        self._given = stamps
+
+    def stamps(self, x, y, xp, put=None):
+        return self._given
+
+
+def inputs(rng, n: int, integer_pixels: bool):
+    image = rng.normal(100.0, 5.0, (n, K, K))
+    if integer_pixels:
+        image = np.round(image)
+    image = image.astype(np.float32)
+    variance = rng.uniform(20, 30, (n, K, K)).astype(np.float32)
+    mask = np.zeros((n, K, K), np.int32)
+    for bit in (0, 1, 2, 3, 4, 7, 8):
+        mask |= ((rng.random((n, K, K)) < 0.004) << bit).astype(np.int32)
+    image[rng.random((n, K, K)) < 0.003] = np.nan
+    variance[rng.random((n, K, K)) < 0.002] = np.inf
+    inside = np.ones((n, K, K), bool)
+    cut = rng.integers(0, 4, n)  # a quarter of the objects near each edge of the image
+    depth = rng.integers(1, K // 2 + 3, n)
+    for i in range(n):
+        if cut[i] == 1:
+            inside[i, :, :depth[i]] = False
+        elif cut[i] == 2:
+            inside[i, K - depth[i]:, :] = False
+    image[~inside] = np.nan
+    variance[~inside] = np.nan
+    mask[~inside] = 1 << 8
+    cx = K // 2 + rng.uniform(-0.5, 0.5, n)
+    cy = K // 2 + rng.uniform(-0.5, 0.5, n)
+    far = rng.random(n) < 0.1
+    cx[far] += rng.uniform(-30, 30, far.sum())  # circles beyond the stack
+    sigma = rng.uniform(0.9, 2.8, n)
+    sigma[:4] = (0.001, 0.001, 0.05, 0.07)  # annuli with no pixel, and with a few
+    stamps = gaussian_stamps(cx - np.floor(cx + 0.5) + 10, cy - np.floor(cy + 0.5) + 10, sigma, 21)
+    return Cutouts(image, variance, mask, inside), cx, cy, sigma, stamps
+
+
+def run(kernels: str, cutouts, cx, cy, sigma, stamps, bad_mask_planes=()):
+    config = MeasurementConfig(backend="numpy", cpu_kernels=kernels, bad_mask_planes=bad_mask_planes)
+    runner = KernelRunner(select_backend("numpy"), SimpleNamespace(mask_planes=PLANES), StampPsf(stamps), config)
+    n = len(cx)
+    windows = Windows(index=np.arange(n), ix=np.full(n, K // 2), iy=np.full(n, K // 2), cx=cx, cy=cy, size=K)
+    return runner.run([runner.inputs(windows, cutouts, cx, cy, sigma)], True)[0]
+
+
+def leaves(results):
+    out = []
+    for group in results:
+        out.extend(group)
+    return out
+
+
+@pytest.mark.parametrize("integer_pixels", [False, True])
+@pytest.mark.parametrize("bad_mask_planes", [(), ("BAD", "CR")])
+def test_fused_equals_the_array_api_kernels(integer_pixels, bad_mask_planes):
+    rng = np.random.default_rng(7 + integer_pixels)
+    cutouts, cx, cy, sigma, stamps = inputs(rng, 600, integer_pixels)
+    fused = run("fused", cutouts, cx, cy, sigma, stamps, bad_mask_planes)
+    reference = run("array-api", cutouts, cx, cy, sigma, stamps, bad_mask_planes)
+    names = ["psf." + f for f in fused.psf._fields] + ["ap." + f for f in fused.apertures._fields] + \
+            ["bg." + f for f in fused.background._fields] + ["flags." + f for f in fused.pixel_flags._fields]
+    for name, got, want in zip(names, leaves(fused), leaves(reference)):
+        got, want = np.asarray(got), np.asarray(want)
+        assert got.shape == want.shape and got.dtype.kind == want.dtype.kind, name
+        if got.dtype.kind == "f":
+            np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-9, equal_nan=True, err_msg=name)
+        else:
+            np.testing.assert_array_equal(got, want, err_msg=name)
+    # the cases the inputs were made for are there
+    assert (reference.background.n_pixels == 0).sum() >= 2 and reference.apertures.truncated.any(axis=1).mean() > 0.2
+    assert reference.psf.flag_edge.sum() > 50 and np.isnan(reference.psf.inst_flux).sum() > 5
+    assert reference.pixel_flags.any.any(axis=0).all() and reference.pixel_flags.center_all.any()
+
+
+def test_quartiles_by_selection_agree_with_a_sort():
+    rng = np.random.default_rng(1)
+    for n in (*range(1, 12), 101, 1000, 1001):
+        for values in (rng.normal(size=n), np.round(rng.normal(size=n)), np.zeros(n), np.arange(n)[::-1].astype(float)):
+            ordered = np.sort(values)
+            wanted = []
+            for f in (0.25, 0.5, 0.75):
+                lo, hi, _ = _quantile_positions(n, f)
+                wanted += [ordered[lo], ordered[hi]]
+            out = np.empty(6)
+            _quartiles(values.copy(), n, out)
+            assert out.tolist() == wanted, (n, values)
