@@ -18,15 +18,36 @@ boundary could fall the other way for a difference in the last bit of the clip c
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 import math
+import threading
 from typing import NamedTuple
 
+import numba
 from numba import njit, prange
 import numpy as np
 
 from forcedphot.kernels.local_background import IQ_TO_STDEV
 
 NO_PLANE = -1  # a flag plane the mask does not define: never set
+_WORKQUEUE = threading.Lock()
+
+
+@contextmanager
+def _one_at_a_time() -> Iterator[None]:
+    """Serialise calls where numba runs its ``workqueue`` threading layer (no OpenMP or TBB
+    on the machine), which does not take parallel calls from several threads at once; the
+    ``omp`` and ``tbb`` layers do, and run them concurrently."""
+    try:
+        concurrent = numba.threading_layer() != "workqueue"
+    except ValueError:  # no parallel function has run yet: the layer is chosen by this call
+        concurrent = False
+    if concurrent:
+        yield
+        return
+    with _WORKQUEUE:
+        yield
 
 
 class FusedParameters(NamedTuple):
@@ -86,6 +107,11 @@ def measure_windows(band_image: np.ndarray, band_variance: np.ndarray, band_mask
     index in the ``(M, K, K)`` stacks, with their ``inside``; for windows crossing the
     image's edge). ``K`` is the stacks' side; the rest as :func:`measure_stack`."""
     p = parameters
+    with _one_at_a_time():
+        return _measure_native(band_image, band_variance, band_mask, row0, col0, image, variance, mask, inside, stack_of, psf, cx, cy, sigma, p)
+
+
+def _measure_native(band_image, band_variance, band_mask, row0, col0, image, variance, mask, inside, stack_of, psf, cx, cy, sigma, p):
     native = [np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("=")) for a in (band_image, band_variance, band_mask, image, variance, mask)]
     return _measure(*native[:3], np.asarray(row0, np.int64), np.asarray(col0, np.int64), *native[3:], np.ascontiguousarray(inside),
                     np.asarray(stack_of, np.int64), np.ascontiguousarray(psf, dtype=np.float64),
