@@ -14,21 +14,11 @@ import time
 from typing import get_args
 import warnings
 
-from astropy.utils.exceptions import AstropyWarning
-
-from forcedphot.api.settings import SettingsError
-from forcedphot.photometry.backend import BackendError, BackendName, select_backend
-from forcedphot.photometry.config import DEFAULT_BATCH_BYTES, MeasurementConfig
-from forcedphot.photometry.exposure import ExposureError, open_exposure
-from forcedphot.photometry.formats import FORMATS, output_format, write_catalog
-from forcedphot.photometry.objects import InputError, read_objects
-from forcedphot.photometry.psf_choice import choose_psfs
-from forcedphot.photometry.psf_models import PsfError
-from forcedphot.serving.allocator import keep_temporaries_on_heap
-from forcedphot.serving.apdb import DEFAULT_MIN_DIA_SOURCES, ApdbUnavailable
-from forcedphot.serving.repository import RepositoryError
-from forcedphot.serving.repository import DEFAULT_PATH_TEMPLATE
+from forcedphot.defaults import DEFAULT_BATCH_BYTES, DEFAULT_MIN_DIA_SOURCES, DEFAULT_PATH_TEMPLATE, FORMATS, BackendName
 from forcedphot.version import __version__
+
+# The engine (NumPy, astropy, pandas, pydantic: about a second) is imported by each command
+# when it runs, so that --help and argument errors answer at once.
 
 USAGE_ERROR = 2
 INTERRUPTED = 130  # 128 + SIGINT, as shells report it
@@ -64,7 +54,13 @@ class _ProgressLine:
 
 
 def _measure(args: argparse.Namespace) -> int:
+    from forcedphot.photometry.backend import select_backend
+    from forcedphot.photometry.config import MeasurementConfig
+    from forcedphot.photometry.exposure import open_exposure
+    from forcedphot.photometry.formats import output_format, write_catalog
     from forcedphot.photometry.measure import measure
+    from forcedphot.photometry.objects import read_objects
+    from forcedphot.photometry.psf_choice import choose_psfs
 
     start = time.perf_counter()
     output_format(args.output)  # an unknown suffix fails now, not after the measurement
@@ -205,6 +201,9 @@ def _plan(args: argparse.Namespace):
     """The light-curve plan of ``lightcurve`` and ``campaign``: (objects, index, refresh report, task)."""
     import pandas as pd
 
+    from forcedphot.photometry.config import MeasurementConfig
+    from forcedphot.photometry.objects import read_objects
+
     from forcedphot.photometry.objects import validate_objects
     from forcedphot.serving.lightcurves import plan_lightcurves
 
@@ -228,6 +227,8 @@ def _plan(args: argparse.Namespace):
 
 
 def _lightcurve(args: argparse.Namespace) -> int:
+    from forcedphot.photometry.backend import select_backend
+    from forcedphot.photometry.formats import output_format, write_catalog
     from forcedphot.serving.executor import MeasureService
     from forcedphot.serving.exposure_cache import ExposureCache
 
@@ -406,6 +407,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from forcedphot.api.settings import SettingsError
+    from forcedphot.photometry.backend import BackendError
+    from forcedphot.photometry.exposure import ExposureError
+    from forcedphot.photometry.objects import InputError
+    from forcedphot.photometry.psf_models import PsfError
+    from forcedphot.serving.allocator import keep_temporaries_on_heap
+    from forcedphot.serving.apdb import ApdbUnavailable
+    from forcedphot.serving.repository import RepositoryError
+
     keep_temporaries_on_heap()
     try:
         with _header_warnings(args.command):
@@ -421,6 +431,8 @@ def main(argv: list[str] | None = None) -> int:
 @contextmanager
 def _header_warnings(command: str) -> Iterator[None]:
     """Collect astropy's warnings about FITS headers and WCS into one summary line."""
+    from astropy.utils.exceptions import AstropyWarning
+
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", AstropyWarning)
         yield

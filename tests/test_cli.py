@@ -255,3 +255,14 @@ def test_serve_on_a_busy_port_says_so_in_one_line_before_preparing_anything(tmp_
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and f"cannot listen on 127.0.0.1:{port}" in err and "in use" in err, err
     assert time.perf_counter() - start < 5 and not (tmp_path / "demo-repository").exists()
+
+
+def test_help_loads_no_engine():
+    """--help and argument errors answer before NumPy, pandas, astropy or pydantic load (~1 s)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from forcedphot.cli import build_parser; build_parser().format_help(); "
+            "print(sorted(m for m in ('numpy', 'pandas', 'astropy', 'pydantic', 'pyarrow', 'numba') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

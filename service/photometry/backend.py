@@ -12,12 +12,12 @@ boundary (:class:`TransferCounts`); the stand-in also counts scalar reads of dev
 from dataclasses import dataclass, field
 from functools import cache
 from types import ModuleType
-from typing import Any, Literal
+from typing import Any
 
 from array_api_compat import array_namespace
 import numpy as np
 
-BackendName = Literal["auto", "numpy", "cupy", "stand-in"]
+from forcedphot.defaults import BackendName  # the names a backend may have (light, for the command line)
 
 
 class BackendError(RuntimeError):

@@ -4,8 +4,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-DEFAULT_APERTURES_PX = (3.0, 4.5, 6.0, 9.0, 12.0)
-DEFAULT_BATCH_BYTES = 128 * 2**20
+from forcedphot.defaults import DEFAULT_APERTURES_PX, DEFAULT_BATCH_BYTES  # light, for the command line
 
 
 class MeasurementConfig(BaseModel):

@@ -29,17 +29,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from forcedphot.defaults import ALIASES, DEFAULT_FORMAT, FORMATS, OUTPUT_ONLY  # the tables of names (light, for the command line)
 from forcedphot.version import __version__
-
-#: format -> the media type answered with it
-FORMATS = {"parquet": "application/vnd.apache.parquet", "csv": "text/csv", "json": "application/json",
-           "ecsv": "text/x-ecsv", "fits": "application/fits", "votable": "application/x-votable+xml"}
-#: other names accepted for a format: media type aliases and file suffixes
-ALIASES = {"application/x-parquet": "parquet", "application/csv": "csv", "pq": "parquet", "fit": "fits", "vot": "votable",
-           "image/fits": "fits", "application/x-fits": "fits", "text/xml": "votable", "application/xml": "votable"}
-#: formats that the catalog encoder writes but no object table is read from
-OUTPUT_ONLY = ("ecsv", "fits", "votable")
-DEFAULT_FORMAT = "parquet"
 
 
 def table_format(name: str) -> str | None:

@@ -25,12 +25,12 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
+from forcedphot.defaults import DEFAULT_MIN_DIA_SOURCES
 from forcedphot.photometry.objects import InputError
 
 if TYPE_CHECKING:
     from lsst.dax.apdb import Apdb
 
-DEFAULT_MIN_DIA_SOURCES = 2  # ap_association's DiaForcedSourceTask measures objects seen at least twice
 #: the DiaForcedSource columns of sdm_schemas' apdb.yaml, in its order
 FORCED_SOURCE_COLUMNS = ("diaForcedSourceId", "diaObjectId", "ra", "dec", "visit", "detector", "psfFlux", "psfFluxErr",
                          "midpointMjdTai", "scienceFlux", "scienceFluxErr", "band", "timeProcessedMjdTai", "timeWithdrawnMjdTai")

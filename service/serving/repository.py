@@ -17,9 +17,10 @@ import re
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from forcedphot.defaults import DEFAULT_PATH_TEMPLATE
+
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*:")
 MAX_URI_LENGTH = 1024
-DEFAULT_PATH_TEMPLATE = "{visit}/{detector}/{datasetType}.fits"
 PLAIN_DATASET_TYPES = ("calexp", "difference")  # what a path template names: the science and the difference image
 
 
