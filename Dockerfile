@@ -27,7 +27,9 @@ COPY service/ service/
 COPY kernels/ kernels/
 RUN python3 -m venv /opt/venv \
  && /opt/venv/bin/pip install --no-cache-dir --upgrade pip \
- && /opt/venv/bin/pip install --no-cache-dir ".${FORCEDPHOT_EXTRA}"
+ && /opt/venv/bin/pip install --no-cache-dir ".${FORCEDPHOT_EXTRA}" \
+ && /opt/venv/bin/python -c "from forcedphot.kernels.fused_cpu import warm_up; warm_up()"
+# (the last step compiles the fused CPU kernels once, ~20 s; numba caches them in the venv)
 
 # --- the image: the venv only, a non-root user, data in /data -----------------------------
 FROM base-${VARIANT}

@@ -121,6 +121,16 @@ def _measure_native(band_image, band_variance, band_mask, row0, col0, image, var
                     float(p.footprint_scaling), float(p.inner), float(p.outer), int(p.n_iter), float(p.n_sigma))
 
 
+def warm_up() -> None:
+    """Load (or, the first time on a machine, compile: ~20 s) the compiled kernel, so that
+    the first measurement does not wait for it. numba caches it beside this module."""
+    k = 5
+    stack = np.zeros((1, k, k), np.float32)
+    measure_stack(stack, stack + 1, np.zeros((1, k, k), np.int32), np.ones((1, k, k), bool), np.full((1, 3, 3), 1 / 9),
+                  np.array([2.0]), np.array([2.0]), np.array([0.5]),
+                  FusedParameters(np.array([1.0]), 0, 0, np.array([NO_PLANE, 0], np.int64), 3.0, 1.0, 2.0, 3, 3.0))
+
+
 @njit(parallel=True, cache=True, error_model="numpy")
 def _measure(band_image, band_variance, band_mask, row0, col0, image, variance, mask, inside, stack_of, psf, cx, cy, sigma,
              radii, bad_fit_bits, reject_bits, flag_bits, footprint_scaling, inner, outer, n_iter, n_sigma):

@@ -335,6 +335,10 @@ def _start_process(backend_name: str, cache_bytes: int, limits: ExposureLimits) 
     os.environ["NUMBA_NUM_THREADS"] = "1"
     keep_temporaries_on_heap()
     backend = select_backend(backend_name)
+    if backend.name == "numpy":  # the fused CPU kernels, loaded before the first request
+        from forcedphot.kernels.fused_cpu import warm_up
+
+        warm_up()
     _PROCESS_SERVICE = MeasureService(ExposureCache(cache_bytes, limits=limits, backend=backend), backend, threads=1, limits=limits)
 
 
