@@ -62,6 +62,7 @@ class FusedParameters(NamedTuple):
     outer: float
     n_iter: int  # clipping passes
     n_sigma: float  # clipping half-width
+    full: bool = True  # every measurement; False: the PSF fit alone (the other results stay 0 / NaN / False)
 
 
 def measure_stack(image: np.ndarray, variance: np.ndarray, mask: np.ndarray, inside: np.ndarray, psf: np.ndarray,
@@ -118,7 +119,8 @@ def _measure_native(band_image, band_variance, band_mask, row0, col0, image, var
                     np.ascontiguousarray(cx, dtype=np.float64), np.ascontiguousarray(cy, dtype=np.float64),
                     np.ascontiguousarray(sigma, dtype=np.float64), np.asarray(p.radii, dtype=np.float64),
                     np.int64(p.bad_fit_bits), np.int64(p.background_reject_bits), np.asarray(p.flag_bits, dtype=np.int64),
-                    float(p.footprint_scaling), float(p.inner), float(p.outer), int(p.n_iter), float(p.n_sigma))
+                    float(p.footprint_scaling), float(p.inner), float(p.outer), int(p.n_iter), float(p.n_sigma),
+                    bool(p.full))
 
 
 def warm_up() -> None:
@@ -131,9 +133,9 @@ def warm_up() -> None:
                   FusedParameters(np.array([1.0]), 0, 0, np.array([NO_PLANE, 0], np.int64), 3.0, 1.0, 2.0, 3, 3.0))
 
 
-@njit(parallel=True, cache=True, error_model="numpy")
+@njit(parallel=True, nogil=True, cache=True, error_model="numpy")
 def _measure(band_image, band_variance, band_mask, row0, col0, image, variance, mask, inside, stack_of, psf, cx, cy, sigma,
-             radii, bad_fit_bits, reject_bits, flag_bits, footprint_scaling, inner, outer, n_iter, n_sigma):
+             radii, bad_fit_bits, reject_bits, flag_bits, footprint_scaling, inner, outer, n_iter, n_sigma, full):
     n, k = psf.shape[0], image.shape[1]
     n_radii, n_planes = radii.shape[0], flag_bits.shape[0]
     fit = np.empty((n, 4))
@@ -142,7 +144,7 @@ def _measure(band_image, band_variance, band_mask, row0, col0, image, variance, 
     ap_flux = np.zeros((n, n_radii))
     ap_err = np.zeros((n, n_radii))
     ap_truncated = np.zeros((n, n_radii), np.bool_)
-    background = np.empty((n, 2))
+    background = np.full((n, 2), np.nan)
     n_background = np.zeros(n, np.int64)
     flags_any = np.zeros((n, n_planes), np.bool_)
     flags_center = np.zeros((n, n_planes), np.bool_)
@@ -155,12 +157,12 @@ def _measure(band_image, band_variance, band_mask, row0, col0, image, variance, 
             y, x = row0[i], col0[i]
             _object(band_image[y:y + k, x:x + k], band_variance[y:y + k, x:x + k], band_mask[y:y + k, x:x + k], on_image, psf[i],
                     cx[i], cy[i], sigma[i], radii, bad_fit_bits, reject_bits, flag_bits, footprint_scaling, inner, outer, n_iter, n_sigma,
-                    i, scratch, fit, fit_flags, npixels, ap_flux, ap_err, ap_truncated, background, n_background,
+                    full, i, scratch, fit, fit_flags, npixels, ap_flux, ap_err, ap_truncated, background, n_background,
                     flags_any, flags_center, flags_all)
         else:
             _object(image[j], variance[j], mask[j], inside[j], psf[i],
                     cx[i], cy[i], sigma[i], radii, bad_fit_bits, reject_bits, flag_bits, footprint_scaling, inner, outer, n_iter, n_sigma,
-                    i, scratch, fit, fit_flags, npixels, ap_flux, ap_err, ap_truncated, background, n_background,
+                    full, i, scratch, fit, fit_flags, npixels, ap_flux, ap_err, ap_truncated, background, n_background,
                     flags_any, flags_center, flags_all)
     return (fit[:, 0].copy(), fit[:, 1].copy(), fit[:, 2].copy(), fit[:, 3].copy(), npixels,
             fit_flags[:, 0].copy(), fit_flags[:, 1].copy(), fit_flags[:, 2].copy(),
@@ -171,10 +173,13 @@ def _measure(band_image, band_variance, band_mask, row0, col0, image, variance, 
 
 @njit(cache=True, error_model="numpy")
 def _object(image, variance, mask, inside, psf, cx, cy, sigma, radii, bad_fit_bits, reject_bits, flag_bits, footprint_scaling,
-            inner, outer, n_iter, n_sigma, i, scratch, fit, fit_flags, npixels, ap_flux, ap_err, ap_truncated, background,
+            inner, outer, n_iter, n_sigma, full, i, scratch, fit, fit_flags, npixels, ap_flux, ap_err, ap_truncated, background,
             n_background, flags_any, flags_center, flags_all):
-    """Every measurement of object ``i`` from its ``K x K`` window, into row ``i`` of the outputs."""
+    """Every measurement of object ``i`` from its ``K x K`` window (``full``; else the PSF
+    fit alone), into row ``i`` of the outputs."""
     _psf_fit(image, variance, mask, inside, psf, bad_fit_bits, fit[i], fit_flags[i], npixels, i)
+    if not full:
+        return
     for a in range(radii.shape[0]):
         _aperture(image, variance, inside, cx, cy, radii[a], ap_flux, ap_err, ap_truncated, i, a, scratch)
     _background(image, variance, mask, inside, cx, cy, inner * sigma, outer * sigma, reject_bits, n_iter, n_sigma,

@@ -162,6 +162,10 @@ class ServiceRuntime:
         for stale in self.upload_dir.glob("*.fits"):  # uploads of a process that died
             stale.unlink(missing_ok=True)
         if self.runner is not None:
+            if self.backend.name == "numpy":  # jobs measure in this process: load the fused kernels before the first one
+                from forcedphot.kernels.fused_cpu import warm_up
+
+                warm_up()
             self.runner.start()
         if not self._processes_ready:
             threading.Thread(target=self._start_processes, name="measure-processes", daemon=True).start()

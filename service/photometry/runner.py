@@ -218,8 +218,8 @@ class KernelRunner:
         windows the host computed; and brings everything back in one download.
         """
         xp, to, config = self.backend.xp, self.backend.to_device, self.config
-        if full and self.backend.name == "numpy" and config.cpu_kernels == "fused":
-            return [self._fused(part) for part in parts]
+        if self.backend.name == "numpy" and config.cpu_kernels == "fused":
+            return [self._fused(part, full) for part in parts]
         host = {name: np.concatenate([getattr(p.windows, name) for p in parts]) for name in ("ix", "iy", "cx", "cy")}
         host["sigma"] = np.concatenate([p.sigma for p in parts])
         packed = to(np.stack([host["ix"], host["iy"], host["cx"], host["cy"], host["sigma"]]).astype(np.float64))
@@ -245,9 +245,10 @@ class KernelRunner:
                             window=footprint_window(host["cx"], host["cy"], radius, k))
         return split_results(self._download(KernelResults(fit, apertures, background, flags)), sizes)
 
-    def _fused(self, part: KernelInputs) -> KernelResults:
-        """Every measurement of one batch on the host in one compiled pass per object
-        (:mod:`forcedphot.kernels.fused_cpu`), the same numbers as the array-API kernels.
+    def _fused(self, part: KernelInputs, full: bool) -> KernelResults:
+        """Every measurement (``full``; else the PSF flux alone) of one batch on the host in
+        one compiled pass per object (:mod:`forcedphot.kernels.fused_cpu`), the same numbers
+        as the array-API kernels.
         From a band, windows wholly on the image are read in place; only those crossing its
         edge are staged."""
         from forcedphot.kernels.fused_cpu import NO_PLANE, FusedParameters, measure_windows
@@ -256,7 +257,7 @@ class KernelRunner:
         flag_bits = np.array([NO_PLANE if self.flag_bits[name] is None else self.flag_bits[name] for name in PIXEL_FLAG_NAMES], np.int64)
         parameters = FusedParameters(np.asarray(c.apertures_px, np.float64), self.bad_fit_bits, self.background_reject_bits, flag_bits,
                                      c.psf_footprint_scaling, c.background_inner_sigma, c.background_outer_sigma,
-                                     c.background_iterations, c.background_clip_sigma)
+                                     c.background_iterations, c.background_clip_sigma, full)
         stamps = part.psf.stamps(part.x, part.y, np)
         if isinstance(part.pixels, Band):
             band, h = part.pixels, w.size // 2
@@ -270,7 +271,10 @@ class KernelRunner:
             nothing = np.zeros((0, 0), np.float32)
             out = measure_windows(nothing, nothing, np.zeros((0, 0), np.int32), np.zeros(len(w), np.int64), np.zeros(len(w), np.int64),
                                   *part.pixels, np.arange(len(w)), stamps, w.cx, w.cy, part.sigma, parameters)
-        return KernelResults(PsfFluxResult(*out[:8]), ApertureFluxes(*out[8:11]), LocalBackground(*out[11:15]), PixelFlags(*out[15:18]))
+        fit = PsfFluxResult(*out[:8])
+        if not full:
+            return KernelResults(fit)
+        return KernelResults(fit, ApertureFluxes(*out[8:11]), LocalBackground(*out[11:15]), PixelFlags(*out[15:18]))
 
     def _download(self, results: KernelResults) -> KernelResults:
         """``results`` on the host, copied in one transfer: every array packed as float64

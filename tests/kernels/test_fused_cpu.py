@@ -74,6 +74,23 @@ def run(kernels: str, cutouts, cx, cy, sigma, stamps, bad_mask_planes=()):
     return runner.run([runner.inputs(windows, cutouts, cx, cy, sigma)], True)[0]
 
 
+def test_the_psf_fit_alone_equals_the_array_api_one():
+    rng = np.random.default_rng(3)
+    cutouts, cx, cy, sigma, stamps = inputs(rng, 300, False)
+    config = MeasurementConfig(backend="numpy")
+
+    def fit(kernels):
+        runner = KernelRunner(select_backend("numpy"), SimpleNamespace(mask_planes=PLANES), StampPsf(stamps),
+                              config.model_copy(update={"cpu_kernels": kernels}))
+        windows = Windows(index=np.arange(300), ix=np.full(300, K // 2), iy=np.full(300, K // 2), cx=cx, cy=cy, size=K)
+        return runner.run([runner.inputs(windows, cutouts, cx, cy, sigma)], False)[0]
+
+    fused, reference = fit("fused"), fit("array-api")
+    assert fused.apertures is None and reference.apertures is None
+    for got, want in zip(fused.psf, reference.psf):
+        np.testing.assert_allclose(np.asarray(got, float), np.asarray(want, float), rtol=1e-10, equal_nan=True)
+
+
 def leaves(results):
     out = []
     for group in results:
