@@ -82,7 +82,7 @@ def test_kill_9_of_the_replica_running_a_job_loses_nothing(shared):
     doomed = Server(data_dir, **env).start()
     survivor = None
     try:
-        visits = httpx.get(f"{doomed.url}/v1/info").json()["demo"][:2]
+        visits = httpx.get(f"{doomed.url}/v1/info").json()["demo"][:12]  # long enough to outlast the second replica's start
         body = _job_body(visits, many_objects(data_dir, visits[0], 20_000))
         job = httpx.post(f"{doomed.url}/v1/jobs", json=body, headers={"Idempotency-Key": "kill-a-replica"}, timeout=60).json()
         wait_until(lambda: httpx.get(f"{doomed.url}/v1/jobs/{job['id']}").json()["state"] == "running", timeout=30, interval=0.01)

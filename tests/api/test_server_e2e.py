@@ -117,7 +117,7 @@ def test_worker_processes_send_responses_without_delay(data_dir, demo):
 def test_job_survives_sigkill(server, data_dir, demo):
     """Runs last: it kills the module's server, then starts another on the same data directory."""
     objects = many_objects(data_dir, demo[0], 20_000)
-    visits = demo[:2]
+    visits = demo[:6]  # still running when it is killed
     body = {"exposures": [{k: v for k, v in demo_request(visit).items() if k != "objects"} for visit in visits], "objects": objects}
     try:
         job = httpx.post(f"{server.url}/v1/jobs", json=body, headers={"Idempotency-Key": "kill-test"}, timeout=60).json()
