@@ -141,7 +141,8 @@ def _touched(bounds: tuple[float, float] | None, radius: float, size: int) -> ra
     return range(first, stop)
 
 
-def _check_radius(radius: float) -> float:
+def check_radius(radius: float) -> float:
+    """``radius`` as a float, else ValueError: an aperture radius must be finite and > 0 px."""
     radius = float(radius)
     if not (isfinite(radius) and radius > 0):
         raise ValueError(f"aperture radius must be finite and > 0 px, got {radius!r}")
@@ -169,7 +170,7 @@ def circle_overlap_fractions(cx: Array, cy: Array, radius: float, size: int) -> 
         that do not touch the disc's interior and exactly 1 for pixels inside it. The parts
         of the circle beyond the stamp are not counted.
     """
-    radius = _check_radius(radius)
+    radius = check_radius(radius)
     if int(size) != size or size < 1:
         raise ValueError(f"stamp size must be a positive integer, got {size!r}")
     xp = array_namespace(cx, cy)
@@ -238,7 +239,7 @@ def aperture_fluxes(
     n, size = image.shape[0], image.shape[2]
     if cx.shape != (n,) or cy.shape != (n,):
         raise ValueError(f"cx and cy must be ({n},) vectors, got shapes {cx.shape} and {cy.shape}")
-    radii = [_check_radius(r) for r in radii]
+    radii = [check_radius(r) for r in radii]
     if not radii:
         raise ValueError("radii must contain at least one aperture radius")
 

@@ -28,6 +28,7 @@ import numba
 from numba import njit, prange
 import numpy as np
 
+from forcedphot.kernels.aperture import check_radius
 from forcedphot.kernels.local_background import IQ_TO_STDEV
 
 NO_PLANE = -1  # a flag plane the mask does not define: never set
@@ -107,7 +108,7 @@ def measure_windows(band_image: np.ndarray, band_variance: np.ndarray, band_mask
     read in place, nothing staged) or are staged cutouts (``stack_of[i]``: the cutout's
     index in the ``(M, K, K)`` stacks, with their ``inside``; for windows crossing the
     image's edge). ``K`` is the stacks' side; the rest as :func:`measure_stack`."""
-    p = parameters
+    p = parameters._replace(radii=np.array([check_radius(r) for r in parameters.radii], np.float64))
     with _one_at_a_time():
         return _measure_native(band_image, band_variance, band_mask, row0, col0, image, variance, mask, inside, stack_of, psf, cx, cy, sigma, p)
 
