@@ -21,6 +21,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 import math
+import os
 import threading
 from typing import NamedTuple
 
@@ -33,6 +34,10 @@ from forcedphot.kernels.local_background import IQ_TO_STDEV
 
 NO_PLANE = -1  # a flag plane the mask does not define: never set
 _WORKQUEUE = threading.Lock()
+if numba.config.THREADING_LAYER == "default" and "NUMBA_THREADING_LAYER" not in os.environ:
+    # this package forks (campaign pools): GNU OpenMP, numba's default where present, aborts a
+    # process forked after a parallel region ran; "forksafe" takes TBB, else the workqueue
+    numba.config.THREADING_LAYER = "forksafe"
 
 
 @contextmanager
