@@ -24,6 +24,7 @@ USAGE_ERROR = 2
 INTERRUPTED = 130  # 128 + SIGINT, as shells report it
 FLAGGED = "flagged (PSF fit failed, or an edge/saturated/cosmic-ray/bad/... mask bit in the object's footprint: pixelFlags_*)"
 DEFAULT_INDEX = ".forcedphot/index.sqlite"
+FUSED_MIN_OBJECTS = 5000  # below it, loading the compiled CPU kernels (~0.5 s) costs more than they save
 EXTRA_HELP = "add psfMag, psfMagErr (AB), psfFlux_snr and psfMagLim5Sigma (5-sigma limiting magnitude) to the catalog"
 
 
@@ -99,8 +100,9 @@ def _measure(args: argparse.Namespace) -> int:
                                        path=args.psf, fwhm_pixels=args.psf_fwhm, fwhm_name="--psf-fwhm",
                                        how="use --psf-fwhm PIX or --psf FILE")
         progress = _ProgressLine()
-        result = measure(science, objects, psf, config, difference=difference, science_psf=science_psf, backend=backend,
-                         progress=progress)
+        kernels = args.cpu_kernels if args.cpu_kernels != "auto" else ("fused" if len(objects) >= FUSED_MIN_OBJECTS else "array-api")
+        result = measure(science, objects, psf, config.model_copy(update={"cpu_kernels": kernels}), difference=difference,
+                         science_psf=science_psf, backend=backend, progress=progress)
         progress.close()
     stored = None
     if args.store:
@@ -354,6 +356,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="array backend (default auto: cupy when a CUDA device answers, else numpy)")
     m.add_argument("--extra-columns", action="store_true", help=EXTRA_HELP)
     m.add_argument("--include-offimage", action="store_true", help="also return objects off the detector, flagged")
+    m.add_argument("--cpu-kernels", choices=("auto", "fused", "array-api"), default="auto",
+                   help=f"on the CPU: the compiled fused kernels, or the array-API ones (the same numbers to 1e-10); "
+                        f"auto: fused from {FUSED_MIN_OBJECTS} objects, where they pay for their ~0.5 s load")
     m.add_argument("--batch-mib", type=int, default=DEFAULT_BATCH_BYTES // 2**20,
                    help=f"memory bound per cutout batch, MiB (default {DEFAULT_BATCH_BYTES // 2**20})")
     m.set_defaults(run=_measure)
