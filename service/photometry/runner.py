@@ -155,6 +155,9 @@ class KernelInputs:
         return (self.windows.size, self.psf.stamp_size)
 
 
+SPARSE_BAND_FACTOR = 4  # windows covering less than a quarter of their band are staged, not read in place
+
+
 class KernelRunner:
     """Runs the kernels on batches of objects, on one backend, for one exposure's mask planes."""
 
@@ -249,8 +252,10 @@ class KernelRunner:
         """Every measurement (``full``; else the PSF flux alone) of one batch on the host in
         one compiled pass per object (:mod:`forcedphot.kernels.fused_cpu`), the same numbers
         as the array-API kernels.
-        From a band, windows wholly on the image are read in place; only those crossing its
-        edge are staged."""
+        From a band, windows wholly on the image are read in place and only those crossing
+        its edge are staged; but where the windows cover little of the band (a few objects
+        spread over a detector) they are all staged, which touches only their pixels, rather
+        than converting the whole band to native byte order."""
         from forcedphot.kernels.fused_cpu import NO_PLANE, FusedParameters, measure_windows
 
         c, w = self.config, part.windows
@@ -259,8 +264,11 @@ class KernelRunner:
                                      c.psf_footprint_scaling, c.background_inner_sigma, c.background_outer_sigma,
                                      c.background_iterations, c.background_clip_sigma, full)
         stamps = part.psf.stamps(part.x, part.y, np)
-        if isinstance(part.pixels, Band):
-            band, h = part.pixels, w.size // 2
+        pixels = part.pixels
+        if isinstance(pixels, Band) and len(w) * w.size * w.size * SPARSE_BAND_FACTOR < pixels.image.size:
+            pixels = pixels.cutouts(w)
+        if isinstance(pixels, Band):
+            band, h = pixels, w.size // 2
             edge = np.flatnonzero(~band.interior(w))
             staged = band.cutouts(w.take(edge))
             stack_of = np.full(len(w), -1, np.int64)
@@ -270,7 +278,7 @@ class KernelRunner:
         else:
             nothing = np.zeros((0, 0), np.float32)
             out = measure_windows(nothing, nothing, np.zeros((0, 0), np.int32), np.zeros(len(w), np.int64), np.zeros(len(w), np.int64),
-                                  *part.pixels, np.arange(len(w)), stamps, w.cx, w.cy, part.sigma, parameters)
+                                  *pixels, np.arange(len(w)), stamps, w.cx, w.cy, part.sigma, parameters)
         fit = PsfFluxResult(*out[:8])
         if not full:
             return KernelResults(fit)
