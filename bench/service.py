@@ -217,6 +217,7 @@ def main() -> None:
     parser.add_argument("--objects", type=int, default=200)
     parser.add_argument("--requests", type=int, default=400, help="requests per concurrency level")
     parser.add_argument("--concurrency", default="1,8,32")
+    parser.add_argument("--modes", default=",".join(MODES), help="modes to run, comma-separated")
     args = parser.parse_args()
     from forcedphot.serving.allocator import keep_temporaries_on_heap
 
@@ -230,7 +231,7 @@ def main() -> None:
     print(f"engine alone, in-process, files open: {engine * 1e3:.1f} ms a request ({1 / engine:.0f} requests/s on one thread)")
     print(LOAD_HEADER)
     print("-" * len(LOAD_HEADER))
-    for mode in MODES:
+    for mode in args.modes.split(","):
         for line in load(root, body, mode, [int(c) for c in args.concurrency.split(",")], args.requests):
             print(line)
 
