@@ -33,6 +33,7 @@ from forcedphot.kernels.aperture import check_radius
 from forcedphot.kernels.local_background import IQ_TO_STDEV
 
 NO_PLANE = -1  # a flag plane the mask does not define: never set
+PARALLEL_MIN_OBJECTS = 256  # fewer objects run on the calling thread: starting the threads costs ~0.5 ms a call
 _WORKQUEUE = threading.Lock()
 if numba.config.THREADING_LAYER == "default" and "NUMBA_THREADING_LAYER" not in os.environ:
     # this package forks (campaign pools): GNU OpenMP, numba's default where present, aborts a
@@ -120,13 +121,15 @@ def measure_windows(band_image: np.ndarray, band_variance: np.ndarray, band_mask
 
 def _measure_native(band_image, band_variance, band_mask, row0, col0, image, variance, mask, inside, stack_of, psf, cx, cy, sigma, p):
     native = [np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("=")) for a in (band_image, band_variance, band_mask, image, variance, mask)]
-    return _measure(*native[:3], np.asarray(row0, np.int64), np.asarray(col0, np.int64), *native[3:], np.ascontiguousarray(inside),
-                    np.asarray(stack_of, np.int64), np.ascontiguousarray(psf, dtype=np.float64),
-                    np.ascontiguousarray(cx, dtype=np.float64), np.ascontiguousarray(cy, dtype=np.float64),
-                    np.ascontiguousarray(sigma, dtype=np.float64), np.asarray(p.radii, dtype=np.float64),
-                    np.int64(p.bad_fit_bits), np.int64(p.background_reject_bits), np.asarray(p.flag_bits, dtype=np.int64),
-                    float(p.footprint_scaling), float(p.inner), float(p.outer), int(p.n_iter), float(p.n_sigma),
-                    bool(p.full))
+    kernel = _measure_parallel if len(psf) >= PARALLEL_MIN_OBJECTS else _measure_serial
+    planes = (*native[:3], *native[3:], np.ascontiguousarray(inside))
+    geometry = (np.asarray(row0, np.int64), np.asarray(col0, np.int64), np.asarray(stack_of, np.int64),
+                np.ascontiguousarray(psf, dtype=np.float64), np.ascontiguousarray(cx, dtype=np.float64),
+                np.ascontiguousarray(cy, dtype=np.float64), np.ascontiguousarray(sigma, dtype=np.float64))
+    settings = (np.asarray(p.radii, dtype=np.float64), np.int64(p.bad_fit_bits), np.int64(p.background_reject_bits),
+                np.asarray(p.flag_bits, dtype=np.int64), float(p.footprint_scaling), float(p.inner), float(p.outer), int(p.n_iter),
+                float(p.n_sigma), bool(p.full))
+    return kernel(planes, geometry, settings)
 
 
 def warm_up() -> None:
@@ -139,37 +142,17 @@ def warm_up() -> None:
                   FusedParameters(np.array([1.0]), 0, 0, np.array([NO_PLANE, 0], np.int64), 3.0, 1.0, 2.0, 3, 3.0))
 
 
-@njit(parallel=True, nogil=True, cache=True, error_model="numpy")
-def _measure(band_image, band_variance, band_mask, row0, col0, image, variance, mask, inside, stack_of, psf, cx, cy, sigma,
-             radii, bad_fit_bits, reject_bits, flag_bits, footprint_scaling, inner, outer, n_iter, n_sigma, full):
-    n, k = psf.shape[0], image.shape[1]
-    n_radii, n_planes = radii.shape[0], flag_bits.shape[0]
-    fit = np.empty((n, 4))
-    npixels = np.zeros(n, np.int64)
-    fit_flags = np.zeros((n, 3), np.bool_)
-    ap_flux = np.zeros((n, n_radii))
-    ap_err = np.zeros((n, n_radii))
-    ap_truncated = np.zeros((n, n_radii), np.bool_)
-    background = np.full((n, 2), np.nan)
-    n_background = np.zeros(n, np.int64)
-    flags_any = np.zeros((n, n_planes), np.bool_)
-    flags_center = np.zeros((n, n_planes), np.bool_)
-    flags_all = np.zeros((n, n_planes), np.bool_)
-    on_image = np.ones((k, k), np.bool_)
-    for i in prange(n):
-        scratch = np.empty((10, k + 2))
-        j = stack_of[i]
-        if j < 0:
-            y, x = row0[i], col0[i]
-            _object(band_image[y:y + k, x:x + k], band_variance[y:y + k, x:x + k], band_mask[y:y + k, x:x + k], on_image, psf[i],
-                    cx[i], cy[i], sigma[i], radii, bad_fit_bits, reject_bits, flag_bits, footprint_scaling, inner, outer, n_iter, n_sigma,
-                    full, i, scratch, fit, fit_flags, npixels, ap_flux, ap_err, ap_truncated, background, n_background,
-                    flags_any, flags_center, flags_all)
-        else:
-            _object(image[j], variance[j], mask[j], inside[j], psf[i],
-                    cx[i], cy[i], sigma[i], radii, bad_fit_bits, reject_bits, flag_bits, footprint_scaling, inner, outer, n_iter, n_sigma,
-                    full, i, scratch, fit, fit_flags, npixels, ap_flux, ap_err, ap_truncated, background, n_background,
-                    flags_any, flags_center, flags_all)
+@njit(cache=True, error_model="numpy")
+def _outputs(n, n_radii, n_planes):
+    """The result arrays of ``n`` objects (see :func:`measure_stack`), as one tuple."""
+    return (np.empty((n, 4)), np.zeros(n, np.int64), np.zeros((n, 3), np.bool_), np.zeros((n, n_radii)), np.zeros((n, n_radii)),
+            np.zeros((n, n_radii), np.bool_), np.full((n, 2), np.nan), np.zeros(n, np.int64), np.zeros((n, n_planes), np.bool_),
+            np.zeros((n, n_planes), np.bool_), np.zeros((n, n_planes), np.bool_))
+
+
+@njit(cache=True, error_model="numpy")
+def _results(out):
+    fit, npixels, fit_flags, ap_flux, ap_err, ap_truncated, background, n_background, flags_any, flags_center, flags_all = out
     return (fit[:, 0].copy(), fit[:, 1].copy(), fit[:, 2].copy(), fit[:, 3].copy(), npixels,
             fit_flags[:, 0].copy(), fit_flags[:, 1].copy(), fit_flags[:, 2].copy(),
             ap_flux, ap_err, ap_truncated,
@@ -178,11 +161,49 @@ def _measure(band_image, band_variance, band_mask, row0, col0, image, variance, 
 
 
 @njit(cache=True, error_model="numpy")
-def _object(image, variance, mask, inside, psf, cx, cy, sigma, radii, bad_fit_bits, reject_bits, flag_bits, footprint_scaling,
-            inner, outer, n_iter, n_sigma, full, i, scratch, fit, fit_flags, npixels, ap_flux, ap_err, ap_truncated, background,
-            n_background, flags_any, flags_center, flags_all):
+def _window(i, planes, geometry, settings, out, on_image, scratch):
+    """Object ``i``: its window read in place from the band, or its staged cutout."""
+    band_image, band_variance, band_mask, image, variance, mask, inside = planes
+    row0, col0, stack_of, psf, cx, cy, sigma = geometry
+    k = image.shape[1]
+    j = stack_of[i]
+    if j < 0:
+        y, x = row0[i], col0[i]
+        _object(band_image[y:y + k, x:x + k], band_variance[y:y + k, x:x + k], band_mask[y:y + k, x:x + k], on_image, psf[i],
+                cx[i], cy[i], sigma[i], settings, i, scratch, out)
+    else:
+        _object(image[j], variance[j], mask[j], inside[j], psf[i], cx[i], cy[i], sigma[i], settings, i, scratch, out)
+
+
+@njit(parallel=True, nogil=True, cache=True, error_model="numpy")
+def _measure_parallel(planes, geometry, settings):
+    """Every object, spread over the cores."""
+    n, k = geometry[3].shape[0], planes[3].shape[1]
+    out = _outputs(n, settings[0].shape[0], settings[3].shape[0])
+    on_image = np.ones((k, k), np.bool_)
+    for i in prange(n):
+        _window(i, planes, geometry, settings, out, on_image, np.empty((10, k + 2)))
+    return _results(out)
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def _measure_serial(planes, geometry, settings):
+    """Every object, on the calling thread (no threads to start: for a few objects)."""
+    n, k = geometry[3].shape[0], planes[3].shape[1]
+    out = _outputs(n, settings[0].shape[0], settings[3].shape[0])
+    on_image = np.ones((k, k), np.bool_)
+    scratch = np.empty((10, k + 2))
+    for i in range(n):
+        _window(i, planes, geometry, settings, out, on_image, scratch)
+    return _results(out)
+
+
+@njit(cache=True, error_model="numpy")
+def _object(image, variance, mask, inside, psf, cx, cy, sigma, settings, i, scratch, out):
     """Every measurement of object ``i`` from its ``K x K`` window (``full``; else the PSF
     fit alone), into row ``i`` of the outputs."""
+    radii, bad_fit_bits, reject_bits, flag_bits, footprint_scaling, inner, outer, n_iter, n_sigma, full = settings
+    fit, npixels, fit_flags, ap_flux, ap_err, ap_truncated, background, n_background, flags_any, flags_center, flags_all = out
     _psf_fit(image, variance, mask, inside, psf, bad_fit_bits, fit[i], fit_flags[i], npixels, i)
     if not full:
         return

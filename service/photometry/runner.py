@@ -155,7 +155,7 @@ class KernelInputs:
         return (self.windows.size, self.psf.stamp_size)
 
 
-SPARSE_BAND_FACTOR = 4  # windows covering less than a quarter of their band are staged, not read in place
+SPARSE_BAND_FACTOR = 1  # windows holding fewer pixels than their band are staged, not read in place (converting a band costs per pixel)
 
 
 class KernelRunner:

@@ -100,9 +100,10 @@ def leaves(results):
 
 @pytest.mark.parametrize("integer_pixels", [False, True])
 @pytest.mark.parametrize("bad_mask_planes", [(), ("BAD", "CR")])
-def test_fused_equals_the_array_api_kernels(integer_pixels, bad_mask_planes):
+@pytest.mark.parametrize("n", [600, 120])  # spread over threads, and on the calling thread
+def test_fused_equals_the_array_api_kernels(integer_pixels, bad_mask_planes, n):
     rng = np.random.default_rng(7 + integer_pixels)
-    cutouts, cx, cy, sigma, stamps = inputs(rng, 600, integer_pixels)
+    cutouts, cx, cy, sigma, stamps = inputs(rng, n, integer_pixels)
     fused = run("fused", cutouts, cx, cy, sigma, stamps, bad_mask_planes)
     reference = run("array-api", cutouts, cx, cy, sigma, stamps, bad_mask_planes)
     names = ["psf." + f for f in fused.psf._fields] + ["ap." + f for f in fused.apertures._fields] + \
@@ -116,7 +117,7 @@ def test_fused_equals_the_array_api_kernels(integer_pixels, bad_mask_planes):
             np.testing.assert_array_equal(got, want, err_msg=name)
     # the cases the inputs were made for are there
     assert (reference.background.n_pixels == 0).sum() >= 2 and reference.apertures.truncated.any(axis=1).mean() > 0.2
-    assert reference.psf.flag_edge.sum() > 50 and np.isnan(reference.psf.inst_flux).sum() > 5
+    assert reference.psf.flag_edge.sum() > n / 12 and np.isnan(reference.psf.inst_flux).sum() > 5
     assert reference.pixel_flags.any.any(axis=0).all() and reference.pixel_flags.center_all.any()
 
 
