@@ -24,7 +24,6 @@ USAGE_ERROR = 2
 INTERRUPTED = 130  # 128 + SIGINT, as shells report it
 FLAGGED = "flagged (PSF fit failed, or an edge/saturated/cosmic-ray/bad/... mask bit in the object's footprint: pixelFlags_*)"
 DEFAULT_INDEX = ".forcedphot/index.sqlite"
-FUSED_MIN_OBJECTS = 5000  # below it, loading the compiled CPU kernels (~0.5 s) costs more than they save
 EXTRA_HELP = "add psfMag, psfMagErr (AB), psfFlux_snr and psfMagLim5Sigma (5-sigma limiting magnitude) to the catalog"
 
 
@@ -38,15 +37,18 @@ def _radii(text: str) -> tuple[float, ...]:
 class _ProgressLine:
     """Progress on stderr for long runs: at most twice a second, only after one second."""
 
-    def __init__(self) -> None:
+    after, every = 1.0, 0.5  # seconds before the first line, and between lines
+
+    def __init__(self, unit: str = "objects") -> None:
         self.start = time.perf_counter()
         self.last = 0.0
         self.shown = False
+        self.unit = unit
 
     def __call__(self, done: int, total: int) -> None:
         now = time.perf_counter()
-        if now - self.start > 1.0 and now - self.last > 0.5:
-            print(f"\r  measured {done}/{total} objects ({now - self.start:.1f} s)", end="", file=sys.stderr, flush=True)
+        if now - self.start > self.after and now - self.last > self.every:
+            print(f"\r  measured {done}/{total} {self.unit} ({now - self.start:.1f} s)", end="", file=sys.stderr, flush=True)
             self.last, self.shown = now, True
 
     def close(self) -> None:
@@ -100,8 +102,7 @@ def _measure(args: argparse.Namespace) -> int:
                                        path=args.psf, fwhm_pixels=args.psf_fwhm, fwhm_name="--psf-fwhm",
                                        how="use --psf-fwhm PIX or --psf FILE")
         progress = _ProgressLine()
-        kernels = args.cpu_kernels if args.cpu_kernels != "auto" else ("fused" if len(objects) >= FUSED_MIN_OBJECTS else "array-api")
-        result = measure(science, objects, psf, config.model_copy(update={"cpu_kernels": kernels}), difference=difference,
+        result = measure(science, objects, psf, config.model_copy(update={"cpu_kernels": args.cpu_kernels}), difference=difference,
                          science_psf=science_psf, backend=backend, progress=progress)
         progress.close()
     stored = None
@@ -239,10 +240,18 @@ def _lightcurve(args: argparse.Namespace) -> int:
     objects, index, report, task = _plan(args)
     config = task.config
     service = MeasureService(ExposureCache(0), select_backend(config.backend), threads=1)
+    progress, epochs = _ProgressLine("exposures"), [0]
+
+    def each_epoch(*batch: int) -> None:  # called before each epoch (no arguments) and after each batch of it
+        if not batch:
+            progress(epochs[0], len(task.epochs))
+            epochs[0] += 1
+
     try:
-        result = service.run_lightcurves(task)
+        result = service.run_lightcurves(task, each_epoch)
     finally:
         service.close()
+        progress.close()
     write_catalog(result.table, {"lightcurves": result.provenance, "errors": result.errors}, args.output)
     if args.plot:
         from forcedphot.photometry.formats import to_pandas
@@ -356,9 +365,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="array backend (default auto: cupy when a CUDA device answers, else numpy)")
     m.add_argument("--extra-columns", action="store_true", help=EXTRA_HELP)
     m.add_argument("--include-offimage", action="store_true", help="also return objects off the detector, flagged")
-    m.add_argument("--cpu-kernels", choices=("auto", "fused", "array-api"), default="auto",
-                   help=f"on the CPU: the compiled fused kernels, or the array-API ones (the same numbers to 1e-10); "
-                        f"auto: fused from {FUSED_MIN_OBJECTS} objects, where they pay for their ~0.5 s load")
+    m.add_argument("--cpu-kernels", choices=("fused", "array-api"), default="fused",
+                   help="on the CPU: the compiled fused kernels (default; the service runs them too), or the array-API ones "
+                        "(the same numbers to 1e-10; no ~0.5 s load of the compiled code: quicker below a few thousand objects)")
     m.add_argument("--batch-mib", type=int, default=DEFAULT_BATCH_BYTES // 2**20,
                    help=f"memory bound per cutout batch, MiB (default {DEFAULT_BATCH_BYTES // 2**20})")
     m.set_defaults(run=_measure)

@@ -68,12 +68,20 @@ def test_the_dashboard_draws_a_light_curve_and_its_stamps(browser, server, tmp_p
     page, errors, foreign = watched_page(browser, server)
     page.goto(server.url + "/")
     page.wait_for_function("document.querySelector('#status-list dd') !== null")
+    assert page.evaluate("getComputedStyle(document.getElementById('stamps')).display") == "none"  # no empty images before a search
     page.fill("#object-id", str(supernova))
     page.click("#search button[type=submit]")
     page.wait_for_function("document.querySelectorAll('#rows tbody tr').length > 0", timeout=30_000)
     points = page.evaluate("document.getElementById('plot').data.filter(t => t.yaxis === 'y').reduce((n, t) => n + t.x.length, 0)")
     assert points == epochs == page.locator("#rows tbody tr").count()
+    # the axes are titled as drawn (plotly ignores string titles) and MJD ticks are written in full
+    titles = page.evaluate("[...document.querySelectorAll('#plot .xtitle, #plot .ytitle, #plot .annotation-text')].map(t => t.textContent)")
+    assert {"midpoint, MJD (TAI)", "difference flux psfFlux [nJy]", "science flux scienceFlux [nJy]", "difference image"} <= set(titles)
+    ticks = page.evaluate("[...document.querySelectorAll('#plot .xtick text')].map(t => t.textContent)")
+    assert ticks and all(t.replace(".", "").isdigit() and float(t) > 60000 for t in ticks), ticks
     assert page.inner_text("#rows tbody tr:first-child td:first-child") == str(supernova)  # all 19 digits
+    mjd = page.inner_text("#rows tbody tr:first-child td:nth-child(5)")
+    assert len(mjd.split(".")[1]) == 5  # to about a second, not 0.1 d
     page.locator("#rows tbody tr").nth(2).click()
     page.wait_for_function("['science', 'difference'].every(k => document.getElementById('stamp-' + k).naturalWidth > 0)")
     assert page.evaluate("document.getElementById('stamp-science').naturalWidth") == 48 * 4
@@ -124,9 +132,13 @@ def test_the_dashboard_asks_for_the_api_key_once(browser, server, tmp_path):
         page, errors, foreign = watched_page(browser, keyed)
         page.goto(keyed.url + "/")
         page.wait_for_selector("#key-panel:not([hidden])")
+        page.fill("#key", "not-the-key-0123456789")
+        page.click("#use-key")
+        page.wait_for_function("document.getElementById('message').textContent.includes('refused')")
         page.fill("#key", key)
         page.click("#use-key")
         page.wait_for_function("document.querySelector('#status-list dd') !== null")
+        assert page.inner_text("#message") == ""  # the refusal is gone once a right key is in
         assert page.evaluate("sessionStorage.getItem('forcedphot-key')") == key
         page.fill("#ra", "150.1")
         page.fill("#dec", "2.2")

@@ -38,6 +38,18 @@ def measured(survey, tmp_path_factory):
     return pd.read_parquet(out), out
 
 
+def test_a_light_curve_on_the_command_line_shows_its_progress(survey, tmp_path, capsys, monkeypatch):
+    from forcedphot import cli as cli_module
+
+    monkeypatch.setattr(cli_module._ProgressLine, "after", 0.0)  # a line at every step, however fast
+    monkeypatch.setattr(cli_module._ProgressLine, "every", 0.0)
+    assert cli(["lightcurve", str(survey["root"]), "--ra", str(survey["objects"]["ra"][0]), "--dec", str(survey["objects"]["dec"][0]),
+                "-o", str(tmp_path / "lc.parquet"), "--backend", "numpy"]) == 0
+    err = capsys.readouterr().err
+    epochs = pd.read_parquet(tmp_path / "lc.parquet")["visit"].nunique()
+    assert f"measured {epochs - 1}/{epochs} exposures" in err and "exposures (" in err
+
+
 def test_the_demo_survey_spans_two_bands_and_60_days_with_varying_coverage(survey):
     truth, made = survey["truth"], survey["made"]
     assert made.mjd_range[1] - made.mjd_range[0] >= 60 and set(truth["band"]) == {"g", "r"}

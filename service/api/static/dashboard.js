@@ -3,7 +3,10 @@
 // in sessionStorage only.
 "use strict";
 
-const FLAGS = ["psfFlux_flag", "pixelFlags_saturated", "pixelFlags_cr", "pixelFlags_bad", "pixelFlags_edge"];
+// as the command line's plot (forcedphot.photometry.plot.FLAGS): the PSF fit, or a saturated, cosmic-ray or bad pixel
+const FLAGS = ["psfFlux_flag", "pixelFlags_saturated", "pixelFlags_cr", "pixelFlags_bad"];
+// the dashboard's own polling, left out of the request rate and latency it shows
+const POLLING = /route="\/(metrics|v1\/info|v1\/jobs)"/;
 const COLOURS = { u: "#56b4e9", g: "#009e73", r: "#d55e00", i: "#cc79a7", z: "#0072b2", y: "#e69f00" };
 const state = { rows: [], stored: [], body: null, id: null, fromApdb: false, lastRequests: null };
 
@@ -16,7 +19,7 @@ async function api(path, options) {
   const response = await fetch(path, Object.assign({}, options, { headers: headers((options || {}).headers) }));
   if (response.status === 401) {
     document.getElementById("key-panel").hidden = false;
-    throw new Error("this service needs an API key");
+    throw new Error(sessionStorage.getItem("forcedphot-key") ? "the API key was refused: enter another" : "this service needs an API key");
   }
   if (!response.ok) {
     let detail = response.statusText;
@@ -132,9 +135,17 @@ function storedTraces() {
 
 function draw() {
   const plot = document.getElementById("plot");
+  // titles as {text}: the bundled plotly.js ignores plain strings; MJD written in full (no "61.04k")
+  const mjd = { tickformat: ".1f", hoverformat: ".5f", separatethousands: false };
   const layout = {
-    grid: { rows: 2, columns: 1, shared_xaxes: true }, margin: { t: 20, r: 10 }, hovermode: "closest",
-    xaxis: { title: "MJD (TAI)" }, yaxis: { title: "difference flux [nJy]" }, yaxis2: { title: "science flux [nJy]" },
+    grid: { rows: 2, columns: 1, shared_xaxes: true }, margin: { t: 30, r: 10 }, hovermode: "closest",
+    xaxis: Object.assign({ title: { text: "midpoint, MJD (TAI)" }, anchor: "y2" }, mjd),
+    yaxis: { title: { text: "difference flux psfFlux [nJy]" } },
+    yaxis2: { title: { text: "science flux scienceFlux [nJy]" } },
+    annotations: [
+      { text: "difference image", xref: "paper", yref: "y domain", x: 0, y: 1.08, showarrow: false, xanchor: "left" },
+      { text: "science (direct) image", xref: "paper", yref: "y2 domain", x: 0, y: 1.08, showarrow: false, xanchor: "left" },
+    ],
   };
   Plotly.newPlot(plot, traces("psfFlux", "y").concat(traces("scienceFlux", "y2"), storedTraces()), layout, { displaylogo: false });
   plot.on("plotly_click", (event) => showStamps(event.points[0].customdata));
@@ -151,13 +162,14 @@ function table() {
   state.rows.forEach((row, index) => {
     const tr = document.createElement("tr");
     if (flagged(row)) tr.className = "flagged";
-    tr.innerHTML = columns.map((c) => "<td>" + (c === "diaObjectId" && state.id !== null ? state.id : format(row[c])) + "</td>").join("") + "<td>" + (flagged(row) ? "yes" : "") + "</td>";
+    tr.innerHTML = columns.map((c) => "<td>" + (c === "diaObjectId" && state.id !== null ? state.id : format(row[c], c)) + "</td>").join("") + "<td>" + (flagged(row) ? "yes" : "") + "</td>";
     tr.addEventListener("click", () => showStamps(index));
     body.appendChild(tr);
   });
 }
 
-function format(value) {
+function format(value, column) {
+  if (column === "midpointMjdTai" && typeof value === "number") return value.toFixed(5);  // 1 s, not 0.1 d
   if (typeof value === "number" && !Number.isInteger(value)) return value.toPrecision(6);
   return value === null || value === undefined ? "" : String(value);
 }
@@ -179,6 +191,24 @@ async function showStamps(index) {
   }
 }
 
+async function openJob(event) {
+  // a job's status, and its result as a download once it has one
+  event.preventDefault();
+  try {
+    const job = await (await api("/v1/jobs/" + event.target.dataset.job)).json();
+    say("job " + job.id + ": " + job.state + (job.rows !== null && job.rows !== undefined ? ", " + job.rows + " rows" : "") +
+        (job.errors && job.errors.length ? ", " + job.errors.length + " exposure(s) not measured" : ""));
+    if (job.result) {
+      const link = document.createElement("a");
+      link.href = URL.createObjectURL(await (await api(job.result)).blob());
+      link.download = "job-" + job.id + ".parquet";
+      link.click();
+    }
+  } catch (error) {
+    say(error.message, true);
+  }
+}
+
 async function download(event) {
   event.preventDefault();
   const fmt = event.target.dataset.format;
@@ -196,9 +226,10 @@ async function download(event) {
   }
 }
 
-function metric(text, name) {
+function metric(text, name, leaveOut) {
   let total = 0, found = false;
   for (const line of text.split("\n")) {
+    if (leaveOut && leaveOut.test(line)) continue;
     if (line.startsWith(name + " ") || line.startsWith(name + "{")) {
       total += Number(line.split(" ").pop());
       found = true;
@@ -212,19 +243,19 @@ async function refreshStatus() {
     const info = await (await api("/v1/info")).json();
     const metrics = await (await api("/metrics")).text();
     document.getElementById("version").textContent = "version " + info.version;
-    const requests = metric(metrics, "forcedphot_http_requests_total");
+    const requests = metric(metrics, "forcedphot_http_requests_total", POLLING);
     const now = performance.now();
     let rate = "";
     if (state.lastRequests) rate = ((requests - state.lastRequests[0]) / ((now - state.lastRequests[1]) / 1000)).toFixed(2) + " /s";
     state.lastRequests = [requests, now];
-    const seconds = metric(metrics, "forcedphot_http_request_duration_seconds_sum");
-    const count = metric(metrics, "forcedphot_http_request_duration_seconds_count");
+    const seconds = metric(metrics, "forcedphot_http_request_duration_seconds_sum", POLLING);
+    const count = metric(metrics, "forcedphot_http_request_duration_seconds_count", POLLING);
     const items = {
       backend: info.backend.name + ":" + info.backend.device,
       "measurement processes": info.measure_processes,
       "indexed exposures": info.index ? info.index.exposures : "",
       "exposure cache": ((metric(metrics, "forcedphot_exposure_cache_bytes") || 0) / 2 ** 20).toFixed(1) + " MiB",
-      "requests answered": requests,
+      "requests answered (not counting this page's polling)": requests,
       "request rate": rate || "(measuring)",
       "mean latency": count ? (1000 * seconds / count).toFixed(1) + " ms" : "",
       "in flight": metric(metrics, "forcedphot_measurements_in_flight"),
@@ -234,7 +265,9 @@ async function refreshStatus() {
       Object.entries(items).map(([k, v]) => "<dt>" + k + "</dt><dd>" + v + "</dd>").join("");
     const jobs = await (await api("/v1/jobs?limit=5")).json();
     document.getElementById("jobs").innerHTML = jobs.jobs.map((j) =>
-      "<li>" + j.id.slice(0, 8) + " " + j.state + " " + Math.round(100 * j.progress.fraction) + "%</li>").join("") || "<li>none</li>";
+      '<li><a href="#" data-job="' + j.id + '">' + j.id.slice(0, 8) + "</a> " + j.state + " " + Math.round(100 * j.progress.fraction) +
+      "%</li>").join("") || "<li>none</li>";
+    document.querySelectorAll("#jobs a").forEach((a) => a.addEventListener("click", openJob));
   } catch (error) {
     say(error.message, true);
   }
@@ -245,6 +278,7 @@ document.querySelectorAll("#downloads a").forEach((a) => a.addEventListener("cli
 document.getElementById("use-key").addEventListener("click", () => {
   sessionStorage.setItem("forcedphot-key", document.getElementById("key").value);
   document.getElementById("key-panel").hidden = true;
+  say("");  // the refusal, if any, is answered: refreshStatus says so again if this key is refused too
   refreshStatus();
 });
 refreshStatus();
