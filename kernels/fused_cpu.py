@@ -133,13 +133,15 @@ def _measure_native(band_image, band_variance, band_mask, row0, col0, image, var
 
 
 def warm_up() -> None:
-    """Load (or, the first time on a machine, compile: ~20 s) the compiled kernel, so that
-    the first measurement does not wait for it. numba caches it beside this module."""
+    """Load (or, the first time on a machine, compile: ~20 s) both compiled variants of the
+    kernel, so that the first measurement does not wait for them. numba caches them beside
+    this module."""
     k = 5
-    stack = np.zeros((1, k, k), np.float32)
-    measure_stack(stack, stack + 1, np.zeros((1, k, k), np.int32), np.ones((1, k, k), bool), np.full((1, 3, 3), 1 / 9),
-                  np.array([2.0]), np.array([2.0]), np.array([0.5]),
-                  FusedParameters(np.array([1.0]), 0, 0, np.array([NO_PLANE, 0], np.int64), 3.0, 1.0, 2.0, 3, 3.0))
+    for n in (1, PARALLEL_MIN_OBJECTS):  # the serial and the parallel variant
+        stack = np.zeros((n, k, k), np.float32)
+        measure_stack(stack, stack + 1, np.zeros((n, k, k), np.int32), np.ones((n, k, k), bool), np.full((n, 3, 3), 1 / 9),
+                      np.full(n, 2.0), np.full(n, 2.0), np.full(n, 0.5),
+                      FusedParameters(np.array([1.0]), 0, 0, np.array([NO_PLANE, 0], np.int64), 3.0, 1.0, 2.0, 3, 3.0))
 
 
 @njit(cache=True, error_model="numpy")

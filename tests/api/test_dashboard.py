@@ -75,7 +75,7 @@ def test_the_dashboard_draws_a_light_curve_and_its_stamps(browser, server, tmp_p
     points = page.evaluate("document.getElementById('plot').data.filter(t => t.yaxis === 'y').reduce((n, t) => n + t.x.length, 0)")
     assert points == epochs == page.locator("#rows tbody tr").count()
     # the axes are titled as drawn (plotly ignores string titles) and MJD ticks are written in full
-    titles = page.evaluate("[...document.querySelectorAll('#plot .xtitle, #plot .ytitle, #plot .annotation-text')].map(t => t.textContent)")
+    titles = page.evaluate("[...document.querySelectorAll('#plot .xtitle, #plot .ytitle, #plot .y2title, #plot .annotation-text')].map(t => t.textContent)")
     assert {"midpoint, MJD (TAI)", "difference flux psfFlux [nJy]", "science flux scienceFlux [nJy]", "difference image"} <= set(titles)
     ticks = page.evaluate("[...document.querySelectorAll('#plot .xtick text')].map(t => t.textContent)")
     assert ticks and all(t.replace(".", "").isdigit() and float(t) > 60000 for t in ticks), ticks
