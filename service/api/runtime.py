@@ -122,7 +122,7 @@ class ServiceRuntime:
         s = self.settings
         try:
             source = ButlerSource(repository, collections, s.butler_science_type, s.butler_difference_type, table_roots=table_roots,
-                                  remote=RemoteFiles(s.data_dir / "remote-files", s.remote_cache_bytes))
+                                  remote=RemoteFiles(s.data_dir / "remote-files", s.remote_cache_bytes, s.exposure_limits))
         except ButlerUnavailable as exc:
             self._startup_error = str(exc)
             log.error("%s", exc)

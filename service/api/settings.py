@@ -61,8 +61,9 @@ class Settings(BaseSettings):
     butler_science_type: str = Field("visit_image", description='the Butler dataset type measured for "calexp" (scienceFlux)')
     butler_difference_type: str = Field("difference_image", description='the Butler dataset type measured for "difference" (psfFlux)')
     remote_cache_bytes: int = Field(8 * 1024 * MiB, gt=0, description=(  # serving.butler.DEFAULT_REMOTE_CACHE_BYTES (not imported: it loads the Butler)
-        "local copies of Butler files in object storage (s3://, gs://, https://), in data_dir/remote-files; "
-        "least recently used ones are removed beyond this"))
+        "bytes fetched into local copies of Butler files in object storage (s3://, gs://, https://), in "
+        "data_dir/remote-files; a copy holds the headers and the rows requests have read; least recently used ones "
+        "are removed beyond this"))
     path_template: str = Field(DEFAULT_PATH_TEMPLATE, description="data id -> path inside a root; fields visit, detector, datasetType")
     api_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list, description="accepted bearer tokens")
     database_url: SecretStr | None = Field(None, description=(

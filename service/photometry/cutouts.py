@@ -19,7 +19,7 @@ Beyond the image edge the image and variance are NaN, the mask holds the NO_DATA
 ``inside`` is False.
 """
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 import threading
 from typing import Any, Protocol
@@ -44,7 +44,8 @@ class RowReader(Protocol):
     width: int
     height: int
 
-    def read_rows(self, y_start: int, y_stop: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]: ...
+    def read_rows(self, y_start: int, y_stop: int, needed: Sequence[tuple[int, int]] | None = None
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]: ...
 
 
 @dataclass(frozen=True)
@@ -189,10 +190,24 @@ class Band:
 
 
 def read_band(reader: RowReader, windows: Windows, no_data_bit: int) -> Band:
-    """The band of rows the windows of one batch (from :func:`plan_windows` with ``band_width``) span."""
+    """The band of rows the windows of one batch (from :func:`plan_windows` with ``band_width``)
+    span; the reader is told which of its rows the windows touch (a partial copy of a remote
+    file fetches only those)."""
     h = windows.size // 2
     read_lo, read_hi = max(int(windows.iy.min()) - h, 0), min(int(windows.iy.max()) + h + 1, reader.height)
-    return Band(*reader.read_rows(read_lo, read_hi), row0=read_lo, height=reader.height, no_data_bit=no_data_bit)
+    needed = window_rows(windows.iy - h, windows.iy + h + 1, read_lo, read_hi)
+    return Band(*reader.read_rows(read_lo, read_hi, needed), row0=read_lo, height=reader.height, no_data_bit=no_data_bit)
+
+
+def window_rows(starts: np.ndarray, stops: np.ndarray, low: int, high: int) -> list[tuple[int, int]]:
+    """The union of the row ranges ``[starts, stops)`` clipped to ``[low, high)``, as
+    disjoint sorted ranges."""
+    starts, stops = np.clip(starts, low, high), np.clip(stops, low, high)
+    order = np.argsort(starts, kind="stable")
+    starts, reach = starts[order], np.maximum.accumulate(stops[order])
+    gaps = np.flatnonzero(starts[1:] > reach[:-1]) + 1
+    firsts, lasts = np.concatenate([[0], gaps]), np.concatenate([gaps - 1, [len(starts) - 1]])
+    return [(int(a), int(b)) for a, b in zip(starts[firsts], reach[lasts]) if b > a]
 
 
 def stage_cutouts(reader: RowReader, windows: Windows, no_data_bit: int) -> Cutouts:

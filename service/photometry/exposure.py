@@ -45,6 +45,7 @@ EXPTIME, else they are skipped). Unknown TIMESYS values skip the key.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 import math
 import os
@@ -61,6 +62,7 @@ from forcedphot.photometry.backend import Backend
 from forcedphot.photometry.cutouts import DeviceCopies, ResidentPlanes
 from forcedphot.photometry.fits_preflight import DeclaredTooMuch, preflight
 from forcedphot.photometry.lsst_fits import AFW_DEFAULT_MASK_PLANES
+from forcedphot.photometry.partial_copy import FetchError, PartialCopy, row_ranges
 from forcedphot.photometry.photocalib import PhotoCalib, read_photocalib
 
 __all__ = ["DEFAULT_LIMITS", "REFERENCE_FLUX_NJY", "Exposure", "ExposureChanged", "ExposureError", "ExposureLimits", "njy_per_count", "open_exposure"]
@@ -199,9 +201,11 @@ class Exposure:
     _constant_variance: float = field(repr=False, compare=False)
     _file_stamp: tuple[int, int, int] = field(repr=False, compare=False)
     _memory_map: bool = field(repr=False, compare=False)
+    _partial: PartialCopy | None = field(default=None, repr=False, compare=False)
     _resident: DeviceCopies = field(default_factory=DeviceCopies, repr=False, compare=False)
 
-    def read_rows(self, y_start: int, y_stop: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def read_rows(self, y_start: int, y_stop: int, needed: Sequence[tuple[int, int]] | None = None
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Read local rows ``[y_start, y_stop)`` of the image, variance and mask.
 
         Returns the image (image units), variance (image units squared), each of float32
@@ -213,7 +217,9 @@ class Exposure:
         constant); tile-compressed HDUs decompress only the overlapping tiles (astropy
         ``.section``) into native arrays. Callers must not write to the result. NaN image
         pixels are returned as NaN. The caller clips the range to
-        ``0 <= y_start <= y_stop <= height``.
+        ``0 <= y_start <= y_stop <= height``. ``needed``: the row ranges within it that the
+        caller will look at (default: all); a partial copy of a remote file fetches only
+        those, and its other rows may read as zeros.
 
         Raises :class:`ExposureChanged` when the file was replaced or rewritten since it
         was opened, :class:`ExposureError` when it cannot be read.
@@ -223,19 +229,20 @@ class Exposure:
                 f"{self.name}: row range [{y_start}, {y_stop}) is outside [0, {self.height}]"
             )
         self.check_unchanged()
+        self._fetch_rows((self._image_hdu, self._variance_hdu, self._mask_hdu), needed or [(y_start, y_stop)])
         mapped = self._memory_map
         try:
-            image = _read_band(self._image_hdu, y_start, y_stop, np.float32, mapped)
+            image = _read_band(self._image_hdu, y_start, y_stop, np.float32, mapped, needed)
             if self._variance_hdu is None:
                 variance = np.broadcast_to(np.float32(self._constant_variance), image.shape)
             elif self._variance_is_weight:
-                variance = _weight_to_variance(_read_band(self._variance_hdu, y_start, y_stop, np.float64, mapped))
+                variance = _weight_to_variance(_read_band(self._variance_hdu, y_start, y_stop, np.float64, mapped, needed))
             else:
-                variance = _read_band(self._variance_hdu, y_start, y_stop, np.float32, mapped)
+                variance = _read_band(self._variance_hdu, y_start, y_stop, np.float32, mapped, needed)
             if self._mask_hdu is None:
                 mask = np.broadcast_to(np.int32(0), image.shape)
             else:
-                mask = _read_mask_band(self._mask_hdu, y_start, y_stop, mapped)
+                mask = _read_mask_band(self._mask_hdu, y_start, y_stop, mapped, needed)
         except (OSError, ValueError, TypeError, IndexError, EOFError) as exc:
             self.check_unchanged()
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc  # an OSError's text names the file
@@ -243,11 +250,29 @@ class Exposure:
         self.check_unchanged()  # rewritten while these rows were read: they may mix old and new bytes
         return image, variance, mask
 
+    def _fetch_rows(self, hdus: tuple[_ImageHDU | None, ...], rows: Sequence[tuple[int, int]]) -> None:
+        """Fetch the row ranges ``rows`` of ``hdus`` where a partial copy lacks them (nothing
+        for a whole file)."""
+        if self.fully_local:
+            return
+        try:
+            self._partial.ensure([span for hdu in hdus if hdu is not None for start, stop in rows
+                                  for span in row_ranges(hdu, start, stop)])
+        except FetchError as exc:
+            raise ExposureError(f"{self.name}: rows [{rows[0][0]}, {rows[-1][1]}) {exc}") from None
+
+    @property
+    def fully_local(self) -> bool:
+        """Every byte of the file is on this machine (False for a partial copy of a remote
+        file still being filled, whose rows are fetched when read)."""
+        return self._partial is None or self._partial.complete
+
     def check_unchanged(self) -> None:
         """Raise :class:`ExposureChanged` if the file is no longer the one opened (size,
-        modification time or inode differ: rewritten in place, replaced or truncated)."""
+        modification time or inode differ: rewritten in place, replaced or truncated; a
+        partial copy is compared by size and inode, as filling it writes to it)."""
         try:
-            now = _stamp(self.path)
+            now = _stamp(self.path, self._partial is not None)
         except OSError:
             now = None
         if now != self._file_stamp:
@@ -278,6 +303,8 @@ class Exposure:
         """Close the underlying file (and drop any device copy of the planes)."""
         self._resident.clear()
         self._hdul.close()
+        if self._partial is not None:
+            self._partial.close()
 
     def __enter__(self) -> Exposure:
         return self
@@ -307,29 +334,39 @@ def open_exposure(path: str | os.PathLike, *, name: str | None = None, limits: E
     name = name or path
     if not os.path.isfile(path):
         raise ExposureError(f"{name}: no such file")
-    stamp = _stamp(path)
-    hdul = _open_fits(path, name, limits, memory_map)
     try:
-        return _build_exposure(path, name, hdul, limits, stamp, memory_map)
-    except ExposureError:
-        hdul.close()
-        raise
-    except (KeyError, ValueError, TypeError, OverflowError, IndexError, ArithmeticError, fits.VerifyError) as exc:
+        partial = PartialCopy.of(path)
+        stamp = _stamp(path, partial is not None)
+    except FileNotFoundError:
+        raise ExposureError(f"{name}: no such file") from None
+    except FetchError:
+        raise ExposureChanged(f"{name}: the file changed while it was being opened; retry the request") from None
+    hdul = None
+    try:
+        hdul = _open_fits(path, name, limits, memory_map)
+        return _build_exposure(path, name, hdul, limits, stamp, memory_map, partial)
+    except BaseException as exc:
+        if hdul is not None:
+            hdul.close()
+        if partial is not None:
+            partial.close()
+        if isinstance(exc, ExposureError) or not isinstance(exc, _MALFORMED):
+            raise
         # astropy reading a structurally malformed header (NAXIS = 999 without NAXIS3, an unparsable card, ...)
-        hdul.close()
         raise ExposureError(f"{name}: malformed header: {type(exc).__name__}: {exc}") from None
-    except BaseException:
-        hdul.close()
-        raise
+
+
+_MALFORMED = (KeyError, ValueError, TypeError, OverflowError, IndexError, ArithmeticError, fits.VerifyError)
 
 
 # --- file level -------------------------------------------------------------------------
 
 
-def _stamp(path: str) -> tuple[int, int, int]:
-    """What identifies the file's contents: size, modification time (ns), inode."""
+def _stamp(path: str, partial: bool = False) -> tuple[int, int, int]:
+    """What identifies the file's contents: size, modification time (ns; 0 for a
+    ``partial`` copy, which is written while it is read), inode."""
     stat = os.stat(path)
-    return stat.st_size, stat.st_mtime_ns, stat.st_ino
+    return stat.st_size, 0 if partial else stat.st_mtime_ns, stat.st_ino
 
 
 def _open_fits(path: str, name: str, limits: ExposureLimits, memory_map: bool) -> fits.HDUList:
@@ -408,7 +445,7 @@ def _check_size(name: str, hdu: _ImageHDU, limits: ExposureLimits) -> None:
 
 
 def _build_exposure(path: str, name: str, hdul: fits.HDUList, limits: ExposureLimits, stamp: tuple[int, int, int],
-                    memory_map: bool) -> Exposure:
+                    memory_map: bool, partial: PartialCopy | None) -> Exposure:
     _check_afw_archive(name, hdul)
     image_index = _find_image_hdu(name, hdul)
     image_hdu = hdul[image_index]
@@ -443,7 +480,14 @@ def _build_exposure(path: str, name: str, hdul: fits.HDUList, limits: ExposureLi
     plane_hdu = variance_hdu if variance_hdu is not None else weight_hdu
     constant_variance = math.nan
     if plane_hdu is None:
-        constant_variance = _estimate_variance(name, image_hdu, mask_hdu, height, memory_map)
+        rows = _variance_sample_rows(height)
+        if partial is not None:
+            try:
+                partial.ensure([span for hdu in (image_hdu, mask_hdu) if hdu is not None
+                                for row in rows for span in row_ranges(hdu, row, row + 1)])
+            except FetchError as exc:
+                raise ExposureError(f"{name}: rows to estimate the variance from {exc}") from None
+        constant_variance = _estimate_variance(name, image_hdu, mask_hdu, rows, memory_map)
     return Exposure(
         path=path,
         name=name,
@@ -469,6 +513,7 @@ def _build_exposure(path: str, name: str, hdul: fits.HDUList, limits: ExposureLi
         _constant_variance=constant_variance,
         _file_stamp=stamp,
         _memory_map=memory_map,
+        _partial=partial,
         archive=archive,
     )
 
@@ -591,29 +636,43 @@ def _plain_rows(hdu: _ImageHDU, y_start: int, y_stop: int, memory_map: bool) -> 
     return values
 
 
-def _read_band(hdu: _ImageHDU, y_start: int, y_stop: int, dtype: type, memory_map: bool) -> np.ndarray:
+def _read_band(hdu: _ImageHDU, y_start: int, y_stop: int, dtype: type, memory_map: bool,
+               needed: Sequence[tuple[int, int]] | None = None) -> np.ndarray:
     """Rows [y_start, y_stop) of ``hdu`` with values of ``dtype``: the stored values as they
     are (a memory-mapped view, with ``memory_map``) when the file stores exactly that type
     in either byte order, else a decoded copy."""
     values = _plain_rows(hdu, y_start, y_stop, memory_map)
     if values is None:
-        return np.array(hdu.section[y_start:y_stop, :], dtype=dtype)
+        return np.asarray(_decompressed_rows(hdu, y_start, y_stop, needed), dtype=dtype)
     if values.dtype.newbyteorder("=") == np.dtype(dtype):
         return values
     return values.astype(dtype)
 
 
-def _read_mask_band(hdu: _ImageHDU, y_start: int, y_stop: int, memory_map: bool) -> np.ndarray:
+def _read_mask_band(hdu: _ImageHDU, y_start: int, y_stop: int, memory_map: bool,
+                    needed: Sequence[tuple[int, int]] | None = None) -> np.ndarray:
     """Mask rows as int32 bit fields (uint32 planes are reinterpreted bit for bit, uint16
     planes stored with BZERO read exactly)."""
     values = _plain_rows(hdu, y_start, y_stop, memory_map)
     if values is None:
-        values = np.asarray(hdu.section[y_start:y_stop, :])
+        values = _decompressed_rows(hdu, y_start, y_stop, needed)
     if values.dtype.newbyteorder("=") == np.dtype(np.int32):
         return values
     if values.dtype.kind in "iu" and (values.dtype.itemsize == 8 or (values.dtype.kind == "u" and values.dtype.itemsize == 4)):
         return values.astype(np.uint32).view(np.int32)
     return values.astype(np.int32)
+
+
+def _decompressed_rows(hdu: _ImageHDU, y_start: int, y_stop: int, needed: Sequence[tuple[int, int]] | None) -> np.ndarray:
+    """Rows [y_start, y_stop) of a compressed HDU, decompressed by astropy: only the
+    ``needed`` row ranges within them (only their tiles are read), the other rows zero."""
+    if not needed or list(needed) == [(y_start, y_stop)]:
+        return np.asarray(hdu.section[y_start:y_stop, :])
+    parts = [(start, np.asarray(hdu.section[start:stop, :])) for start, stop in needed]
+    rows = np.zeros((y_stop - y_start, hdu.shape[1]), dtype=parts[0][1].dtype)
+    for start, values in parts:
+        rows[start - y_start:start - y_start + len(values)] = values
+    return rows
 
 
 def _weight_to_variance(weight: np.ndarray) -> np.ndarray:
@@ -624,17 +683,21 @@ def _weight_to_variance(weight: np.ndarray) -> np.ndarray:
     return variance.astype(np.float32)
 
 
+def _variance_sample_rows(height: int) -> np.ndarray:
+    """The rows :func:`_estimate_variance` reads: up to 64, evenly spaced."""
+    return np.unique(np.linspace(0, height - 1, min(height, _VARIANCE_SAMPLE_ROWS)).astype(int))
+
+
 def _estimate_variance(path: str, image_hdu: _ImageHDU, mask_hdu: _ImageHDU | None,
-                       height: int, memory_map: bool) -> float:
+                       rows: np.ndarray, memory_map: bool) -> float:
     """Constant per-pixel noise variance from the image itself.
 
-    Uses up to 64 evenly spaced rows; in each, differences of horizontally adjacent
+    Uses the given ``rows`` (see :func:`_variance_sample_rows`); in each, differences of horizontally adjacent
     pixels that are both finite and unmasked (mask == 0). For white noise of variance
     s2 a difference has variance 2 s2, so s2 = (1.4826 MAD(d))**2 / 2. Differences cancel
     any smooth background; the MAD ignores sparse sources. Pixel-correlated noise (e.g.
     resampled images) biases the estimate low.
     """
-    rows = np.unique(np.linspace(0, height - 1, min(height, _VARIANCE_SAMPLE_ROWS)).astype(int))
     differences = []
     for row in rows:
         values = _read_band(image_hdu, row, row + 1, np.float64, memory_map)[0]

@@ -11,11 +11,11 @@ file, a bounded read in a compressed one, whose declared total is checked first.
 from __future__ import annotations
 
 import bz2
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 import gzip
 import math
 import re
-from typing import IO
+from typing import IO, NamedTuple
 
 BLOCK = 2880
 CARD = 80
@@ -40,6 +40,21 @@ def _opener(head: bytes) -> tuple[Callable[..., IO[bytes]], bool]:
     return open, False
 
 
+class HduExtent(NamedTuple):
+    """Where one HDU lies in a file (bytes from the file's start)."""
+
+    index: int
+    cards: dict[str, str]  # its structural cards: key -> value text
+    header_start: int
+    data_start: int
+    data_bytes: int  # declared, before the padding to whole 2880-byte blocks
+
+    @property
+    def end(self) -> int:
+        """The end of its data, padded (where the next HDU starts)."""
+        return self.data_start + -(-self.data_bytes // BLOCK) * BLOCK
+
+
 def preflight(path: str, max_hdus: int, max_pixels: int) -> None:
     """Walk the headers of the FITS file at ``path`` (plain, gzip or bzip2) and raise
     :class:`DeclaredTooMuch` for a structural key that is not a usable number, more than
@@ -50,26 +65,41 @@ def preflight(path: str, max_hdus: int, max_pixels: int) -> None:
         opener, compressed = _opener(raw.read(4))
     budget = max_pixels * BYTES_PER_PIXEL_OF_A_PLANE if compressed else math.inf
     with opener(path, "rb") as stream:
-        index = 0
-        while True:
-            cards = _header(stream, index)
-            if cards is None:
-                return
-            if index >= max_hdus:
-                raise DeclaredTooMuch(f"more than {max_hdus} HDUs; an exposure has its image, mask, variance and archive tables only")
-            size = _data_bytes(cards, index, max_pixels)
-            budget -= size
+        for extent in walk(stream, max_hdus, max_pixels, compressed):
+            budget -= extent.data_bytes
             if budget < 0:
                 raise DeclaredTooMuch(f"the compressed file declares more than {max_pixels * BYTES_PER_PIXEL_OF_A_PLANE} "
                                       "bytes of data in all; decompress it, or send planes no larger than allowed")
-            _skip(stream, -(-size // BLOCK) * BLOCK, compressed)
-            index += 1
 
 
-def _header(stream: IO[bytes], index: int) -> dict[str, str] | None:
-    """The structural cards of the next header (key -> value text), None at the end of the file."""
+def is_whole_file_compressed(head: bytes) -> bool:
+    """The file starting with ``head`` (its first 4 bytes) is gzip or bzip2 compressed as a whole."""
+    return _opener(head)[1]
+
+
+def walk(stream: IO[bytes], max_hdus: int, max_pixels: int, compressed: bool = False) -> Iterator[HduExtent]:
+    """The HDUs of the FITS stream (at its start), one by one, each checked as
+    :func:`preflight` says; their data is skipped, not read (a seek, or for a
+    ``compressed`` stream bounded reads)."""
+    index, position = 0, 0
+    while True:
+        header = _header(stream, index)
+        if header is None:
+            return
+        cards, blocks = header
+        if index >= max_hdus:
+            raise DeclaredTooMuch(f"more than {max_hdus} HDUs; an exposure has its image, mask, variance and archive tables only")
+        extent = HduExtent(index, cards, position, position + blocks * BLOCK, _data_bytes(cards, index, max_pixels))
+        yield extent
+        _skip(stream, extent.end - extent.data_start, compressed)
+        index, position = index + 1, extent.end
+
+
+def _header(stream: IO[bytes], index: int) -> tuple[dict[str, str], int] | None:
+    """The structural cards of the next header (key -> value text) and its length in
+    blocks; None at the end of the file."""
     cards: dict[str, str] = {}
-    for _ in range(MAX_HEADER_BLOCKS):
+    for blocks in range(1, MAX_HEADER_BLOCKS + 1):
         block = stream.read(BLOCK)
         if len(block) < BLOCK:
             return None  # the end (or a truncated file: the reader says which)
@@ -77,7 +107,7 @@ def _header(stream: IO[bytes], index: int) -> dict[str, str] | None:
             card = block[start:start + CARD].decode("ascii", "replace")
             key = card[:8].rstrip()
             if key == "END":
-                return cards
+                return cards, blocks
             if card[8:10] == "= " and _STRUCTURAL.match(key):
                 cards[key] = card[10:].split("/", 1)[0].strip()
     raise DeclaredTooMuch(f"HDU {index} has a header of more than {MAX_HEADER_BLOCKS} blocks")

@@ -23,7 +23,6 @@ from pathlib import Path
 import threading
 import time
 from typing import Any
-import uuid
 
 from lsst.daf.butler import Butler
 from lsst.daf.butler.registry import MissingCollectionError, MissingDatasetTypeError
@@ -31,6 +30,9 @@ from lsst.resources import ResourcePath
 import lsst.sphgeom as sphgeom
 import numpy as np
 
+from forcedphot.photometry.exposure import DEFAULT_LIMITS, ExposureError, ExposureLimits
+from forcedphot.photometry.fits_preflight import DeclaredTooMuch
+from forcedphot.photometry.partial_copy import SUFFIX, PartialCopy, sidecar
 from forcedphot.serving.index import DIFFERENCE, SCIENCE, IndexedExposure, RefreshReport
 from forcedphot.serving.repository import (DEFAULT_PATH_TEMPLATE, BadReference, DataIdRef, ExposureRef, Repository, RepositoryError,
                                            UnknownDatasetType, UnknownReference, UriRef, describe)
@@ -251,41 +253,53 @@ def _separation_deg(a: sphgeom.UnitVector3d, b: sphgeom.UnitVector3d) -> float:
 
 class RemoteFiles:
     """Local copies of datastore files kept in object storage (``s3://``, ``gs://``,
-    ``https://``: whatever ``lsst-resources`` reads). A file is fetched whole, once, into
-    ``folder`` (a temporary name renamed into place), then read from disk like any other;
-    the least recently used copies are removed beyond ``max_bytes``.
+    ``https://``: whatever ``lsst-resources`` reads), as partial copies
+    (:mod:`forcedphot.photometry.partial_copy`): a copy is made with the file's headers and
+    tables, and the pixel rows (or compressed tiles) a request reads are fetched when it
+    reads them, so a few objects on a large exposure fetch a few percent of it. Copies
+    live in ``folder``; the least recently used are removed beyond ``max_bytes`` of
+    fetched data. ``limits`` bound what a file may declare, checked before anything beyond
+    its headers is fetched.
     """
 
-    def __init__(self, folder: Path, max_bytes: int):
-        self.folder, self.max_bytes = Path(folder), int(max_bytes)
+    def __init__(self, folder: Path, max_bytes: int, limits: ExposureLimits = DEFAULT_LIMITS):
+        self.folder, self.max_bytes, self.limits = Path(folder), int(max_bytes), limits
         self.folder.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
+        self._making: dict[Path, threading.Lock] = {}
 
     def local(self, uri: Any) -> Path:
-        """The local copy of ``uri`` (fetched now if it is not here)."""
+        """The local copy of ``uri`` (made now, with its headers, if it is not here)."""
         path = self.folder / f"{hashlib.sha256(str(uri).encode()).hexdigest()[:32]}{uri.getExtension() or '.fits'}"
-        if path.is_file():
-            os.utime(path)  # recently used
-            return path
-        partial = path.with_name(f".{path.name}.{uuid.uuid4().hex}.partial")
-        try:
-            ResourcePath(partial).transfer_from(uri, transfer="copy")
-            os.replace(partial, path)
-        finally:
-            partial.unlink(missing_ok=True)
+        with self._lock:
+            making = self._making.setdefault(path, threading.Lock())
+        with making:  # one thread makes a copy; the others wait for it
+            if path.is_file():
+                os.utime(sidecar(path))  # recently used
+                return path
+            PartialCopy.create(path, uri, self.limits.max_hdus, self.limits.max_pixels)
         self._evict(keep=path)
         return path
 
     def _evict(self, keep: Path) -> None:
+        """Remove the least recently used copies (data first, so that no copy is seen
+        without its sidecar) until the fetched bytes are within ``max_bytes``."""
         with self._lock:
-            copies = sorted((p for p in self.folder.iterdir() if p.is_file() and not p.name.startswith(".")), key=lambda p: p.stat().st_mtime)
-            total = sum(p.stat().st_size for p in copies)
-            for copy in copies:
+            used = []
+            for blocks in self.folder.glob(f"*{SUFFIX}"):
+                copy = blocks.with_name(blocks.name.removesuffix(SUFFIX))
+                try:
+                    used.append((blocks.stat().st_mtime, copy.stat().st_blocks * 512, copy, blocks))
+                except FileNotFoundError:
+                    continue  # being removed, or a sidecar left by an interrupted removal
+            total = sum(size for _, size, _, _ in used)
+            for _, size, copy, blocks in sorted(used, key=lambda entry: entry[0]):
                 if total <= self.max_bytes:
                     break
                 if copy != keep:
-                    total -= copy.stat().st_size
+                    total -= size
                     copy.unlink(missing_ok=True)
+                    blocks.unlink(missing_ok=True)
 
 
 def _local_path(uri: Any, label: str, remote: RemoteFiles | None) -> Path:
@@ -296,5 +310,7 @@ def _local_path(uri: Any, label: str, remote: RemoteFiles | None) -> Path:
         raise ButlerUnavailable(f"{label}: the file is in {uri.scheme}:// storage and this server keeps no local copies")
     try:
         return remote.local(uri)
+    except DeclaredTooMuch as exc:
+        raise ExposureError(f"{label}: {exc}") from None
     except Exception as exc:  # lsst-resources raises per scheme: botocore errors, OSError, FileNotFoundError ...
         raise ButlerUnavailable(f"{label}: the file cannot be fetched from {uri.scheme}:// storage ({type(exc).__name__})") from None

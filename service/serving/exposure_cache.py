@@ -11,7 +11,7 @@ request then reads it memory-mapped and closes it afterwards.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
 from contextlib import contextmanager
 import os
@@ -66,8 +66,10 @@ class InMemoryExposure:
         of it (see :meth:`Exposure.resident_planes`)."""
         return self._resident.get(self, self._meta.mask_planes, backend, upload)
 
-    def read_rows(self, y_start: int, y_stop: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Rows ``[y_start, y_stop)`` of image, variance and mask, as read-only views."""
+    def read_rows(self, y_start: int, y_stop: int, needed: Sequence[tuple[int, int]] | None = None
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Rows ``[y_start, y_stop)`` of image, variance and mask, as read-only views (all
+        in memory: ``needed`` changes nothing)."""
         if not 0 <= y_start <= y_stop <= self._meta.height:
             raise ExposureError(f"{self._meta.path}: row range [{y_start}, {y_stop}) is outside [0, {self._meta.height}]")
         image, variance, mask = self._planes
@@ -162,8 +164,8 @@ class ExposureCache:
     def _load(self, path: Path, name: str) -> InMemoryExposure | None:
         with open_exposure(path, name=name, limits=self.limits, memory_map=self.memory_map) as exposure:
             per_pixel = BYTES_PER_PIXEL * (2 if self.device is not None else 1)
-            if exposure.width * exposure.height * per_pixel > self.max_bytes:
-                return None
+            if exposure.width * exposure.height * per_pixel > self.max_bytes or not exposure.fully_local:
+                return None  # too large; or a partial copy of a remote file, whose rows are fetched as they are read
             entry = InMemoryExposure.load(exposure)
         if self.device is not None:
             entry.resident_planes(self.device)

@@ -19,7 +19,7 @@ class ArrayReader:
         self.mask = rng.integers(0, 4, (height, width)).astype(np.int32)
         self.reads = []
 
-    def read_rows(self, y_start, y_stop):
+    def read_rows(self, y_start, y_stop, needed=None):
         self.reads.append((y_start, y_stop))
         return self.image[y_start:y_stop], self.variance[y_start:y_stop], self.mask[y_start:y_stop]
 
@@ -97,7 +97,7 @@ def test_even_size_is_refused():
 class ViewReader(ArrayReader):
     """Returns what a memory-mapped FITS file gives: big-endian views, broadcast constants."""
 
-    def read_rows(self, y_start, y_stop):
+    def read_rows(self, y_start, y_stop, needed=None):
         self.reads.append((y_start, y_stop))
         image = self.image.astype(">f4")[y_start:y_stop]
         variance = np.broadcast_to(np.float32(1.5), image.shape)

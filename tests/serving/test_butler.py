@@ -173,26 +173,6 @@ def test_a_resolved_data_id_is_reused_until_it_expires_or_its_file_goes(butler_r
     assert len(calls) == 3  # expired at once: asked again each time
 
 
-@pytest.fixture()
-def s3(monkeypatch):
-    """A local S3 server (moto's, on 127.0.0.1) with one bucket; lsst-resources and boto3 pointed at it."""
-    import boto3
-    from moto.server import ThreadedMotoServer
-    from server_helpers import free_port
-
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    endpoint = f"http://127.0.0.1:{port}"
-    for name, value in (("S3_ENDPOINT_URL", endpoint), ("AWS_ACCESS_KEY_ID", "test"), ("AWS_SECRET_ACCESS_KEY", "test"),
-                        ("AWS_DEFAULT_REGION", "us-east-1")):
-        monkeypatch.setenv(name, value)
-    client = boto3.client("s3", endpoint_url=endpoint)
-    client.create_bucket(Bucket="survey")
-    yield client
-    server.stop()
-
-
 def test_files_in_s3_are_fetched_once_and_measured(s3, repo, tmp_path):
     """A datastore whose files are at s3:// URIs (moved there after ingest, as a cloud
     deployment keeps them): each file is fetched once into the local copies and read from
@@ -210,7 +190,7 @@ def test_files_in_s3_are_fetched_once_and_measured(s3, repo, tmp_path):
             local.unlink()  # only the copy in the bucket is left
     source = ButlerSource(str(root), COLLECTIONS, remote=RemoteFiles(tmp_path / "copies", 10**9))
     science = source.resolve(ref())
-    assert science.parent == tmp_path / "copies" and science.read_bytes() == repo["calexp"].read_bytes()
+    assert science.parent == tmp_path / "copies" and science.read_bytes() == repo["calexp"].read_bytes()  # small: its planes come with the headers
     settings = settings_for(None, tmp_path / "data", butler_repository=str(root), butler_collections=COLLECTIONS)
     with TestClient(create_app(settings), headers=AUTH) as c:
         body = {"exposure": {"datasetType": "visit_image", "visit": VISIT, "detector": DETECTOR},
@@ -220,7 +200,8 @@ def test_files_in_s3_are_fetched_once_and_measured(s3, repo, tmp_path):
         answer = c.post("/v1/forced-photometry", json=body)
     assert answer.status_code == 200, answer.text
     assert_same_catalog(pd.read_parquet(io.BytesIO(answer.content)), engine_catalog(repo["calexp"], repo["objects"], repo["difference"]))
-    assert len(list((tmp_path / "data" / "remote-files").iterdir())) == 2  # the service keeps its copies in its data directory
+    copies = tmp_path / "data" / "remote-files"  # the service keeps its copies in its data directory
+    assert len(list(copies.glob("*.fits"))) == len(list(copies.glob("*.fits.blocks"))) == 2
     for listed in s3.list_objects_v2(Bucket="survey")["Contents"]:  # gone from the bucket: the local copy serves
         s3.delete_object(Bucket="survey", Key=listed["Key"])
     source._resolved.clear()
@@ -235,12 +216,13 @@ def test_remote_copies_are_bounded(tmp_path):
     sources = []
     for i in range(3):
         path = tmp_path / f"f{i}.fits"
-        path.write_bytes(bytes(1000))
+        path.write_bytes(bytes(100_000))  # no END card: its "header" is fetched whole
         sources.append(ResourcePath(f"file://{path}"))
-    copies = RemoteFiles(tmp_path / "copies", 2500)
+    copies = RemoteFiles(tmp_path / "copies", 250_000)
     for uri in sources:
         copies.local(uri)
-    assert len(list((tmp_path / "copies").iterdir())) == 2  # the oldest went
+    kept = sorted(p.name for p in (tmp_path / "copies").iterdir())
+    assert len(kept) == 4 and copies.local(sources[2]).name in kept  # the oldest went, with its sidecar
 
 
 def test_the_index_command_counts_a_butlers_exposures(butler_root, capsys):

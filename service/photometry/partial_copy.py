@@ -1,0 +1,286 @@
+"""Sparse local copies of remote FITS files: only the bytes a request reads are fetched.
+
+A copy is a sparse file of the remote file's size beside a sidecar ``<copy>.blocks``: one
+line of JSON (where the bytes come from, the size, the copy's inode and modification
+time, which filling it leaves as it was) followed by one byte
+per 64 KiB block of the file, 1 once the block is here. When a copy is made its headers
+and every non-image data unit (afw's archive: PSF, PhotoCalib, ...; a tile-compressed
+image's table of tiles) are fetched, so it opens as any file does; pixel rows are fetched
+when :meth:`PartialCopy.ensure` is asked for them (ranged reads through
+``lsst-resources``), a tile-compressed plane's rows as the tiles that hold them. A file
+compressed as a whole (gzip, bzip2) is fetched whole: nothing in it can be read apart.
+
+Several processes may read and fill one copy: a block is written before it is marked,
+and two writers of a block write the same bytes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+import json
+import math
+import os
+from pathlib import Path
+import threading
+import time
+from typing import Any
+import uuid
+
+from astropy.io import fits
+import numpy as np
+
+from .fits_preflight import HduExtent, is_whole_file_compressed, walk
+
+BLOCK_BYTES = 1 << 16
+MERGE_GAP_BLOCKS = 4  # missing runs this close are fetched as one read (fewer requests, a little more data)
+SMALL_IMAGE_BYTES = 1 << 20  # image data units up to this size come with the headers
+SUFFIX = ".blocks"
+
+
+class FetchError(OSError):
+    """Bytes of a partial copy could not be fetched from where it comes from."""
+
+
+def sidecar(path: str | os.PathLike) -> Path:
+    """The sidecar of the copy at ``path``."""
+    return Path(f"{os.fspath(path)}{SUFFIX}")
+
+
+class PartialCopy:
+    """An open partial copy: which blocks are here, and how to fetch the others.
+
+    Use :meth:`of` to open one (None for an ordinary file) and :meth:`create` to make one.
+    """
+
+    def __init__(self, path: str, uri: str, size: int, mtime_ns: int, data_fd: int, blocks_fd: int, offset: int):
+        self.path, self.uri, self.size, self._mtime_ns = path, uri, size, mtime_ns
+        self._data, self._blocks, self._offset = data_fd, blocks_fd, offset
+        self._lock = threading.Lock()
+        self._complete = False  # known to be: a copy once complete stays so
+
+    @classmethod
+    def of(cls, path: str | os.PathLike) -> PartialCopy | None:
+        """The partial copy at ``path``, or None when it is an ordinary file (no sidecar).
+
+        Raises FileNotFoundError when the file is gone, and :class:`FetchError` when the
+        sidecar belongs to another file (the copy was replaced while it was opened).
+        """
+        path = os.fspath(path)
+        try:
+            blocks_fd = os.open(sidecar(path), os.O_RDWR)
+        except FileNotFoundError:
+            return None
+        try:
+            data_fd = os.open(path, os.O_RDWR)
+        except BaseException:
+            os.close(blocks_fd)
+            raise
+        try:
+            head = os.pread(blocks_fd, 4096, 0).split(b"\n", 1)[0]
+            source = json.loads(head)
+            if source["inode"] != os.fstat(data_fd).st_ino:
+                raise FetchError(f"{path}: the copy was replaced while it was opened")
+            return cls(path, source["uri"], int(source["size"]), int(source["mtime_ns"]), data_fd, blocks_fd, len(head) + 1)
+        except BaseException:
+            os.close(blocks_fd)
+            os.close(data_fd)
+            raise
+
+    @classmethod
+    def create(cls, path: str | os.PathLike, uri: Any, max_hdus: int, max_pixels: int) -> None:
+        """Make a partial copy of ``uri`` (an ``lsst.resources.ResourcePath``) at ``path``:
+        a sparse file with every header and non-image data unit fetched (see the module
+        docstring), written under temporary names and renamed into place (the sidecar
+        first, so a copy is never seen without it). Headers are walked as
+        :func:`~forcedphot.photometry.fits_preflight.walk` does, so a file that declares
+        too much raises :class:`~forcedphot.photometry.fits_preflight.DeclaredTooMuch`
+        before anything beyond its headers is fetched."""
+        path = Path(path)
+        size = int(uri.size())
+        temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}.partial")
+        data_fd = os.open(temporary, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+        blocks_path = sidecar(temporary)
+        try:
+            os.ftruncate(data_fd, size)
+            mtime_ns = time.time_ns()
+            head = json.dumps({"uri": str(uri), "size": size, "inode": os.fstat(data_fd).st_ino, "mtime_ns": mtime_ns}).encode() + b"\n"
+            blocks_fd = os.open(blocks_path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+            os.pwrite(blocks_fd, head + bytes(math.ceil(size / BLOCK_BYTES)), 0)
+            copy = cls(os.fspath(temporary), str(uri), size, mtime_ns, data_fd, blocks_fd, len(head))
+            try:
+                copy._fetch_structure(max_hdus, max_pixels)
+            finally:
+                copy.close()
+            os.replace(blocks_path, sidecar(path))
+            os.replace(temporary, path)
+        finally:
+            temporary.unlink(missing_ok=True)
+            blocks_path.unlink(missing_ok=True)
+
+    def _fetch_structure(self, max_hdus: int, max_pixels: int) -> None:
+        """Fetch the headers and the data units a reader opens the file with."""
+        self.ensure([(0, min(self.size, BLOCK_BYTES))])
+        if is_whole_file_compressed(os.pread(self._data, 4, 0)):
+            self.ensure([(0, self.size)])
+            return
+        stream = _Stream(self)
+        for extent in walk(stream, max_hdus, max_pixels):
+            self.ensure([_needed_data(extent)])
+
+    @property
+    def complete(self) -> bool:
+        """Every block is here."""
+        self._complete = self._complete or all(self._marks())
+        return self._complete
+
+    def _marks(self) -> bytes:
+        count = math.ceil(self.size / BLOCK_BYTES)
+        return os.pread(self._blocks, count, self._offset)
+
+    def ensure(self, ranges: Iterable[tuple[int, int]]) -> None:
+        """Fetch what is missing of the byte ranges ``[start, stop)``: whole 64 KiB blocks,
+        nearby runs in one read. Raises :class:`FetchError` when the source cannot be read
+        or holds fewer bytes than the copy's size (it changed)."""
+        with self._lock:
+            marks = self._marks()
+            wanted = np.zeros(len(marks), bool)
+            for start, stop in ranges:
+                start, stop = max(0, start), min(self.size, stop)
+                if stop > start:
+                    wanted[start // BLOCK_BYTES:(stop - 1) // BLOCK_BYTES + 1] = True
+            missing = wanted & (np.frombuffer(marks, np.uint8) == 0)
+            if missing.any():
+                try:
+                    self._fetch(_runs(np.flatnonzero(missing)))
+                finally:
+                    os.utime(self._data, ns=(time.time_ns(), self._mtime_ns))  # filling a copy is not changing it
+
+    def _fetch(self, runs: list[tuple[int, int]]) -> None:
+        from lsst.resources import ResourcePath  # a client library per scheme: only where copies are made
+
+        try:
+            with ResourcePath(self.uri).open("rb") as remote:
+                for first, last in runs:
+                    start, stop = first * BLOCK_BYTES, min(self.size, (last + 1) * BLOCK_BYTES)
+                    remote.seek(start)
+                    data = remote.read(stop - start)
+                    if len(data) != stop - start:
+                        raise FetchError(f"the source holds fewer bytes than its copy's {self.size}: it changed")
+                    os.pwrite(self._data, data, start)
+                    os.pwrite(self._blocks, b"\x01" * (last - first + 1), self._offset + first)
+        except FetchError:
+            raise
+        except Exception as exc:  # lsst-resources raises per scheme: botocore errors, OSError, ...
+            raise FetchError(f"cannot fetch from the source ({type(exc).__name__})") from None
+
+    def close(self) -> None:
+        """Close the copy's file descriptors."""
+        for fd in (self._data, self._blocks):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+def _runs(blocks: np.ndarray) -> list[tuple[int, int]]:
+    """Sorted block numbers as inclusive runs ``(first, last)``, runs less than
+    MERGE_GAP_BLOCKS apart merged."""
+    breaks = np.flatnonzero(np.diff(blocks) > MERGE_GAP_BLOCKS)
+    firsts = np.concatenate([blocks[:1], blocks[breaks + 1]])
+    lasts = np.concatenate([blocks[breaks], blocks[-1:]])
+    return [(int(a), int(b)) for a, b in zip(firsts, lasts)]
+
+
+def _needed_data(extent: HduExtent) -> tuple[int, int]:
+    """The bytes of an HDU's data a reader needs at open: all of it, except a large
+    image's pixels and a tile-compressed image's heap (its table of tiles is needed)."""
+    xtension = extent.cards.get("XTENSION", "").strip("' ").upper()
+    if (extent.index == 0 or xtension == "IMAGE") and extent.data_bytes > SMALL_IMAGE_BYTES:
+        return extent.data_start, extent.data_start
+    if extent.cards.get("ZIMAGE") == "T":
+        table = int(extent.cards.get("NAXIS1", 0)) * int(extent.cards.get("NAXIS2", 0))
+        return extent.data_start, extent.data_start + table
+    return extent.data_start, extent.end
+
+
+class _Stream:
+    """A read-only file over a partial copy that fetches what is read (headers)."""
+
+    def __init__(self, copy: PartialCopy):
+        self._copy, self._position = copy, 0
+
+    def read(self, size: int) -> bytes:
+        stop = min(self._copy.size, self._position + size)
+        self._copy.ensure([(self._position, stop)])
+        data = os.pread(self._copy._data, stop - self._position, self._position)
+        self._position += len(data)
+        return data
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        self._position = offset if whence == 0 else self._position + offset
+        return self._position
+
+
+def row_ranges(hdu: Any, y_start: int, y_stop: int) -> list[tuple[int, int]]:
+    """The byte ranges of the file that rows ``[y_start, y_stop)`` of the image ``hdu``
+    (an astropy HDU of an open file) lie in: the rows of a plain image, the tiles of a
+    tile-compressed one (its table rows and their compressed bytes in the heap)."""
+    if y_stop <= y_start:
+        return []
+    info = hdu.fileinfo()
+    if not isinstance(hdu, fits.CompImageHDU):
+        row_bytes = hdu.shape[1] * abs(hdu.header["BITPIX"]) // 8
+        return [(info["datLoc"] + y_start * row_bytes, info["datLoc"] + y_stop * row_bytes)]
+    return _tile_ranges(info, y_start, y_stop)
+
+
+def _tile_ranges(info: dict, y_start: int, y_stop: int) -> list[tuple[int, int]]:
+    """Byte ranges of the tiles of a compressed image (tiles in row-major order, one
+    table row each) that hold rows ``[y_start, y_stop)``."""
+    handle = info["file"]
+    with open(handle.name, "rb") as f:
+        f.seek(info["hdrLoc"])
+        table = fits.Header.fromfile(f)  # the binary table's own header: TFORMn, THEAP
+    width, tile_width = table["ZNAXIS1"], table.get("ZTILE1", table["ZNAXIS1"])
+    tile_height = table.get("ZTILE2", 1)
+    tiles_per_row = -(-width // tile_width)
+    first = (y_start // tile_height) * tiles_per_row
+    last = ((y_stop - 1) // tile_height + 1) * tiles_per_row  # exclusive
+    row_bytes, columns = table["NAXIS1"], _descriptor_columns(table)
+    data = info["datLoc"]
+    heap = data + table.get("THEAP", row_bytes * table["NAXIS2"])
+    with open(handle.name, "rb") as f:
+        f.seek(data + first * row_bytes)
+        rows = f.read((last - first) * row_bytes)
+    ranges = [(data + first * row_bytes, data + last * row_bytes)]
+    for offset, descriptor, element in columns:
+        pairs = np.ndarray((last - first, 2), dtype=descriptor, buffer=rows, offset=offset, strides=(row_bytes, descriptor.itemsize))
+        counts, starts = pairs[:, 0].astype(np.int64), pairs[:, 1].astype(np.int64)
+        used = counts > 0
+        if used.any():
+            ranges.append((heap + int(starts[used].min()), heap + int((starts + counts * element)[used].max())))
+    return ranges
+
+
+_ELEMENT_BYTES = {"L": 1, "X": 1, "B": 1, "I": 2, "J": 4, "K": 8, "A": 1, "E": 4, "D": 8, "C": 8, "M": 16}
+
+
+def _descriptor_columns(table: fits.Header) -> list[tuple[int, np.dtype, int]]:
+    """Per variable-length column of a binary table: its byte offset in a row, the
+    descriptor's dtype (P: two int32, Q: two int64) and the bytes of one element."""
+    columns, offset = [], 0
+    for index in range(1, table["TFIELDS"] + 1):
+        form = str(table[f"TFORM{index}"]).strip()
+        repeat_text = form[:len(form) - len(form.lstrip("0123456789"))]
+        repeat = int(repeat_text) if repeat_text else 1
+        code = form[len(repeat_text)]
+        if code in "PQ":
+            descriptor = np.dtype(">i4" if code == "P" else ">i8")
+            columns.append((offset, descriptor, _ELEMENT_BYTES[form[len(repeat_text) + 1]]))
+            offset += 2 * descriptor.itemsize * repeat
+        elif code == "X":
+            offset += -(-repeat // 8)
+        else:
+            offset += _ELEMENT_BYTES[code] * repeat
+    return columns
+
