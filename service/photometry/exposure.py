@@ -303,8 +303,6 @@ class Exposure:
         """Close the underlying file (and drop any device copy of the planes)."""
         self._resident.clear()
         self._hdul.close()
-        if self._partial is not None:
-            self._partial.close()
 
     def __enter__(self) -> Exposure:
         return self
@@ -348,8 +346,6 @@ def open_exposure(path: str | os.PathLike, *, name: str | None = None, limits: E
     except BaseException as exc:
         if hdul is not None:
             hdul.close()
-        if partial is not None:
-            partial.close()
         if isinstance(exc, ExposureError) or not isinstance(exc, _MALFORMED):
             raise
         # astropy reading a structurally malformed header (NAXIS = 999 without NAXIS3, an unparsable card, ...)

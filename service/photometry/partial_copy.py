@@ -47,14 +47,15 @@ def sidecar(path: str | os.PathLike) -> Path:
 
 
 class PartialCopy:
-    """An open partial copy: which blocks are here, and how to fetch the others.
+    """A partial copy: which blocks are here, and how to fetch the others. It holds no
+    open file between calls (a server keeps hundreds of exposures open).
 
-    Use :meth:`of` to open one (None for an ordinary file) and :meth:`create` to make one.
+    Use :meth:`of` to find one (None for an ordinary file) and :meth:`create` to make one.
     """
 
-    def __init__(self, path: str, uri: str, size: int, mtime_ns: int, data_fd: int, blocks_fd: int, offset: int):
-        self.path, self.uri, self.size, self._mtime_ns = path, uri, size, mtime_ns
-        self._data, self._blocks, self._offset = data_fd, blocks_fd, offset
+    def __init__(self, path: str, source: dict, offset: int):
+        self.path, self.uri, self.size = path, str(source["uri"]), int(source["size"])
+        self._inode, self._mtime_ns, self._offset = int(source["inode"]), int(source["mtime_ns"]), offset
         self._lock = threading.Lock()
         self._complete = False  # known to be: a copy once complete stays so
 
@@ -63,28 +64,18 @@ class PartialCopy:
         """The partial copy at ``path``, or None when it is an ordinary file (no sidecar).
 
         Raises FileNotFoundError when the file is gone, and :class:`FetchError` when the
-        sidecar belongs to another file (the copy was replaced while it was opened).
+        sidecar belongs to another file (the copy was replaced meanwhile).
         """
         path = os.fspath(path)
         try:
-            blocks_fd = os.open(sidecar(path), os.O_RDWR)
+            with open(sidecar(path), "rb") as blocks:
+                head = blocks.readline()
         except FileNotFoundError:
             return None
-        try:
-            data_fd = os.open(path, os.O_RDWR)
-        except BaseException:
-            os.close(blocks_fd)
-            raise
-        try:
-            head = os.pread(blocks_fd, 4096, 0).split(b"\n", 1)[0]
-            source = json.loads(head)
-            if source["inode"] != os.fstat(data_fd).st_ino:
-                raise FetchError(f"{path}: the copy was replaced while it was opened")
-            return cls(path, source["uri"], int(source["size"]), int(source["mtime_ns"]), data_fd, blocks_fd, len(head) + 1)
-        except BaseException:
-            os.close(blocks_fd)
-            os.close(data_fd)
-            raise
+        copy = cls(path, json.loads(head), len(head))
+        if os.stat(path).st_ino != copy._inode:
+            raise FetchError(f"{path}: the copy was replaced while it was opened")
+        return copy
 
     @classmethod
     def create(cls, path: str | os.PathLike, uri: Any, max_hdus: int, max_pixels: int) -> None:
@@ -98,19 +89,16 @@ class PartialCopy:
         path = Path(path)
         size = int(uri.size())
         temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}.partial")
-        data_fd = os.open(temporary, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
         blocks_path = sidecar(temporary)
         try:
-            os.ftruncate(data_fd, size)
-            mtime_ns = time.time_ns()
-            head = json.dumps({"uri": str(uri), "size": size, "inode": os.fstat(data_fd).st_ino, "mtime_ns": mtime_ns}).encode() + b"\n"
-            blocks_fd = os.open(blocks_path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
-            os.pwrite(blocks_fd, head + bytes(math.ceil(size / BLOCK_BYTES)), 0)
-            copy = cls(os.fspath(temporary), str(uri), size, mtime_ns, data_fd, blocks_fd, len(head))
-            try:
-                copy._fetch_structure(max_hdus, max_pixels)
-            finally:
-                copy.close()
+            with open(temporary, "xb") as data:
+                data.truncate(size)
+                inode = os.fstat(data.fileno()).st_ino
+            source = {"uri": str(uri), "size": size, "inode": inode, "mtime_ns": time.time_ns()}
+            head = json.dumps(source).encode() + b"\n"
+            with open(blocks_path, "xb") as blocks:
+                blocks.write(head + bytes(math.ceil(size / BLOCK_BYTES)))
+            cls(os.fspath(temporary), source, len(head))._fetch_structure(max_hdus, max_pixels)
             os.replace(blocks_path, sidecar(path))
             os.replace(temporary, path)
         finally:
@@ -120,11 +108,11 @@ class PartialCopy:
     def _fetch_structure(self, max_hdus: int, max_pixels: int) -> None:
         """Fetch the headers and the data units a reader opens the file with."""
         self.ensure([(0, min(self.size, BLOCK_BYTES))])
-        if is_whole_file_compressed(os.pread(self._data, 4, 0)):
-            self.ensure([(0, self.size)])
-            return
-        stream = _Stream(self)
-        for extent in walk(stream, max_hdus, max_pixels):
+        with open(self.path, "rb") as data:
+            if is_whole_file_compressed(data.read(4)):
+                self.ensure([(0, self.size)])
+                return
+        for extent in walk(_Stream(self), max_hdus, max_pixels):
             self.ensure([_needed_data(extent)])
 
     @property
@@ -134,52 +122,53 @@ class PartialCopy:
         return self._complete
 
     def _marks(self) -> bytes:
-        count = math.ceil(self.size / BLOCK_BYTES)
-        return os.pread(self._blocks, count, self._offset)
+        """One byte per block, 1 where it is here."""
+        with open(sidecar(self.path), "rb") as blocks:
+            blocks.seek(self._offset)
+            return blocks.read(math.ceil(self.size / BLOCK_BYTES))
 
     def ensure(self, ranges: Iterable[tuple[int, int]]) -> None:
         """Fetch what is missing of the byte ranges ``[start, stop)``: whole 64 KiB blocks,
         nearby runs in one read. Raises :class:`FetchError` when the source cannot be read
-        or holds fewer bytes than the copy's size (it changed)."""
+        or holds fewer bytes than the copy's size (it changed), or the copy was replaced."""
         with self._lock:
-            marks = self._marks()
+            marks = np.frombuffer(self._marks(), np.uint8)
             wanted = np.zeros(len(marks), bool)
             for start, stop in ranges:
                 start, stop = max(0, start), min(self.size, stop)
                 if stop > start:
                     wanted[start // BLOCK_BYTES:(stop - 1) // BLOCK_BYTES + 1] = True
-            missing = wanted & (np.frombuffer(marks, np.uint8) == 0)
+            missing = wanted & (marks == 0)
             if missing.any():
-                try:
-                    self._fetch(_runs(np.flatnonzero(missing)))
-                finally:
-                    os.utime(self._data, ns=(time.time_ns(), self._mtime_ns))  # filling a copy is not changing it
+                self._fetch(_runs(np.flatnonzero(missing)))
 
     def _fetch(self, runs: list[tuple[int, int]]) -> None:
+        """Fetch the blocks of ``runs`` (inclusive block ranges) and mark them here."""
         from lsst.resources import ResourcePath  # a client library per scheme: only where copies are made
 
         try:
-            with ResourcePath(self.uri).open("rb") as remote:
+            data_fd = os.open(self.path, os.O_WRONLY)
+        except FileNotFoundError:
+            raise FetchError("cannot be fetched: the local copy was removed meanwhile") from None
+        try:
+            if os.fstat(data_fd).st_ino != self._inode:
+                raise FetchError("cannot be fetched: the local copy was replaced meanwhile")
+            with open(sidecar(self.path), "r+b") as blocks, ResourcePath(self.uri).open("rb") as remote:
                 for first, last in runs:
                     start, stop = first * BLOCK_BYTES, min(self.size, (last + 1) * BLOCK_BYTES)
                     remote.seek(start)
-                    data = remote.read(stop - start)
-                    if len(data) != stop - start:
-                        raise FetchError(f"the source holds fewer bytes than its copy's {self.size}: it changed")
-                    os.pwrite(self._data, data, start)
-                    os.pwrite(self._blocks, b"\x01" * (last - first + 1), self._offset + first)
+                    chunk = remote.read(stop - start)
+                    if len(chunk) != stop - start:
+                        raise FetchError(f"cannot be fetched: the source holds fewer bytes than its copy's {self.size} (it changed)")
+                    os.pwrite(data_fd, chunk, start)
+                    os.pwrite(blocks.fileno(), b"\x01" * (last - first + 1), self._offset + first)
         except FetchError:
             raise
         except Exception as exc:  # lsst-resources raises per scheme: botocore errors, OSError, ...
-            raise FetchError(f"cannot fetch from the source ({type(exc).__name__})") from None
-
-    def close(self) -> None:
-        """Close the copy's file descriptors."""
-        for fd in (self._data, self._blocks):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+            raise FetchError(f"cannot be fetched from the source ({type(exc).__name__})") from None
+        finally:
+            os.utime(data_fd, ns=(time.time_ns(), self._mtime_ns))  # filling a copy is not changing it
+            os.close(data_fd)
 
 
 def _runs(blocks: np.ndarray) -> list[tuple[int, int]]:
@@ -212,9 +201,11 @@ class _Stream:
     def read(self, size: int) -> bytes:
         stop = min(self._copy.size, self._position + size)
         self._copy.ensure([(self._position, stop)])
-        data = os.pread(self._copy._data, stop - self._position, self._position)
-        self._position += len(data)
-        return data
+        with open(self._copy.path, "rb") as data:
+            data.seek(self._position)
+            chunk = data.read(stop - self._position)
+        self._position += len(chunk)
+        return chunk
 
     def seek(self, offset: int, whence: int = 0) -> int:
         self._position = offset if whence == 0 else self._position + offset
