@@ -56,6 +56,14 @@ class _ProgressLine:
             print(file=sys.stderr)
 
 
+def _check_output(path: str, option: str) -> None:
+    """Refuse, before any work, an output whose folder does not exist (ValueError naming
+    the option and the folder)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise ValueError(f"{option} {path}: the folder {os.path.dirname(path) or '.'} does not exist")
+
+
 def _measure(args: argparse.Namespace) -> int:
     from forcedphot.photometry.backend import select_backend
     from forcedphot.photometry.config import MeasurementConfig
@@ -66,6 +74,7 @@ def _measure(args: argparse.Namespace) -> int:
     from forcedphot.photometry.psf_choice import choose_psfs
 
     start = time.perf_counter()
+    _check_output(args.output, "-o")
     output_format(args.output)  # an unknown suffix fails now, not after the measurement
     config = MeasurementConfig(
         extra_columns=args.extra_columns,
@@ -236,6 +245,9 @@ def _lightcurve(args: argparse.Namespace) -> int:
     from forcedphot.serving.exposure_cache import ExposureCache
 
     start = time.perf_counter()
+    _check_output(args.output, "-o")
+    if args.plot:
+        _check_output(args.plot, "--plot")
     output_format(args.output)
     objects, index, report, task = _plan(args)
     config = task.config
@@ -271,6 +283,7 @@ def _lightcurve(args: argparse.Namespace) -> int:
 def _campaign(args: argparse.Namespace) -> int:
     from forcedphot.serving.campaign import run_campaign
 
+    _check_output(args.output, "-o")
     objects, index, report, task = _plan(args)
     print(f"{plural(len(objects), 'object')} on {plural(len(task.epochs), 'covering exposure')} ({index.count()} indexed; {report.added + report.updated} "
           f"read now)")

@@ -74,7 +74,7 @@ def bad_objects(files, name, frame):
         ("bad_psf", "bad.psf"),
         ("no_wcs", "WCS"),
         ("truncated", "truncated.fits"),
-        ("not_fits", "notfits.fits"),
+        ("not_fits", "notfits.fits: not a FITS file (it does not start with the SIMPLE card"),
         ("cupy", "cupy"),
     ],
 )
@@ -108,8 +108,32 @@ def test_bad_input_exits_2_with_a_named_problem(files, capsys, case, message):
     code, _ = measure(files, *psf, **kwargs)
     err = capsys.readouterr().err
     assert code == 2
-    assert message in err and "Traceback" not in err
+    assert message in err and "Traceback" not in err and "ignore_missing_simple" not in err
     assert len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("command", [
+    ["measure", "{exposure}", "{objects}", "--psf-fwhm", "3.5", "-o", "{missing}/out.parquet"],
+    ["lightcurve", "{dir}", "--ra", "1", "--dec", "1", "-o", "{missing}/lc.parquet"],
+    ["lightcurve", "{dir}", "--ra", "1", "--dec", "1", "-o", "{dir}/lc.parquet", "--plot", "{missing}/lc.png"],
+    ["campaign", "{dir}", "--objects", "{objects}", "-o", "{missing}/dataset"],
+])
+def test_an_output_folder_that_does_not_exist_is_named_before_any_work(files, capsys, command):
+    """Issue 23, item 10: the option and the folder, not an internal temporary file."""
+    names = {"exposure": files["exposure"], "objects": files["objects"], "dir": files["dir"], "missing": files["dir"] / "no-such-folder"}
+    assert main([part.format(**names) for part in command]) == 2
+    err = capsys.readouterr().err
+    assert "the folder" in err and "no-such-folder does not exist" in err and ".partial" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_missing_psf_is_explained_in_the_words_of_both_interfaces(repo, tmp_path, capsys):
+    """Issue 23, item 10: not "send psf_fwhm" on the command line (the light-curve path
+    goes through the service's executor, which cannot know which interface called it)."""
+    objects = repo["root"] / "tables" / "objects.parquet"
+    assert main(["lightcurve", str(repo["root"]), "--objects", str(objects), "-o", str(tmp_path / "lc.parquet")]) == 0
+    err = capsys.readouterr().err
+    assert err.count("no PSF given and no PSF_FWHM keyword in its header; give a PSF FWHM in pixels "
+                     "(psf_fwhm in a request, --psf-fwhm on the command line)") == 2
 
 
 def test_demo_then_measure_recovers_the_truth(tmp_path, capsys):

@@ -22,6 +22,7 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from forcedphot.api.schemas import UNION_FIELDS, UNION_TAGS
 from forcedphot.photometry.exposure import ExposureChanged, ExposureError
 from forcedphot.photometry.objects import InputError
 from forcedphot.photometry.psf_models import PsfError
@@ -81,11 +82,18 @@ def problem_response(request: Request, problem: Problem) -> JSONResponse:
 
 
 def validation_errors(errors: list[dict[str, Any]], prefix: tuple[str, ...] = ()) -> list[dict[str, Any]]:
-    """Pydantic errors without the echoed input (it may be huge or not JSON-encodable)."""
+    """Pydantic errors without the echoed input (it may be huge or not JSON-encodable), and
+    without the tag pydantic puts in the location of a union's chosen form."""
     return [
-        {"loc": [*prefix, *(str(part) for part in error.get("loc", ()))], "msg": str(error.get("msg", "")), "type": str(error.get("type", ""))}
+        {"loc": [*prefix, *_without_tags([str(part) for part in error.get("loc", ())])], "msg": str(error.get("msg", "")),
+         "type": str(error.get("type", ""))}
         for error in errors
     ]
+
+
+def _without_tags(loc: list[str]) -> list[str]:
+    """``objects.position.ra`` -> ``objects.ra`` (the forms of :data:`~forcedphot.api.schemas.UNION_FIELDS`)."""
+    return [part for i, part in enumerate(loc) if not (0 < i < len(loc) - 1 and part in UNION_TAGS and loc[i - 1] in UNION_FIELDS)]
 
 
 def invalid_request(errors: list[dict[str, Any]], prefix: tuple[str, ...] = ()) -> Problem:

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
 
 from forcedphot.photometry.psf_models import MAX_PSF_FWHM_PX, MIN_PSF_FWHM_PX
 from forcedphot.serving.apdb import DEFAULT_MIN_DIA_SOURCES
 from forcedphot.serving.job_store import JobError, JobProgress, JobStatus
-from forcedphot.serving.repository import ExposureRef, UriRef
+from forcedphot.serving.repository import DataIdRef, UriRef
 
 __all__ = ["ApdbObjectsRef", "ApdbQuery", "Health", "JobError", "JobExposure", "JobList", "JobProgress", "JobRequest", "JobStatus", "LightCurveRequest", "MeasureOptions",
            "MeasureRequest", "Position"]
@@ -47,11 +47,55 @@ class ApdbObjectsRef(BaseModel):
     apdb: ApdbQuery
 
 
+class Position(BaseModel):
+    """One sky position, measured as diaObjectId 0."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    ra: float = Field(ge=0, lt=360, allow_inf_nan=False, description="ICRS right ascension, deg")
+    dec: float = Field(ge=-90, le=90, allow_inf_nan=False, description="ICRS declination, deg")
+
+
+_FORM_OF_KEY = {"uri": "uri", "apdb": "apdb", "ra": "position", "dec": "position", "visit": "dataId", "detector": "dataId",
+                "datasetType": "dataId", "instrument": "dataId"}
+_FORM_OF_MODEL = {UriRef: "uri", ApdbObjectsRef: "apdb", Position: "position", DataIdRef: "dataId"}
+UNION_FIELDS = frozenset({"objects", "exposure", "difference"})  # the fields whose forms are told apart by _form
+UNION_TAGS = frozenset({"records", *_FORM_OF_KEY.values()})
+
+
+def _form(value: Any) -> str | None:
+    """Which member of a union a value is meant to be, from its type or its first telling
+    key, so that a 422 lists the errors of that form alone (not one per member)."""
+    if isinstance(value, list):
+        return "records"
+    if isinstance(value, dict):
+        return next((_FORM_OF_KEY[key] for key in value if key in _FORM_OF_KEY), None)
+    return _FORM_OF_MODEL.get(type(value))
+
+
+ExposureReference = Annotated[
+    Annotated[UriRef, Tag("uri")] | Annotated[DataIdRef, Tag("dataId")],
+    Discriminator(_form, custom_error_type="exposure_reference",
+                  custom_error_message="an exposure is {\"uri\": path in the repository} or a data id "
+                                       "{\"visit\", \"detector\", \"datasetType\"}"),
+]
 Objects = Annotated[
-    list[ObjectRecord] | UriRef | ApdbObjectsRef,
+    Annotated[list[ObjectRecord], Tag("records")] | Annotated[UriRef, Tag("uri")] | Annotated[ApdbObjectsRef, Tag("apdb")],
+    Discriminator(_form, custom_error_type="objects_form",
+                  custom_error_message="objects are a list of records (diaObjectId, ra, dec), {\"uri\": table in the "
+                                       "repository} or {\"apdb\": {...}}"),
     Field(description="DiaObjects: inline records with diaObjectId, ra, dec (ICRS deg; 'decl' accepted), "
                       "{\"uri\": ...} naming a parquet/CSV/JSON table in the repository, "
                       "or {\"apdb\": {...}}: DiaObjects of the server's APDB"),
+]
+ObjectsOrPosition = Annotated[
+    Annotated[list[ObjectRecord], Tag("records")] | Annotated[UriRef, Tag("uri")] | Annotated[ApdbObjectsRef, Tag("apdb")]
+    | Annotated[Position, Tag("position")],
+    Discriminator(_form, custom_error_type="objects_form",
+                  custom_error_message="objects are a list of records (diaObjectId, ra, dec), {\"uri\": table in the "
+                                       "repository}, {\"apdb\": {...}} or one position {\"ra\", \"dec\"}"),
+    Field(description="DiaObjects: inline records (diaObjectId, ra, dec), a {\"uri\": ...} table in the repository, "
+                      "{\"apdb\": {\"diaObjectIds\": [...]}} from the server's APDB, or one position {\"ra\", \"dec\"}"),
 ]
 
 
@@ -77,8 +121,8 @@ class MeasureRequest(MeasureOptions):
         "objects": [{"diaObjectId": 1, "ra": 150.0, "dec": 2.0}],
     }]})
 
-    exposure: ExposureRef = Field(description="the science (direct) exposure")
-    difference: ExposureRef | None = Field(None, description="its difference image: psfFlux is measured there, scienceFlux on the exposure")
+    exposure: ExposureReference = Field(description="the science (direct) exposure")
+    difference: ExposureReference | None = Field(None, description="its difference image: psfFlux is measured there, scienceFlux on the exposure")
     objects: Objects
     store: bool = Field(False, description="store the DiaForcedSources measured in the server's APDB (idempotent: rows already "
                                            "stored for this visit and detector are left alone); X-Apdb-Rows-Stored says how many were written")
@@ -89,8 +133,8 @@ class JobExposure(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    exposure: ExposureRef
-    difference: ExposureRef | None = None
+    exposure: ExposureReference
+    difference: ExposureReference | None = None
     psf: UriRef | None = Field(None, description="a PSF file in the repository for this exposure (PSFEx .psf or FITS image); "
                                                  "default: psf_fwhm, else the exposure's PSF_FWHM keyword")
 
@@ -106,15 +150,6 @@ class JobRequest(MeasureOptions):
                                            "(idempotent); the counts are in the result's provenance, failures in the job's errors")
 
 
-class Position(BaseModel):
-    """One sky position, measured as diaObjectId 0."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    ra: float = Field(ge=0, lt=360, allow_inf_nan=False, description="ICRS right ascension, deg")
-    dec: float = Field(ge=-90, le=90, allow_inf_nan=False, description="ICRS declination, deg")
-
-
 class LightCurveRequest(MeasureOptions):
     """DiaObjects (or one position) measured on every indexed exposure that covers them."""
 
@@ -122,9 +157,7 @@ class LightCurveRequest(MeasureOptions):
         {"objects": {"ra": 150.1, "dec": 2.2}, "mjd_min": 61040, "bands": ["g", "r"]},
     ]})
 
-    objects: Annotated[list[ObjectRecord] | UriRef | ApdbObjectsRef | Position, Field(
-        description="DiaObjects: inline records (diaObjectId, ra, dec), a {\"uri\": ...} table in the repository, "
-                    "{\"apdb\": {\"diaObjectIds\": [...]}} from the server's APDB, or one position {\"ra\", \"dec\"}")]
+    objects: ObjectsOrPosition
     mjd_min: float | None = Field(None, allow_inf_nan=False, description="earliest exposure midpoint, MJD (TAI)")
     mjd_max: float | None = Field(None, allow_inf_nan=False, description="latest exposure midpoint, MJD (TAI)")
     bands: list[Annotated[str, Field(min_length=1, max_length=16)]] | None = Field(None, min_length=1, max_length=16,

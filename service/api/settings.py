@@ -170,8 +170,10 @@ class Settings(BaseSettings):
     def _keys_outside_demo(self) -> Settings:
         if not self.demo_mode and not self.api_keys:
             raise ValueError(
-                "API keys are required when serving a repository: set FORCEDPHOT_API_KEYS "
-                "(comma-separated) or api_keys in the config file; only the demo mode runs without")
+                "API keys are required when serving a repository, on any address (anyone who reaches the port, other "
+                "users of this machine too, could read it): set FORCEDPHOT_API_KEYS (comma-separated, 16+ characters each; "
+                "e.g. FORCEDPHOT_API_KEYS=$(openssl rand -hex 16)) or api_keys in the config file, and send "
+                "'Authorization: Bearer <key>'; only the embedded demo runs without")
         if any(len(key.get_secret_value()) < 16 for key in self.api_keys):
             raise ValueError("every API key must be at least 16 characters long")
         return self
@@ -256,5 +258,5 @@ def load_settings(**overrides: Any) -> Settings:
         lines = []
         for error in exc.errors(include_url=False, include_input=False):
             where = ".".join(str(part) for part in error["loc"]) or "settings"
-            lines.append(f"{where}: {error['msg']}")
+            lines.append(f"{where}: {error['msg'].removeprefix('Value error, ')}")
         raise SettingsError("; ".join(lines)) from None

@@ -60,7 +60,7 @@ import numpy as np
 from forcedphot.photometry.afw_archive import Archive, ArchiveError
 from forcedphot.photometry.backend import Backend
 from forcedphot.photometry.cutouts import DeviceCopies, ResidentPlanes
-from forcedphot.photometry.fits_preflight import DeclaredTooMuch, preflight
+from forcedphot.photometry.fits_preflight import DeclaredTooMuch, not_fits_reason, preflight
 from forcedphot.photometry.lsst_fits import AFW_DEFAULT_MASK_PLANES
 from forcedphot.photometry.partial_copy import FetchError, PartialCopy, row_ranges
 from forcedphot.photometry.photocalib import PhotoCalib, read_photocalib
@@ -403,6 +403,8 @@ def _open_fits(path: str, name: str, limits: ExposureLimits, memory_map: bool) -
         except KeyError as exc:  # astropy sizing an HDU whose header lacks a NAXISn it declares
             raise ExposureError(f"{name}: malformed header: the key {exc} is declared (by NAXIS) but missing") from None
         except (OSError, ValueError, TypeError, IndexError, EOFError, UnicodeDecodeError, OverflowError, fits.VerifyError) as exc:
+            if not_fits_reason(exc):
+                raise ExposureError(f"{name}: {not_fits_reason(exc)}") from None
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc  # an OSError's text may name the file
             raise ExposureError(f"{name}: not a readable FITS file (damaged or truncated?): {reason}") from exc
     # astropy stops at an HDU whose header is cut short, with only a warning

@@ -72,6 +72,14 @@ def preflight(path: str, max_hdus: int, max_pixels: int) -> None:
                                       "bytes of data in all; decompress it, or send planes no larger than allowed")
 
 
+def not_fits_reason(exc: BaseException) -> str | None:
+    """What to tell a user when astropy refuses a file for lacking its SIMPLE card (its own
+    text advises an astropy option), else None."""
+    if "No SIMPLE card found" in str(exc):
+        return "not a FITS file (it does not start with the SIMPLE card every FITS file starts with)"
+    return None
+
+
 def is_whole_file_compressed(head: bytes) -> bool:
     """The file starting with ``head`` (its first 4 bytes) is gzip or bzip2 compressed as a whole."""
     return _opener(head)[1]

@@ -107,6 +107,13 @@ def _astropy_parquet_meta(signature: tuple) -> dict[bytes, bytes]:
     return {b"table_meta_yaml": "\n".join(table_meta.get_yaml_from_table(Table(columns))).encode()}
 
 
+def _astropy_meta_lines(provenance: dict) -> list[str]:
+    """The ``meta:`` lines of astropy's YAML table header holding the provenance, as
+    :func:`to_astropy` puts it (``meta["forcedphot"]``)."""
+    lines = table_meta.get_yaml_from_table(Table(meta={"forcedphot": _provenance(provenance)}))
+    return lines[next(i for i, line in enumerate(lines) if line.startswith("meta:")):]
+
+
 def _signature(schema: pa.Schema) -> tuple:
     def dtype(field: pa.Field) -> str:
         if pa.types.is_string(field.type) or pa.types.is_large_string(field.type):
@@ -128,6 +135,7 @@ def parquet_schema(schema: pa.Schema, provenance: dict, lengths: dict[str, int])
     astropy's types and units, and the string lengths ``lengths`` (see :func:`string_lengths`)."""
     metadata = dict(schema.metadata or {})
     metadata.update(_astropy_parquet_meta(_signature(schema)))
+    metadata[b"table_meta_yaml"] += "\n".join(["", *_astropy_meta_lines(provenance)]).encode()  # Table.read gives it as meta
     metadata.update({f"table::len::{name}".encode(): str(max(1, n)).encode() for name, n in lengths.items()})
     return with_provenance(schema.empty_table().replace_schema_metadata(metadata), provenance).schema
 

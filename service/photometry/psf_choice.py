@@ -5,11 +5,13 @@ from __future__ import annotations
 from forcedphot.photometry.archive_psfs import archive_psf, archive_psf_class
 from forcedphot.photometry.psf_models import PSF_FWHM_KEYWORD, PsfError, PsfModel, check_psf_fwhm, header_fwhm_pixels, load_psf
 
-__all__ = ["choose_psf", "choose_psfs"]
+__all__ = ["NO_PSF_HINT", "choose_psf", "choose_psfs"]
+
+NO_PSF_HINT = "give a PSF FWHM in pixels (psf_fwhm in a request, --psf-fwhm on the command line)"
 
 
 def choose_psf(exposure, source: str | None = None, *, path: str | None = None, path_name: str | None = None, fwhm_pixels: float | None = None,
-               fwhm_name: str = "psf_fwhm", how: str = "send psf_fwhm (pixels)", allow_pickled: bool = True) -> PsfModel:
+               fwhm_name: str = "psf_fwhm", how: str = NO_PSF_HINT, allow_pickled: bool = True) -> PsfModel:
     """The PSF to measure ``exposure`` with: the file ``path``, else a Gaussian of
     ``fwhm_pixels``, else the PSF in the exposure's afw archive (see
     :mod:`~forcedphot.photometry.archive_psfs`), else the Gaussian its header declares

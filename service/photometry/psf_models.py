@@ -35,6 +35,7 @@ from astropy.io import fits
 import numpy as np
 
 from forcedphot.kernels.psf_stamps import gaussian_stamps, lanczos_resample
+from forcedphot.photometry.fits_preflight import not_fits_reason
 
 Array = Any
 Put = Callable[[np.ndarray], Array]
@@ -305,6 +306,8 @@ def _read_fits(path: str) -> fits.HDUList:
     except PsfError:
         raise
     except Exception as err:  # astropy raises OSError, ValueError, TypeError, warnings...
+        if not_fits_reason(err):
+            raise PsfError(f"PSF file {path}: {not_fits_reason(err)}") from None
         raise PsfError(f"PSF file {path}: not a readable FITS file ({err})") from err
 
 

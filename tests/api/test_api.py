@@ -244,6 +244,21 @@ def test_request_schema_errors(client):
     assert_problem(client.post("/v1/forced-photometry", content=b"hello", headers={"Content-Type": "text/plain"}), 415, "text/plain")
 
 
+@pytest.mark.parametrize("route, fields, expected", [
+    ("/v1/lightcurves", {"objects": {"ra": 400, "dec": 2}}, "objects.ra: Input should be less than 360"),
+    ("/v1/lightcurves", {"objects": {"apdb": {"min_dia_sources": 0}}}, "objects.apdb.min_dia_sources: Input should be greater than or equal to 1"),
+    ("/v1/forced-photometry", {"objects": {"uri": 5}}, "objects.uri: Input should be a valid string"),
+    ("/v1/forced-photometry", {"objects": {"ra": 1, "dec": 2}}, 'objects: objects are a list of records (diaObjectId, ra, dec), {"uri"'),
+    ("/v1/forced-photometry", {"exposure": {"visit": "one", "detector": 2, "datasetType": "calexp"}}, "exposure.visit: Input should be a valid integer"),
+    ("/v1/forced-photometry", {"difference": {"path": "x.fits"}}, 'difference: an exposure is {"uri": path in the repository} or a data id'),
+])
+def test_a_union_field_reports_the_errors_of_the_form_meant(client, route, fields, expected):
+    """Issue 23, item 10: one error for the form the value takes, not one per member of the union."""
+    request = {**body(), **fields} if route == "/v1/forced-photometry" else fields
+    problem = client.post(route, json=request).json()
+    assert problem["status"] == 422 and f"body.{expected}" in problem["detail"] and len(problem["errors"]) == 1, problem
+
+
 def test_missing_psf_is_422(client):
     response = client.post("/v1/forced-photometry", json={"exposure": data_id(), "objects": {"uri": "tables/objects.parquet"}})
     assert_problem(response, 422, "no PSF given")

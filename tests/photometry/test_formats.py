@@ -61,6 +61,8 @@ def test_the_provenance_travels(result, tmp_path):
     assert json.loads(fits.getheader(tmp_path / "c.fits", 1)["PROVJSON"])["software"] == "forcedphot"
     assert "circular Gaussian of FWHM 3.5 px" in " ".join(parse_single_table(tmp_path / "c.votable").description.split())
     assert Table.read(tmp_path / "c.ecsv").meta["forcedphot"]["psf"].startswith("circular Gaussian")
+    from_parquet = Table.read(tmp_path / "c.parquet").meta["forcedphot"]  # issue 23, item 12: as astropy users look for it
+    assert from_parquet == read_provenance(tmp_path / "c.parquet") and from_parquet["psf"].startswith("circular Gaussian")
     assert not list(tmp_path.glob(".*.partial"))
 
 
