@@ -156,18 +156,33 @@ def _butler_files(args: argparse.Namespace) -> tuple[Path, Path | None]:
 
 
 def _demo(args: argparse.Namespace) -> int:
+    import shutil
+    import uuid
+
     start = time.perf_counter()
-    if args.visits > 1:
-        from forcedphot.demo.survey import make_demo_survey
+    target = Path(args.directory)
+    if target.exists() and (not target.is_dir() or any(target.iterdir())):
+        raise ValueError(f"{target} exists and is not an empty folder; give a new one (a demo is written whole, never mixed "
+                         "with older files)")
+    _check_output(str(target), "DIRECTORY")
+    staging = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.partial")  # renamed into place when complete
+    try:
+        if args.visits > 1:
+            from forcedphot.demo.survey import make_demo_survey
 
-        written = make_demo_survey(args.directory, visits=args.visits, size=args.size or 512, n_objects=args.objects or 200,
-                                   seed=args.seed)
-        what = "demo repository"
-    else:
-        from forcedphot.demo.visit import make_demo_visit
+            written = make_demo_survey(staging, visits=args.visits, size=args.size or 512, n_objects=args.objects or 200,
+                                       seed=args.seed)
+            what = "demo repository"
+        else:
+            from forcedphot.demo.visit import make_demo_visit
 
-        written = make_demo_visit(args.directory, size=args.size or 4096, n_objects=args.objects or 2000, seed=args.seed)
-        what = "demo visit"
+            written = make_demo_visit(staging, size=args.size or 4096, n_objects=args.objects or 2000, seed=args.seed)
+            what = "demo visit"
+        if target.exists():
+            target.rmdir()  # empty, checked above
+        os.replace(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     print(f"{what} written to {args.directory} in {time.perf_counter() - start:.1f} s: {written}")
     return 0
 
@@ -281,7 +296,7 @@ def _lightcurve(args: argparse.Namespace) -> int:
 
 
 def _campaign(args: argparse.Namespace) -> int:
-    from forcedphot.serving.campaign import run_campaign
+    from forcedphot.serving.campaign import finished_count, run_campaign
 
     _check_output(args.output, "-o")
     objects, index, report, task = _plan(args)
@@ -291,11 +306,18 @@ def _campaign(args: argparse.Namespace) -> int:
     def progress(done: int, total: int) -> None:
         print(f"\r  {done}/{total} exposures", end="", file=sys.stderr, flush=True)
 
-    result = run_campaign(task, Path(args.output), where=args.where, scheduler=args.scheduler, workers=args.workers,
-                          retries=args.retries, progress=progress)
+    try:
+        result = run_campaign(task, Path(args.output), where=args.where, scheduler=args.scheduler, workers=args.workers,
+                              retries=args.retries, progress=progress)
+    except KeyboardInterrupt:
+        done = finished_count(Path(args.output))
+        print(f"\nforcedphot campaign: interrupted; {done} of {plural(len(task.epochs), 'exposure')} finished and kept in "
+              f"{args.output}; the same command resumes there, measuring only the others", file=sys.stderr)
+        return INTERRUPTED
     print(file=sys.stderr)
+    resumed = f"; {plural(result.resumed, 'exposure')} done by an earlier run kept" if result.resumed else ""
     print(f"{result.rows} measurements in {result.partitions} partitions -> {args.output} in {result.seconds:.2f} s "
-          f"({result.pairs / max(result.seconds, 1e-9):.0f} object-exposures/s; {result.where})")
+          f"({result.pairs / max(result.seconds, 1e-9):.0f} object-exposures/s; {result.where}{resumed})")
     for error in result.errors:
         print(f"  not measured: {error['exposure']}: {error['detail']}", file=sys.stderr)
     return 0

@@ -290,3 +290,26 @@ def test_help_loads_no_engine():
             "print(sorted(m for m in ('numpy', 'pandas', 'astropy', 'pydantic', 'pyarrow', 'numba') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_an_interrupted_demo_leaves_nothing_and_a_used_folder_is_refused(tmp_path, capsys, monkeypatch):
+    """Issue 23, item 5: ``demo --visits N`` writes its repository whole or not at all, and
+    never mixes new visits with an older repository's."""
+    import forcedphot.demo.survey as survey
+
+    real = survey.make_demo_survey
+
+    def interrupted(root, **options):
+        real(root, **{**options, "visits": 2})  # some visits are written, then Ctrl-C
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(survey, "make_demo_survey", interrupted)
+    assert main(["demo", str(tmp_path / "survey"), "--visits", "5", "--size", "64", "--objects", "5"]) == 130
+    assert "nothing was written" in capsys.readouterr().err and list(tmp_path.iterdir()) == []
+    monkeypatch.setattr(survey, "make_demo_survey", real)
+    assert main(["demo", str(tmp_path / "survey"), "--visits", "3", "--size", "64", "--objects", "5"]) == 0
+    written = sorted(p.name for p in tmp_path.iterdir())
+    assert written == ["survey"] and len([p for p in (tmp_path / "survey").iterdir() if p.name.isdigit()]) == 3
+    capsys.readouterr()
+    assert main(["demo", str(tmp_path / "survey"), "--visits", "2", "--size", "64", "--objects", "5"]) == 2
+    assert "survey exists and is not an empty folder; give a new one" in capsys.readouterr().err

@@ -12,7 +12,7 @@ from forcedphot.demo.survey import make_demo_survey
 from forcedphot.photometry.backend import select_backend
 from forcedphot.photometry.config import MeasurementConfig
 from forcedphot.photometry.objects import read_objects
-from forcedphot.serving.campaign import MANIFEST, measure_epoch, run_campaign
+from forcedphot.serving.campaign import MANIFEST, finished_count, measure_epoch, run_campaign
 from forcedphot.serving.executor import MeasureService
 from forcedphot.serving.exposure_cache import ExposureCache
 from forcedphot.serving.index import ExposureIndex
@@ -124,3 +124,57 @@ def test_the_campaign_command_writes_the_dataset(root, in_one_process, tmp_path,
     pd.testing.assert_frame_equal(_dataset(tmp_path / "lc"), in_one_process)
     out = capsys.readouterr().out
     assert f"{len(in_one_process)} measurements in 6 partitions" in out and "local, 2 processes" in out
+
+
+class Interrupt:
+    """A progress callback that presses Ctrl-C once ``after`` exposures are done."""
+
+    def __init__(self, after: int):
+        self.after = after
+
+    def __call__(self, done: int, total: int) -> None:
+        if done >= self.after:
+            raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("where", ["dask", "local"])
+def test_an_interrupted_campaign_resumes_measuring_only_what_is_left(plan, in_one_process, tmp_path, where):
+    """Issue 23, item 5: finished exposures are kept, the same campaign finishes them, and
+    the dataset equals an uninterrupted one."""
+    with pytest.raises(KeyboardInterrupt):
+        run_campaign(plan, tmp_path / "out", where=where, workers=2, progress=Interrupt(after=2))
+    kept = finished_count(tmp_path / "out")
+    assert 2 <= kept < 6 and not (tmp_path / "out" / MANIFEST).exists()
+    seen = []
+    report = run_campaign(plan, tmp_path / "out", where=where, workers=2, progress=lambda done, total: seen.append((done, total)))
+    assert report.resumed == kept and report.errors == [] and report.partitions == 6 and seen[0] == (kept + 1, 6) and seen[-1] == (6, 6)
+    pd.testing.assert_frame_equal(_dataset(tmp_path / "out"), in_one_process)
+    assert not list((tmp_path / "out").rglob(".*.partial"))
+
+
+def test_a_campaign_folder_takes_only_its_own_campaign(plan, tmp_path):
+    from dataclasses import replace
+
+    with pytest.raises(KeyboardInterrupt):
+        run_campaign(plan, tmp_path / "out", where="local", workers=2, progress=Interrupt(after=1))
+    other = replace(plan, psf_fwhm=4.0)
+    with pytest.raises(ValueError, match="holds an interrupted campaign of other objects, exposures or options"):
+        run_campaign(other, tmp_path / "out", where="local")
+    run_campaign(plan, tmp_path / "out", where="local", workers=2)
+    with pytest.raises(ValueError, match="holds a finished campaign; give a new folder"):
+        run_campaign(plan, tmp_path / "out", where="local")
+
+
+def test_ctrl_c_in_the_campaign_command_says_what_is_kept(root, tmp_path, capsys, monkeypatch):
+    import forcedphot.serving.campaign as campaign
+    from forcedphot.cli import main
+
+    def interrupted(task, output, **options):
+        return run_campaign(task, output, **{**options, "progress": Interrupt(after=3)})
+
+    monkeypatch.setattr(campaign, "run_campaign", interrupted)
+    code = main(["campaign", str(root), "--objects", str(root / "diaObjects.parquet"), "-o", str(tmp_path / "lc"),
+                 "--where", "local", "--workers", "2", "--backend", "numpy", "--psf-fwhm", "3.5"])
+    err = capsys.readouterr().err
+    assert code == 130 and "Traceback" not in err and "nothing was written" not in err
+    assert f"interrupted; {finished_count(tmp_path / 'lc')} of 6 exposures finished and kept in {tmp_path / 'lc'}; the same command resumes" in err
