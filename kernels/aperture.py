@@ -60,11 +60,15 @@ class ApertureFluxes(NamedTuple):
         ``sqrt(sum(w^2 V))`` over valid pixels.
     truncated : bool
         An invalid pixel is touched, or the circle reaches beyond the stack.
+    area : float64
+        ``sum(w)`` over valid pixels, px: the flux a uniform background of one image unit
+        adds (what subtracting a local background scales by).
     """
 
     flux: Array
     flux_err: Array
     truncated: Array
+    area: Array
 
 
 def _corner_area(xp: Any, u: Array, v: Array, r: Array) -> Array:
@@ -220,6 +224,8 @@ def aperture_fluxes(
         ``sqrt(sum(w^2 V))`` over valid pixels: the exact standard deviation of ``flux``
         for independent pixel noise. photutils and SEP report ``sqrt(sum(w V))``, an
         upper bound (see the module docstring).
+    area : (N, R) float64
+        ``sum(w)`` over valid pixels, px.
     truncated : (N, R) bool
         True when a pixel with ``w > 0`` is invalid, or the circle reaches beyond the
         stack (``cx - r < -0.5``, ``cx + r > K - 0.5``, or the same in y). The flux then
@@ -256,7 +262,8 @@ def aperture_fluxes(
     invalid = xp.logical_not(valid[crop])
     lo_edge, hi_edge = -0.5, size - 0.5
 
-    fluxes, errors, truncations = [], [], []
+    valid_weight = xp.astype(valid[crop], f64)
+    fluxes, errors, truncations, areas = [], [], [], []
     for radius in radii:
         # Only the pixels some circle can touch; all others have w = 0.
         cols, rows = _touched(x_bounds, radius, size), _touched(y_bounds, radius, size)
@@ -268,9 +275,10 @@ def aperture_fluxes(
         w = _overlap_window(xp, cx, cy, xp.asarray(radius, dtype=f64, device=device(cx)), cols, rows)
         fluxes.append(xp.sum(w * data[window], axis=(1, 2)))
         errors.append(xp.sqrt(xp.sum(w * w * var[window], axis=(1, 2))))
+        areas.append(xp.sum(w * valid_weight[window], axis=(1, 2)))
         bad_touched = xp.any(xp.logical_and(w > 0, invalid[window]), axis=(1, 2))
         beyond = (
             (cx - radius < lo_edge) | (cx + radius > hi_edge) | (cy - radius < lo_edge) | (cy + radius > hi_edge)
         )
         truncations.append(bad_touched | beyond)
-    return ApertureFluxes(xp.stack(fluxes, axis=1), xp.stack(errors, axis=1), xp.stack(truncations, axis=1))
+    return ApertureFluxes(xp.stack(fluxes, axis=1), xp.stack(errors, axis=1), xp.stack(truncations, axis=1), xp.stack(areas, axis=1))

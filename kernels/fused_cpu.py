@@ -98,7 +98,8 @@ def measure_stack(image: np.ndarray, variance: np.ndarray, mask: np.ndarray, ins
         PSF fit: flux, flux_err, area, chi2 (float64), npixels (int64), flag, flag_edge,
         flag_no_good_pixels (bool); apertures: flux, flux_err (float64), truncated (bool),
         each ``(N, R)``; background: mean, std (float64), n_pixels (int64), no-good flag;
-        pixel flags: any, center, center_all, each ``(N, P)`` bool.
+        pixel flags: any, center, center_all, each ``(N, P)`` bool; then the PSF fit's
+        background response ``(N,)`` and the apertures' areas ``(N, R)`` (float64).
     """
     n = image.shape[0]
     nothing = np.zeros((0, 0), np.float32)
@@ -147,19 +148,19 @@ def warm_up() -> None:
 @njit(cache=True, error_model="numpy")
 def _outputs(n, n_radii, n_planes):
     """The result arrays of ``n`` objects (see :func:`measure_stack`), as one tuple."""
-    return (np.empty((n, 4)), np.zeros(n, np.int64), np.zeros((n, 3), np.bool_), np.zeros((n, n_radii)), np.zeros((n, n_radii)),
+    return (np.empty((n, 5)), np.zeros(n, np.int64), np.zeros((n, 3), np.bool_), np.zeros((n, n_radii)), np.zeros((n, n_radii)),
             np.zeros((n, n_radii), np.bool_), np.full((n, 2), np.nan), np.zeros(n, np.int64), np.zeros((n, n_planes), np.bool_),
-            np.zeros((n, n_planes), np.bool_), np.zeros((n, n_planes), np.bool_))
+            np.zeros((n, n_planes), np.bool_), np.zeros((n, n_planes), np.bool_), np.zeros((n, n_radii)))
 
 
 @njit(cache=True, error_model="numpy")
 def _results(out):
-    fit, npixels, fit_flags, ap_flux, ap_err, ap_truncated, background, n_background, flags_any, flags_center, flags_all = out
+    fit, npixels, fit_flags, ap_flux, ap_err, ap_truncated, background, n_background, flags_any, flags_center, flags_all, ap_area = out
     return (fit[:, 0].copy(), fit[:, 1].copy(), fit[:, 2].copy(), fit[:, 3].copy(), npixels,
             fit_flags[:, 0].copy(), fit_flags[:, 1].copy(), fit_flags[:, 2].copy(),
             ap_flux, ap_err, ap_truncated,
             background[:, 0].copy(), background[:, 1].copy(), n_background, n_background == 0,
-            flags_any, flags_center, flags_all)
+            flags_any, flags_center, flags_all, fit[:, 4].copy(), ap_area)
 
 
 @njit(cache=True, error_model="numpy")
@@ -205,12 +206,12 @@ def _object(image, variance, mask, inside, psf, cx, cy, sigma, settings, i, scra
     """Every measurement of object ``i`` from its ``K x K`` window (``full``; else the PSF
     fit alone), into row ``i`` of the outputs."""
     radii, bad_fit_bits, reject_bits, flag_bits, footprint_scaling, inner, outer, n_iter, n_sigma, full = settings
-    fit, npixels, fit_flags, ap_flux, ap_err, ap_truncated, background, n_background, flags_any, flags_center, flags_all = out
+    fit, npixels, fit_flags, ap_flux, ap_err, ap_truncated, background, n_background, flags_any, flags_center, flags_all, ap_area = out
     _psf_fit(image, variance, mask, inside, psf, bad_fit_bits, fit[i], fit_flags[i], npixels, i)
     if not full:
         return
     for a in range(radii.shape[0]):
-        _aperture(image, variance, inside, cx, cy, radii[a], ap_flux, ap_err, ap_truncated, i, a, scratch)
+        _aperture(image, variance, inside, cx, cy, radii[a], ap_flux, ap_err, ap_truncated, ap_area, i, a, scratch)
     _background(image, variance, mask, inside, cx, cy, inner * sigma, outer * sigma, reject_bits, n_iter, n_sigma,
                 background[i], n_background, i)
     _flags(mask, inside, cx, cy, footprint_scaling * sigma, flag_bits, flags_any[i], flags_center[i], flags_all[i])
@@ -245,6 +246,7 @@ def _psf_fit(image, variance, mask, inside, psf, bad_fit_bits, out, out_flags, n
         flux = sum_pd / sum_pp
         flux_err = math.sqrt(sum_ppv) / sum_pp
         area = sum_p * sum_p / sum_pp
+        response = sum_p / sum_pp
         chi2 = 0.0
         for y in range(kp):
             for x in range(kp):
@@ -255,12 +257,13 @@ def _psf_fit(image, variance, mask, inside, psf, bad_fit_bits, out, out_flags, n
                 residual = float(image[start + y, start + x]) - flux * psf[y, x]
                 chi2 += residual * residual / float(variance[start + y, start + x])
     else:
-        flux = flux_err = area = chi2 = nan
+        flux = flux_err = area = chi2 = response = nan
     finite = math.isfinite(flux) and math.isfinite(flux_err)
     out[0] = flux if finite else nan
     out[1] = flux_err
     out[2] = area
     out[3] = chi2
+    out[4] = response
     out_flags[1] = not all_inside
     out_flags[2] = not good
     out_flags[0] = (not all_inside) or (not good) or (not finite)
@@ -301,12 +304,13 @@ def _gaps(lo, hi):
 
 
 @njit(cache=True, error_model="numpy")
-def _aperture(image, variance, inside, cx, cy, r, flux_out, err_out, truncated_out, i, a, scratch):
+def _aperture(image, variance, inside, cx, cy, r, flux_out, err_out, truncated_out, area_out, i, a, scratch):
     """As :func:`~forcedphot.kernels.aperture.aperture_fluxes` for one object and radius:
     exact overlap weights, from corners only for pixels on the circle's rim."""
     k = image.shape[0]
     flux = 0.0
     var = 0.0
+    area = 0.0
     truncated = (cx - r < -0.5) or (cx + r > k - 0.5) or (cy - r < -0.5) or (cy + r > k - 0.5)
     if math.isfinite(cx) and math.isfinite(cy):
         x0 = max(0, int(math.floor(cx - r - 0.5)))
@@ -347,11 +351,13 @@ def _aperture(image, variance, inside, cx, cy, r, flux_out, err_out, truncated_o
                 if inside[y, x] and math.isfinite(d) and math.isfinite(vv):
                     flux += w * d
                     var += w * w * vv
+                    area += w
                 else:
                     truncated = True
     flux_out[i, a] = flux
     err_out[i, a] = math.sqrt(var)
     truncated_out[i, a] = truncated
+    area_out[i, a] = area
 
 
 @njit(cache=True)

@@ -9,6 +9,7 @@ data ``D`` with an unweighted linear least-squares amplitude over the fit pixels
     instFluxErr = sqrt(sum P_i^2 V_i) / alpha
     area        = (sum P_i)^2 / alpha
     chi2        = sum (D_i - instFlux P_i)^2 / V_i
+    response    = sum P_i / alpha   (the instFlux a uniform background of 1 adds)
 
 Units: fluxes in the image's units times pixels (instrumental flux, "instFlux"); ``area``
 in pixels; ``chi2`` dimensionless.
@@ -42,6 +43,9 @@ class PsfFluxResult(NamedTuple):
         The stamp is clipped by the image edge.
     flag_no_good_pixels : bool
         No pixel left to fit.
+    background_response : float64
+        ``sum P / sum P^2`` over the fit pixels, px: the ``inst_flux`` a uniform
+        background of one image unit adds (what subtracting a local background scales by).
     """
 
     inst_flux: Array
@@ -52,6 +56,7 @@ class PsfFluxResult(NamedTuple):
     flag: Array
     flag_edge: Array
     flag_no_good_pixels: Array
+    background_response: Array
 
 
 def psf_flux(data: Array, variance: Array, psf: Array, inside: Array, usable: Array) -> PsfFluxResult:
@@ -91,7 +96,9 @@ def psf_flux(data: Array, variance: Array, psf: Array, inside: Array, usable: Ar
 
     flux = xp.where(good, xp.sum(p * d, axis=axes) / safe_alpha, nan)
     flux_err = xp.where(good, xp.sqrt(xp.sum(p * p * v, axis=axes)) / safe_alpha, nan)
-    area = xp.where(good, xp.sum(p, axis=axes) ** 2 / safe_alpha, nan)
+    sum_p = xp.sum(p, axis=axes)
+    area = xp.where(good, sum_p ** 2 / safe_alpha, nan)
+    response = xp.where(good, sum_p / safe_alpha, nan)
     residual = d - flux[:, None, None] * p
     safe_v = xp.where(usable, v, 1.0)
     chi2 = xp.where(good, xp.sum(xp.where(usable, residual * residual / safe_v, 0.0), axis=axes), nan)
@@ -100,4 +107,4 @@ def psf_flux(data: Array, variance: Array, psf: Array, inside: Array, usable: Ar
     finite = xp.logical_and(xp.isfinite(flux), xp.isfinite(flux_err))
     flux = xp.where(finite, flux, nan)
     flag = xp.logical_or(xp.logical_or(flag_edge, xp.logical_not(good)), xp.logical_not(finite))
-    return PsfFluxResult(flux, flux_err, area, chi2, npixels, flag, flag_edge, xp.logical_not(good))
+    return PsfFluxResult(flux, flux_err, area, chi2, npixels, flag, flag_edge, xp.logical_not(good), response)

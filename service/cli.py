@@ -25,6 +25,9 @@ INTERRUPTED = 130  # 128 + SIGINT, as shells report it
 FLAGGED = "flagged (PSF fit failed, or an edge/saturated/cosmic-ray/bad/... mask bit in the object's footprint: pixelFlags_*)"
 DEFAULT_INDEX = ".forcedphot/index.sqlite"
 EXTRA_HELP = "add psfMag, psfMagErr (AB), psfFlux_snr and psfMagLim5Sigma (5-sigma limiting magnitude) to the catalog"
+SKY_CHOICES = ("auto", "on", "off")
+SKY_HELP = ("subtract each object's local background from its fluxes: auto (default) on direct images in plain FITS, whose sky "
+            "is still in the pixels, never on LSST files or difference images")
 
 
 def _radii(text: str) -> tuple[float, ...]:
@@ -82,6 +85,7 @@ def _measure(args: argparse.Namespace) -> int:
         backend=args.backend,
         include_offimage=args.include_offimage,
         batch_bytes=args.batch_mib * 2**20,
+        subtract_background=args.subtract_background,
     )
     backend = select_backend(config.backend)
     if args.butler:
@@ -243,7 +247,7 @@ def _plan(args: argparse.Namespace):
     else:
         raise ValueError("give --objects FILE, or --ra and --dec (degrees)")
     config = MeasurementConfig(apertures_px=args.apertures or MeasurementConfig().apertures_px, backend=args.backend,
-                               extra_columns=args.extra_columns)
+                               extra_columns=args.extra_columns, subtract_background=args.subtract_background)
     if args.mjd_min is not None and args.mjd_max is not None and args.mjd_min > args.mjd_max:
         raise ValueError(f"--mjd-min {args.mjd_min:g} is after --mjd-max {args.mjd_max:g}: the time range is empty")
     index, report = _open_index(args)
@@ -362,6 +366,7 @@ def _plan_arguments(c: argparse.ArgumentParser) -> None:
     c.add_argument("--apertures", type=_radii, help="aperture radii in pixels, e.g. 3,6,12 (default 3,4.5,6,9,12)")
     c.add_argument("--backend", choices=get_args(BackendName), default="auto", help="array backend (default auto)")
     c.add_argument("--extra-columns", action="store_true", help=EXTRA_HELP)
+    c.add_argument("--subtract-background", choices=SKY_CHOICES, default="auto", help=SKY_HELP)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -399,6 +404,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--backend", choices=get_args(BackendName), default="auto",
                    help="array backend (default auto: cupy when a CUDA device answers, else numpy)")
     m.add_argument("--extra-columns", action="store_true", help=EXTRA_HELP)
+    m.add_argument("--subtract-background", choices=SKY_CHOICES, default="auto", help=SKY_HELP)
     m.add_argument("--include-offimage", action="store_true", help="also return objects off the detector, flagged")
     m.add_argument("--cpu-kernels", choices=("fused", "array-api"), default="fused",
                    help="on the CPU: the compiled fused kernels (default; the service runs them too), or the array-API ones "

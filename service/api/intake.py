@@ -18,7 +18,7 @@ from pydantic import BaseModel, TypeAdapter, ValidationError
 from starlette.datastructures import FormData, UploadFile
 
 from forcedphot.api.problems import Problem, invalid_request
-from forcedphot.api.schemas import ApdbObjectsRef, MeasureOptions, MeasureRequest, Position
+from forcedphot.api.schemas import ApdbObjectsRef, ExposureReference, MeasureOptions, MeasureRequest, Position
 from forcedphot.photometry.config import MeasurementConfig
 from forcedphot.photometry.formats import DEFAULT_FORMAT, FORMATS, table_format
 from forcedphot.photometry.objects import InputError, format_examples, object_table_format, read_objects, records_frame, validate_objects
@@ -30,9 +30,9 @@ from forcedphot.serving.repository import ExposureRef, Repository, UriRef, descr
 T = TypeVar("T")
 GENERIC_MEDIA_TYPES = ("", "application/octet-stream")
 MULTIPART_FIELDS = {"exposure", "exposure_ref", "difference", "difference_ref", "objects", "objects_ref",
-                    "psf_fwhm", "apertures", "include_offimage", "extra_columns", "psf"}
+                    "psf_fwhm", "apertures", "include_offimage", "extra_columns", "subtract_background", "psf"}
 _SCALARS = (str, int, float, bool, type(None))
-_REF_ADAPTER: TypeAdapter = TypeAdapter(ExposureRef)
+_REF_ADAPTER: TypeAdapter = TypeAdapter(ExposureReference)
 
 
 def _caller_table_problem(name: str, parse: Callable[[], T]) -> T:
@@ -151,7 +151,8 @@ class Intake:
 
     def config(self, options: MeasureOptions) -> MeasurementConfig:
         fields: dict[str, Any] = {"include_offimage": options.include_offimage, "extra_columns": options.extra_columns,
-                                  "backend": self.backend, "batch_bytes": self.batch_bytes}
+                                  "subtract_background": options.subtract_background, "backend": self.backend,
+                                  "batch_bytes": self.batch_bytes}
         if options.apertures:
             fields["apertures_px"] = tuple(options.apertures)
         return MeasurementConfig(**fields)
@@ -255,7 +256,7 @@ def _parse_ref(name: str, text: str) -> ExposureRef:
 def _form_options(form: FormData) -> dict[str, Any]:
     """The measurement options given as plain form fields."""
     options: dict[str, Any] = {}
-    for key in ("psf_fwhm", "include_offimage", "apertures", "extra_columns"):
+    for key in ("psf_fwhm", "include_offimage", "apertures", "extra_columns", "subtract_background"):
         if key not in form:
             continue
         value = form[key]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
 
@@ -110,6 +110,9 @@ class MeasureOptions(BaseModel):
                                            description="aperture radii in pixels (default 3, 4.5, 6, 9, 12)")
     include_offimage: bool = Field(False, description="also return objects off the detector, flagged pixelFlags_offimage")
     extra_columns: bool = Field(False, description="add psfMag, psfMagErr (AB), psfFlux_snr and psfMagLim5Sigma (5-sigma limiting magnitude)")
+    subtract_background: Literal["auto", "on", "off"] = Field(
+        "auto", description="subtract each object's local background from its PSF and aperture fluxes: 'auto' on direct images "
+                            "in plain FITS (their sky is still in the pixels), never on LSST files or difference images")
 
 
 class MeasureRequest(MeasureOptions):

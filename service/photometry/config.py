@@ -22,6 +22,11 @@ class MeasurementConfig(BaseModel):
     bad_mask_planes: tuple[str, ...] = Field((), description="mask planes whose pixels the PSF fit ignores (LSST: none)")
     include_offimage: bool = Field(False, description="return objects off the detector, flagged pixelFlags_offimage")
     extra_columns: bool = Field(False, description="add psfMag, psfMagErr (AB), psfFlux_snr and psfMagLim5Sigma")
+    subtract_background: Literal["auto", "on", "off"] = Field(
+        "auto", description="subtract each object's local background (the clipped mean of its annulus, "
+                            "localBackground_instFlux) from its PSF and aperture fluxes, the background's error added to theirs: "
+                            "'auto' does it on direct images in plain FITS (their sky is still in the pixels), never on LSST "
+                            "files (background-subtracted by the pipelines) or on difference images")
     backend: Literal["auto", "numpy", "cupy", "stand-in"] = "auto"
     cpu_kernels: Literal["fused", "array-api"] = Field(
         "fused", description="on the NumPy backend: every measurement of an object in one compiled pass (numba, all cores), "

@@ -168,6 +168,10 @@ class Exposure:
         Visit metadata, None where absent; midpoint as MJD in the TAI scale [d].
     variance_estimated : bool
         True when the file has no variance/weight plane and a constant was estimated.
+    sky_subtracted : bool
+        True for an LSST afw-layout file (an archive, or ``EXTTYPE = 'IMAGE'``): the
+        pipelines subtracted its background. False for plain FITS, whose sky may still be in
+        the pixels (see ``MeasurementConfig.subtract_background``).
     header : astropy.io.fits.Header
         Primary metadata merged with the image header (image keys win), without
         structural keys.
@@ -190,6 +194,7 @@ class Exposure:
     band: str | None
     midpoint_mjd_tai: float | None
     variance_estimated: bool
+    sky_subtracted: bool
     photocalib: PhotoCalib
     header: fits.Header = field(repr=False)
     archive: Archive | None = field(repr=False)
@@ -502,6 +507,7 @@ def _build_exposure(path: str, name: str, hdul: fits.HDUList, limits: ExposureLi
         band=_band(header),
         midpoint_mjd_tai=_midpoint_mjd_tai(name, header),
         variance_estimated=plane_hdu is None,
+        sky_subtracted=archive is not None or str(image_hdu.header.get("EXTTYPE", "")).strip().upper() == "IMAGE",
         header=header,
         _hdul=hdul,
         _image_hdu=image_hdu,

@@ -40,6 +40,7 @@ from forcedphot.photometry.local_wcs import local_cd_matrix
 from forcedphot.photometry.psf_models import PsfModel, describe_psf
 from forcedphot.photometry.runner import Execute, KernelResults, KernelRunner, cutout_half_size, run_directly, scatter, unmeasured
 from forcedphot.photometry.selection import select_on_image, sky_to_pixel
+from forcedphot.photometry.sky import subtract_local_background, subtracts_background
 from forcedphot.version import __version__
 
 Progress = Callable[[int, int], None]
@@ -125,18 +126,26 @@ def batches(exposure: Exposure, backend: Backend, x: np.ndarray, y: np.ndarray, 
         yield windows, stage_cutouts(exposure, windows, no_data)
 
 
-def _science_psf_flux(science: Exposure, kernels: KernelRunner, ra, dec, config: MeasurementConfig, execute: Execute) -> KernelResults:
+def _science_psf_flux(science: Exposure, kernels: KernelRunner, ra, dec, config: MeasurementConfig, execute: Execute,
+                      subtract: bool) -> KernelResults:
     """PSF flux on the direct image at the objects' sky positions (difference mode); rows
-    whose PSF stamp does not reach the direct image are flagged."""
+    whose PSF stamp does not reach the direct image are flagged. ``subtract``: less the
+    local background (measured in the same pass, on cutouts sized for its annulus)."""
     x, y = sky_to_pixel(science.wcs, ra, dec)
     h = kernels.psf.stamp_size // 2
     with np.errstate(invalid="ignore"):
         near = (x > -h - 1) & (x < science.width + h) & (y > -h - 1) & (y < science.height + h)
-    results = unmeasured(len(ra), 0, full=False)
+    results = unmeasured(len(ra), len(config.apertures_px), full=subtract)
     rows = np.flatnonzero(near)
-    for windows, pixels in batches(science, kernels.backend, x[rows], y[rows], 2 * h + 1, config):
+    sigma = np.full(len(ra), np.nan)
+    if subtract:
+        sigma[rows] = kernels.psf.sigma(x[rows], y[rows])
+    size = 2 * (cutout_half_size(kernels.psf, sigma[rows], config) if subtract and len(rows) else h) + 1
+    for windows, pixels in batches(science, kernels.backend, x[rows], y[rows], size, config):
         index = rows[windows.index]
-        scatter(results, execute(kernels, kernels.inputs(windows, pixels, x[index], y[index]), False), index)
+        scatter(results, execute(kernels, kernels.inputs(windows, pixels, x[index], y[index], sigma[index]), subtract), index)
+    if subtract:
+        subtract_local_background(results)
     results.psf.flag[~near] = True
     return results
 
@@ -194,6 +203,7 @@ def measure(
     stage_time = kernel_time = 0.0
     done = 0
     t0 = time.perf_counter()
+    subtract = subtracts_background(config.subtract_background, primary.sky_subtracted, difference is not None)
     for windows, pixels in batches(primary, backend, x[measured], y[measured], size, config):
         t1 = time.perf_counter()
         index = measured[windows.index]
@@ -205,12 +215,15 @@ def measure(
         if progress:
             progress(done, len(measured))
         t0 = time.perf_counter()
+    if subtract:
+        subtract_local_background(results)
 
-    science_results = None
+    science_results, science_subtract = None, None
     if difference is not None:
         t1 = time.perf_counter()
         science_kernels = KernelRunner(backend, science, science_psf or psf, config)  # the direct image's own PSF and masks
-        science_results = _science_psf_flux(science, science_kernels, ra[rows], dec[rows], config, execute)
+        science_subtract = subtracts_background(config.subtract_background, science.sky_subtracted, False)
+        science_results = _science_psf_flux(science, science_kernels, ra[rows], dec[rows], config, execute, science_subtract)
         kernel_time += time.perf_counter() - t1
     timings["stage"], timings["kernels"] = stage_time, kernel_time
     results.psf.flag[invalid_psf] = True
@@ -253,6 +266,7 @@ def measure(
             "science": _describe(science) if difference is not None else None,
             "psf": describe_psf(psf),
             "science_psf": describe_psf(science_psf or psf) if difference is not None else None,
+            "local_background_subtracted": {"exposure": subtract, "science": science_subtract},
         },
     )
 

@@ -84,13 +84,13 @@ def unmeasured(n: int, n_apertures: int, full: bool = True) -> KernelResults:
     def b(*shape):
         return np.zeros((n, *shape), bool)
 
-    psf = PsfFluxResult(f(), f(), f(), f(), np.zeros(n, np.int64), b(), b(), b())
+    psf = PsfFluxResult(f(), f(), f(), f(), np.zeros(n, np.int64), b(), b(), b(), f())
     if not full:
         return KernelResults(psf)
     planes = len(PIXEL_FLAG_NAMES)
     return KernelResults(
         psf,
-        ApertureFluxes(f(n_apertures), f(n_apertures), b(n_apertures)),
+        ApertureFluxes(f(n_apertures), f(n_apertures), b(n_apertures), f(n_apertures)),
         LocalBackground(f(), f(), np.zeros(n, np.int64), b()),
         PixelFlags(b(planes), b(planes), b(planes)),
     )
@@ -279,10 +279,10 @@ class KernelRunner:
             nothing = np.zeros((0, 0), np.float32)
             out = measure_windows(nothing, nothing, np.zeros((0, 0), np.int32), np.zeros(len(w), np.int64), np.zeros(len(w), np.int64),
                                   *pixels, np.arange(len(w)), stamps, w.cx, w.cy, part.sigma, parameters)
-        fit = PsfFluxResult(*out[:8])
+        fit = PsfFluxResult(*out[:8], out[18])
         if not full:
             return KernelResults(fit)
-        return KernelResults(fit, ApertureFluxes(*out[8:11]), LocalBackground(*out[11:15]), PixelFlags(*out[15:18]))
+        return KernelResults(fit, ApertureFluxes(*out[8:11], out[19]), LocalBackground(*out[11:15]), PixelFlags(*out[15:18]))
 
     def _download(self, results: KernelResults) -> KernelResults:
         """``results`` on the host, copied in one transfer: every array packed as float64

@@ -29,7 +29,21 @@ def _fluxes(xp, image, variance, valid, cx, cy, radii=RADII):
     """aperture_fluxes under namespace xp on NumPy inputs; results as NumPy arrays."""
     args = (image, variance, valid, cx, cy)
     out = aperture_fluxes(*(xp.asarray(a) for a in args), radii)
-    return tuple(np.asarray(o) for o in out)
+    return tuple(np.asarray(o) for o in out[:3])
+
+
+def test_the_area_is_the_flux_of_a_unit_background_over_valid_pixels(xp, rng):
+    """``area`` (what a local background subtraction scales by): pi r^2 for a whole circle,
+    and always the flux of an image of ones over the same valid pixels."""
+    n = 50
+    cx, cy = _centred(rng, n)
+    valid = rng.random((n, K, K)) > 0.05
+    image = rng.normal(0, 1, (n, K, K))
+    out = aperture_fluxes(*(xp.asarray(a) for a in (image, np.ones_like(image), valid, cx, cy)), RADII)
+    ones = aperture_fluxes(*(xp.asarray(a) for a in (np.ones_like(image), np.ones_like(image), valid, cx, cy)), RADII)
+    np.testing.assert_allclose(np.asarray(out.area), np.asarray(ones.flux), rtol=1e-12)
+    whole = aperture_fluxes(*(xp.asarray(a) for a in (image, np.ones_like(image), np.ones(image.shape, bool), cx, cy)), RADII)
+    np.testing.assert_allclose(np.asarray(whole.area), np.broadcast_to(np.pi * np.asarray(RADII) ** 2, (n, len(RADII))), rtol=1e-10)
 
 
 def _overlap(xp, cx, cy, r, size=K):

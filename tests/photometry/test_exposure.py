@@ -405,7 +405,10 @@ def test_missing_file(tmp_path):
 def test_not_fits(tmp_path):
     path = tmp_path / "table.fits"
     path.write_text("diaObjectId,ra,dec\n1,2,3\n" * 200)
-    _assert_error(path, "not a readable FITS file")
+    _assert_error(path, "not a FITS file (it does not start with the SIMPLE card")
+    with pytest.raises(ExposureError) as info:
+        open_exposure(path)
+    assert "ignore_missing_simple" not in str(info.value)  # astropy's advice of its own option (issue 23, item 10)
 
 
 def _cut_points(path, kind):

@@ -288,7 +288,7 @@ def bad_psf_files(tmp_path):
     cases = []
     text = tmp_path / "text.psf"
     text.write_text("not a FITS file\n" * 200)
-    cases.append((text, "not a readable FITS file"))
+    cases.append((text, r"not a FITS file \(it does not start with the SIMPLE card"))
     for cut in (100, 2880 + 1000, len(raw) - 2880):
         truncated = tmp_path / f"truncated{cut}.psf"
         truncated.write_bytes(raw[:cut])

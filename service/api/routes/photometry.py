@@ -32,6 +32,8 @@ MULTIPART_SCHEMA = {
         "extra_columns": {"type": "boolean", "description": "add psfMag, psfMagErr (AB), psfFlux_snr, psfMagLim5Sigma"},
         "apertures": {"type": "string", "description": "aperture radii in pixels, comma-separated"},
         "include_offimage": {"type": "boolean"},
+        "subtract_background": {"type": "string", "enum": ["auto", "on", "off"],
+                                "description": "subtract each object's local background from its fluxes (auto: plain FITS direct images)"},
     },
 }
 
