@@ -255,6 +255,14 @@ def test_extra_columns_on_request_only(files):
     table = pq.read_table(out).to_pandas()
     positive = table["psfFlux"] > 0
     np.testing.assert_allclose(table.loc[positive, "psfMag"], 31.4 - 2.5 * np.log10(table.loc[positive, "psfFlux"]), rtol=1e-5)
+    # issue 23, item 11: the direct image's flux has its magnitudes too
+    _, out = measure(files, "--psf-fwhm", "3.5", "--extra-columns", "--difference", str(files["exposure"]))
+    table = pq.read_table(out).to_pandas()
+    bright = table["scienceFlux"] > 0
+    assert bright.sum() > 20
+    np.testing.assert_allclose(table.loc[bright, "scienceMag"], 31.4 - 2.5 * np.log10(table.loc[bright, "scienceFlux"]), rtol=1e-5)
+    np.testing.assert_allclose(table["scienceMagLim5Sigma"], 31.4 - 2.5 * np.log10(5 * table["scienceFluxErr"]), rtol=1e-5)
+    assert pq.read_schema(out).field("scienceMag").metadata[b"unit"] == b"mag"
 
 
 def test_counts_agree_with_their_nouns():

@@ -74,6 +74,9 @@ UNITS: dict[str, str] = {
     "psfMag": "mag",
     "psfMagErr": "mag",
     "psfMagLim5Sigma": "mag",
+    "scienceMag": "mag",
+    "scienceMagErr": "mag",
+    "scienceMagLim5Sigma": "mag",
 }
 
 
@@ -214,6 +217,7 @@ def build_catalog(
         columns[f"pixelFlags_{name}"] = values | off if name.startswith("edge") else values
     if extra_columns:
         columns.update(magnitude_columns(*psf_njy))
+        columns.update(magnitude_columns(columns["scienceFlux"], columns["scienceFluxErr"], "science"))
     columns.update(
         localPhotoCalib=np.asarray(calib, dtype=np.float64),
         localPhotoCalibErr=np.full(n, calib_err, dtype=np.float64),
@@ -229,23 +233,25 @@ def _now_mjd_tai() -> float:
     return float(Time.now().tai.mjd)
 
 
-def magnitude_columns(flux_njy: np.ndarray, error_njy: np.ndarray) -> dict[str, np.ndarray]:
+def magnitude_columns(flux_njy: np.ndarray, error_njy: np.ndarray, prefix: str = "psf") -> dict[str, np.ndarray]:
     """AB magnitudes of PSF fluxes in nJy (ATLAS ``m, dm, mag5sig``; ZTF ``diffmaglim``).
 
     ``psfMag = 31.4 - 2.5 log10(psfFlux)`` (NaN where the flux is not positive),
     ``psfMagErr = 2.5 / ln 10 * psfFluxErr / psfFlux``, ``psfFlux_snr = psfFlux / psfFluxErr``,
     ``psfMagLim5Sigma = 31.4 - 2.5 log10(5 psfFluxErr)``: the magnitude of a source
-    detected at 5 sigma with this row's PSF-fit error.
+    detected at 5 sigma with this row's PSF-fit error. ``prefix`` names them: ``psf`` for
+    the difference flux (``psfFlux``), ``science`` for the direct image's (``scienceMag``,
+    ...).
     """
     flux, error = np.asarray(flux_njy, np.float64), np.asarray(error_njy, np.float64)
     with np.errstate(divide="ignore", invalid="ignore"):
         positive = flux > 0
         mag = np.where(positive, AB_MAG_OF_ONE_NJY - 2.5 * np.log10(np.where(positive, flux, 1.0)), np.nan)
         return {
-            "psfMag": mag.astype(np.float32),
-            "psfMagErr": np.where(positive, 2.5 / np.log(10.0) * error / flux, np.nan).astype(np.float32),
-            "psfFlux_snr": (flux / error).astype(np.float32),
-            "psfMagLim5Sigma": (AB_MAG_OF_ONE_NJY - 2.5 * np.log10(5.0 * error)).astype(np.float32),
+            f"{prefix}Mag": mag.astype(np.float32),
+            f"{prefix}MagErr": np.where(positive, 2.5 / np.log(10.0) * error / flux, np.nan).astype(np.float32),
+            f"{prefix}Flux_snr": (flux / error).astype(np.float32),
+            f"{prefix}MagLim5Sigma": (AB_MAG_OF_ONE_NJY - 2.5 * np.log10(5.0 * error)).astype(np.float32),
         }
 
 

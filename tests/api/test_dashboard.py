@@ -90,6 +90,14 @@ def test_the_dashboard_draws_a_light_curve_and_its_stamps(browser, server, tmp_p
     page.screenshot(path=str(tmp_path / "dashboard.png"), full_page=True)
     if not SCREENSHOT.exists():  # delete docs/dashboard.png to take a new one for the README
         shutil.copy(tmp_path / "dashboard.png", SCREENSHOT)
+    # issue 23, item 8: a position no exposure covers says so, and nothing of the last object stays
+    page.fill("#object-id", "")
+    page.fill("#ra", "10.0")
+    page.fill("#dec", "-40.0")
+    page.click("#search button[type=submit]")
+    page.wait_for_function("document.getElementById('message').textContent.includes('no exposure covers')", timeout=30_000)
+    assert page.locator("#rows tbody tr").count() == 0 and page.evaluate("document.getElementById('stamps').hidden")
+    assert page.evaluate("!document.getElementById('plot').data") and page.evaluate("document.getElementById('downloads').hidden")
     page.close()
     assert errors == [] and foreign == []
 

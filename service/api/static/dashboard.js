@@ -85,6 +85,11 @@ async function search(event) {
     state.rows = await response.json();
     // what the APDB holds for this DiaObject, drawn beside the fresh measurements
     state.stored = state.fromApdb ? await (await api("/v1/objects/" + encodeURIComponent(state.id) + "/forced-sources")).json() : [];
+    if (!state.rows.length && !state.stored.length) {
+      clearResults();  // no empty 0-1 axes, no stamps of the previous object
+      say(response.headers.get("X-Note") || "no exposure covers this position (in this time range and these bands)");
+      return;
+    }
     say(state.rows.length + " measurements on " + response.headers.get("X-Epochs") + " exposures" +
         (state.fromApdb ? "; " + state.stored.length + " DiaForcedSources stored in the APDB" : ""));
     draw();
@@ -151,6 +156,14 @@ function draw() {
   plot.on("plotly_click", (event) => showStamps(event.points[0].customdata));
   table();
   document.getElementById("downloads").hidden = false;
+}
+
+function clearResults() {
+  Plotly.purge(document.getElementById("plot"));
+  document.getElementById("stamps").hidden = true;
+  document.getElementById("downloads").hidden = true;
+  document.querySelector("#rows thead").innerHTML = "";
+  document.querySelector("#rows tbody").innerHTML = "";
 }
 
 function table() {
