@@ -77,6 +77,10 @@ UNITS: dict[str, str] = {
     "scienceMag": "mag",
     "scienceMagErr": "mag",
     "scienceMagLim5Sigma": "mag",
+    "psfFluxCorrected": NJY,  # light-curve products (lightcurve_products)
+    "psfFluxErrRescaled": NJY,
+    "mjdMin": "d",
+    "mjdMax": "d",
 }
 
 
