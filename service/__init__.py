@@ -29,6 +29,9 @@ _API = {
     "choose_psf": "forcedphot.photometry.psf_choice",
     "write_catalog": "forcedphot.photometry.formats",
     "encode_catalog": "forcedphot.photometry.formats",
+    "make_products": "forcedphot.photometry.lightcurve_products",
+    "Products": "forcedphot.photometry.lightcurve_products",
+    "BaselineWindow": "forcedphot.photometry.lightcurve_products",
 }
 
 __all__ = ["__version__", *_API]

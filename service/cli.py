@@ -7,6 +7,7 @@ naming the problem and exit with code 2; nothing prints a traceback for them.
 import argparse
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
+import math
 import os
 from pathlib import Path
 import sys
@@ -257,9 +258,36 @@ def _plan(args: argparse.Namespace):
     return objects, index, report, task
 
 
+def _products(args: argparse.Namespace):
+    """The light-curve products the options ask for (ValueError naming a bad option)."""
+    from forcedphot.photometry.lightcurve_products import BaselineWindow, Products
+
+    if not (args.snr_limit > 0 and math.isfinite(args.snr_limit)):
+        raise ValueError(f"--snr-limit {args.snr_limit:g}: give a positive number")
+    baseline = None
+    if args.baseline_mjd_max is not None:
+        if args.baseline_mjd_min is not None and args.baseline_mjd_min > args.baseline_mjd_max:
+            raise ValueError(f"--baseline-mjd-min {args.baseline_mjd_min:g} is after --baseline-mjd-max {args.baseline_mjd_max:g}")
+        if args.baseline_min_epochs < 2:
+            raise ValueError("--baseline-min-epochs: give 2 or more")
+        baseline = BaselineWindow(args.baseline_mjd_max, args.baseline_mjd_min, args.baseline_min_epochs)
+    elif args.baseline_mjd_min is not None:
+        raise ValueError("--baseline-mjd-min needs --baseline-mjd-max (the window's end, before the event)")
+    days, night = None, args.bin == "night"
+    if args.bin is not None and not night:
+        try:
+            days = float(args.bin)
+        except ValueError:
+            days = math.nan
+        if not (days > 0 and math.isfinite(days)):
+            raise ValueError(f"--bin {args.bin}: give a number of days, or 'night'")
+    return Products(args.snr_limit, baseline, days, night)
+
+
 def _lightcurve(args: argparse.Namespace) -> int:
     from forcedphot.photometry.backend import select_backend
     from forcedphot.photometry.formats import output_format, write_catalog
+    from forcedphot.photometry.lightcurve_products import make_products
     from forcedphot.serving.executor import MeasureService
     from forcedphot.serving.exposure_cache import ExposureCache
 
@@ -268,6 +296,7 @@ def _lightcurve(args: argparse.Namespace) -> int:
     if args.plot:
         _check_output(args.plot, "--plot")
     output_format(args.output)
+    products = _products(args)
     objects, index, report, task = _plan(args)
     config = task.config
     service = MeasureService(ExposureCache(0), select_backend(config.backend), threads=1)
@@ -283,7 +312,8 @@ def _lightcurve(args: argparse.Namespace) -> int:
     finally:
         service.close()
         progress.close()
-    write_catalog(result.table, {"lightcurves": result.provenance, "errors": result.errors}, args.output)
+    table, done = make_products(result.table, products)
+    write_catalog(table, {"lightcurves": result.provenance, "errors": result.errors, "products": done}, args.output)
     if args.plot:
         from forcedphot.photometry.formats import to_pandas
         from forcedphot.photometry.plot import plot_lightcurves
@@ -434,6 +464,13 @@ def build_parser() -> argparse.ArgumentParser:
     _plan_arguments(c)
     c.add_argument("-o", "--output", required=True, help=f"table to write, one row per measurement; the suffix picks the format ({formats})")
     c.add_argument("--plot", help="also draw the light curves (flux vs time per band) to this PNG")
+    p = c.add_argument_group("products: magnitudes and limits are always added (see the README)")
+    p.add_argument("--snr-limit", type=float, default=3.0, help="psfFlux / psfFluxErr below this is an upper limit (default 3)")
+    p.add_argument("--baseline-mjd-max", type=float, help="subtract each object's and band's baseline: the median of its good "
+                                                          "epochs up to this MJD (TAI), before the event")
+    p.add_argument("--baseline-mjd-min", type=float, help="the baseline window's first MJD (default: the first epoch)")
+    p.add_argument("--baseline-min-epochs", type=int, default=10, help="fewer good epochs in the window: no baseline (default 10)")
+    p.add_argument("--bin", help="write bins instead of epochs: a number of days, or 'night' (Rubin's day_obs)")
     c.set_defaults(run=_lightcurve)
 
     k = command("campaign", "measure many objects on every covering exposure, one task per exposure, on Dask",

@@ -6,6 +6,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
 
+from forcedphot.photometry.lightcurve_products import DEFAULT_BASELINE_MIN_EPOCHS, DEFAULT_SNR_LIMIT, BaselineWindow, Products
 from forcedphot.photometry.psf_models import MAX_PSF_FWHM_PX, MIN_PSF_FWHM_PX
 from forcedphot.serving.apdb import DEFAULT_MIN_DIA_SOURCES
 from forcedphot.serving.job_store import JobError, JobProgress, JobStatus
@@ -153,6 +154,31 @@ class JobRequest(MeasureOptions):
                                            "(idempotent); the counts are in the result's provenance, failures in the job's errors")
 
 
+class BaselineRequest(BaseModel):
+    """The window whose good epochs make each object's and band's baseline (ZTF's recipe)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    mjd_max: float = Field(allow_inf_nan=False, description="last midpoint of the window, MJD (TAI): before the event")
+    mjd_min: float | None = Field(None, allow_inf_nan=False, description="first midpoint of the window, MJD (TAI); default: the first epoch")
+    min_epochs: int = Field(DEFAULT_BASELINE_MIN_EPOCHS, ge=2, le=100_000,
+                            description="fewer good epochs in the window: no baseline (the provenance says so)")
+
+    @model_validator(mode="after")
+    def _window(self) -> BaselineRequest:
+        if self.mjd_min is not None and self.mjd_min > self.mjd_max:
+            raise ValueError(f"mjd_min ({self.mjd_min}) is after mjd_max ({self.mjd_max}): the baseline window is empty")
+        return self
+
+
+class BinRequest(BaseModel):
+    """Bins of a number of days."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    days: float = Field(gt=0, le=36_500, allow_inf_nan=False, description="bin width, days (bin = floor(MJD / days))")
+
+
 class LightCurveRequest(MeasureOptions):
     """DiaObjects (or one position) measured on every indexed exposure that covers them."""
 
@@ -165,12 +191,23 @@ class LightCurveRequest(MeasureOptions):
     mjd_max: float | None = Field(None, allow_inf_nan=False, description="latest exposure midpoint, MJD (TAI)")
     bands: list[Annotated[str, Field(min_length=1, max_length=16)]] | None = Field(None, min_length=1, max_length=16,
                                                                                   description="only these bands")
+    snr_limit: float = Field(DEFAULT_SNR_LIMIT, gt=0, le=1000, allow_inf_nan=False,
+                             description="psfFlux / psfFluxErr below this: isUpperLimit, psfMag null (plot psfMagLim5Sigma)")
+    baseline: BaselineRequest | None = Field(None, description="subtract each object's and band's baseline (median of the good "
+                                                               "epochs in this window): psfFluxCorrected, psfFluxErrRescaled")
+    bin: BinRequest | Literal["night"] | None = Field(None, description="answer bins instead of epochs: {\"days\": D}, or "
+                                                                        "\"night\" (Rubin's day_obs, floor(MJD - 0.5))")
 
     @model_validator(mode="after")
     def _time_range(self) -> LightCurveRequest:
         if self.mjd_min is not None and self.mjd_max is not None and self.mjd_min > self.mjd_max:
             raise ValueError(f"mjd_min ({self.mjd_min}) is after mjd_max ({self.mjd_max}): the time range is empty")
         return self
+
+    def products(self) -> Products:
+        """What to make of the measured epochs (see :mod:`~forcedphot.photometry.lightcurve_products`)."""
+        baseline = None if self.baseline is None else BaselineWindow(self.baseline.mjd_max, self.baseline.mjd_min, self.baseline.min_epochs)
+        return Products(self.snr_limit, baseline, self.bin.days if isinstance(self.bin, BinRequest) else None, self.bin == "night")
 
 
 class JobList(BaseModel):

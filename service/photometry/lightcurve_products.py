@@ -33,6 +33,9 @@ import pyarrow as pa
 from forcedphot.photometry.catalog import table_with_units
 from forcedphot.photometry.exposure import AB_MAG_OF_ONE_NJY
 
+__all__ = ["EPOCH_STATUS", "BaselineWindow", "Products", "bin_lightcurves", "correct_baseline", "epoch_status", "magnitudes",
+           "make_products", "with_epoch_columns"]
+
 DEFAULT_SNR_LIMIT = 3.0
 DEFAULT_BASELINE_MIN_EPOCHS = 10
 
@@ -220,5 +223,28 @@ def _weighted_mean(values: np.ndarray, errors: np.ndarray) -> tuple[float, float
     return float(np.sum(weights * values[usable]) / np.sum(weights)), float(1.0 / math.sqrt(np.sum(weights)))
 
 
-__all__ = ["EPOCH_STATUS", "BaselineWindow", "bin_lightcurves", "correct_baseline", "epoch_status", "magnitudes",
-           "with_epoch_columns"]
+
+
+@dataclass(frozen=True)
+class Products:
+    """What to make of a light curve: ``snr_limit`` for upper limits, a baseline window (or
+    None), and bins of ``bin_days`` or nights (``bin_night``); none: the epochs."""
+
+    snr_limit: float = DEFAULT_SNR_LIMIT
+    baseline: BaselineWindow | None = None
+    bin_days: float | None = None
+    bin_night: bool = False
+
+
+def make_products(table: pa.Table, products: Products) -> tuple[pa.Table, dict]:
+    """The light-curve table a caller gets: its epochs with their magnitudes, limits and
+    status, baseline-corrected when asked, binned when asked; and what was done, for the
+    provenance (``snr_limit``, ``epochStatus`` codes, ``baseline`` summaries, ``bin``)."""
+    table = with_epoch_columns(table, products.snr_limit)
+    done: dict = {"snr_limit": products.snr_limit, "epochStatus": {str(code): text for code, text in EPOCH_STATUS.items()}}
+    if products.baseline is not None:
+        table, done["baseline"] = correct_baseline(table, products.baseline)
+    if products.bin_days is not None or products.bin_night:
+        table = bin_lightcurves(table, days=products.bin_days, night=products.bin_night, snr_limit=products.snr_limit)
+        done["bin"] = "night (day_obs = floor(MJD - 0.5))" if products.bin_night else f"{products.bin_days:g} d"
+    return table, done

@@ -133,6 +133,39 @@ def test_http_answer_equals_the_cli(client, survey, tmp_path):
     assert int(response.headers["x-measurements"]) == len(served) and int(response.headers["x-epochs"]) <= VISITS
 
 
+def test_products_over_http_and_on_the_command_line(client, survey, tmp_path):
+    """Issue 24: every light curve has its magnitudes, limits and epochStatus; a baseline and
+    bins when asked, the same over HTTP and on the command line."""
+    from forcedphot.photometry.formats import read_provenance
+
+    objects = survey["objects"].head(12)
+    records = objects.to_dict(orient="records")
+    epochs = pd.read_parquet(io.BytesIO(client.post("/v1/lightcurves", json={"objects": records, "psf_fwhm": 3.5}).content))
+    assert {"psfMag", "psfMagLim5Sigma", "isUpperLimit", "scienceMag", "epochStatus"} <= set(epochs.columns)
+    assert epochs.loc[epochs["isUpperLimit"], "psfMag"].isna().all() and (epochs["epochStatus"] == 0).mean() > 0.5
+    window = float(np.median(epochs["midpointMjdTai"]))
+    body = {"objects": records, "psf_fwhm": 3.5, "baseline": {"mjd_max": window, "min_epochs": 3}, "bin": "night"}
+    answer = client.post("/v1/lightcurves", json=body)
+    assert answer.status_code == 200, answer.text
+    binned = pd.read_parquet(io.BytesIO(answer.content))
+    good = epochs[epochs["epochStatus"] == 0]
+    assert len(binned) == good.groupby(["diaObjectId", "band", np.floor(good["midpointMjdTai"] - 0.5)]).ngroups
+    assert {"nEpochs", "mjdMin", "mjdMax", "psfFluxCorrected", "psfFluxErrRescaled", "psfMag"} <= set(binned.columns)
+    objects.to_parquet(tmp_path / "some.parquet")
+    out = tmp_path / "binned.parquet"
+    assert cli(["lightcurve", str(survey["root"]), "--objects", str(tmp_path / "some.parquet"), "-o", str(out), "--index",
+                str(tmp_path / "index.sqlite"), "--psf-fwhm", "3.5", "--backend", "numpy", "--baseline-mjd-max", str(window),
+                "--baseline-min-epochs", "3", "--bin", "night"]) == 0
+    from_cli = pd.read_parquet(out)
+    pd.testing.assert_frame_equal(from_cli, binned, check_dtype=False)
+    done = read_provenance(out)["products"]
+    assert done["bin"].startswith("night") and done["epochStatus"]["0"] == "good"
+    assert {(s["diaObjectId"], s["band"]) for s in done["baseline"]} == set(zip(epochs["diaObjectId"], epochs["band"]))
+    refused = client.post("/v1/lightcurves", json={**body, "baseline": {"mjd_max": 1.0, "mjd_min": 2.0}})
+    assert refused.status_code == 422 and "baseline window is empty" in refused.json()["detail"]
+    assert cli(["lightcurve", str(survey["root"]), "--ra", "150", "--dec", "2", "-o", str(out), "--bin", "weekly"]) == 2
+
+
 def test_one_position_time_range_and_bands(client, survey):
     obj = survey["objects"].iloc[0]
     everything = client.post("/v1/lightcurves", json={"objects": {"ra": obj["ra"], "dec": obj["dec"]}},
