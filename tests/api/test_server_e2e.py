@@ -101,12 +101,15 @@ def test_worker_processes_send_responses_without_delay(data_dir, demo):
         with httpx.Client(base_url=workers.url, timeout=30) as client:  # one keep-alive connection
             # the connection's worker may still be opening the demo's Butler when the other already answered /readyz
             wait_until(lambda: client.post("/v1/forced-photometry", json=body).status_code == 200, timeout=60, interval=0.2)
-            seconds = []
+            waits = []
             for _ in range(15):
                 start = time.perf_counter()
-                client.post("/v1/forced-photometry", json=body).raise_for_status()
-                seconds.append(time.perf_counter() - start)
-        assert np.median(seconds) < 0.03, f"median {np.median(seconds) * 1e3:.1f} ms: responses wait for delayed ACKs"
+                response = client.post("/v1/forced-photometry", json=body)
+                response.raise_for_status()
+                worked = sum(float(part.split("dur=")[1]) for part in response.headers["server-timing"].split(",")) / 1e3
+                waits.append(time.perf_counter() - start - worked)  # beyond the server's own work: transfer, and any ACK wait
+        # a delayed ACK holds a response ~40 ms; what the server works on (~25 ms here) is left out
+        assert np.median(waits) < 0.02, f"median {np.median(waits) * 1e3:.1f} ms beyond the work: responses wait for delayed ACKs"
         helpers = workers.descendants()
     finally:
         workers.stop()
