@@ -285,6 +285,8 @@ def _products(args: argparse.Namespace):
 
 
 def _lightcurve(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
     from forcedphot.photometry.backend import select_backend
     from forcedphot.photometry.formats import output_format, write_catalog
     from forcedphot.photometry.lightcurve_products import make_products
@@ -318,7 +320,8 @@ def _lightcurve(args: argparse.Namespace) -> int:
         from forcedphot.photometry.formats import to_pandas
         from forcedphot.photometry.plot import plot_lightcurves
 
-        plot_lightcurves(to_pandas(result.table), args.plot)
+        shown = make_products(result.table, replace(products, bin_days=None, bin_night=False))[0]  # the epochs, not the bins
+        plot_lightcurves(to_pandas(shown), args.plot, magnitudes=args.plot_magnitudes)
     n_objects = len(set(result.table.column("diaObjectId").to_pylist()))
     print(f"{plural(len(objects), 'object')}, {plural(len(task.epochs), 'covering exposure')} ({index.count()} indexed; "
           f"{report.added + report.updated} read now); {plural(result.table.num_rows, 'measurement')} of {plural(n_objects, 'object')} -> "
@@ -464,6 +467,7 @@ def build_parser() -> argparse.ArgumentParser:
     _plan_arguments(c)
     c.add_argument("-o", "--output", required=True, help=f"table to write, one row per measurement; the suffix picks the format ({formats})")
     c.add_argument("--plot", help="also draw the light curves (flux vs time per band) to this PNG")
+    c.add_argument("--plot-magnitudes", action="store_true", help="draw AB magnitudes, upper limits at their 5-sigma limit")
     p = c.add_argument_group("products: magnitudes and limits are always added (see the README)")
     p.add_argument("--snr-limit", type=float, default=3.0, help="psfFlux / psfFluxErr below this is an upper limit (default 3)")
     p.add_argument("--baseline-mjd-max", type=float, help="subtract each object's and band's baseline: the median of its good "

@@ -102,6 +102,47 @@ def test_the_dashboard_draws_a_light_curve_and_its_stamps(browser, server, tmp_p
     assert errors == [] and foreign == []
 
 
+def test_the_dashboard_draws_magnitudes_limits_bins_and_a_baseline(browser, server):
+    """Issue 24: the magnitude view draws upper limits at their 5-sigma limit (reversed axis),
+    every point says its status on hover, bins of nights come as their own points, and a
+    baseline window makes the difference panel baseline-corrected."""
+    demo = server.data_dir / "demo-repository"
+    truth = pd.read_parquet(demo / "truth.parquet")
+    kinds = pd.read_parquet(demo / "objects.parquet").set_index("diaObjectId")["kind"]
+    covered = truth[truth["on_detector"]].groupby("diaObjectId").size()
+    constant = covered[kinds[covered.index] == "constant"].idxmax()
+
+    page, errors, foreign = watched_page(browser, server)
+    page.goto(server.url + "/")
+    page.wait_for_function("document.querySelector('#status-list dd') !== null")
+    page.fill("#object-id", str(constant))
+    page.select_option("#view", "mag")
+    page.click("#search button[type=submit]")
+    page.wait_for_function("document.querySelectorAll('#rows tbody tr').length > 0", timeout=30_000)
+    traces = page.evaluate("document.getElementById('plot').data.map(t => ({name: t.name, symbol: t.marker.symbol, y: t.y, "
+                           "text: t.hovertext, axis: t.yaxis}))")
+    limits = [t for t in traces if t["name"].endswith("limit") and t["axis"] == "y"]
+    assert limits and all(t["symbol"] == "triangle-down-open" for t in limits)  # a constant object: its difference flux is a limit
+    assert all(y > 20 for t in limits for y in t["y"])  # drawn at psfMagLim5Sigma, AB magnitudes
+    assert any("status: good" in text for t in traces for text in t["text"])
+    assert page.evaluate("(r => r[0] > r[1])(document.getElementById('plot')._fullLayout.yaxis.range)")  # bright up: the axis reversed
+    rows = page.locator("#rows tbody tr").count()
+
+    page.select_option("#view", "flux")
+    page.select_option("#bin", "night")
+    page.fill("#baseline-max", "70000")  # every epoch: a constant object's baseline is its mean level
+    page.click("#search button[type=submit]")
+    page.wait_for_function("document.getElementById('message').textContent.includes('bins')", timeout=30_000)
+    traces = page.evaluate("document.getElementById('plot').data.map(t => ({name: t.name, n: t.x.length, axis: t.yaxis}))")
+    nights = truth[(truth["diaObjectId"] == constant) & truth["on_detector"]]
+    bins = sum(t["n"] for t in traces if t["name"].endswith("bins") and t["axis"] == "y")
+    assert 0 < bins <= nights.assign(night=np.floor(nights["midpointMjdTai"] - 0.5)).groupby(["band", "night"]).ngroups  # per band and night
+    assert "less baseline" in page.evaluate("document.getElementById('plot').layout.yaxis.title.text")
+    assert page.locator("#rows tbody tr").count() == rows
+    page.close()
+    assert errors == [] and foreign == []
+
+
 def test_the_dashboard_shows_what_the_apdb_stored_beside_fresh_measurements(browser, server):
     """The demo's DiaObjects are in its APDB: store the DiaForcedSources of two visits through
     the API, then the object's light curve shows them as their own trace."""

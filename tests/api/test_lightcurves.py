@@ -155,7 +155,8 @@ def test_products_over_http_and_on_the_command_line(client, survey, tmp_path):
     out = tmp_path / "binned.parquet"
     assert cli(["lightcurve", str(survey["root"]), "--objects", str(tmp_path / "some.parquet"), "-o", str(out), "--index",
                 str(tmp_path / "index.sqlite"), "--psf-fwhm", "3.5", "--backend", "numpy", "--baseline-mjd-max", str(window),
-                "--baseline-min-epochs", "3", "--bin", "night"]) == 0
+                "--baseline-min-epochs", "3", "--bin", "night", "--plot", str(tmp_path / "mag.png"), "--plot-magnitudes"]) == 0
+    assert (tmp_path / "mag.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     from_cli = pd.read_parquet(out)
     pd.testing.assert_frame_equal(from_cli, binned, check_dtype=False)
     done = read_provenance(out)["products"]

@@ -126,3 +126,20 @@ def test_bins_are_inverse_variance_means_of_good_epochs(rng, how):
     np.testing.assert_allclose(binned["psfMagLim5Sigma"], 31.4 - 2.5 * np.log10(5 * binned["psfFluxErr"]), rtol=1e-6)
     with pytest.raises(ValueError, match="one of the two"):
         bin_lightcurves(with_epoch_columns(table(frame)), days=1.0, night=True)
+
+
+def test_the_plot_draws_limits_apart_and_the_corrected_flux(rng, tmp_path):
+    from forcedphot.photometry.plot import plot_lightcurves, points
+
+    frame = survey(rng, n_objects=2, n_epochs=40)
+    epochs = with_epoch_columns(table(frame)).to_pandas()
+    measured, limits = points(epochs, "psf", magnitudes=True)
+    assert len(measured) + len(limits) == len(epochs) and len(limits) == epochs["isUpperLimit"].sum() > 0
+    np.testing.assert_allclose(limits["y"], epochs.loc[epochs["isUpperLimit"], "psfMagLim5Sigma"])
+    corrected = correct_baseline(with_epoch_columns(table(frame)), BaselineWindow(mjd_max=EVENT))[0].to_pandas()
+    shown, none = points(corrected, "psf", magnitudes=False)
+    np.testing.assert_allclose(shown["y"], corrected["psfFluxCorrected"])
+    np.testing.assert_allclose(shown["err"], corrected["psfFluxErrRescaled"])
+    assert none.empty
+    png = plot_lightcurves(corrected, tmp_path / "lc.png", magnitudes=True).read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000

@@ -12,6 +12,7 @@ from forcedphot.api.problems import Problem
 from forcedphot.api.schemas import Health
 from forcedphot.photometry.config import MeasurementConfig
 from forcedphot.photometry.formats import FORMATS
+from forcedphot.photometry.lightcurve_products import EPOCH_STATUS
 from forcedphot.version import __version__
 
 router = APIRouter(tags=["operations"])
@@ -61,6 +62,7 @@ async def info(runtime: Runtime) -> dict[str, Any]:
         "measurement_defaults": MeasurementConfig().model_dump(mode="json"),
         "formats": FORMATS,
         "index": {"exposures": runtime.index.count()},
+        "epoch_status": {str(code): text for code, text in EPOCH_STATUS.items()},  # light curves' epochStatus codes
     }
     if settings.demo_mode:
         body["demo_repository"] = runtime.demo_state()

@@ -8,7 +8,7 @@ const FLAGS = ["psfFlux_flag", "pixelFlags_saturated", "pixelFlags_cr", "pixelFl
 // the dashboard's own polling, left out of the request rate and latency it shows
 const POLLING = /route="\/(metrics|v1\/info|v1\/jobs)"/;
 const COLOURS = { u: "#56b4e9", g: "#009e73", r: "#d55e00", i: "#cc79a7", z: "#0072b2", y: "#e69f00" };
-const state = { rows: [], stored: [], body: null, id: null, fromApdb: false, lastRequests: null };
+const state = { rows: [], stored: [], binned: [], body: null, id: null, fromApdb: false, lastRequests: null, status: {} };
 
 function headers(extra) {
   const key = sessionStorage.getItem("forcedphot-key");
@@ -65,6 +65,8 @@ async function requestBody() {
   if (max !== null) body.mjd_max = max;
   const bands = document.getElementById("bands").value.split(",").map((b) => b.trim()).filter(Boolean);
   if (bands.length) body.bands = bands;
+  const baselineMin = numbers("baseline-min"), baselineMax = numbers("baseline-max");
+  if (baselineMax !== null) body.baseline = Object.assign({ mjd_max: baselineMax }, baselineMin !== null ? { mjd_min: baselineMin } : {});
   const text = JSON.stringify(body);
   return state.id === null ? text : text.replace('"diaObjectId":0', '"diaObjectId":' + state.id);
 }
@@ -85,12 +87,16 @@ async function search(event) {
     state.rows = await response.json();
     // what the APDB holds for this DiaObject, drawn beside the fresh measurements
     state.stored = state.fromApdb ? await (await api("/v1/objects/" + encodeURIComponent(state.id) + "/forced-sources")).json() : [];
+    state.binned = await binned();
     if (!state.rows.length && !state.stored.length) {
       clearResults();  // no empty 0-1 axes, no stamps of the previous object
       say(response.headers.get("X-Note") || "no exposure covers this position (in this time range and these bands)");
       return;
     }
+    const noBaseline = state.body.includes('"baseline"') && state.rows.every((r) => r.psfFluxCorrected === null);
     say(state.rows.length + " measurements on " + response.headers.get("X-Epochs") + " exposures" +
+        (state.binned.length ? " in " + state.binned.length + " bins" : "") +
+        (noBaseline ? "; no baseline: fewer than 10 good epochs in its window" : "") +
         (state.fromApdb ? "; " + state.stored.length + " DiaForcedSources stored in the APDB" : ""));
     draw();
     refreshStatus();
@@ -99,31 +105,76 @@ async function search(event) {
   }
 }
 
-function traces(column, axis) {
+// the bins asked for, measured by a second request of the same body with "bin"
+async function binned() {
+  const bin = document.getElementById("bin").value;
+  if (!bin || !state.rows.length) return [];
+  const body = state.body.slice(0, -1) + ',"bin":' + (bin === "night" ? '"night"' : '{"days":' + Number(bin) + "}") + "}";
+  const response = await api("/v1/lightcurves", {
+    method: "POST", body: body, headers: { "Content-Type": "application/json", Accept: "application/json" },
+  });
+  return response.status === 200 ? response.json() : [];
+}
+
+// what a point shows: [value, error] of the difference (kind "psf") or science flux, in
+// the view chosen: fluxes (baseline-corrected where a baseline was subtracted) or AB
+// magnitudes (null for an upper limit, drawn at its 5-sigma limit instead)
+function value(row, kind) {
+  if (document.getElementById("view").value === "mag") return [row[kind + "Mag"], row[kind + "MagErr"]];
+  if (kind === "psf" && row.psfFluxCorrected !== undefined && row.psfFluxCorrected !== null) {
+    return [row.psfFluxCorrected, row.psfFluxErrRescaled];
+  }
+  return [row[kind + "Flux"], row[kind + "FluxErr"]];
+}
+
+function isLimit(row, kind) {
+  return document.getElementById("view").value === "mag" && row[kind === "psf" ? "isUpperLimit" : "scienceIsUpperLimit"] === true;
+}
+
+function traces(kind, axis) {
   const out = [];
   const groups = {};
   state.rows.forEach((row, index) => {
-    const key = row.band + (flagged(row) ? " flagged" : "");
+    const key = row.band + (isLimit(row, kind) ? " limit" : flagged(row) ? " flagged" : "");
     (groups[key] = groups[key] || []).push(index);
   });
   for (const [key, indices] of Object.entries(groups)) {
     const band = key.split(" ")[0];
-    const bad = key.endsWith("flagged");
+    const limit = key.endsWith("limit");
+    const rows = indices.map((i) => state.rows[i]);
     out.push({
       type: "scatter", mode: "markers", name: (axis === "y" ? "" : "science ") + key, xaxis: "x", yaxis: axis,
-      x: indices.map((i) => state.rows[i].midpointMjdTai), y: indices.map((i) => state.rows[i][column]),
-      error_y: { type: "data", array: indices.map((i) => state.rows[i][column + "Err"]), visible: true },
+      x: rows.map((r) => r.midpointMjdTai),
+      y: rows.map((r) => (limit ? r[kind + "MagLim5Sigma"] : value(r, kind)[0])),
+      error_y: { type: "data", array: rows.map((r) => (limit ? 0 : value(r, kind)[1])), visible: !limit },
       customdata: indices,
-      marker: { color: COLOURS[band] || "#555", symbol: bad ? "x-open" : "circle", size: 7 },
-      hovertext: indices.map((i) => {
-        const r = state.rows[i];
+      marker: { color: COLOURS[band] || "#555", symbol: limit ? "triangle-down-open" : key.endsWith("flagged") ? "x-open" : "circle", size: 7 },
+      hovertext: rows.map((r) => {
         const flags = Object.keys(r).filter((k) => k.startsWith("pixelFlags_") && r[k]).join(" ") || "none";
-        return "visit " + r.visit + " detector " + r.detector + "<br>flags: " + flags + (r.psfFlux_flag ? " psfFlux_flag" : "");
+        return "visit " + r.visit + " detector " + r.detector + "<br>status: " + (state.status[r.epochStatus] || r.epochStatus) +
+          (limit ? "<br>upper limit: 5-sigma limiting magnitude" : "") + "<br>flags: " + flags + (r.psfFlux_flag ? " psfFlux_flag" : "");
       }),
       hoverinfo: "x+y+text",
     });
   }
   return out;
+}
+
+function binTraces(kind, axis) {
+  const groups = {};
+  state.binned.forEach((row) => (groups[row.band] = groups[row.band] || []).push(row));
+  return Object.entries(groups).map(([band, rows]) => {
+    const shown = rows.filter((r) => value(r, kind)[0] !== null || isLimit(r, kind));
+    return {
+      type: "scatter", mode: "markers", name: (axis === "y" ? "" : "science ") + band + " bins", xaxis: "x", yaxis: axis,
+      x: shown.map((r) => r.midpointMjdTai),
+      y: shown.map((r) => (isLimit(r, kind) ? r[kind + "MagLim5Sigma"] : value(r, kind)[0])),
+      error_y: { type: "data", array: shown.map((r) => (isLimit(r, kind) ? 0 : value(r, kind)[1])), visible: true },
+      marker: { color: COLOURS[band] || "#555", symbol: "square-open", size: 11, line: { width: 2 } },
+      hovertext: shown.map((r) => r.nEpochs + " epochs, MJD " + r.mjdMin.toFixed(3) + " - " + r.mjdMax.toFixed(3)),
+      hoverinfo: "x+y+text",
+    };
+  });
 }
 
 function storedTraces() {
@@ -142,20 +193,38 @@ function draw() {
   const plot = document.getElementById("plot");
   // titles as {text}: the bundled plotly.js ignores plain strings; MJD written in full (no "61.04k")
   const mjd = { tickformat: ".1f", hoverformat: ".5f", separatethousands: false };
+  const mags = document.getElementById("view").value === "mag";
+  const corrected = state.rows.some((r) => r.psfFluxCorrected !== undefined && r.psfFluxCorrected !== null);
   const layout = {
     grid: { rows: 2, columns: 1, shared_xaxes: true }, margin: { t: 30, r: 10 }, hovermode: "closest",
     xaxis: Object.assign({ title: { text: "midpoint, MJD (TAI)" }, anchor: "y2" }, mjd),
-    yaxis: { title: { text: "difference flux psfFlux [nJy]" } },
-    yaxis2: { title: { text: "science flux scienceFlux [nJy]" } },
+    yaxis: mags ? { title: { text: "difference magnitude psfMag [AB]" }, autorange: "reversed" }
+      : { title: { text: corrected ? "difference flux less baseline psfFluxCorrected [nJy]" : "difference flux psfFlux [nJy]" } },
+    yaxis2: mags ? { title: { text: "science magnitude scienceMag [AB]" }, autorange: "reversed" }
+      : { title: { text: "science flux scienceFlux [nJy]" } },
     annotations: [
       { text: "difference image", xref: "paper", yref: "y domain", x: 0, y: 1.08, showarrow: false, xanchor: "left" },
       { text: "science (direct) image", xref: "paper", yref: "y2 domain", x: 0, y: 1.08, showarrow: false, xanchor: "left" },
     ],
   };
-  Plotly.newPlot(plot, traces("psfFlux", "y").concat(traces("scienceFlux", "y2"), storedTraces()), layout, { displaylogo: false });
-  plot.on("plotly_click", (event) => showStamps(event.points[0].customdata));
+  const stored = mags ? [] : storedTraces();
+  Plotly.newPlot(plot, traces("psf", "y").concat(traces("science", "y2"), binTraces("psf", "y"), binTraces("science", "y2"), stored),
+                 layout, { displaylogo: false });
+  plot.on("plotly_click", (event) => {
+    if (event.points[0].customdata !== undefined) showStamps(event.points[0].customdata);
+  });
+  plot.on("plotly_selected", chooseBaseline);
   table();
   document.getElementById("downloads").hidden = false;
+}
+
+// a box drawn on the plot (the modebar's box select) makes its time range the baseline window
+function chooseBaseline(event) {
+  if (!event || !event.range || !event.range.x) return;
+  const [lo, hi] = event.range.x;
+  document.getElementById("baseline-min").value = lo.toFixed(5);
+  document.getElementById("baseline-max").value = hi.toFixed(5);
+  document.getElementById("search").requestSubmit();
 }
 
 function clearResults() {
@@ -167,7 +236,8 @@ function clearResults() {
 }
 
 function table() {
-  const columns = ["diaObjectId", "visit", "detector", "band", "midpointMjdTai", "psfFlux", "psfFluxErr", "scienceFlux", "scienceFluxErr"];
+  const columns = ["diaObjectId", "visit", "detector", "band", "midpointMjdTai", "psfFlux", "psfFluxErr", "scienceFlux", "scienceFluxErr",
+    "psfMag", "psfMagLim5Sigma", "epochStatus"];
   const head = document.querySelector("#rows thead");
   head.innerHTML = "<tr>" + columns.map((c) => "<th>" + c + "</th>").join("") + "<th>flagged</th></tr>";
   const body = document.querySelector("#rows tbody");
@@ -274,6 +344,7 @@ async function refreshStatus() {
       "in flight": metric(metrics, "forcedphot_measurements_in_flight"),
     };
     if (info.demo_repository) items["demo repository"] = info.demo_repository;
+    state.status = info.epoch_status || {};
     document.getElementById("status-list").innerHTML =
       Object.entries(items).map(([k, v]) => "<dt>" + k + "</dt><dd>" + v + "</dd>").join("");
     const jobs = await (await api("/v1/jobs?limit=5")).json();
@@ -287,6 +358,7 @@ async function refreshStatus() {
 }
 
 document.getElementById("search").addEventListener("submit", search);
+document.getElementById("view").addEventListener("change", () => state.rows.length && draw());
 document.querySelectorAll("#downloads a").forEach((a) => a.addEventListener("click", download));
 document.getElementById("use-key").addEventListener("click", () => {
   sessionStorage.setItem("forcedphot-key", document.getElementById("key").value);
