@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 
 from forcedphot.photometry.formats import csv_rows, ecsv_header, encode_catalog, json_records, parquet_schema, read_provenance, string_lengths
 from forcedphot.photometry.lightcurve import sort_lightcurves
+from forcedphot.photometry.lightcurve_products import with_epoch_columns
 
 CHUNK_ROWS = 100_000  # rows held at once by a merge or a conversion (a catalog row is ~600 bytes)
 STREAMED_FORMATS = ("parquet", "csv", "ecsv", "json")  # converted a batch at a time; FITS and VOTable need the whole table
@@ -35,13 +36,16 @@ def write_part(table: pa.Table, path: Path) -> Path:
 def merge_parts(parts: list[Path], path: Path, provenance: dict, *, lightcurve: bool, chunk_rows: int = CHUNK_ROWS) -> int:
     """Write the rows of ``parts`` (parquet files of one schema) to ``path`` as one parquet
     catalog with ``provenance``; rows as the parts hold them, or sorted as light curves
-    (``lightcurve``). Returns the number of rows."""
+    (``lightcurve``), which get their magnitudes, limits and epochStatus
+    (:func:`~forcedphot.photometry.lightcurve_products.with_epoch_columns`). Returns the
+    number of rows."""
     dataset = ds.dataset([str(p) for p in parts], format="parquet")
     strings = [f.name for f in dataset.schema if pa.types.is_string(f.type)]  # small columns: read whole for their lengths
-    schema = parquet_schema(dataset.schema, provenance, string_lengths(dataset.to_table(columns=strings)))
+    shape = with_epoch_columns(dataset.schema.empty_table()).schema if lightcurve else dataset.schema
+    schema = parquet_schema(shape, provenance, string_lengths(dataset.to_table(columns=strings)))
     rows = 0
     with pq.ParquetWriter(path, schema) as writer:
-        for table in (_by_object_ranges(dataset, chunk_rows) if lightcurve else _in_order(parts)):
+        for table in (map(with_epoch_columns, _by_object_ranges(dataset, chunk_rows)) if lightcurve else _in_order(parts)):
             writer.write_table(table.replace_schema_metadata(schema.metadata))
             rows += table.num_rows
     return rows

@@ -84,12 +84,13 @@ def to_astropy(table: pa.Table, provenance: dict | None = None) -> Table:
         unit = unit.decode() if unit else None
         if pa.types.is_string(field.type) or pa.types.is_large_string(field.type):
             values = np.array(["" if v is None else v for v in column.to_pylist()], dtype=str)
+        elif column.null_count and (pa.types.is_boolean(field.type) or pa.types.is_integer(field.type) or pa.types.is_floating(field.type)):
+            filler = pa.scalar(False if pa.types.is_boolean(field.type) else 0, type=field.type)  # under the mask
+            values = pc.fill_null(column, filler).to_numpy(zero_copy_only=False)
         else:
             values = column.to_numpy(zero_copy_only=False)
         if column.null_count:
             mask = column.is_null().to_numpy(zero_copy_only=False)
-            if values.dtype.kind in "iufb":
-                values = np.where(mask, values.dtype.type(0), values).astype(values.dtype if values.dtype.kind != "O" else np.int64)
             columns.append(MaskedColumn(values, mask=mask, name=field.name, unit=unit))
         else:
             columns.append(Column(values, name=field.name, unit=unit))

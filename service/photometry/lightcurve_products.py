@@ -58,7 +58,7 @@ _PIXEL_CODES = ((6, "pixelFlags_saturated"), (7, "pixelFlags_cr"), (8, "pixelFla
 
 
 def epoch_status(frame: pd.DataFrame) -> np.ndarray:
-    """(N,) int8 :data:`EPOCH_STATUS` codes of light-curve rows (a catalog as a DataFrame)."""
+    """(N,) int16 :data:`EPOCH_STATUS` codes of light-curve rows (a catalog as a DataFrame)."""
     n = len(frame)
 
     def flag(column: str) -> np.ndarray:
@@ -70,7 +70,7 @@ def epoch_status(frame: pd.DataFrame) -> np.ndarray:
     nan_in_fit = fit_failed & ~np.isfinite(flux) & ~flag("psfFlux_flag_edge") & ~flag("psfFlux_flag_noGoodPixels")
     tests = [(1, flag("pixelFlags_offimage")), (2, flag("invalidPsfFlag")), (3, ~np.isfinite(calibration)), (4, nan_in_fit),
              (5, fit_failed), *((code, flag(column)) for code, column in _PIXEL_CODES)]
-    status = np.zeros(n, np.int8)
+    status = np.zeros(n, np.int16)  # not int8: VOTable has no byte-sized integer
     for code, applies in reversed(tests):  # the first test that applies wins
         status[applies] = code
     return status

@@ -37,6 +37,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 from forcedphot.photometry.config import MeasurementConfig
+from forcedphot.photometry.lightcurve_products import with_epoch_columns
 from forcedphot.serving.allocator import keep_temporaries_on_heap
 from forcedphot.serving.executor import EpochInput, LightCurveTask, MeasureService
 
@@ -104,7 +105,8 @@ def measure_epoch(job: EpochJob) -> dict[str, Any]:
     epoch = EpochInput(job.epoch.science, job.epoch.difference, np.arange(len(job.objects)))
     result = service.run_lightcurves(LightCurveTask([epoch], job.objects, job.config, job.psf_fwhm))
     if result.table.num_rows:
-        _write_whole(job.path, lambda partial: pq.write_table(result.table, partial))
+        rows = with_epoch_columns(result.table)  # magnitudes, limits, epochStatus: per row, so per partition
+        _write_whole(job.path, lambda partial: pq.write_table(rows, partial))
     outcome = {"rows": result.table.num_rows, "errors": result.errors}
     _write_whole(job.done_path, lambda partial: Path(partial).write_text(json.dumps(outcome)))
     return outcome

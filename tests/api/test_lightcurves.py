@@ -162,6 +162,10 @@ def test_products_over_http_and_on_the_command_line(client, survey, tmp_path):
     done = read_provenance(out)["products"]
     assert done["bin"].startswith("night") and done["epochStatus"]["0"] == "good"
     assert {(s["diaObjectId"], s["band"]) for s in done["baseline"]} == set(zip(epochs["diaObjectId"], epochs["band"]))
+    for fmt, media_type in (("fits", "application/fits"), ("votable", "application/x-votable+xml"), ("ecsv", "text/x-ecsv")):
+        for request in (body, {"objects": records, "psf_fwhm": 3.5}):  # bins, and epochs with their products (nulls in bool columns)
+            encoded = client.post("/v1/lightcurves", json=request, headers={"Accept": media_type})
+            assert encoded.status_code == 200, (fmt, encoded.text)
     refused = client.post("/v1/lightcurves", json={**body, "baseline": {"mjd_max": 1.0, "mjd_min": 2.0}})
     assert refused.status_code == 422 and "baseline window is empty" in refused.json()["detail"]
     assert cli(["lightcurve", str(survey["root"]), "--ra", "150", "--dec", "2", "-o", str(out), "--bin", "weekly"]) == 2

@@ -11,6 +11,7 @@ import pytest
 from forcedphot.demo.survey import make_demo_survey
 from forcedphot.photometry.backend import select_backend
 from forcedphot.photometry.config import MeasurementConfig
+from forcedphot.photometry.lightcurve_products import with_epoch_columns
 from forcedphot.photometry.objects import read_objects
 from forcedphot.serving.campaign import MANIFEST, finished_count, measure_epoch, run_campaign
 from forcedphot.serving.executor import MeasureService
@@ -41,7 +42,7 @@ def plan(root):
 def in_one_process(plan) -> pd.DataFrame:
     service = MeasureService(ExposureCache(0), select_backend("numpy"), threads=1)
     try:
-        return _sorted(service.run_lightcurves(plan).table.to_pandas())
+        return _sorted(with_epoch_columns(service.run_lightcurves(plan).table).to_pandas())  # a campaign's rows have them too
     finally:
         service.close()
 
