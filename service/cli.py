@@ -25,7 +25,7 @@ USAGE_ERROR = 2
 INTERRUPTED = 130  # 128 + SIGINT, as shells report it
 FLAGGED = "flagged (PSF fit failed, or an edge/saturated/cosmic-ray/bad/... mask bit in the object's footprint: pixelFlags_*)"
 DEFAULT_INDEX = ".forcedphot/index.sqlite"
-EXTRA_HELP = "add psfMag, psfMagErr (AB), psfFlux_snr and psfMagLim5Sigma (5-sigma limiting magnitude), and the same for scienceFlux (scienceMag, ...) to the catalog"
+EXTRA_HELP = "add AB magnitudes and limits as light curves have them: psfMag, psfMagErr, psfMagLim5Sigma (5-sigma limiting magnitude), isUpperLimit (S/N below 3: psfMag null), the same for scienceFlux (scienceMag, ...), psfFlux_snr, scienceFlux_snr and epochStatus"
 SKY_CHOICES = ("auto", "on", "off")
 SKY_HELP = ("subtract each object's local background from its fluxes: auto (default) on direct images in plain FITS, whose sky "
             "is still in the pixels, never on LSST files or difference images")

@@ -253,12 +253,14 @@ def test_extra_columns_on_request_only(files):
     assert "psfMag" not in pq.read_table(out).column_names
     _, out = measure(files, "--psf-fwhm", "3.5", "--extra-columns")
     table = pq.read_table(out).to_pandas()
-    positive = table["psfFlux"] > 0
-    np.testing.assert_allclose(table.loc[positive, "psfMag"], 31.4 - 2.5 * np.log10(table.loc[positive, "psfFlux"]), rtol=1e-5)
+    detected = table["psfFlux"] / table["psfFluxErr"] >= 3  # below: an upper limit, psfMag null (issue 24)
+    assert detected.sum() > 10 and table.loc[~detected, "psfMag"].isna().all() and (table["isUpperLimit"] == ~detected).all()
+    np.testing.assert_allclose(table.loc[detected, "psfMag"], 31.4 - 2.5 * np.log10(table.loc[detected, "psfFlux"]), rtol=1e-5)
+    assert "epochStatus" in table and "psfFlux_snr" in table
     # issue 23, item 11: the direct image's flux has its magnitudes too
     _, out = measure(files, "--psf-fwhm", "3.5", "--extra-columns", "--difference", str(files["exposure"]))
     table = pq.read_table(out).to_pandas()
-    bright = table["scienceFlux"] > 0
+    bright = table["scienceFlux"] / table["scienceFluxErr"] >= 3
     assert bright.sum() > 20
     np.testing.assert_allclose(table.loc[bright, "scienceMag"], 31.4 - 2.5 * np.log10(table.loc[bright, "scienceFlux"]), rtol=1e-5)
     np.testing.assert_allclose(table["scienceMagLim5Sigma"], 31.4 - 2.5 * np.log10(5 * table["scienceFluxErr"]), rtol=1e-5)

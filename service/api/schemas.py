@@ -110,7 +110,7 @@ class MeasureOptions(BaseModel):
     apertures: list[Radius] | None = Field(None, min_length=1, max_length=MAX_APERTURES,
                                            description="aperture radii in pixels (default 3, 4.5, 6, 9, 12)")
     include_offimage: bool = Field(False, description="also return objects off the detector, flagged pixelFlags_offimage")
-    extra_columns: bool = Field(False, description="add psfMag, psfMagErr (AB), psfFlux_snr and psfMagLim5Sigma (5-sigma limiting magnitude), and the same for scienceFlux (scienceMag, ...)")
+    extra_columns: bool = Field(False, description="add AB magnitudes and limits as light curves have them: psfMag, psfMagErr, psfMagLim5Sigma (5-sigma limiting magnitude), isUpperLimit (S/N below 3: psfMag null), the same for scienceFlux (scienceMag, ...), psfFlux_snr, scienceFlux_snr and epochStatus")
     subtract_background: Literal["auto", "on", "off"] = Field(
         "auto", description="subtract each object's local background from its PSF and aperture fluxes: 'auto' on direct images "
                             "in plain FITS (their sky is still in the pixels), never on LSST files or difference images")

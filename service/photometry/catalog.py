@@ -17,7 +17,6 @@ import pandas as pd
 import pyarrow as pa
 
 from forcedphot.kernels import PsfFluxResult
-from forcedphot.photometry.exposure import AB_MAG_OF_ONE_NJY
 from forcedphot.photometry.runner import PIXEL_FLAG_NAMES, KernelResults, unmeasured
 
 _MASK63 = np.uint64((1 << 63) - 1)
@@ -220,8 +219,8 @@ def build_catalog(
         # offimage sets every edge flag (LSST)
         columns[f"pixelFlags_{name}"] = values | off if name.startswith("edge") else values
     if extra_columns:
-        columns.update(magnitude_columns(*psf_njy))
-        columns.update(magnitude_columns(columns["scienceFlux"], columns["scienceFluxErr"], "science"))
+        columns.update(snr_columns(*psf_njy))
+        columns.update(snr_columns(columns["scienceFlux"], columns["scienceFluxErr"], "science"))
     columns.update(
         localPhotoCalib=np.asarray(calib, dtype=np.float64),
         localPhotoCalibErr=np.full(n, calib_err, dtype=np.float64),
@@ -237,26 +236,13 @@ def _now_mjd_tai() -> float:
     return float(Time.now().tai.mjd)
 
 
-def magnitude_columns(flux_njy: np.ndarray, error_njy: np.ndarray, prefix: str = "psf") -> dict[str, np.ndarray]:
-    """AB magnitudes of PSF fluxes in nJy (ATLAS ``m, dm, mag5sig``; ZTF ``diffmaglim``).
-
-    ``psfMag = 31.4 - 2.5 log10(psfFlux)`` (NaN where the flux is not positive),
-    ``psfMagErr = 2.5 / ln 10 * psfFluxErr / psfFlux``, ``psfFlux_snr = psfFlux / psfFluxErr``,
-    ``psfMagLim5Sigma = 31.4 - 2.5 log10(5 psfFluxErr)``: the magnitude of a source
-    detected at 5 sigma with this row's PSF-fit error. ``prefix`` names them: ``psf`` for
-    the difference flux (``psfFlux``), ``science`` for the direct image's (``scienceMag``,
-    ...).
-    """
+def snr_columns(flux_njy: np.ndarray, error_njy: np.ndarray, prefix: str = "psf") -> dict[str, np.ndarray]:
+    """``<prefix>Flux_snr = flux / error`` (float32): ``psfFlux_snr`` of the difference flux,
+    ``scienceFlux_snr`` of the direct image's. The magnitudes, limits and epochStatus of
+    ``extra_columns`` come from :func:`~forcedphot.photometry.lightcurve_products.with_epoch_columns`."""
     flux, error = np.asarray(flux_njy, np.float64), np.asarray(error_njy, np.float64)
     with np.errstate(divide="ignore", invalid="ignore"):
-        positive = flux > 0
-        mag = np.where(positive, AB_MAG_OF_ONE_NJY - 2.5 * np.log10(np.where(positive, flux, 1.0)), np.nan)
-        return {
-            f"{prefix}Mag": mag.astype(np.float32),
-            f"{prefix}MagErr": np.where(positive, 2.5 / np.log(10.0) * error / flux, np.nan).astype(np.float32),
-            f"{prefix}Flux_snr": (flux / error).astype(np.float32),
-            f"{prefix}MagLim5Sigma": (AB_MAG_OF_ONE_NJY - 2.5 * np.log10(5.0 * error)).astype(np.float32),
-        }
+        return {f"{prefix}Flux_snr": (flux / error).astype(np.float32)}
 
 
 def empty_catalog(apertures_px) -> pa.Table:

@@ -21,7 +21,7 @@ class MeasurementConfig(BaseModel):
     background_clip_sigma: float = Field(3.0, gt=0, description="clipping half-width, in (robust) sigmas")
     bad_mask_planes: tuple[str, ...] = Field((), description="mask planes whose pixels the PSF fit ignores (LSST: none)")
     include_offimage: bool = Field(False, description="return objects off the detector, flagged pixelFlags_offimage")
-    extra_columns: bool = Field(False, description="add psfMag, psfMagErr (AB), psfFlux_snr and psfMagLim5Sigma, and the same for scienceFlux (scienceMag, ...)")
+    extra_columns: bool = Field(False, description="add AB magnitudes and limits as light curves have them: psfMag, psfMagErr, psfMagLim5Sigma (5-sigma limiting magnitude), isUpperLimit (S/N below 3: psfMag null), the same for scienceFlux (scienceMag, ...), psfFlux_snr, scienceFlux_snr and epochStatus")
     subtract_background: Literal["auto", "on", "off"] = Field(
         "auto", description="subtract each object's local background (the clipped mean of its annulus, "
                             "localBackground_instFlux) from its PSF and aperture fluxes, the background's error added to theirs: "

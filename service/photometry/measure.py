@@ -36,6 +36,7 @@ from forcedphot.photometry.cutouts import (
 )
 from forcedphot.photometry.exposure import Exposure
 from forcedphot.photometry.formats import to_pandas
+from forcedphot.photometry.lightcurve_products import with_epoch_columns
 from forcedphot.photometry.local_wcs import local_cd_matrix
 from forcedphot.photometry.psf_models import PsfModel, describe_psf
 from forcedphot.photometry.runner import Execute, KernelResults, KernelRunner, cutout_half_size, run_directly, scatter, unmeasured
@@ -245,6 +246,8 @@ def measure(
         apertures_px=config.apertures_px,
         extra_columns=config.extra_columns,
     )
+    if config.extra_columns:  # magnitudes, limits and epochStatus, as every light curve has them
+        catalog = with_epoch_columns(catalog)
     timings["catalog"] = time.perf_counter() - start
     flag_columns = [c for c in catalog.column_names if c.startswith("pixelFlags_")] + ["psfFlux_flag"]
     flagged = np.zeros(catalog.num_rows, bool)

@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 from scenes import render_stars, sip_wcs, write_exposure
 
-from forcedphot.photometry.catalog import magnitude_columns
 from forcedphot.photometry.config import MeasurementConfig
 from forcedphot.photometry.exposure import open_exposure
 from forcedphot.photometry.formats import FORMATS, encode_catalog, output_format, read_provenance, write_catalog
@@ -72,16 +71,14 @@ def test_unknown_output_suffix_names_the_choices():
         output_format("out.xlsx")
 
 
-def test_magnitude_columns_follow_the_ab_definitions():
-    flux = np.array([3631e9, 1.0, -5.0, 100.0])
-    error = np.array([3631e8, 0.2, 1.0, 20.0])
-    columns = magnitude_columns(flux, error)
-    np.testing.assert_allclose(columns["psfMag"][[0, 1, 3]], [0.0, 31.4, 31.4 - 5.0], atol=1e-4)  # 3631 Jy is AB 0
-    assert np.isnan(columns["psfMag"][2]) and np.isnan(columns["psfMagErr"][2])
-    np.testing.assert_allclose(columns["psfMagErr"][[0, 3]], 2.5 / np.log(10) * 0.1 * np.array([1, 2]), rtol=1e-5)
-    np.testing.assert_allclose(columns["psfFlux_snr"], flux / error, rtol=1e-6)
-    # a 5-sigma source at the limit has S/N 5: its magnitude is the limit
-    np.testing.assert_allclose(columns["psfMagLim5Sigma"], 31.4 - 2.5 * np.log10(5 * error), rtol=1e-6)
+def test_extra_columns_are_the_light_curves_products(result):
+    """``extra_columns``: magnitudes, limits and epochStatus as light curves have them (issue 24)."""
+    catalog = result.table.to_pandas()
+    detected = catalog["psfFlux"] / catalog["psfFluxErr"] >= 3
+    np.testing.assert_allclose(catalog.loc[detected, "psfMag"], 31.4 - 2.5 * np.log10(catalog.loc[detected, "psfFlux"]), rtol=1e-5)
+    assert catalog.loc[~detected, "psfMag"].isna().all() and (catalog["isUpperLimit"] == ~detected).all()
+    np.testing.assert_allclose(catalog["psfFlux_snr"], catalog["psfFlux"] / catalog["psfFluxErr"], rtol=1e-5)
+    np.testing.assert_allclose(catalog["psfMagLim5Sigma"], 31.4 - 2.5 * np.log10(5 * catalog["psfFluxErr"]), rtol=1e-5)
 
 
 def test_extra_columns_are_asked_for(result):

@@ -143,3 +143,43 @@ def test_the_plot_draws_limits_apart_and_the_corrected_flux(rng, tmp_path):
     assert none.empty
     png = plot_lightcurves(corrected, tmp_path / "lc.png", magnitudes=True).read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000
+
+
+def test_ab_magnitudes_of_known_fluxes():
+    from forcedphot.photometry.lightcurve_products import magnitudes
+
+    flux = np.array([3631e9, 1.0, -5.0, 100.0, np.nan])
+    error = np.array([3631e8, 0.2, 1.0, 20.0, 1.0])
+    columns = {name: column.to_numpy(zero_copy_only=False) for name, column in magnitudes(flux, error, "psf", 3.0).items()}
+    np.testing.assert_allclose(columns["psfMag"][[0, 1, 3]].astype(float), [0.0, 31.4, 31.4 - 5.0], atol=1e-4)  # 3631 Jy is AB 0
+    assert np.isnan(columns["psfMag"][2]) and np.isnan(columns["psfMag"][4])  # an upper limit; no flux
+    np.testing.assert_allclose(columns["psfMagErr"][[0, 3]].astype(float), 2.5 / np.log(10) * 0.1 * np.array([1, 2]), rtol=1e-5)
+    # a 5-sigma source at the limit has S/N 5: its magnitude is the limit
+    np.testing.assert_allclose(columns["psfMagLim5Sigma"].astype(float), 31.4 - 2.5 * np.log10(5 * error), rtol=1e-6)
+    assert list(columns["isUpperLimit"]) == [False, False, True, False, None]
+
+
+def test_pulls_of_rescaled_errors_on_a_field_with_underestimated_variance(tmp_path):
+    """Issue 24: a demo survey whose difference images' variance planes are 2.25x too small
+    (errors 1.5x), measured as light curves: the constant objects' raw pulls are ~1.5 wide,
+    the baseline-corrected ones with rescaled errors 1 within 5%."""
+    from astropy.io import fits
+
+    from forcedphot.cli import main
+    from forcedphot.demo.survey import make_demo_survey
+
+    root = tmp_path / "survey"
+    make_demo_survey(root, visits=40, size=256, n_objects=150, seed=8)
+    for path in root.glob("*/*/difference.fits"):
+        with fits.open(path, mode="update") as hdus:
+            hdus["VARIANCE"].data = hdus["VARIANCE"].data / 2.25
+    out = tmp_path / "lc.parquet"
+    assert main(["lightcurve", str(root), "--objects", str(root / "diaObjects.parquet"), "-o", str(out), "--backend", "numpy",
+                 "--baseline-mjd-max", "100000"]) == 0
+    kinds = pd.read_parquet(root / "objects.parquet").set_index("diaObjectId")["kind"]
+    rows = pd.read_parquet(out)
+    constant = rows[(kinds[rows["diaObjectId"]].to_numpy() == "constant") & (rows["epochStatus"] == 0) & rows["psfFluxCorrected"].notna()]
+    assert len(constant) > 700  # 805 with this seed
+    raw = constant["psfFlux"] / constant["psfFluxErr"]
+    rescaled = constant["psfFluxCorrected"] / constant["psfFluxErrRescaled"]
+    assert raw.std() == pytest.approx(1.5, rel=0.1) and rescaled.std() == pytest.approx(1.0, abs=0.05)

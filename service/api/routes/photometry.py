@@ -29,7 +29,7 @@ MULTIPART_SCHEMA = {
         "objects_ref": {"type": "string", "description": "or a JSON {\"uri\": ...} to a table in the repository"},
         "psf": {"type": "string", "format": "binary", "description": "PSF file: PSFEx .psf, or a FITS PSF image (wins over psf_fwhm)"},
         "psf_fwhm": {"type": "number", "description": "Gaussian PSF FWHM, pixels"},
-        "extra_columns": {"type": "boolean", "description": "add psfMag, psfMagErr (AB), psfFlux_snr, psfMagLim5Sigma and scienceMag, ..."},
+        "extra_columns": {"type": "boolean", "description": "add AB magnitudes and limits as light curves have them: psfMag, psfMagErr, psfMagLim5Sigma (5-sigma limiting magnitude), isUpperLimit (S/N below 3: psfMag null), the same for scienceFlux (scienceMag, ...), psfFlux_snr, scienceFlux_snr and epochStatus"},
         "apertures": {"type": "string", "description": "aperture radii in pixels, comma-separated"},
         "include_offimage": {"type": "boolean"},
         "subtract_background": {"type": "string", "enum": ["auto", "on", "off"],
