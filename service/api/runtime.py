@@ -243,7 +243,8 @@ class ServiceRuntime:
         fingerprint, earlier = self._earlier_job(request, key, client)
         if earlier is not None:
             return earlier, False
-        spec = job_spec([(e.science, e.difference, None) for e in task.epochs], task.config, task.psf_fwhm, order="lightcurve")
+        spec = job_spec([(e.science, e.difference, None) for e in task.epochs], task.config, task.psf_fwhm, order="lightcurve",
+                        products=request.products())
         return self._create_job(spec, task.objects, fingerprint, key, client)
 
     # --- state -------------------------------------------------------------------------

@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 
 from forcedphot.photometry.formats import csv_rows, ecsv_header, encode_catalog, json_records, parquet_schema, read_provenance, string_lengths
 from forcedphot.photometry.lightcurve import sort_lightcurves
-from forcedphot.photometry.lightcurve_products import with_epoch_columns
+from forcedphot.photometry.lightcurve_products import Products, make_products
 
 CHUNK_ROWS = 100_000  # rows held at once by a merge or a conversion (a catalog row is ~600 bytes)
 STREAMED_FORMATS = ("parquet", "csv", "ecsv", "json")  # converted a batch at a time; FITS and VOTable need the whole table
@@ -33,19 +33,33 @@ def write_part(table: pa.Table, path: Path) -> Path:
     return path
 
 
-def merge_parts(parts: list[Path], path: Path, provenance: dict, *, lightcurve: bool, chunk_rows: int = CHUNK_ROWS) -> int:
+def merge_parts(parts: list[Path], path: Path, provenance: dict, *, lightcurve: bool, chunk_rows: int = CHUNK_ROWS,
+                products: Products | None = None) -> int:
     """Write the rows of ``parts`` (parquet files of one schema) to ``path`` as one parquet
     catalog with ``provenance``; rows as the parts hold them, or sorted as light curves
-    (``lightcurve``), which get their magnitudes, limits and epochStatus
-    (:func:`~forcedphot.photometry.lightcurve_products.with_epoch_columns`). Returns the
-    number of rows."""
+    (``lightcurve``), made into ``products`` (default: the epochs with their magnitudes,
+    limits and epochStatus; see :mod:`~forcedphot.photometry.lightcurve_products`) one
+    range of objects at a time, what was done in the provenance (``products``). Returns the
+    number of rows written."""
     dataset = ds.dataset([str(p) for p in parts], format="parquet")
     strings = [f.name for f in dataset.schema if pa.types.is_string(f.type)]  # small columns: read whole for their lengths
-    shape = with_epoch_columns(dataset.schema.empty_table()).schema if lightcurve else dataset.schema
-    schema = parquet_schema(shape, provenance, string_lengths(dataset.to_table(columns=strings)))
+    lengths = string_lengths(dataset.to_table(columns=strings))
+    if not lightcurve:
+        return _write(path, parquet_schema(dataset.schema, provenance, lengths), _in_order(parts))
+    products = products or Products()
+    done = make_products(dataset.schema.empty_table(), products)[1]
+    if products.baseline is not None:  # a first pass for the baselines, which the provenance holds before any row
+        done["baseline"] = [summary for chunk in _by_object_ranges(dataset, chunk_rows) for summary in make_products(chunk, products)[1]["baseline"]]
+    shape = make_products(dataset.schema.empty_table(), products)[0].schema
+    chunks = (make_products(chunk, products)[0] for chunk in _by_object_ranges(dataset, chunk_rows))
+    return _write(path, parquet_schema(shape, {**provenance, "products": done}, lengths), chunks)
+
+
+def _write(path: Path, schema: pa.Schema, tables: Iterator[pa.Table]) -> int:
+    """Write ``tables`` to ``path`` as one parquet file of ``schema``; returns the rows."""
     rows = 0
     with pq.ParquetWriter(path, schema) as writer:
-        for table in (map(with_epoch_columns, _by_object_ranges(dataset, chunk_rows)) if lightcurve else _in_order(parts)):
+        for table in tables:
             writer.write_table(table.replace_schema_metadata(schema.metadata))
             rows += table.num_rows
     return rows

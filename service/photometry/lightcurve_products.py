@@ -23,7 +23,7 @@ Recipes, as the surveys that serve forced photometry publish them:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 import math
 
 import numpy as np
@@ -235,6 +235,19 @@ class Products:
     bin_days: float | None = None
     bin_night: bool = False
 
+    @property
+    def binned(self) -> bool:
+        return self.bin_days is not None or self.bin_night
+
+    def to_json(self) -> dict:
+        """As stored with a job (see :meth:`from_json`)."""
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, stored: dict) -> Products:
+        baseline = stored.get("baseline")
+        return cls(**{**stored, "baseline": BaselineWindow(**baseline) if baseline else None})
+
 
 def make_products(table: pa.Table, products: Products) -> tuple[pa.Table, dict]:
     """The light-curve table a caller gets: its epochs with their magnitudes, limits and
@@ -244,7 +257,7 @@ def make_products(table: pa.Table, products: Products) -> tuple[pa.Table, dict]:
     done: dict = {"snr_limit": products.snr_limit, "epochStatus": {str(code): text for code, text in EPOCH_STATUS.items()}}
     if products.baseline is not None:
         table, done["baseline"] = correct_baseline(table, products.baseline)
-    if products.bin_days is not None or products.bin_night:
+    if products.binned:
         table = bin_lightcurves(table, days=products.bin_days, night=products.bin_night, snr_limit=products.snr_limit)
         done["bin"] = "night (day_obs = floor(MJD - 0.5))" if products.bin_night else f"{products.bin_days:g} d"
     return table, done

@@ -25,6 +25,7 @@ import pandas as pd
 from forcedphot.photometry.catalog_files import merge_parts, write_part
 from forcedphot.photometry.config import MeasurementConfig
 from forcedphot.photometry.exposure import ExposureError
+from forcedphot.photometry.lightcurve_products import Products
 from forcedphot.photometry.objects import InputError
 from forcedphot.photometry.psf_models import PsfError
 from forcedphot.serving.apdb import ApdbUnavailable, open_apdb, store_forced_sources
@@ -35,9 +36,11 @@ from forcedphot.serving.job_store import STORE_ERRORS, Job, JobStore, store_erro
 log = logging.getLogger("forcedphot.serving.jobs")
 
 def job_spec(exposures: list[tuple[ExposureInput, ExposureInput | None, ExposureInput | None]], config: MeasurementConfig,
-             psf_fwhm: float | None, order: str = "exposure") -> dict[str, Any]:
-    """What a job runs, as stored JSON: resolved files, measurement config, PSF, and the
-    order of the result's rows ("exposure": as measured; "lightcurve": by object, then time)."""
+             psf_fwhm: float | None, order: str = "exposure", products: Products | None = None) -> dict[str, Any]:
+    """What a job runs, as stored JSON: resolved files, measurement config, PSF, the order
+    of the result's rows ("exposure": as measured; "lightcurve": by object, then time) and,
+    for light curves, the products made of them (baseline, bins; see
+    :mod:`~forcedphot.photometry.lightcurve_products`)."""
 
     def side(source: ExposureInput | None) -> dict[str, str] | None:
         return None if source is None else {"path": str(source.path), "label": source.label}
@@ -47,6 +50,7 @@ def job_spec(exposures: list[tuple[ExposureInput, ExposureInput | None, Exposure
         "config": config.model_dump(mode="json"),
         "psf_fwhm": psf_fwhm,
         "order": order,
+        "products": None if products is None else products.to_json(),
     }
 
 
@@ -284,8 +288,9 @@ class JobRunner:
         rows = None
         if written:
             partial = self.store.partial_path(job.id, job.attempts)
+            products = Products.from_json(spec["products"]) if spec.get("products") else None
             rows = merge_parts(written, partial, {"job": job.id, "exposures": provenances, "errors": errors},
-                               lightcurve=spec.get("order") == "lightcurve")
+                               lightcurve=spec.get("order") == "lightcurve", products=products)
             os.replace(partial, self.store.result_path(job.id, job.attempts))
         shutil.rmtree(parts, ignore_errors=True)
         self._check(job.id)

@@ -204,6 +204,27 @@ def test_a_large_request_becomes_a_job_with_the_same_rows(client, survey):
     assert abs(len(result) - len(covered)) <= 2
 
 
+def test_a_job_sized_light_curve_gets_its_baseline_and_bins(client, survey, tmp_path):
+    """Issue 24: a request too large to answer at once is a job whose result is made into
+    the same products, one range of objects at a time, as an answer at once would be."""
+    from forcedphot.photometry.formats import read_provenance
+
+    records = survey["objects"].head(40).to_dict(orient="records")
+    body = {"objects": records, "baseline": {"mjd_max": 61060.0, "min_epochs": 3}, "bin": {"days": 5}}
+    accepted = client.post("/v1/lightcurves", json=body)
+    assert accepted.status_code == 202, accepted.text
+    status = wait_until(lambda: (s := client.get(accepted.headers["location"]).json())["state"] in ("succeeded", "failed") and s, timeout=60)
+    assert status["state"] == "succeeded", status
+    result = client.get(status["result"]).content
+    binned = pd.read_parquet(io.BytesIO(result))
+    assert {"nEpochs", "mjdMin", "mjdMax", "psfFluxCorrected", "psfMag", "isUpperLimit"} <= set(binned.columns)
+    assert (binned["mjdMax"] - binned["mjdMin"] < 5).all() and binned["nEpochs"].min() >= 1
+    assert len(binned.groupby(["diaObjectId", "band", "bin"])) == len(binned)
+    (tmp_path / "job.parquet").write_bytes(result)
+    done = read_provenance(tmp_path / "job.parquet")["products"]
+    assert done["bin"] == "5 d" and {s["diaObjectId"] for s in done["baseline"]} <= {r["diaObjectId"] for r in records}
+
+
 def test_bad_light_curve_requests_are_named(client):
     assert client.post("/v1/lightcurves", json={"objects": {"ra": 400, "dec": 0}}).status_code == 422
     assert client.post("/v1/lightcurves", json={"objects": {"ra": 1, "dec": 0}, "bands": []}).status_code == 422

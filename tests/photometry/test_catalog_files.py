@@ -28,6 +28,8 @@ def exposures(n_exposures: int = 9, n_objects: int = 40) -> list[pa.Table]:
             "band": pa.array(["gr"[i % 2]] * ids.size),
             "midpointMjdTai": pa.array(np.full(ids.size, 61000.0 + rng.uniform(0, 30))),
             "psfFlux": pa.array(rng.normal(0, 1, ids.size)),
+            "psfFluxErr": pa.array(rng.uniform(0.5, 1.5, ids.size)),
+            "localPhotoCalib": pa.array(np.full(ids.size, 0.5)),
         }))
     return tables
 
@@ -42,6 +44,7 @@ def test_merged_parts_equal_the_whole_table(tmp_path, lightcurve, chunk_rows):
     expected = sort_lightcurves(whole) if lightcurve else whole
     got = pq.read_table(tmp_path / "merged.parquet")
     assert rows == whole.num_rows and got.select(expected.column_names).equals(expected)
+    assert ("epochStatus" in got.column_names) == lightcurve  # light curves get their products
     assert read_provenance(tmp_path / "merged.parquet")["job"] == "j"
     in_memory = pq.read_table(io.BytesIO(encode_catalog(expected, {"job": "j"}, "parquet"))).schema.metadata
     assert got.schema.metadata[b"table::len::band"] == in_memory[b"table::len::band"]
@@ -54,7 +57,9 @@ def test_converted_results_equal_the_whole_table_encoded(tmp_path, fmt):
     merge_parts([write_part(t, tmp_path / f"p{i}.parquet") for i, t in enumerate(tables)], source, {"job": "j"}, lightcurve=True)
     convert(source, fmt, tmp_path / f"result.{fmt}", chunk_rows=5)
     got = (tmp_path / f"result.{fmt}").read_bytes()
-    expected = encode_catalog(pq.read_table(source), {"job": "j"}, fmt)
+    written = {k: v for k, v in read_provenance(source).items() if k not in ("software", "version")}  # the job's, with its products
+    assert written["job"] == "j" and written["products"]["snr_limit"] == 3.0
+    expected = encode_catalog(pq.read_table(source), written, fmt)
     if fmt == "json":
         assert json.loads(got) == json.loads(expected)
     elif fmt in ("csv", "ecsv"):
@@ -63,3 +68,22 @@ def test_converted_results_equal_the_whole_table_encoded(tmp_path, fmt):
     else:
         assert len(got) == len(expected)
     assert not list(tmp_path.glob("*.partial"))
+
+
+def test_a_light_curve_job_result_is_made_into_products_one_object_range_at_a_time(tmp_path):
+    """Baselines and bins of a job's light curves, written by object ranges (chunks of 1 and
+    7 rows and the whole), equal those made of the whole table at once."""
+    from forcedphot.photometry.lightcurve_products import BaselineWindow, Products, make_products
+
+    tables = exposures()
+    parts = [write_part(t, tmp_path / f"part-{i}.parquet") for i, t in enumerate(tables)]
+    whole = sort_lightcurves(pa.concat_tables(tables))
+    mjd = whole.column("midpointMjdTai").to_numpy()
+    products = Products(baseline=BaselineWindow(mjd_max=float(np.median(mjd)), min_epochs=2), bin_days=1.0)
+    expected, done = make_products(whole, products)
+    assert expected.num_rows > 40 and sum("baseline" in summary for summary in done["baseline"]) > 10  # something to compare
+    for chunk_rows in (1, 7, 10_000):
+        out = tmp_path / f"merged-{chunk_rows}.parquet"
+        assert merge_parts(parts, out, {"job": "j"}, lightcurve=True, chunk_rows=chunk_rows, products=products) == expected.num_rows
+        assert pq.read_table(out).equals(expected.replace_schema_metadata(pq.read_table(out).schema.metadata))
+        assert read_provenance(out)["products"]["baseline"] == json.loads(json.dumps(done["baseline"]))

@@ -10,7 +10,6 @@ from fastapi import APIRouter, Query, Request, Response
 from starlette.concurrency import run_in_threadpool
 
 from forcedphot.api.dependencies import AUTH, CATALOG_RESPONSE, Caller, OutputFormat, Runtime, json_body, json_request_body, problems, run_measurement
-from forcedphot.api.problems import Problem
 from forcedphot.api.routes.jobs import IdempotencyKey
 from forcedphot.api.schemas import LightCurveRequest
 from forcedphot.photometry.formats import FORMATS, encode_catalog
@@ -56,11 +55,6 @@ async def lightcurves(request: Request, runtime: Runtime, fmt: OutputFormat, cal
     task = await run_in_threadpool(runtime.plan_lightcurves, intake, query)
     pairs = sum(len(epoch.rows) for epoch in task.epochs)
     if pairs > runtime.settings.max_lightcurve_pairs:
-        if query.baseline is not None or query.bin is not None:
-            raise Problem(422, "too-large-for-products", f"{pairs} (object, exposure) pairs, more than the {runtime.settings.max_lightcurve_pairs} "
-                          "answered at once: a baseline or bins are made for light curves answered at once; ask for fewer "
-                          "objects or a shorter time range, or run it as a job and apply forcedphot.photometry.lightcurve_products "
-                          "to its result")
         job, created = await run_in_threadpool(runtime.submit_lightcurve_job, task, query, idempotency_key, caller)
         return Response(job.status().model_dump_json(), status_code=202 if created else 200, media_type="application/json",
                         headers={"Location": f"/v1/jobs/{job.id}", "X-Pairs": str(pairs)})
