@@ -27,6 +27,7 @@ FLAGGED = "flagged (PSF fit failed, or an edge/saturated/cosmic-ray/bad/... mask
 DEFAULT_INDEX = ".forcedphot/index.sqlite"
 EXTRA_HELP = "add AB magnitudes and limits as light curves have them: psfMag, psfMagErr, psfMagLim5Sigma (5-sigma limiting magnitude), isUpperLimit (S/N below 3: psfMag null), the same for scienceFlux (scienceMag, ...), psfFlux_snr, scienceFlux_snr and epochStatus"
 SKY_CHOICES = ("auto", "on", "off")
+CAMPAIGN_PRODUCTS = "_lightcurves.parquet"  # beside the partitions; dataset readers skip names starting with "_"
 SKY_HELP = ("subtract each object's local background from its fluxes: auto (default) on direct images in plain FITS, whose sky "
             "is still in the pixels, never on LSST files or difference images")
 
@@ -336,6 +337,7 @@ def _campaign(args: argparse.Namespace) -> int:
     from forcedphot.serving.campaign import finished_count, run_campaign
 
     _check_output(args.output, "-o")
+    products = _products(args)
     objects, index, report, task = _plan(args)
     print(f"{plural(len(objects), 'object')} on {plural(len(task.epochs), 'covering exposure')} ({index.count()} indexed; {report.added + report.updated} "
           f"read now)")
@@ -357,6 +359,13 @@ def _campaign(args: argparse.Namespace) -> int:
           f"({result.pairs / max(result.seconds, 1e-9):.0f} object-exposures/s; {result.where}{resumed})")
     for error in result.errors:
         print(f"  not measured: {error['exposure']}: {error['detail']}", file=sys.stderr)
+    if products.baseline is not None or products.binned:
+        from forcedphot.photometry.catalog_files import merge_parts
+
+        partitions = sorted(Path(args.output).glob("part-*.parquet"))
+        rows = merge_parts(partitions, Path(args.output) / CAMPAIGN_PRODUCTS, {"campaign": result.manifest()}, lightcurve=True,
+                           products=products) if partitions else 0
+        print(f"{plural(rows, 'bin' if products.binned else 'baseline-corrected row')} -> {Path(args.output) / CAMPAIGN_PRODUCTS}")
     return 0
 
 
@@ -382,6 +391,17 @@ def _butler_arguments(c: argparse.ArgumentParser) -> None:
                    help="collections to search, comma-separated")
     b.add_argument("--science-type", default="visit_image", help="dataset type of the science image (default visit_image)")
     b.add_argument("--difference-type", default="difference_image", help="dataset type of the difference image (default difference_image)")
+
+
+def _product_arguments(c: argparse.ArgumentParser, bins: str) -> None:
+    """What ``lightcurve`` and ``campaign`` make of the epochs (see :func:`_products`)."""
+    p = c.add_argument_group("products: magnitudes, limits and epochStatus are always added (see the README)")
+    p.add_argument("--snr-limit", type=float, default=3.0, help="psfFlux / psfFluxErr below this is an upper limit (default 3)")
+    p.add_argument("--baseline-mjd-max", type=float, help="subtract each object's and band's baseline: the median of its good "
+                                                          "epochs up to this MJD (TAI), before the event")
+    p.add_argument("--baseline-mjd-min", type=float, help="the baseline window's first MJD (default: the first epoch)")
+    p.add_argument("--baseline-min-epochs", type=int, default=10, help="fewer good epochs in the window: no baseline (default 10)")
+    p.add_argument("--bin", help=f"{bins}: a number of days, or 'night' (Rubin's day_obs)")
 
 
 def _plan_arguments(c: argparse.ArgumentParser) -> None:
@@ -468,13 +488,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("-o", "--output", required=True, help=f"table to write, one row per measurement; the suffix picks the format ({formats})")
     c.add_argument("--plot", help="also draw the light curves (flux vs time per band) to this PNG")
     c.add_argument("--plot-magnitudes", action="store_true", help="draw AB magnitudes, upper limits at their 5-sigma limit")
-    p = c.add_argument_group("products: magnitudes and limits are always added (see the README)")
-    p.add_argument("--snr-limit", type=float, default=3.0, help="psfFlux / psfFluxErr below this is an upper limit (default 3)")
-    p.add_argument("--baseline-mjd-max", type=float, help="subtract each object's and band's baseline: the median of its good "
-                                                          "epochs up to this MJD (TAI), before the event")
-    p.add_argument("--baseline-mjd-min", type=float, help="the baseline window's first MJD (default: the first epoch)")
-    p.add_argument("--baseline-min-epochs", type=int, default=10, help="fewer good epochs in the window: no baseline (default 10)")
-    p.add_argument("--bin", help="write bins instead of epochs: a number of days, or 'night' (Rubin's day_obs)")
+    _product_arguments(c, "write bins instead of epochs")
     c.set_defaults(run=_lightcurve)
 
     k = command("campaign", "measure many objects on every covering exposure, one task per exposure, on Dask",
@@ -486,6 +500,8 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--scheduler", help="Dask scheduler address (default: $FORCEDPHOT_DASK_SCHEDULER, else a LocalCluster)")
     k.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="LocalCluster workers or local processes (default: one per core)")
     k.add_argument("--retries", type=int, default=2, help="times a failed task is run again (default 2)")
+    _product_arguments(k, f"bins in DATASET/{CAMPAIGN_PRODUCTS} beside the epochs' partitions (where a baseline alone writes "
+                          "the corrected epochs)")
     k.set_defaults(run=_campaign)
 
     s = command("serve", "run the HTTP service (an embedded demo repository when none is given)",

@@ -125,6 +125,16 @@ def test_the_campaign_command_writes_the_dataset(root, in_one_process, tmp_path,
     pd.testing.assert_frame_equal(_dataset(tmp_path / "lc"), in_one_process)
     out = capsys.readouterr().out
     assert f"{len(in_one_process)} measurements in 6 partitions" in out and "local, 2 processes" in out
+    # issue 24: a campaign's bins, beside its partitions (which dataset readers still read alone)
+    code = main(["campaign", str(root), "--objects", str(root / "diaObjects.parquet"), "-o", str(tmp_path / "binned"),
+                 "--where", "local", "--workers", "2", "--backend", "numpy", "--psf-fwhm", "3.5", "--bin", "night",
+                 "--baseline-mjd-max", "70000", "--baseline-min-epochs", "2"])
+    assert code == 0
+    pd.testing.assert_frame_equal(_dataset(tmp_path / "binned"), in_one_process)
+    bins = pd.read_parquet(tmp_path / "binned" / "_lightcurves.parquet")
+    good = in_one_process[in_one_process["epochStatus"] == 0]
+    assert len(bins) == good.groupby(["diaObjectId", "band", (good["midpointMjdTai"] - 0.5) // 1]).ngroups
+    assert bins["psfFluxCorrected"].notna().any() and f"{len(bins)} bins ->" in capsys.readouterr().out
 
 
 class Interrupt:
