@@ -321,7 +321,8 @@ def _lightcurve(args: argparse.Namespace) -> int:
         from forcedphot.photometry.formats import to_pandas
         from forcedphot.photometry.plot import plot_lightcurves
 
-        shown = make_products(result.table, replace(products, bin_days=None, bin_night=False))[0]  # the epochs, not the bins
+        # the epochs, not the bins
+        shown = make_products(result.table, replace(products, bin_days=None, bin_night=False))[0] if products.binned else table
         plot_lightcurves(to_pandas(shown), args.plot, magnitudes=args.plot_magnitudes)
     n_objects = len(set(result.table.column("diaObjectId").to_pylist()))
     print(f"{plural(len(objects), 'object')}, {plural(len(task.epochs), 'covering exposure')} ({index.count()} indexed; "

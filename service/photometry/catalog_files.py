@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 
 from forcedphot.photometry.formats import csv_rows, ecsv_header, encode_catalog, json_records, parquet_schema, read_provenance, string_lengths
 from forcedphot.photometry.lightcurve import sort_lightcurves
-from forcedphot.photometry.lightcurve_products import Products, make_products
+from forcedphot.photometry.lightcurve_products import Products, correct_baseline, make_products, with_epoch_columns
 
 CHUNK_ROWS = 100_000  # rows held at once by a merge or a conversion (a catalog row is ~600 bytes)
 STREAMED_FORMATS = ("parquet", "csv", "ecsv", "json")  # converted a batch at a time; FITS and VOTable need the whole table
@@ -47,12 +47,12 @@ def merge_parts(parts: list[Path], path: Path, provenance: dict, *, lightcurve: 
     if not lightcurve:
         return _write(path, parquet_schema(dataset.schema, provenance, lengths), _in_order(parts))
     products = products or Products()
-    done = make_products(dataset.schema.empty_table(), products)[1]
+    shape, done = make_products(dataset.schema.empty_table(), products)
     if products.baseline is not None:  # a first pass for the baselines, which the provenance holds before any row
-        done["baseline"] = [summary for chunk in _by_object_ranges(dataset, chunk_rows) for summary in make_products(chunk, products)[1]["baseline"]]
-    shape = make_products(dataset.schema.empty_table(), products)[0].schema
+        done["baseline"] = [summary for chunk in _by_object_ranges(dataset, chunk_rows)
+                            for summary in correct_baseline(with_epoch_columns(chunk, products.snr_limit), products.baseline)[1]]
     chunks = (make_products(chunk, products)[0] for chunk in _by_object_ranges(dataset, chunk_rows))
-    return _write(path, parquet_schema(shape, {**provenance, "products": done}, lengths), chunks)
+    return _write(path, parquet_schema(shape.schema, {**provenance, "products": done}, lengths), chunks)
 
 
 def _write(path: Path, schema: pa.Schema, tables: Iterator[pa.Table]) -> int:

@@ -234,7 +234,8 @@ class Exposure:
                 f"{self.name}: row range [{y_start}, {y_stop}) is outside [0, {self.height}]"
             )
         self.check_unchanged()
-        self._fetch_rows((self._image_hdu, self._variance_hdu, self._mask_hdu), needed or [(y_start, y_stop)])
+        if not self.fully_local:
+            _fetch_rows(self._partial, self.name, (self._image_hdu, self._variance_hdu, self._mask_hdu), needed or [(y_start, y_stop)])
         mapped = self._memory_map
         try:
             image = _read_band(self._image_hdu, y_start, y_stop, np.float32, mapped, needed)
@@ -254,17 +255,6 @@ class Exposure:
             raise ExposureError(f"{self.name}: cannot read rows [{y_start}, {y_stop}) (truncated or damaged file?): {reason}") from exc
         self.check_unchanged()  # rewritten while these rows were read: they may mix old and new bytes
         return image, variance, mask
-
-    def _fetch_rows(self, hdus: tuple[_ImageHDU | None, ...], rows: Sequence[tuple[int, int]]) -> None:
-        """Fetch the row ranges ``rows`` of ``hdus`` where a partial copy lacks them (nothing
-        for a whole file)."""
-        if self.fully_local:
-            return
-        try:
-            self._partial.ensure([span for hdu in hdus if hdu is not None for start, stop in rows
-                                  for span in row_ranges(hdu, start, stop)])
-        except FetchError as exc:
-            raise ExposureError(f"{self.name}: rows [{rows[0][0]}, {rows[-1][1]}) {exc}") from None
 
     @property
     def fully_local(self) -> bool:
@@ -421,6 +411,15 @@ def _open_fits(path: str, name: str, limits: ExposureLimits, memory_map: bool) -
     return hdul
 
 
+def _fetch_rows(partial: PartialCopy, name: str, hdus: tuple[_ImageHDU | None, ...], rows: Sequence[tuple[int, int]]) -> None:
+    """Fetch the row ranges ``rows`` of ``hdus`` that the ``partial`` copy lacks;
+    ExposureError naming the file and the rows when they cannot be fetched."""
+    try:
+        partial.ensure([span for hdu in hdus if hdu is not None for start, stop in rows for span in row_ranges(hdu, start, stop)])
+    except FetchError as exc:
+        raise ExposureError(f"{name}: rows [{rows[0][0]}, {rows[-1][1]}) {exc}") from None
+
+
 def _check_axes(name: str, index: int, header: fits.Header) -> None:
     """NAXIS (and a compressed image's ZNAXIS) must be a whole number from 0 to 999, as
     FITS allows: astropy builds a list of that many axes before anything else is read."""
@@ -485,11 +484,7 @@ def _build_exposure(path: str, name: str, hdul: fits.HDUList, limits: ExposureLi
     if plane_hdu is None:
         rows = _variance_sample_rows(height)
         if partial is not None:
-            try:
-                partial.ensure([span for hdu in (image_hdu, mask_hdu) if hdu is not None
-                                for row in rows for span in row_ranges(hdu, row, row + 1)])
-            except FetchError as exc:
-                raise ExposureError(f"{name}: rows to estimate the variance from {exc}") from None
+            _fetch_rows(partial, name, (image_hdu, mask_hdu), [(row, row + 1) for row in rows])
         constant_variance = _estimate_variance(name, image_hdu, mask_hdu, rows, memory_map)
     return Exposure(
         path=path,

@@ -228,21 +228,18 @@ def row_ranges(hdu: Any, y_start: int, y_stop: int) -> list[tuple[int, int]]:
 def _tile_ranges(info: dict, y_start: int, y_stop: int) -> list[tuple[int, int]]:
     """Byte ranges of the tiles of a compressed image (tiles in row-major order, one
     table row each) that hold rows ``[y_start, y_stop)``."""
-    handle = info["file"]
-    with open(handle.name, "rb") as f:
+    data = info["datLoc"]
+    with open(info["file"].name, "rb") as f:
         f.seek(info["hdrLoc"])
         table = fits.Header.fromfile(f)  # the binary table's own header: TFORMn, THEAP
-    width, tile_width = table["ZNAXIS1"], table.get("ZTILE1", table["ZNAXIS1"])
-    tile_height = table.get("ZTILE2", 1)
-    tiles_per_row = -(-width // tile_width)
-    first = (y_start // tile_height) * tiles_per_row
-    last = ((y_stop - 1) // tile_height + 1) * tiles_per_row  # exclusive
-    row_bytes, columns = table["NAXIS1"], _descriptor_columns(table)
-    data = info["datLoc"]
-    heap = data + table.get("THEAP", row_bytes * table["NAXIS2"])
-    with open(handle.name, "rb") as f:
+        width, tile_width = table["ZNAXIS1"], table.get("ZTILE1", table["ZNAXIS1"])
+        tiles_per_row = -(-width // tile_width)
+        first = (y_start // table.get("ZTILE2", 1)) * tiles_per_row
+        last = ((y_stop - 1) // table.get("ZTILE2", 1) + 1) * tiles_per_row  # exclusive
+        row_bytes, columns = table["NAXIS1"], _descriptor_columns(table)
         f.seek(data + first * row_bytes)
         rows = f.read((last - first) * row_bytes)
+    heap = data + table.get("THEAP", row_bytes * table["NAXIS2"])
     ranges = [(data + first * row_bytes, data + last * row_bytes)]
     for offset, descriptor, element in columns:
         pairs = np.ndarray((last - first, 2), dtype=descriptor, buffer=rows, offset=offset, strides=(row_bytes, descriptor.itemsize))
