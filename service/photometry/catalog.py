@@ -9,6 +9,8 @@ request path); each column's unit is in its field metadata. Writing it is
 :mod:`forcedphot.photometry.formats`'s job.
 """
 
+from functools import lru_cache
+import time
 from types import SimpleNamespace
 
 from astropy.time import Time
@@ -38,7 +40,7 @@ def forced_source_ids(dia_object_ids: np.ndarray, visit: int | None, detector: i
     ``id = splitmix64(diaObjectId + splitmix64(visit * 2**16 + detector))`` with the top
     bit cleared (positive int64). The same triple always gives the same id (retries are
     idempotent); within one exposure ids are distinct unless two objects collide in 63
-    bits, which :func:`build_catalog` checks. Across a survey the collision probability
+    bits, which :func:`catalog_columns` checks. Across a survey the collision probability
     for n sources is about n**2 / 2**64.
     """
     exposure_key = np.array([(visit or 0) * (1 << 16) + (detector or 0)], dtype=np.int64).view(np.uint64)
@@ -126,7 +128,21 @@ def table_with_units(columns: dict[str, pa.Array | np.ndarray]) -> pa.Table:
     return pa.Table.from_arrays(arrays, schema=pa.schema(fields))
 
 
-def build_catalog(
+def concat_columns(parts: list[dict[str, pa.Array | np.ndarray]]) -> dict[str, pa.Array | np.ndarray]:
+    """The columns of several catalogs (:func:`catalog_columns` of several exposures), row
+    after row: NumPy columns joined as NumPy, any column that is Arrow in some part as Arrow."""
+    joined = {}
+    for name in parts[0]:
+        pieces = [part[name] for part in parts]
+        if all(isinstance(piece, np.ndarray) for piece in pieces):
+            joined[name] = np.concatenate(pieces)
+        else:
+            arrays = [piece if isinstance(piece, pa.Array) else pa.array(piece) for piece in pieces]
+            joined[name] = pa.concat_arrays([a.cast(arrays[0].type) for a in arrays])
+    return joined
+
+
+def catalog_columns(
     objects: pd.DataFrame,
     x_parent: np.ndarray,
     y_parent: np.ndarray,
@@ -141,8 +157,10 @@ def build_catalog(
     science_psf: PsfFluxResult | None = None,
     apertures_px=(),
     extra_columns: bool = False,
-) -> pa.Table:
-    """Assemble the DiaForcedSource catalog (an Arrow table), one row per object in ``objects``.
+    processed_mjd_tai: float | None = None,
+) -> dict[str, pa.Array | np.ndarray]:
+    """The DiaForcedSource catalog's columns (NumPy or Arrow arrays, in order), one row per
+    object in ``objects``.
 
     ``results`` holds the kernels' instrumental outputs, one row per object (NaN/False
     for rows not measured); ``on_image`` marks measured rows, the others are flagged
@@ -151,6 +169,7 @@ def build_catalog(
     (``invalidPsfFlag``, LSST's ``base_InvalidPsf_flag``: fluxes NaN and flagged).
     ``primary`` is the exposure measured (the difference image in difference
     mode); ``science`` and ``science_psf`` (the PSF fit on it) give ``scienceFlux``.
+    ``processed_mjd_tai``: ``timeProcessedMjdTai`` (default now).
     """
     n = len(objects)
     calib, calib_err = primary.local_calibration(x_parent, y_parent), primary.calibration_err
@@ -183,7 +202,7 @@ def build_catalog(
     columns.update(
         midpointMjdTai=np.full(n, np.nan if primary.midpoint_mjd_tai is None else primary.midpoint_mjd_tai),
         band=pa.array([primary.band] * n, pa.string()),
-        timeProcessedMjdTai=np.full(n, _now_mjd_tai()),
+        timeProcessedMjdTai=np.full(n, now_mjd_tai() if processed_mjd_tai is None else processed_mjd_tai),
         timeWithdrawnMjdTai=pa.nulls(n, pa.float64()),  # not withdrawn (the APDB's null)
         x=np.asarray(x_parent, dtype=np.float64),
         y=np.asarray(y_parent, dtype=np.float64),
@@ -229,11 +248,24 @@ def build_catalog(
         localWcs_CDMatrix_2_1=cd_matrix[:, 1, 0],
         localWcs_CDMatrix_2_2=cd_matrix[:, 1, 1],
     )
-    return table_with_units(columns)
+    return columns
 
 
-def _now_mjd_tai() -> float:
-    return float(Time.now().tai.mjd)
+_UNIX_EPOCH_MJD = 40587.0  # 1970-01-01T00:00:00 UTC
+
+
+@lru_cache(maxsize=4)
+def _tai_minus_utc(utc_day: int) -> float:
+    """TAI - UTC in seconds on a UTC day (days since 1970), from astropy's leap-second table."""
+    day = Time(_UNIX_EPOCH_MJD + utc_day, format="mjd", scale="utc")
+    return float((day.tai.mjd - day.mjd) * 86400.0)
+
+
+def now_mjd_tai() -> float:
+    """Now as a TAI MJD: the system clock (UTC) plus TAI - UTC, which astropy gives once a day
+    (a Time conversion costs ~0.7 ms; a leap second is only ever inserted at the end of a day)."""
+    now = time.time()
+    return _UNIX_EPOCH_MJD + (now + _tai_minus_utc(int(now // 86400))) / 86400.0
 
 
 def snr_columns(flux_njy: np.ndarray, error_njy: np.ndarray, prefix: str = "psf") -> dict[str, np.ndarray]:
@@ -250,7 +282,8 @@ def empty_catalog(apertures_px) -> pa.Table:
     nothing = SimpleNamespace(calibration_err=np.nan, visit=None, detector=None, midpoint_mjd_tai=None, band=None,
                               local_calibration=lambda x, y: np.full(len(x), np.nan))
     empty = np.zeros(0)
-    return build_catalog(pd.DataFrame({"diaObjectId": np.zeros(0, np.int64), "ra": empty, "dec": empty}), empty, empty,
-                         unmeasured(0, len(apertures_px)), on_image=np.zeros(0, bool), coord_valid=np.zeros(0, bool),
-                         cd_matrix=np.zeros((0, 2, 2)), primary=nothing, apertures_px=apertures_px)
+    return table_with_units(catalog_columns(
+        pd.DataFrame({"diaObjectId": np.zeros(0, np.int64), "ra": empty, "dec": empty}), empty, empty,
+        unmeasured(0, len(apertures_px)), on_image=np.zeros(0, bool), coord_valid=np.zeros(0, bool),
+        cd_matrix=np.zeros((0, 2, 2)), primary=nothing, apertures_px=apertures_px))
 

@@ -205,7 +205,7 @@ class Exposure:
     _mask_hdu: _ImageHDU | None = field(repr=False, compare=False)
     _constant_variance: float = field(repr=False, compare=False)
     _file_stamp: tuple[int, int, int] = field(repr=False, compare=False)
-    _memory_map: bool = field(repr=False, compare=False)
+    _maps: PlaneMaps | None = field(repr=False, compare=False)  # None: pixels read from the file, not mapped
     _partial: PartialCopy | None = field(default=None, repr=False, compare=False)
     _resident: DeviceCopies = field(default_factory=DeviceCopies, repr=False, compare=False)
 
@@ -236,7 +236,7 @@ class Exposure:
         self.check_unchanged()
         if not self.fully_local:
             _fetch_rows(self._partial, self.name, (self._image_hdu, self._variance_hdu, self._mask_hdu), needed or [(y_start, y_stop)])
-        mapped = self._memory_map
+        mapped = self._maps
         try:
             image = _read_band(self._image_hdu, y_start, y_stop, np.float32, mapped, needed)
             if self._variance_hdu is None:
@@ -297,6 +297,8 @@ class Exposure:
     def close(self) -> None:
         """Close the underlying file (and drop any device copy of the planes)."""
         self._resident.clear()
+        if self._maps is not None:
+            self._maps.clear()
         self._hdul.close()
 
     def __enter__(self) -> Exposure:
@@ -481,11 +483,12 @@ def _build_exposure(path: str, name: str, hdul: fits.HDUList, limits: ExposureLi
     photocalib, calibration_source = _calibration(name, archive, header)
     plane_hdu = variance_hdu if variance_hdu is not None else weight_hdu
     constant_variance = math.nan
+    maps = PlaneMaps() if memory_map else None
     if plane_hdu is None:
         rows = _variance_sample_rows(height)
         if partial is not None:
             _fetch_rows(partial, name, (image_hdu, mask_hdu), [(row, row + 1) for row in rows])
-        constant_variance = _estimate_variance(name, image_hdu, mask_hdu, rows, memory_map)
+        constant_variance = _estimate_variance(name, image_hdu, mask_hdu, rows, maps)
     return Exposure(
         path=path,
         name=name,
@@ -511,7 +514,7 @@ def _build_exposure(path: str, name: str, hdul: fits.HDUList, limits: ExposureLi
         _mask_hdu=mask_hdu,
         _constant_variance=constant_variance,
         _file_stamp=stamp,
-        _memory_map=memory_map,
+        _maps=maps,
         _partial=partial,
         archive=archive,
     )
@@ -596,16 +599,40 @@ def _merged_header(primary: fits.Header, image: fits.Header, image_is_primary: b
 _RAW_TYPES = {8: "u1", 16: ">i2", 32: ">i4", 64: ">i8", -32: ">f4", -64: ">f8"}
 
 
-def _raw_rows(hdu: _ImageHDU, y_start: int, y_stop: int, memory_map: bool) -> np.ndarray:
+class PlaneMaps:
+    """Read-only memory maps of an open file's plain HDUs, each made once and kept until
+    :meth:`clear`: a new map per read would cost a system call and, worse, a page fault
+    for every page the read touches again."""
+
+    def __init__(self) -> None:
+        self._maps: dict[int, np.memmap] = {}
+
+    def plane(self, hdu: _ImageHDU) -> np.memmap:
+        """The whole of a plain HDU's data, as stored (the file's byte order), mapped."""
+        info = hdu.fileinfo()
+        offset = info["datLoc"]
+        plane = self._maps.get(offset)
+        if plane is None:  # two threads may both map it: either map serves
+            plane = np.memmap(info["file"].name, dtype=np.dtype(_RAW_TYPES[hdu.header["BITPIX"]]), mode="r", offset=offset,
+                              shape=tuple(hdu.shape))
+            self._maps[offset] = plane
+        return plane
+
+    def clear(self) -> None:
+        """Drop every map (each unmaps when no view of it is left)."""
+        self._maps.clear()
+
+
+def _raw_rows(hdu: _ImageHDU, y_start: int, y_stop: int, maps: PlaneMaps | None) -> np.ndarray:
     """Rows [y_start, y_stop) of a plain (not tile-compressed) HDU as stored: raw values in
-    the file's byte order. ``memory_map``: a read-only view of a memory map (nothing is
-    read until touched); else read from the file (a file that shrank gives a short read,
+    the file's byte order. With ``maps``: a read-only view of the HDU's memory map (nothing
+    is read until touched); else read from the file (a file that shrank gives a short read,
     raised as EOFError, where a memory map would kill the process with SIGBUS)."""
+    if maps is not None:
+        return maps.plane(hdu)[y_start:y_stop]
     info = hdu.fileinfo()
     dtype = np.dtype(_RAW_TYPES[hdu.header["BITPIX"]])
-    height, width = hdu.shape
-    if memory_map:
-        return np.memmap(info["file"].name, dtype=dtype, mode="r", offset=info["datLoc"], shape=(height, width))[y_start:y_stop]
+    width = hdu.shape[1]
     size = (y_stop - y_start) * width * dtype.itemsize
     with open(info["file"].name, "rb") as f:
         f.seek(info["datLoc"] + y_start * width * dtype.itemsize)
@@ -615,14 +642,14 @@ def _raw_rows(hdu: _ImageHDU, y_start: int, y_stop: int, memory_map: bool) -> np
     return np.frombuffer(data, dtype).reshape(y_stop - y_start, width)
 
 
-def _plain_rows(hdu: _ImageHDU, y_start: int, y_stop: int, memory_map: bool) -> np.ndarray | None:
+def _plain_rows(hdu: _ImageHDU, y_start: int, y_stop: int, maps: PlaneMaps | None) -> np.ndarray | None:
     """Rows of a plain HDU with its ``BSCALE``/``BZERO`` applied (integers stay exact as
     int64; ``BLANK`` becomes NaN for floating results), else the raw values; None for a
     tile-compressed HDU or a whole-file compressed (gzip, bzip2) one, which astropy
     decompresses. Only these rows are read."""
     if isinstance(hdu, fits.CompImageHDU) or hdu.fileinfo()["file"].compression:
         return None
-    raw = _raw_rows(hdu, y_start, y_stop, memory_map)
+    raw = _raw_rows(hdu, y_start, y_stop, maps)
     header = hdu.header
     bscale, bzero = header.get("BSCALE", 1), header.get("BZERO", 0)
     if bscale == 1 and bzero == 0:
@@ -635,12 +662,12 @@ def _plain_rows(hdu: _ImageHDU, y_start: int, y_stop: int, memory_map: bool) -> 
     return values
 
 
-def _read_band(hdu: _ImageHDU, y_start: int, y_stop: int, dtype: type, memory_map: bool,
+def _read_band(hdu: _ImageHDU, y_start: int, y_stop: int, dtype: type, maps: PlaneMaps | None,
                needed: Sequence[tuple[int, int]] | None = None) -> np.ndarray:
     """Rows [y_start, y_stop) of ``hdu`` with values of ``dtype``: the stored values as they
     are (a memory-mapped view, with ``memory_map``) when the file stores exactly that type
     in either byte order, else a decoded copy."""
-    values = _plain_rows(hdu, y_start, y_stop, memory_map)
+    values = _plain_rows(hdu, y_start, y_stop, maps)
     if values is None:
         return np.asarray(_decompressed_rows(hdu, y_start, y_stop, needed), dtype=dtype)
     if values.dtype.newbyteorder("=") == np.dtype(dtype):
@@ -648,11 +675,11 @@ def _read_band(hdu: _ImageHDU, y_start: int, y_stop: int, dtype: type, memory_ma
     return values.astype(dtype)
 
 
-def _read_mask_band(hdu: _ImageHDU, y_start: int, y_stop: int, memory_map: bool,
+def _read_mask_band(hdu: _ImageHDU, y_start: int, y_stop: int, maps: PlaneMaps | None,
                     needed: Sequence[tuple[int, int]] | None = None) -> np.ndarray:
     """Mask rows as int32 bit fields (uint32 planes are reinterpreted bit for bit, uint16
     planes stored with BZERO read exactly)."""
-    values = _plain_rows(hdu, y_start, y_stop, memory_map)
+    values = _plain_rows(hdu, y_start, y_stop, maps)
     if values is None:
         values = _decompressed_rows(hdu, y_start, y_stop, needed)
     if values.dtype.newbyteorder("=") == np.dtype(np.int32):
@@ -688,7 +715,7 @@ def _variance_sample_rows(height: int) -> np.ndarray:
 
 
 def _estimate_variance(path: str, image_hdu: _ImageHDU, mask_hdu: _ImageHDU | None,
-                       rows: np.ndarray, memory_map: bool) -> float:
+                       rows: np.ndarray, maps: PlaneMaps | None) -> float:
     """Constant per-pixel noise variance from the image itself.
 
     Uses the given ``rows`` (see :func:`_variance_sample_rows`); in each, differences of horizontally adjacent
@@ -699,10 +726,10 @@ def _estimate_variance(path: str, image_hdu: _ImageHDU, mask_hdu: _ImageHDU | No
     """
     differences = []
     for row in rows:
-        values = _read_band(image_hdu, row, row + 1, np.float64, memory_map)[0]
+        values = _read_band(image_hdu, row, row + 1, np.float64, maps)[0]
         good = np.isfinite(values)
         if mask_hdu is not None:
-            good &= _read_mask_band(mask_hdu, row, row + 1, memory_map)[0] == 0
+            good &= _read_mask_band(mask_hdu, row, row + 1, maps)[0] == 0
         pair_good = good[1:] & good[:-1]
         differences.append((values[1:] - values[:-1])[pair_good])
     sample = np.concatenate(differences)

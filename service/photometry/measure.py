@@ -20,7 +20,7 @@ import pyarrow as pa
 
 from forcedphot.kernels.cutouts import Cutouts
 from forcedphot.photometry.backend import Backend, select_backend
-from forcedphot.photometry.catalog import build_catalog
+from forcedphot.photometry.catalog import catalog_columns, table_with_units
 from forcedphot.photometry.objects import validate_objects
 from forcedphot.photometry.config import MeasurementConfig
 from forcedphot.photometry.cutouts import (
@@ -127,28 +127,149 @@ def batches(exposure: Exposure, backend: Backend, x: np.ndarray, y: np.ndarray, 
         yield windows, stage_cutouts(exposure, windows, no_data)
 
 
-def _science_psf_flux(science: Exposure, kernels: KernelRunner, ra, dec, config: MeasurementConfig, execute: Execute,
-                      subtract: bool) -> KernelResults:
-    """PSF flux on the direct image at the objects' sky positions (difference mode); rows
-    whose PSF stamp does not reach the direct image are flagged. ``subtract``: less the
-    local background (measured in the same pass, on cutouts sized for its annulus)."""
+@dataclass
+class ScienceSide:
+    """Where the objects fall on the direct image of a difference-mode measurement, for its
+    PSF flux (and, with ``subtract``, its local background)."""
+
+    kernels: KernelRunner
+    x: np.ndarray  # (n,) local positions on the direct image, px, per catalog row
+    y: np.ndarray
+    near: np.ndarray  # (n,) bool: the PSF stamp reaches the image
+    rows: np.ndarray  # catalog rows measured (``near``)
+    sigma: np.ndarray  # (n,) PSF widths (NaN unless ``subtract``)
+    size: int  # cutout side
+    subtract: bool
+
+
+def _science_side(science: Exposure, kernels: KernelRunner, ra, dec, config: MeasurementConfig, subtract: bool) -> ScienceSide:
+    """The direct image's positions of the objects at ``ra``, ``dec`` (difference mode); rows
+    whose PSF stamp does not reach it are left out. ``subtract``: cutouts sized for the local
+    background's annulus too."""
     x, y = sky_to_pixel(science.wcs, ra, dec)
     h = kernels.psf.stamp_size // 2
     with np.errstate(invalid="ignore"):
         near = (x > -h - 1) & (x < science.width + h) & (y > -h - 1) & (y < science.height + h)
-    results = unmeasured(len(ra), len(config.apertures_px), full=subtract)
     rows = np.flatnonzero(near)
     sigma = np.full(len(ra), np.nan)
     if subtract:
         sigma[rows] = kernels.psf.sigma(x[rows], y[rows])
     size = 2 * (cutout_half_size(kernels.psf, sigma[rows], config) if subtract and len(rows) else h) + 1
-    for windows, pixels in batches(science, kernels.backend, x[rows], y[rows], size, config):
-        index = rows[windows.index]
-        scatter(results, execute(kernels, kernels.inputs(windows, pixels, x[index], y[index], sigma[index]), subtract), index)
-    if subtract:
-        subtract_local_background(results)
-    results.psf.flag[~near] = True
-    return results
+    return ScienceSide(kernels, x, y, near, rows, sigma, size, subtract)
+
+
+@dataclass
+class Plan:
+    """One exposure's measurement up to the kernels: which objects become catalog rows,
+    where they fall, their PSF widths, the cutout side and the kernels to run; then the
+    kernels' results as they come back (:meth:`finish` makes the catalog)."""
+
+    science: Exposure
+    difference: Exposure | None
+    objects: pd.DataFrame  # validated
+    psf: PsfModel  # the measured image's
+    science_psf: PsfModel | None
+    config: MeasurementConfig
+    backend: Backend
+    row_map: RowMap
+    x: np.ndarray  # (rows,) local positions on the measured image, px
+    y: np.ndarray
+    sigma: np.ndarray  # (rows,) PSF determinant radius, px (NaN where not measured)
+    invalid_psf: np.ndarray  # (rows,) bool
+    measured: np.ndarray  # catalog rows given to the kernels
+    kernels: KernelRunner
+    size: int  # cutout side K
+    subtract: bool  # the local background comes off the PSF and aperture fluxes
+    science_side: ScienceSide | None
+    results: KernelResults
+    science_results: KernelResults | None
+    timings: dict[str, float]
+
+    @property
+    def primary(self) -> Exposure:
+        """The image measured: the difference image in difference mode."""
+        return self.difference if self.difference is not None else self.science
+
+    def columns(self, processed_mjd_tai: float | None = None) -> dict[str, pa.Array | np.ndarray]:
+        """The catalog's columns from the results (:func:`~forcedphot.photometry.catalog.catalog_columns`);
+        called once, when every kernel has run (it subtracts the local backgrounds in place)."""
+        primary, rows = self.primary, self.row_map.rows
+        if self.subtract:
+            subtract_local_background(self.results)
+        if self.science_side is not None and self.science_side.subtract:
+            subtract_local_background(self.science_results)
+        self.results.psf.flag[self.invalid_psf] = True
+        cd = local_cd_matrix(primary.wcs, self.x, self.y) if len(rows) else np.empty((0, 2, 2))
+        return catalog_columns(
+            self.objects.iloc[rows],
+            self.x + primary.x0,
+            self.y + primary.y0,
+            self.results,
+            on_image=self.row_map.measured_mask(),
+            invalid_psf=self.invalid_psf,
+            coord_valid=self.objects["coord_valid"].to_numpy()[rows],
+            cd_matrix=cd,
+            primary=primary,
+            science=self.science if self.difference is not None else None,
+            science_psf=self.science_results.psf if self.science_results is not None else None,
+            apertures_px=self.config.apertures_px,
+            extra_columns=self.config.extra_columns,
+            processed_mjd_tai=processed_mjd_tai,
+        )
+
+    def provenance(self) -> dict:
+        """What was measured, how and where."""
+        backend, difference = self.backend, self.difference is not None
+        return {
+            "software_version": __version__,
+            "config": self.config.model_dump(mode="json"),
+            "backend": f"{backend.name}:{backend.device}",
+            "exposure": _describe(self.primary),
+            "science": _describe(self.science) if difference else None,
+            "psf": describe_psf(self.psf),
+            "science_psf": describe_psf(self.science_psf or self.psf) if difference else None,
+            "local_background_subtracted": {"exposure": self.subtract,
+                                            "science": self.science_side.subtract if self.science_side else None},
+        }
+
+
+def plan_measurement(science: Exposure, objects: pd.DataFrame, psf: PsfModel, config: MeasurementConfig, backend: Backend, *,
+                     difference: Exposure | None = None, science_psf: PsfModel | None = None) -> Plan:
+    """Select the validated ``objects`` on the measured image (and the direct image, in
+    difference mode) and size their cutouts: everything :func:`measure` does before the kernels."""
+    primary = difference if difference is not None else science
+    start = time.perf_counter()
+    ra, dec = objects["ra"].to_numpy(), objects["dec"].to_numpy()
+    coord_valid = objects["coord_valid"].to_numpy()
+    selection = select_on_image(primary.wcs, primary.width, primary.height, ra, dec, coord_valid)
+    # rows returned: on the detector, those with unusable coordinates (flagged, so the
+    # caller sees them), and on request those off the detector
+    returned = selection.on_image | ~coord_valid | config.include_offimage
+    rows = np.flatnonzero(returned)
+    row_map = RowMap(rows=rows, measured=np.flatnonzero(selection.on_image[rows]))
+    measured = row_map.measured
+    x, y = selection.x[rows], selection.y[rows]
+    sigma = np.full(len(rows), np.nan)
+    sigma[measured] = psf.sigma(x[measured], y[measured])
+    # as LSST's base_InvalidPsf_flag: no usable PSF model at the position; the row stays, NaN and flagged
+    with np.errstate(invalid="ignore"):
+        invalid_psf = row_map.measured_mask() & ~(sigma > 0)
+    measured = measured[~invalid_psf[measured]]
+    science_side, science_results = None, None
+    if difference is not None:
+        science_kernels = KernelRunner(backend, science, science_psf or psf, config)  # the direct image's own PSF and masks
+        subtract_science = subtracts_background(config.subtract_background, science.sky_subtracted, False)
+        science_side = _science_side(science, science_kernels, ra[rows], dec[rows], config, subtract_science)
+        science_results = unmeasured(len(rows), len(config.apertures_px), full=subtract_science)
+        science_results.psf.flag[~science_side.near] = True
+    return Plan(
+        science=science, difference=difference, objects=objects, psf=psf, science_psf=science_psf, config=config, backend=backend,
+        row_map=row_map, x=x, y=y, sigma=sigma, invalid_psf=invalid_psf, measured=measured,
+        kernels=KernelRunner(backend, primary, psf, config), size=2 * cutout_half_size(psf, sigma[measured], config) + 1,
+        subtract=subtracts_background(config.subtract_background, primary.sky_subtracted, difference is not None),
+        science_side=science_side, results=unmeasured(row_map.n_rows, len(config.apertures_px)), science_results=science_results,
+        timings={"select": time.perf_counter() - start},
+    )
 
 
 def measure(
@@ -167,7 +288,7 @@ def measure(
 
     ``psf`` is the PSF of the image measured (the difference image in difference mode);
     ``science_psf`` that of the direct image, for ``scienceFlux`` (default ``psf``); see
-    :func:`~forcedphot.photometry.psf_models.choose_psfs`.
+    :func:`~forcedphot.photometry.psf_choice.choose_psfs`.
     ``progress(done, total)`` is called after every batch of cutouts, in objects.
     ``execute`` runs the kernels on each batch's inputs; a service may pass one that
     coalesces the batches of concurrent requests into one kernel call.
@@ -176,39 +297,15 @@ def measure(
     backend = backend or select_backend(config.backend)
     if "coord_valid" not in objects.columns:  # a table made in memory: validated as a file's would be
         objects = validate_objects(objects)
-    primary = difference if difference is not None else science
-    timings: dict[str, float] = {}
-
-    start = time.perf_counter()
-    ra, dec = objects["ra"].to_numpy(), objects["dec"].to_numpy()
-    coord_valid = objects["coord_valid"].to_numpy()
-    selection = select_on_image(primary.wcs, primary.width, primary.height, ra, dec, coord_valid)
-    # rows returned: on the detector, those with unusable coordinates (flagged, so the
-    # caller sees them), and on request those off the detector
-    returned = selection.on_image | ~coord_valid | config.include_offimage
-    rows = np.flatnonzero(returned)
-    row_map = RowMap(rows=rows, measured=np.flatnonzero(selection.on_image[rows]))
-    measured = row_map.measured
-    x, y = selection.x[rows], selection.y[rows]
-    sigma = np.full(len(rows), np.nan)
-    sigma[measured] = psf.sigma(x[measured], y[measured])
-    # as LSST's base_InvalidPsf_flag: no usable PSF model at the position; the row stays, NaN and flagged
-    with np.errstate(invalid="ignore"):
-        invalid_psf = row_map.measured_mask() & ~(sigma > 0)
-    measured = measured[~invalid_psf[measured]]
-    timings["select"] = time.perf_counter() - start
-
-    kernels = KernelRunner(backend, primary, psf, config)
-    size = 2 * cutout_half_size(psf, sigma[measured], config) + 1
-    results = unmeasured(row_map.n_rows, len(config.apertures_px))
+    plan = plan_measurement(science, objects, psf, config, backend, difference=difference, science_psf=science_psf)
+    measured, x, y, sigma = plan.measured, plan.x, plan.y, plan.sigma
     stage_time = kernel_time = 0.0
     done = 0
     t0 = time.perf_counter()
-    subtract = subtracts_background(config.subtract_background, primary.sky_subtracted, difference is not None)
-    for windows, pixels in batches(primary, backend, x[measured], y[measured], size, config):
+    for windows, pixels in batches(plan.primary, backend, x[measured], y[measured], plan.size, config):
         t1 = time.perf_counter()
         index = measured[windows.index]
-        scatter(results, execute(kernels, kernels.inputs(windows, pixels, x[index], y[index], sigma[index]), True), index)
+        scatter(plan.results, execute(plan.kernels, plan.kernels.inputs(windows, pixels, x[index], y[index], sigma[index]), True), index)
         t2 = time.perf_counter()
         stage_time += t1 - t0
         kernel_time += t2 - t1
@@ -216,62 +313,41 @@ def measure(
         if progress:
             progress(done, len(measured))
         t0 = time.perf_counter()
-    if subtract:
-        subtract_local_background(results)
-
-    science_results, science_subtract = None, None
-    if difference is not None:
+    side = plan.science_side
+    if side is not None:
         t1 = time.perf_counter()
-        science_kernels = KernelRunner(backend, science, science_psf or psf, config)  # the direct image's own PSF and masks
-        science_subtract = subtracts_background(config.subtract_background, science.sky_subtracted, False)
-        science_results = _science_psf_flux(science, science_kernels, ra[rows], dec[rows], config, execute, science_subtract)
+        rows = side.rows
+        for windows, pixels in batches(science, backend, side.x[rows], side.y[rows], side.size, config):
+            index = rows[windows.index]
+            inputs = side.kernels.inputs(windows, pixels, side.x[index], side.y[index], side.sigma[index])
+            scatter(plan.science_results, execute(side.kernels, inputs, side.subtract), index)
         kernel_time += time.perf_counter() - t1
-    timings["stage"], timings["kernels"] = stage_time, kernel_time
-    results.psf.flag[invalid_psf] = True
+    timings = {**plan.timings, "stage": stage_time, "kernels": kernel_time}
 
     start = time.perf_counter()
-    cd = local_cd_matrix(primary.wcs, x, y) if len(rows) else np.empty((0, 2, 2))
-    catalog = build_catalog(
-        objects.iloc[rows],
-        x + primary.x0,
-        y + primary.y0,
-        results,
-        on_image=row_map.measured_mask(),
-        invalid_psf=invalid_psf,
-        coord_valid=coord_valid[rows],
-        cd_matrix=cd,
-        primary=primary,
-        science=science if difference is not None else None,
-        science_psf=science_results.psf if science_results is not None else None,
-        apertures_px=config.apertures_px,
-        extra_columns=config.extra_columns,
-    )
+    catalog = table_with_units(plan.columns())
     if config.extra_columns:  # magnitudes, limits and epochStatus, as every light curve has them
         catalog = with_epoch_columns(catalog)
     timings["catalog"] = time.perf_counter() - start
+    return Measurement(
+        table=catalog,
+        n_input=len(objects),
+        n_on_detector=len(plan.row_map.measured),
+        n_invalid_coords=int(np.count_nonzero(~objects["coord_valid"].to_numpy())),
+        n_flagged=count_flagged(catalog),
+        backend=f"{backend.name}:{backend.device}",
+        timings=timings,
+        provenance=plan.provenance(),
+    )
+
+
+def count_flagged(catalog: pa.Table) -> int:
+    """Rows with any pixel flag or a failed PSF fit."""
     flag_columns = [c for c in catalog.column_names if c.startswith("pixelFlags_")] + ["psfFlux_flag"]
     flagged = np.zeros(catalog.num_rows, bool)
     for column in flag_columns:
         flagged |= catalog[column].to_numpy()
-    return Measurement(
-        table=catalog,
-        n_input=len(objects),
-        n_on_detector=len(row_map.measured),
-        n_invalid_coords=int(np.count_nonzero(~coord_valid)),
-        n_flagged=int(np.count_nonzero(flagged)),
-        backend=f"{backend.name}:{backend.device}",
-        timings=timings,
-        provenance={
-            "software_version": __version__,
-            "config": config.model_dump(mode="json"),
-            "backend": f"{backend.name}:{backend.device}",
-            "exposure": _describe(primary),
-            "science": _describe(science) if difference is not None else None,
-            "psf": describe_psf(psf),
-            "science_psf": describe_psf(science_psf or psf) if difference is not None else None,
-            "local_background_subtracted": {"exposure": subtract, "science": science_subtract},
-        },
-    )
+    return int(np.count_nonzero(flagged))
 
 
 def _describe(exposure: Exposure) -> dict:
