@@ -15,10 +15,10 @@ from types import SimpleNamespace
 
 from astropy.time import Time
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 
 from forcedphot.kernels import PsfFluxResult
+from forcedphot.photometry.objects import ObjectArrays
 from forcedphot.photometry.runner import PIXEL_FLAG_NAMES, KernelResults, unmeasured
 
 _MASK63 = np.uint64((1 << 63) - 1)
@@ -143,7 +143,7 @@ def concat_columns(parts: list[dict[str, pa.Array | np.ndarray]]) -> dict[str, p
 
 
 def catalog_columns(
-    objects: pd.DataFrame,
+    objects: ObjectArrays,
     x_parent: np.ndarray,
     y_parent: np.ndarray,
     results: KernelResults,
@@ -160,7 +160,7 @@ def catalog_columns(
     processed_mjd_tai: float | None = None,
 ) -> dict[str, pa.Array | np.ndarray]:
     """The DiaForcedSource catalog's columns (NumPy or Arrow arrays, in order), one row per
-    object in ``objects``.
+    object in ``objects`` (those returned, validated).
 
     ``results`` holds the kernels' instrumental outputs, one row per object (NaN/False
     for rows not measured); ``on_image`` marks measured rows, the others are flagged
@@ -174,7 +174,7 @@ def catalog_columns(
     n = len(objects)
     calib, calib_err = primary.local_calibration(x_parent, y_parent), primary.calibration_err
     off = ~np.asarray(on_image, dtype=bool)
-    ids = objects["diaObjectId"].to_numpy(np.int64)
+    ids = objects.ids
     source_ids = forced_source_ids(ids, primary.visit, primary.detector)
     if len(np.unique(source_ids)) != n:
         raise RuntimeError("diaForcedSourceId collision within one exposure; report this with the input table")
@@ -183,8 +183,8 @@ def catalog_columns(
     columns: dict[str, pa.Array | np.ndarray] = {
         "diaForcedSourceId": source_ids,
         "diaObjectId": ids,
-        "ra": objects["ra"].to_numpy(np.float64),
-        "dec": objects["dec"].to_numpy(np.float64),
+        "ra": objects.ra,
+        "dec": objects.dec,
         "visit": pa.nulls(n, pa.int64()) if primary.visit is None else np.full(n, primary.visit, np.int64),
         "detector": pa.nulls(n, pa.int16()) if primary.detector is None else np.full(n, primary.detector, np.int16),
     }
@@ -283,7 +283,7 @@ def empty_catalog(apertures_px) -> pa.Table:
                               local_calibration=lambda x, y: np.full(len(x), np.nan))
     empty = np.zeros(0)
     return table_with_units(catalog_columns(
-        pd.DataFrame({"diaObjectId": np.zeros(0, np.int64), "ra": empty, "dec": empty}), empty, empty,
+        ObjectArrays(np.zeros(0, np.int64), empty, empty, np.zeros(0, bool)), empty, empty,
         unmeasured(0, len(apertures_px)), on_image=np.zeros(0, bool), coord_valid=np.zeros(0, bool),
         cd_matrix=np.zeros((0, 2, 2)), primary=nothing, apertures_px=apertures_px))
 

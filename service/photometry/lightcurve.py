@@ -1,9 +1,10 @@
 """Light curves: the same objects measured on many exposures, one table out.
 
 Each epoch (an exposure, its difference image, its PSF and the objects it covers) is
-measured by :func:`~forcedphot.photometry.measure.measure`; the rows of all epochs form
-one catalog, sorted by ``diaObjectId`` then ``midpointMjdTai``, with the columns of the
-single-exposure catalog.
+planned as :func:`~forcedphot.photometry.measure.measure` plans one exposure, and its
+cutouts are staged on the host; the kernels then run over the cutouts of all epochs
+together, and the rows of all epochs form one catalog, sorted by ``diaObjectId`` then
+``midpointMjdTai``, with the columns of the single-exposure catalog.
 """
 
 from __future__ import annotations
@@ -13,17 +14,21 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 import time
 
-import pandas as pd
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from forcedphot.photometry.backend import Backend
-from forcedphot.photometry.catalog import empty_catalog
+from forcedphot.kernels.cutouts import Cutouts
+from forcedphot.photometry.backend import Backend, select_backend
+from forcedphot.photometry.catalog import concat_columns, empty_catalog, now_mjd_tai, table_with_units
 from forcedphot.photometry.config import MeasurementConfig
+from forcedphot.photometry.cutouts import BYTES_PER_BAND_PIXEL, BYTES_PER_STAGED_PIXEL, Windows, no_data_bit, plan_windows, stage_cutouts
 from forcedphot.photometry.exposure import Exposure
-from forcedphot.photometry.measure import measure
-from forcedphot.photometry.psf_models import PsfModel
-from forcedphot.photometry.runner import Execute, run_directly
+from forcedphot.photometry.lightcurve_products import with_epoch_columns
+from forcedphot.photometry.measure import Plan, plan_measurement
+from forcedphot.photometry.objects import ObjectArrays
+from forcedphot.photometry.psf_models import PsfModel, StackedPsf, describe_psf
+from forcedphot.photometry.runner import Execute, KernelInputs, KernelResults, KernelRunner, run_directly, scatter, split_results
 
 SORT_KEYS = [("diaObjectId", "ascending"), ("midpointMjdTai", "ascending"), ("visit", "ascending"), ("detector", "ascending")]
 
@@ -31,12 +36,12 @@ SORT_KEYS = [("diaObjectId", "ascending"), ("midpointMjdTai", "ascending"), ("vi
 @dataclass
 class Epoch:
     """One exposure to measure: files opened by ``open()`` (a context manager yielding
-    ``(science, difference or None)``), the PSF chooser, and the objects it covers."""
+    ``(science, difference or None)``), the PSF chooser, and the (validated) objects it covers."""
 
     label: str
     open: Callable[[], AbstractContextManager[tuple[Exposure, Exposure | None]]]
     psf: Callable[[Exposure, Exposure | None], tuple[PsfModel, PsfModel]]  # (measured image's, science image's)
-    objects: pd.DataFrame
+    objects: ObjectArrays
 
 
 @dataclass
@@ -67,13 +72,96 @@ def _add_timings(total: dict[str, float], timings: dict[str, float]) -> None:
         total[stage] = total.get(stage, 0.0) + seconds
 
 
+@dataclass
+class _Part:
+    """One exposure's staged cutouts waiting for a kernel call, and where their results go."""
+
+    runner: KernelRunner
+    inputs: KernelInputs
+    full: bool  # every measurement, else the PSF flux (and background) of the direct image
+    into: KernelResults  # the epoch's results
+    rows: np.ndarray  # their catalog rows
+
+    @property
+    def key(self) -> tuple:
+        """Parts with equal keys run in one call."""
+        return (self.runner.key, self.inputs.shape_key, self.full)
+
+
+def _stacked(parts: list[_Part]) -> KernelInputs:
+    """The inputs of several exposures' parts as one batch: windows, host cutouts, positions
+    and PSFs (a :class:`StackedPsf`) concatenated."""
+    if len(parts) == 1:
+        return parts[0].inputs
+    inputs = [p.inputs for p in parts]
+    windows = [i.windows for i in inputs]
+    joined = Windows(np.arange(sum(len(w) for w in windows)), *(np.concatenate([getattr(w, name) for w in windows])
+                                                                for name in ("ix", "iy", "cx", "cy")), windows[0].size)
+    pixels = Cutouts(*(np.concatenate(planes) for planes in zip(*(i.pixels for i in inputs))))
+    return KernelInputs(joined, pixels, *(np.concatenate([getattr(i, name) for i in inputs]) for name in ("x", "y", "sigma")),
+                        StackedPsf([i.psf for i in inputs], [len(i) for i in inputs]))
+
+
+class _Pending:
+    """Staged parts of many exposures, run a group of equal keys at a time in one kernel
+    call each when they hold ``max_bytes`` of cutouts (and at the end)."""
+
+    def __init__(self, execute: Execute, max_bytes: int, pixel_bytes: int):
+        self.execute, self.max_bytes, self.pixel_bytes = execute, max_bytes, pixel_bytes
+        self.parts: list[_Part] = []
+        self.bytes = 0
+
+    def add(self, parts: list[_Part]) -> bool:
+        """Queue ``parts``; True when what is queued should now run."""
+        self.parts += parts
+        self.bytes += sum(len(p.inputs) * p.inputs.windows.size ** 2 * self.pixel_bytes for p in parts)
+        return self.bytes >= self.max_bytes
+
+    def run(self) -> None:
+        """One kernel call per group of equal keys; each part's results into its epoch's."""
+        groups: dict[tuple, list[_Part]] = {}
+        for part in self.parts:
+            groups.setdefault(part.key, []).append(part)
+        for group in groups.values():
+            results = self.execute(group[0].runner, _stacked(group), group[0].full)
+            for part, result in zip(group, split_results(results, [len(p.inputs) for p in group])):
+                scatter(part.into, result, part.rows)
+        self.parts, self.bytes = [], 0
+
+
+def _staged(plan: Plan) -> list[_Part]:
+    """Host cutouts of every object of one planned exposure (the measured image, and the
+    direct image in difference mode), read while its files are open."""
+    parts = []
+    sides = [(plan.primary, plan.kernels, plan.measured, plan.x, plan.y, plan.sigma, plan.size, True, plan.results)]
+    side = plan.science_side
+    if side is not None:
+        sides.append((plan.science, side.kernels, side.rows, side.x, side.y, side.sigma, side.size, side.subtract, plan.science_results))
+    for exposure, runner, rows, x, y, sigma, size, full, into in sides:
+        no_data = no_data_bit(exposure.mask_planes)
+        for windows in plan_windows(x[rows], y[rows], size, batch_bytes=plan.config.batch_bytes, band_width=exposure.width):
+            index = rows[windows.index]
+            inputs = runner.inputs(windows, stage_cutouts(exposure, windows, no_data), x[index], y[index], sigma[index])
+            parts.append(_Part(runner, inputs, full, into, index))
+    return parts
+
+
 def measure_epochs(epochs: Iterable[Epoch], config: MeasurementConfig, *, backend: Backend | None = None,
                    execute: Execute = run_directly, errors_of: tuple[type[Exception], ...] = (),
                    check: Callable[..., None] | None = None) -> LightCurves:
-    """Measure every epoch; an epoch whose files raise one of ``errors_of`` is reported in
-    ``errors`` (the others still count), any other error propagates. ``check()`` (a
-    deadline, say) is called before each epoch and after each batch of kernels."""
-    tables, timings, errors, provenance = [], {"open": 0.0}, [], []
+    """Measure every epoch as one batch: each epoch's objects are selected and their cutouts
+    staged while its files are open, then the kernels run once over the cutouts of all
+    epochs (one call per cutout size and mask layout; more when the staged cutouts pass the
+    configured batch size), and one catalog is made of all rows.
+
+    An epoch whose files raise one of ``errors_of`` is reported in ``errors`` (the others
+    still count), any other error propagates. ``check()`` (a deadline, say) is called
+    before each epoch and after each kernel call.
+    """
+    backend = backend or select_backend(config.backend)
+    fused = backend.name == "numpy" and config.cpu_kernels == "fused"
+    pending = _Pending(execute, config.batch_bytes, BYTES_PER_BAND_PIXEL if fused else BYTES_PER_STAGED_PIXEL)
+    plans, timings, errors, provenance = [], {"open": 0.0, "select": 0.0, "stage": 0.0, "kernels": 0.0}, [], []
     count = pairs = 0
     for epoch in epochs:
         if check:
@@ -83,18 +171,44 @@ def measure_epochs(epochs: Iterable[Epoch], config: MeasurementConfig, *, backen
         start = time.perf_counter()
         try:
             with epoch.open() as (science, difference):
-                timings["open"] += time.perf_counter() - start
+                opened = time.perf_counter()
                 psf, science_psf = epoch.psf(science, difference)
-                result = measure(science, epoch.objects, psf, config, difference=difference, science_psf=science_psf,
-                                 backend=backend, execute=execute, progress=check)
+                plan = plan_measurement(science, epoch.objects, psf, config, backend, difference=difference, science_psf=science_psf)
+                planned = time.perf_counter()
+                parts = _staged(plan)
         except errors_of as exc:
             errors.append({"exposure": epoch.label, "detail": str(exc)})
             continue
-        tables.append(result.table)
-        provenance.append({"epoch": epoch.label, "psf": result.provenance["psf"]})
-        _add_timings(timings, result.timings)
-    return LightCurves(table=_one_table(tables, config), epochs=count, pairs=pairs, timings=timings, errors=errors,
-                       provenance={"epochs": provenance})
+        staged = time.perf_counter()
+        timings["open"] += opened - start
+        timings["select"] += planned - opened
+        timings["stage"] += staged - planned
+        plans.append(plan)
+        provenance.append({"epoch": epoch.label, "psf": describe_psf(psf)})
+        if pending.add(parts):
+            pending.run()
+            timings["kernels"] += time.perf_counter() - staged
+            if check:
+                check()
+    start = time.perf_counter()
+    pending.run()
+    timings["kernels"] += time.perf_counter() - start
+    start = time.perf_counter()
+    table = _catalog(plans, config)
+    timings["catalog"] = time.perf_counter() - start
+    return LightCurves(table=table, epochs=count, pairs=pairs, timings=timings, errors=errors, provenance={"epochs": provenance})
+
+
+def _catalog(plans: list[Plan], config: MeasurementConfig) -> pa.Table:
+    """One sorted table of the rows of every measured epoch."""
+    processed = now_mjd_tai()
+    columns = [plan.columns(processed) for plan in plans if plan.row_map.n_rows]
+    if not columns:
+        return empty_catalog(config.apertures_px)
+    table = table_with_units(concat_columns(columns))
+    if config.extra_columns:
+        table = with_epoch_columns(table)
+    return sort_lightcurves(table)
 
 
 def merge_lightcurves(parts: list[LightCurves], config: MeasurementConfig) -> LightCurves:

@@ -25,13 +25,16 @@ def local_cd_matrix(wcs: WCS, x: np.ndarray, y: np.ndarray) -> np.ndarray:
     """(N, 2, 2) local CD matrices (radians per pixel) at local pixel positions (x, y)."""
     x = np.asarray(x, dtype=np.float64)
     y = np.asarray(y, dtype=np.float64)
-    ra0, dec0 = np.deg2rad(wcs.all_pix2world(x, y, 0))
+    n = x.size
+    # the positions and their four +-0.5 px neighbours through the WCS in one call
+    offsets = ((0.0, 0.0), (_STEP_PX, 0.0), (-_STEP_PX, 0.0), (0.0, _STEP_PX), (0.0, -_STEP_PX))
+    ra, dec = np.deg2rad(wcs.all_pix2world(np.concatenate([x + dx for dx, _ in offsets]),
+                                           np.concatenate([y + dy for _, dy in offsets]), 0))
+    ra, dec = ra.reshape(len(offsets), n), dec.reshape(len(offsets), n)
     cd = np.empty(x.shape + (2, 2))
-    for axis, (dx, dy) in enumerate(((_STEP_PX, 0.0), (0.0, _STEP_PX))):
-        ra_p, dec_p = np.deg2rad(wcs.all_pix2world(x + dx, y + dy, 0))
-        ra_m, dec_m = np.deg2rad(wcs.all_pix2world(x - dx, y - dy, 0))
-        xi_p, eta_p = _gnomonic(ra_p, dec_p, ra0, dec0)
-        xi_m, eta_m = _gnomonic(ra_m, dec_m, ra0, dec0)
+    for axis in range(2):
+        xi_p, eta_p = _gnomonic(ra[1 + 2 * axis], dec[1 + 2 * axis], ra[0], dec[0])
+        xi_m, eta_m = _gnomonic(ra[2 + 2 * axis], dec[2 + 2 * axis], ra[0], dec[0])
         cd[..., 0, axis] = (xi_p - xi_m) / (2 * _STEP_PX)
         cd[..., 1, axis] = (eta_p - eta_m) / (2 * _STEP_PX)
     return cd

@@ -21,7 +21,7 @@ import pyarrow as pa
 from forcedphot.kernels.cutouts import Cutouts
 from forcedphot.photometry.backend import Backend, select_backend
 from forcedphot.photometry.catalog import catalog_columns, table_with_units
-from forcedphot.photometry.objects import validate_objects
+from forcedphot.photometry.objects import ObjectArrays, validate_objects
 from forcedphot.photometry.config import MeasurementConfig
 from forcedphot.photometry.cutouts import (
     BYTES_PER_BAND_PIXEL,
@@ -40,7 +40,7 @@ from forcedphot.photometry.lightcurve_products import with_epoch_columns
 from forcedphot.photometry.local_wcs import local_cd_matrix
 from forcedphot.photometry.psf_models import PsfModel, describe_psf
 from forcedphot.photometry.runner import Execute, KernelResults, KernelRunner, cutout_half_size, run_directly, scatter, unmeasured
-from forcedphot.photometry.selection import select_on_image, sky_to_pixel
+from forcedphot.photometry.selection import same_wcs, select_on_image, sky_to_pixel
 from forcedphot.photometry.sky import subtract_local_background, subtracts_background
 from forcedphot.version import __version__
 
@@ -142,16 +142,16 @@ class ScienceSide:
     subtract: bool
 
 
-def _science_side(science: Exposure, kernels: KernelRunner, ra, dec, config: MeasurementConfig, subtract: bool) -> ScienceSide:
-    """The direct image's positions of the objects at ``ra``, ``dec`` (difference mode); rows
+def _science_side(science: Exposure, kernels: KernelRunner, x: np.ndarray, y: np.ndarray, config: MeasurementConfig,
+                  subtract: bool) -> ScienceSide:
+    """The objects at local positions ``(x, y)`` on the direct image (difference mode); rows
     whose PSF stamp does not reach it are left out. ``subtract``: cutouts sized for the local
     background's annulus too."""
-    x, y = sky_to_pixel(science.wcs, ra, dec)
     h = kernels.psf.stamp_size // 2
     with np.errstate(invalid="ignore"):
         near = (x > -h - 1) & (x < science.width + h) & (y > -h - 1) & (y < science.height + h)
     rows = np.flatnonzero(near)
-    sigma = np.full(len(ra), np.nan)
+    sigma = np.full(len(x), np.nan)
     if subtract:
         sigma[rows] = kernels.psf.sigma(x[rows], y[rows])
     size = 2 * (cutout_half_size(kernels.psf, sigma[rows], config) if subtract and len(rows) else h) + 1
@@ -166,7 +166,7 @@ class Plan:
 
     science: Exposure
     difference: Exposure | None
-    objects: pd.DataFrame  # validated
+    objects: ObjectArrays
     psf: PsfModel  # the measured image's
     science_psf: PsfModel | None
     config: MeasurementConfig
@@ -201,13 +201,13 @@ class Plan:
         self.results.psf.flag[self.invalid_psf] = True
         cd = local_cd_matrix(primary.wcs, self.x, self.y) if len(rows) else np.empty((0, 2, 2))
         return catalog_columns(
-            self.objects.iloc[rows],
+            self.objects.take(rows),
             self.x + primary.x0,
             self.y + primary.y0,
             self.results,
             on_image=self.row_map.measured_mask(),
             invalid_psf=self.invalid_psf,
-            coord_valid=self.objects["coord_valid"].to_numpy()[rows],
+            coord_valid=self.objects.coord_valid[rows],
             cd_matrix=cd,
             primary=primary,
             science=self.science if self.difference is not None else None,
@@ -233,14 +233,13 @@ class Plan:
         }
 
 
-def plan_measurement(science: Exposure, objects: pd.DataFrame, psf: PsfModel, config: MeasurementConfig, backend: Backend, *,
+def plan_measurement(science: Exposure, objects: ObjectArrays, psf: PsfModel, config: MeasurementConfig, backend: Backend, *,
                      difference: Exposure | None = None, science_psf: PsfModel | None = None) -> Plan:
-    """Select the validated ``objects`` on the measured image (and the direct image, in
-    difference mode) and size their cutouts: everything :func:`measure` does before the kernels."""
+    """Select the ``objects`` on the measured image (and the direct image, in difference
+    mode) and size their cutouts: everything :func:`measure` does before the kernels."""
     primary = difference if difference is not None else science
     start = time.perf_counter()
-    ra, dec = objects["ra"].to_numpy(), objects["dec"].to_numpy()
-    coord_valid = objects["coord_valid"].to_numpy()
+    ra, dec, coord_valid = objects.ra, objects.dec, objects.coord_valid
     selection = select_on_image(primary.wcs, primary.width, primary.height, ra, dec, coord_valid)
     # rows returned: on the detector, those with unusable coordinates (flagged, so the
     # caller sees them), and on request those off the detector
@@ -259,7 +258,9 @@ def plan_measurement(science: Exposure, objects: pd.DataFrame, psf: PsfModel, co
     if difference is not None:
         science_kernels = KernelRunner(backend, science, science_psf or psf, config)  # the direct image's own PSF and masks
         subtract_science = subtracts_background(config.subtract_background, science.sky_subtracted, False)
-        science_side = _science_side(science, science_kernels, ra[rows], dec[rows], config, subtract_science)
+        # the sky positions on the direct image: the same pixels when it shares the difference image's grid
+        sx, sy = (x, y) if same_wcs(science.wcs, primary.wcs) else sky_to_pixel(science.wcs, ra[rows], dec[rows])
+        science_side = _science_side(science, science_kernels, sx, sy, config, subtract_science)
         science_results = unmeasured(len(rows), len(config.apertures_px), full=subtract_science)
         science_results.psf.flag[~science_side.near] = True
     return Plan(
@@ -297,7 +298,8 @@ def measure(
     backend = backend or select_backend(config.backend)
     if "coord_valid" not in objects.columns:  # a table made in memory: validated as a file's would be
         objects = validate_objects(objects)
-    plan = plan_measurement(science, objects, psf, config, backend, difference=difference, science_psf=science_psf)
+    arrays = ObjectArrays.of(objects)
+    plan = plan_measurement(science, arrays, psf, config, backend, difference=difference, science_psf=science_psf)
     measured, x, y, sigma = plan.measured, plan.x, plan.y, plan.sigma
     stage_time = kernel_time = 0.0
     done = 0
@@ -333,7 +335,7 @@ def measure(
         table=catalog,
         n_input=len(objects),
         n_on_detector=len(plan.row_map.measured),
-        n_invalid_coords=int(np.count_nonzero(~objects["coord_valid"].to_numpy())),
+        n_invalid_coords=int(np.count_nonzero(~arrays.coord_valid)),
         n_flagged=count_flagged(catalog),
         backend=f"{backend.name}:{backend.device}",
         timings=timings,

@@ -11,7 +11,7 @@ import io
 import json
 from pathlib import Path
 import re
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -20,6 +20,28 @@ import pyarrow.parquet as pq
 
 from forcedphot.photometry.formats import OUTPUT_ONLY, table_format
 from forcedphot.photometry.table_limits import CHECKS, TableLimits
+
+
+class ObjectArrays(NamedTuple):
+    """A validated DiaObject table's columns as NumPy arrays (what measuring needs of it)."""
+
+    ids: np.ndarray  # (N,) int64 diaObjectId
+    ra: np.ndarray  # (N,) float64, deg
+    dec: np.ndarray  # (N,) float64, deg
+    coord_valid: np.ndarray  # (N,) bool
+
+    @classmethod
+    def of(cls, frame: pd.DataFrame) -> "ObjectArrays":
+        """The arrays of a table from :func:`validate_objects`."""
+        return cls(frame["diaObjectId"].to_numpy(np.int64), frame["ra"].to_numpy(np.float64), frame["dec"].to_numpy(np.float64),
+                   frame["coord_valid"].to_numpy(bool))
+
+    def take(self, rows: np.ndarray) -> "ObjectArrays":
+        """The objects at ``rows``."""
+        return ObjectArrays(*(column[rows] for column in self))
+
+    def __len__(self) -> int:
+        return len(self.ids)
 
 
 class InputError(ValueError):

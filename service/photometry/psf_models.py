@@ -133,6 +133,16 @@ def _normalised(stamps: Array, xp: Any) -> Array:
     return stamps / xp.where(total > 0, total, xp.nan)[:, None, None]
 
 
+def _gaussian_stamps(x: np.ndarray, y: np.ndarray, sigma: float | np.ndarray, size: int, xp: Any, put: Put | None) -> Array:
+    """(N, K, K) normalised pixel-integrated Gaussian stamps of width ``sigma`` (px; one, or
+    one per object), from one upload of the centres (and the widths)."""
+    rows = [*_stamp_centres(*_positions(x, y), size)]
+    if np.ndim(sigma):
+        rows.append(np.asarray(sigma, np.float64))
+    packed = (put or xp.asarray)(np.stack(rows))
+    return _normalised(gaussian_stamps(packed[0, ...], packed[1, ...], packed[2, ...] if np.ndim(sigma) else sigma, size), xp)
+
+
 def adaptive_moments(images: np.ndarray, max_iter: int = 200, tol: float = 1e-9) -> np.ndarray:
     """Adaptive second moments of a stack of (N, K, K) images, vectorised over images.
 
@@ -225,9 +235,7 @@ class GaussianPsf:
 
     def stamps(self, x: np.ndarray, y: np.ndarray, xp: Any, put: Put | None = None) -> Array:
         """(N, K, K) pixel-integrated Gaussian stamps in namespace ``xp``, each summing to 1."""
-        centres = (put or xp.asarray)(np.stack(_stamp_centres(*_positions(x, y), self.stamp_size)))
-        raw = gaussian_stamps(centres[0, ...], centres[1, ...], self.sigma_pixels, self.stamp_size)
-        return _normalised(raw, xp)
+        return _gaussian_stamps(x, y, self.sigma_pixels, self.stamp_size, xp, put)
 
     def shape(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
         """(N, 3) moments ``Ixx, Iyy, Ixy`` = (sigma^2, sigma^2, 0), pixels^2."""
@@ -600,3 +608,36 @@ def describe_psf(model: PsfModel) -> str:
     """The PSF in words, with where it came from when :func:`choose_psf` chose it."""
     origin = getattr(model, "origin", None)
     return model.describe() + (f" ({origin})" if origin else "")
+
+
+class StackedPsf:
+    """The PSFs of consecutive runs of objects measured in one kernel call (the epochs of a
+    light curve, each with its own model): ``models[i]`` for the next ``counts[i]`` objects.
+    All models make stamps of one side. Gaussian models are evaluated together (one call);
+    others each on its own run, the stamps concatenated."""
+
+    def __init__(self, models: list[PsfModel], counts: list[int]):
+        sizes = {model.stamp_size for model in models}
+        if len(sizes) != 1 or len(models) != len(counts):
+            raise ValueError(f"stacked PSF models need one stamp side and a count each, got sides {sorted(sizes)}")
+        self.models, self.counts, self.stamp_size = list(models), [int(c) for c in counts], sizes.pop()
+
+    def _runs(self) -> list[tuple[PsfModel, slice]]:
+        bounds = np.cumsum([0, *self.counts])
+        return [(model, slice(int(lo), int(hi))) for model, lo, hi in zip(self.models, bounds[:-1], bounds[1:])]
+
+    def stamps(self, x: np.ndarray, y: np.ndarray, xp: Any, put: Put | None = None) -> Array:
+        """(N, K, K) stamps, each object's from its own model (see :meth:`PsfModel.stamps`)."""
+        if all(type(model) is GaussianPsf for model in self.models):
+            sigma = np.repeat([model.sigma_pixels for model in self.models], self.counts)
+            return _gaussian_stamps(x, y, sigma, self.stamp_size, xp, put)
+        x, y = _positions(x, y)
+        return xp.concat([model.stamps(x[run], y[run], xp, put) for model, run in self._runs()], axis=0)
+
+    def sigma(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        """(N,) PSF determinant radius of each object's model, pixels."""
+        x, y = _positions(x, y)
+        return np.concatenate([model.sigma(x[run], y[run]) for model, run in self._runs()])
+
+    def describe(self) -> str:
+        return "; ".join(dict.fromkeys(model.describe() for model in self.models))

@@ -10,7 +10,7 @@ image, ``[-0.5, width - 0.5) x [-0.5, height - 0.5)`` in local coordinates.
 from dataclasses import dataclass
 import warnings
 
-from astropy.wcs import WCS
+from astropy.wcs import WCS, WCSCOMPARE_ANCILLARY
 import numpy as np
 
 
@@ -53,6 +53,21 @@ def _near_reference(wcs: WCS, ra_deg: np.ndarray, dec_deg: np.ndarray) -> np.nda
     ra, dec = np.deg2rad(ra_deg), np.deg2rad(dec_deg)
     cos_distance = np.sin(dec) * np.sin(dec0) + np.cos(dec) * np.cos(dec0) * np.cos(ra - ra0)
     return cos_distance > np.cos(np.deg2rad(80.0))
+
+
+def same_wcs(a: WCS, b: WCS) -> bool:
+    """True when two WCSs map every pixel to the same sky position: the same object, or
+    identical parameters and SIP polynomials and no other distortion (a difference image
+    made on its science image's grid, as LSST's are). False when unsure."""
+    if a is b:
+        return True
+    if a.cpdis1 or a.cpdis2 or b.cpdis1 or b.cpdis2 or a.det2im1 or a.det2im2 or b.det2im1 or b.det2im2:
+        return False
+    if not a.wcs.compare(b.wcs, cmp=WCSCOMPARE_ANCILLARY):
+        return False
+    if a.sip is None or b.sip is None:
+        return a.sip is None and b.sip is None
+    return all(np.array_equal(getattr(a.sip, k), getattr(b.sip, k)) for k in ("a", "b", "ap", "bp", "crpix"))
 
 
 def select_on_image(wcs: WCS, width: int, height: int, ra_deg: np.ndarray, dec_deg: np.ndarray, coord_valid: np.ndarray) -> Selection:

@@ -44,6 +44,7 @@ from forcedphot.photometry.exposure import DEFAULT_LIMITS, ExposureError, Exposu
 from forcedphot.photometry.formats import encode_catalog
 from forcedphot.photometry.lightcurve import Epoch, LightCurves, measure_epochs, merge_lightcurves
 from forcedphot.photometry.measure import Measurement, measure
+from forcedphot.photometry.objects import ObjectArrays
 from forcedphot.photometry.psf_choice import choose_psfs
 from forcedphot.photometry.psf_models import PsfError
 from forcedphot.photometry.runner import run_directly
@@ -222,6 +223,8 @@ class MeasureService:
         cache); epochs whose files cannot be read are reported, not fatal. ``check()`` is
         called before each epoch and after each batch (it may raise to stop the work)."""
 
+        objects = ObjectArrays.of(task.objects)
+
         def epoch(item: EpochInput) -> Epoch:
             @contextmanager
             def files():
@@ -230,7 +233,7 @@ class MeasureService:
                     difference = stack.enter_context(self.handles.lease(item.difference.path, item.difference.label)) if item.difference else None
                     yield science, difference
 
-            return Epoch(label=(item.difference or item.science).label, open=files, objects=task.objects.iloc[item.rows],
+            return Epoch(label=(item.difference or item.science).label, open=files, objects=objects.take(item.rows),
                          psf=lambda science, difference: choose_psfs(science, difference, item.science.label,
                                                                      item.difference.label if item.difference else None,
                                                                      fwhm_pixels=task.psf_fwhm))

@@ -142,40 +142,71 @@ def _unit_vectors(ra: np.ndarray, dec: np.ndarray) -> np.ndarray:
     return np.stack([np.cos(dec) * np.cos(ra), np.cos(dec) * np.sin(ra), np.sin(dec)], axis=-1)
 
 
-def _gnomonic(points: np.ndarray, centre: np.ndarray) -> np.ndarray:
-    """(N, 2) gnomonic coordinates of unit vectors ``points`` about the unit vector ``centre``;
-    points on the far hemisphere come out as NaN."""
-    east = np.cross([0.0, 0.0, 1.0], centre)
-    if np.linalg.norm(east) < 1e-12:  # centre at a pole
-        east = np.array([0.0, 1.0, 0.0])
-    east /= np.linalg.norm(east)
-    north = np.cross(centre, east)
-    along = points @ centre
+def _gnomonic(points: np.ndarray, centres: np.ndarray) -> np.ndarray:
+    """(E, N, 2) gnomonic coordinates of unit vectors ``points`` ((N, 3), or (E, N, 3)) about
+    each of the unit vectors ``centres`` (E, 3); points on the far hemisphere come out as NaN."""
+    east = np.cross([0.0, 0.0, 1.0], centres)
+    at_pole = np.linalg.norm(east, axis=-1) < 1e-12
+    east[at_pole] = [0.0, 1.0, 0.0]
+    east /= np.linalg.norm(east, axis=-1, keepdims=True)
+    north = np.cross(centres, east)
+    along = np.einsum("nk,ek->en" if points.ndim == 2 else "enk,ek->en", points, centres)
+    axes = np.stack([east, north], axis=-1)  # (E, 3, 2)
+    projected = points @ axes  # (E, N, 2)
     with np.errstate(divide="ignore", invalid="ignore"):
-        xy = np.stack([points @ east, points @ north], axis=-1) / along[:, None]
+        xy = projected / along[..., None]
     xy[along <= 0] = np.nan
     return xy
 
 
-def _inside(polygon: np.ndarray, xy: np.ndarray) -> np.ndarray:
-    """Points ``xy`` (M, 2) inside the closed ``polygon`` (V, 2) (even-odd rule)."""
-    x, y = xy[:, 0:1], xy[:, 1:2]
-    x1, y1 = polygon[:, 0][None, :], polygon[:, 1][None, :]
-    x2, y2 = np.roll(polygon[:, 0], -1)[None, :], np.roll(polygon[:, 1], -1)[None, :]
+def _inside(polygons: np.ndarray, xy: np.ndarray) -> np.ndarray:
+    """(E, M) bool: points ``xy`` (E, M, 2) inside each closed polygon (E, V, 2) (even-odd rule)."""
+    x, y = xy[..., 0:1], xy[..., 1:2]
+    x1, y1 = polygons[:, None, :, 0], polygons[:, None, :, 1]
+    x2, y2 = np.roll(x1, -1, axis=-1), np.roll(y1, -1, axis=-1)
     with np.errstate(divide="ignore", invalid="ignore"):
         crosses = ((y1 > y) != (y2 > y)) & (x < (x2 - x1) * (y - y1) / (y2 - y1) + x1)
-    return (np.count_nonzero(crosses, axis=1) % 2) == 1
+    return (np.count_nonzero(crosses, axis=-1) % 2) == 1
 
 
-def _segment_distance(polygon: np.ndarray, xy: np.ndarray) -> np.ndarray:
-    """Distance (gnomonic units, ~radians) from points ``xy`` to the polygon's border."""
-    a = polygon[None, :, :]
-    b = np.roll(polygon, -1, axis=0)[None, :, :]
-    p = xy[:, None, :]
+def _segment_distance(polygons: np.ndarray, xy: np.ndarray) -> np.ndarray:
+    """(E, M) distance (gnomonic units, ~radians) from points ``xy`` (E, M, 2) to the border
+    of each polygon (E, V, 2)."""
+    a = polygons[:, None, :, :]
+    b = np.roll(polygons, -1, axis=1)[:, None, :, :]
+    p = xy[:, :, None, :]
     ab = b - a
     t = np.clip(np.sum((p - a) * ab, axis=-1) / np.maximum(np.sum(ab * ab, axis=-1), 1e-300), 0.0, 1.0)
     closest = a + t[..., None] * ab
-    return np.min(np.linalg.norm(p - closest, axis=-1), axis=1)
+    return np.min(np.linalg.norm(p - closest, axis=-1), axis=-1)
+
+
+def _covered(footprints: list[list[tuple[float, float]]], centres: np.ndarray, points: np.ndarray, radius_deg: float) -> list[np.ndarray]:
+    """For each exposure (its footprint's vertices and centre, ra/dec deg): which of the unit
+    vectors ``points`` (M, 3) lie inside it (or within ``radius_deg`` of its border).
+    Exposures with equal vertex counts are tested together, a bounded number at a time."""
+    hits: list[np.ndarray | None] = [None] * len(footprints)
+    by_count: dict[int, list[int]] = {}
+    for i, footprint in enumerate(footprints):
+        by_count.setdefault(len(footprint), []).append(i)
+    for count, members in by_count.items():
+        step = max(1, _TEST_ELEMENTS // max(1, count * len(points)))
+        for lo in range(0, len(members), step):
+            chosen = members[lo:lo + step]
+            corners = np.array([footprints[i] for i in chosen], dtype=np.float64)  # (E, V, 2)
+            middle = _unit_vectors(centres[chosen, 0], centres[chosen, 1])
+            polygons = _gnomonic(_unit_vectors(corners[..., 0], corners[..., 1]), middle)
+            xy = _gnomonic(points, middle)
+            hit = _inside(polygons, xy)
+            if radius_deg > 0:
+                hit |= _segment_distance(polygons, xy) <= math.radians(radius_deg)
+            hit &= np.isfinite(xy[..., 0])
+            for i, row in zip(chosen, hit):
+                hits[i] = row
+    return hits
+
+
+_TEST_ELEMENTS = 1 << 21  # exposures x points x vertices tested in one step (a few tens of MB of temporaries)
 
 
 def footprint_of(exposure: Exposure) -> list[tuple[float, float]]:
@@ -398,17 +429,10 @@ class ExposureIndex:
         with self._session() as db:
             rows = db.execute(sql, args).fetchall() if len(pixels) else []
         points = _unit_vectors(ra, dec)
+        footprints = [[tuple(v) for v in json.loads(row[7])] for row in rows]
+        hits = _covered(footprints, np.array([(row[5], row[6]) for row in rows], dtype=np.float64).reshape(-1, 2), points, radius_deg)
         out = []
-        for row in rows:
-            footprint = [tuple(v) for v in json.loads(row[7])]
-            vertices = _unit_vectors(np.array([v[0] for v in footprint]), np.array([v[1] for v in footprint]))
-            centre = _unit_vectors(np.array([row[5]]), np.array([row[6]]))[0]
-            polygon = _gnomonic(vertices, centre)
-            xy = _gnomonic(points, centre)
-            hit = _inside(polygon, xy)
-            if radius_deg > 0:
-                hit |= _segment_distance(polygon, xy) <= math.radians(radius_deg)
-            hit &= np.isfinite(xy[:, 0])
+        for row, footprint, hit in zip(rows, footprints, hits):
             if hit.any():
                 exposure = IndexedExposure(visit=row[0], detector=row[1], band=row[2], midpoint_mjd_tai=row[3], exposure_time=row[4],
                                            ra=row[5], dec=row[6], footprint=footprint, psf_fwhm_px=row[8], calibration=row[9],
