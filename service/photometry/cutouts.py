@@ -36,6 +36,7 @@ from forcedphot.photometry.lsst_fits import AFW_DEFAULT_MASK_PLANES
 BYTES_PER_STAGED_PIXEL = 4 + 4 + 4 + 1 + 10 * 8
 BYTES_PER_BAND_PIXEL = 13  # a band of rows read on the host: the three planes and padding
 BYTES_PER_PLANE_PIXEL = 4 + 4 + 4  # an exposure's float32 image, float32 variance, int32 mask
+FEW_WINDOWS = 8  # up to this many windows are cut out one slice at a time
 
 
 class RowReader(Protocol):
@@ -230,9 +231,13 @@ def _cutouts(band: Band, windows: Windows) -> Cutouts:
 
     interior = band.interior(windows)
     inner = np.flatnonzero(interior)
-    if inner.size:
+    if inner.size > FEW_WINDOWS:
         for stack, plane in zip(stacks, planes):
             stack[inner] = sliding_window_view(plane, (size, size))[iy[inner] - h - read_lo, ix[inner] - h]
+    for i in inner if inner.size <= FEW_WINDOWS else ():  # a few windows: slices cost less than the view's set-up
+        rows, columns = slice(iy[i] - h - read_lo, iy[i] + h + 1 - read_lo), slice(ix[i] - h, ix[i] + h + 1)
+        for stack, plane in zip(stacks, planes):
+            stack[i] = plane[rows, columns]
     edge = np.flatnonzero(~interior)
     if edge.size:
         # the band holds every image row these windows touch: rows it lacks lie beyond the image

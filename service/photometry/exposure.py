@@ -50,7 +50,9 @@ from dataclasses import dataclass, field
 import math
 import os
 import re
+from typing import NamedTuple
 import warnings
+import weakref
 
 from astropy.io import fits
 from astropy.time import Time, TimeDelta
@@ -599,6 +601,38 @@ def _merged_header(primary: fits.Header, image: fits.Header, image_is_primary: b
 _RAW_TYPES = {8: "u1", 16: ">i2", 32: ">i4", 64: ">i8", -32: ">f4", -64: ">f8"}
 
 
+class PlaneFormat(NamedTuple):
+    """Where and how a plain HDU's pixels are stored (read once from its header)."""
+
+    file: str
+    offset: int  # bytes from the start of the file to the data
+    dtype: np.dtype  # as stored (big-endian)
+    shape: tuple[int, int]
+    bscale: float
+    bzero: float
+    blank: int | None
+
+
+_FORMATS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # HDU -> PlaneFormat, or None when compressed
+
+
+def _plane_format(hdu: _ImageHDU) -> PlaneFormat | None:
+    """The HDU's :class:`PlaneFormat`; None for a tile-compressed HDU or a whole-file
+    compressed (gzip, bzip2) one, which astropy decompresses."""
+    try:
+        return _FORMATS[hdu]
+    except KeyError:
+        pass
+    info = hdu.fileinfo()
+    found = None
+    if not (isinstance(hdu, fits.CompImageHDU) or info["file"].compression):
+        header = hdu.header
+        found = PlaneFormat(info["file"].name, info["datLoc"], np.dtype(_RAW_TYPES[header["BITPIX"]]), tuple(hdu.shape),
+                            header.get("BSCALE", 1), header.get("BZERO", 0), header.get("BLANK"))
+    _FORMATS[hdu] = found
+    return found
+
+
 class PlaneMaps:
     """Read-only memory maps of an open file's plain HDUs, each made once and kept until
     :meth:`clear`: a new map per read would cost a system call and, worse, a page fault
@@ -607,39 +641,34 @@ class PlaneMaps:
     def __init__(self) -> None:
         self._maps: dict[int, np.memmap] = {}
 
-    def plane(self, hdu: _ImageHDU) -> np.memmap:
+    def plane(self, plane: PlaneFormat) -> np.memmap:
         """The whole of a plain HDU's data, as stored (the file's byte order), mapped."""
-        info = hdu.fileinfo()
-        offset = info["datLoc"]
-        plane = self._maps.get(offset)
-        if plane is None:  # two threads may both map it: either map serves
-            plane = np.memmap(info["file"].name, dtype=np.dtype(_RAW_TYPES[hdu.header["BITPIX"]]), mode="r", offset=offset,
-                              shape=tuple(hdu.shape))
-            self._maps[offset] = plane
-        return plane
+        mapped = self._maps.get(plane.offset)
+        if mapped is None:  # two threads may both map it: either map serves
+            mapped = np.memmap(plane.file, dtype=plane.dtype, mode="r", offset=plane.offset, shape=plane.shape)
+            self._maps[plane.offset] = mapped
+        return mapped
 
     def clear(self) -> None:
         """Drop every map (each unmaps when no view of it is left)."""
         self._maps.clear()
 
 
-def _raw_rows(hdu: _ImageHDU, y_start: int, y_stop: int, maps: PlaneMaps | None) -> np.ndarray:
+def _raw_rows(hdu: _ImageHDU, plane: PlaneFormat, y_start: int, y_stop: int, maps: PlaneMaps | None) -> np.ndarray:
     """Rows [y_start, y_stop) of a plain (not tile-compressed) HDU as stored: raw values in
     the file's byte order. With ``maps``: a read-only view of the HDU's memory map (nothing
     is read until touched); else read from the file (a file that shrank gives a short read,
     raised as EOFError, where a memory map would kill the process with SIGBUS)."""
     if maps is not None:
-        return maps.plane(hdu)[y_start:y_stop]
-    info = hdu.fileinfo()
-    dtype = np.dtype(_RAW_TYPES[hdu.header["BITPIX"]])
-    width = hdu.shape[1]
-    size = (y_stop - y_start) * width * dtype.itemsize
-    with open(info["file"].name, "rb") as f:
-        f.seek(info["datLoc"] + y_start * width * dtype.itemsize)
+        return maps.plane(plane)[y_start:y_stop]
+    width = plane.shape[1]
+    size = (y_stop - y_start) * width * plane.dtype.itemsize
+    with open(plane.file, "rb") as f:
+        f.seek(plane.offset + y_start * width * plane.dtype.itemsize)
         data = f.read(size)
     if len(data) != size:
         raise EOFError(f"{len(data)} of {size} bytes of HDU {hdu.name or 'PRIMARY'} could be read")
-    return np.frombuffer(data, dtype).reshape(y_stop - y_start, width)
+    return np.frombuffer(data, plane.dtype).reshape(y_stop - y_start, width)
 
 
 def _plain_rows(hdu: _ImageHDU, y_start: int, y_stop: int, maps: PlaneMaps | None) -> np.ndarray | None:
@@ -647,18 +676,18 @@ def _plain_rows(hdu: _ImageHDU, y_start: int, y_stop: int, maps: PlaneMaps | Non
     int64; ``BLANK`` becomes NaN for floating results), else the raw values; None for a
     tile-compressed HDU or a whole-file compressed (gzip, bzip2) one, which astropy
     decompresses. Only these rows are read."""
-    if isinstance(hdu, fits.CompImageHDU) or hdu.fileinfo()["file"].compression:
+    plane = _plane_format(hdu)
+    if plane is None:
         return None
-    raw = _raw_rows(hdu, y_start, y_stop, maps)
-    header = hdu.header
-    bscale, bzero = header.get("BSCALE", 1), header.get("BZERO", 0)
+    raw = _raw_rows(hdu, plane, y_start, y_stop, maps)
+    bscale, bzero = plane.bscale, plane.bzero
     if bscale == 1 and bzero == 0:
         return raw
     if raw.dtype.kind in "iu" and float(bscale).is_integer() and float(bzero).is_integer():
         return raw.astype(np.int64) * int(bscale) + int(bzero)
     values = raw.astype(np.float64) * bscale + bzero
-    if "BLANK" in header and raw.dtype.kind in "iu":
-        values[raw == header["BLANK"]] = np.nan
+    if plane.blank is not None and raw.dtype.kind in "iu":
+        values[raw == plane.blank] = np.nan
     return values
 
 
