@@ -200,11 +200,11 @@ class Exposure:
     photocalib: PhotoCalib
     header: fits.Header = field(repr=False)
     archive: Archive | None = field(repr=False)
-    _hdul: fits.HDUList = field(repr=False, compare=False)
-    _image_hdu: _ImageHDU = field(repr=False, compare=False)
-    _variance_hdu: _ImageHDU | None = field(repr=False, compare=False)
+    _hdul: fits.HDUList | None = field(repr=False, compare=False)  # None: opened from a stored summary
+    _image_hdu: _ImageHDU | PlaneFormat = field(repr=False, compare=False)  # a PlaneFormat when opened from a summary
+    _variance_hdu: _ImageHDU | PlaneFormat | None = field(repr=False, compare=False)
     _variance_is_weight: bool = field(repr=False, compare=False)
-    _mask_hdu: _ImageHDU | None = field(repr=False, compare=False)
+    _mask_hdu: _ImageHDU | PlaneFormat | None = field(repr=False, compare=False)
     _constant_variance: float = field(repr=False, compare=False)
     _file_stamp: tuple[int, int, int] = field(repr=False, compare=False)
     _maps: PlaneMaps | None = field(repr=False, compare=False)  # None: pixels read from the file, not mapped
@@ -269,7 +269,7 @@ class Exposure:
         modification time or inode differ: rewritten in place, replaced or truncated; a
         partial copy is compared by size and inode, as filling it writes to it)."""
         try:
-            now = _stamp(self.path, self._partial is not None)
+            now = file_stamp(self.path, self._partial is not None)
         except OSError:
             now = None
         if now != self._file_stamp:
@@ -301,7 +301,8 @@ class Exposure:
         self._resident.clear()
         if self._maps is not None:
             self._maps.clear()
-        self._hdul.close()
+        if self._hdul is not None:  # None: opened from a stored summary, no astropy file
+            self._hdul.close()
 
     def __enter__(self) -> Exposure:
         return self
@@ -333,7 +334,7 @@ def open_exposure(path: str | os.PathLike, *, name: str | None = None, limits: E
         raise ExposureError(f"{name}: no such file")
     try:
         partial = PartialCopy.of(path)
-        stamp = _stamp(path, partial is not None)
+        stamp = file_stamp(path, partial is not None)
     except FileNotFoundError:
         raise ExposureError(f"{name}: no such file") from None
     except FetchError:
@@ -357,7 +358,7 @@ _MALFORMED = (KeyError, ValueError, TypeError, OverflowError, IndexError, Arithm
 # --- file level -------------------------------------------------------------------------
 
 
-def _stamp(path: str, partial: bool = False) -> tuple[int, int, int]:
+def file_stamp(path: str, partial: bool = False) -> tuple[int, int, int]:
     """What identifies the file's contents: size, modification time (ns; 0 for a
     ``partial`` copy, which is written while it is read), inode."""
     stat = os.stat(path)
@@ -605,6 +606,7 @@ class PlaneFormat(NamedTuple):
     """Where and how a plain HDU's pixels are stored (read once from its header)."""
 
     file: str
+    label: str  # the HDU's name, for messages
     offset: int  # bytes from the start of the file to the data
     dtype: np.dtype  # as stored (big-endian)
     shape: tuple[int, int]
@@ -616,9 +618,12 @@ class PlaneFormat(NamedTuple):
 _FORMATS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # HDU -> PlaneFormat, or None when compressed
 
 
-def _plane_format(hdu: _ImageHDU) -> PlaneFormat | None:
-    """The HDU's :class:`PlaneFormat`; None for a tile-compressed HDU or a whole-file
-    compressed (gzip, bzip2) one, which astropy decompresses."""
+def plane_format(hdu: _ImageHDU | PlaneFormat) -> PlaneFormat | None:
+    """The HDU's :class:`PlaneFormat` (an exposure opened from its stored summary holds
+    these instead of HDUs); None for a tile-compressed HDU or a whole-file compressed (gzip,
+    bzip2) one, which astropy decompresses."""
+    if isinstance(hdu, PlaneFormat):
+        return hdu
     try:
         return _FORMATS[hdu]
     except KeyError:
@@ -627,7 +632,7 @@ def _plane_format(hdu: _ImageHDU) -> PlaneFormat | None:
     found = None
     if not (isinstance(hdu, fits.CompImageHDU) or info["file"].compression):
         header = hdu.header
-        found = PlaneFormat(info["file"].name, info["datLoc"], np.dtype(_RAW_TYPES[header["BITPIX"]]), tuple(hdu.shape),
+        found = PlaneFormat(info["file"].name, hdu.name or "PRIMARY", info["datLoc"], np.dtype(_RAW_TYPES[header["BITPIX"]]), tuple(hdu.shape),
                             header.get("BSCALE", 1), header.get("BZERO", 0), header.get("BLANK"))
     _FORMATS[hdu] = found
     return found
@@ -654,7 +659,7 @@ class PlaneMaps:
         self._maps.clear()
 
 
-def _raw_rows(hdu: _ImageHDU, plane: PlaneFormat, y_start: int, y_stop: int, maps: PlaneMaps | None) -> np.ndarray:
+def _raw_rows(plane: PlaneFormat, y_start: int, y_stop: int, maps: PlaneMaps | None) -> np.ndarray:
     """Rows [y_start, y_stop) of a plain (not tile-compressed) HDU as stored: raw values in
     the file's byte order. With ``maps``: a read-only view of the HDU's memory map (nothing
     is read until touched); else read from the file (a file that shrank gives a short read,
@@ -667,7 +672,7 @@ def _raw_rows(hdu: _ImageHDU, plane: PlaneFormat, y_start: int, y_stop: int, map
         f.seek(plane.offset + y_start * width * plane.dtype.itemsize)
         data = f.read(size)
     if len(data) != size:
-        raise EOFError(f"{len(data)} of {size} bytes of HDU {hdu.name or 'PRIMARY'} could be read")
+        raise EOFError(f"{len(data)} of {size} bytes of HDU {plane.label} could be read")
     return np.frombuffer(data, plane.dtype).reshape(y_stop - y_start, width)
 
 
@@ -676,10 +681,10 @@ def _plain_rows(hdu: _ImageHDU, y_start: int, y_stop: int, maps: PlaneMaps | Non
     int64; ``BLANK`` becomes NaN for floating results), else the raw values; None for a
     tile-compressed HDU or a whole-file compressed (gzip, bzip2) one, which astropy
     decompresses. Only these rows are read."""
-    plane = _plane_format(hdu)
+    plane = plane_format(hdu)
     if plane is None:
         return None
-    raw = _raw_rows(hdu, plane, y_start, y_stop, maps)
+    raw = _raw_rows(plane, y_start, y_stop, maps)
     bscale, bzero = plane.bscale, plane.bzero
     if bscale == 1 and bzero == 0:
         return raw

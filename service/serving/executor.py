@@ -64,6 +64,7 @@ class ExposureInput:
     path: Path
     label: str
     uploaded: bool = False  # a client's file: never cached, and no pickle in it is ever loaded
+    summary: str | None = field(default=None, compare=False, repr=False)  # the index's JSON summary: opened without its headers
 
 
 @dataclass(frozen=True)
@@ -229,8 +230,9 @@ class MeasureService:
             @contextmanager
             def files():
                 with ExitStack() as stack:
-                    science = stack.enter_context(self.handles.lease(item.science.path, item.science.label))
-                    difference = stack.enter_context(self.handles.lease(item.difference.path, item.difference.label)) if item.difference else None
+                    science = stack.enter_context(self.handles.lease(item.science.path, item.science.label, item.science.summary))
+                    difference = (stack.enter_context(self.handles.lease(item.difference.path, item.difference.label, item.difference.summary))
+                                  if item.difference else None)
                     yield science, difference
 
             return Epoch(label=(item.difference or item.science).label, open=files, objects=objects.take(item.rows),

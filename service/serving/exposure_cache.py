@@ -14,6 +14,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
 from contextlib import contextmanager
+import json
 import os
 from pathlib import Path
 import threading
@@ -24,6 +25,7 @@ import numpy as np
 from forcedphot.photometry.backend import Backend
 from forcedphot.photometry.cutouts import BYTES_PER_PLANE_PIXEL, DeviceCopies, ResidentPlanes
 from forcedphot.photometry.exposure import DEFAULT_LIMITS, Exposure, ExposureError, ExposureLimits, open_exposure
+from forcedphot.photometry.exposure_summary import open_summarized
 
 BYTES_PER_PIXEL = BYTES_PER_PLANE_PIXEL  # float32 image, float32 variance, int32 mask
 
@@ -200,7 +202,10 @@ class HandleCache:
         self._lock = threading.Lock()
 
     @contextmanager
-    def lease(self, path: str | os.PathLike, name: str | None = None) -> Iterator[Exposure]:
+    def lease(self, path: str | os.PathLike, name: str | None = None, summary: str | None = None) -> Iterator[Exposure]:
+        """The open exposure of ``path``, held for this thread; opened on a miss from its
+        ``summary`` (JSON, see :mod:`~forcedphot.photometry.exposure_summary`) when that still
+        describes the file, else from the file."""
         name = name or os.fspath(path)
         try:
             key = _file_key(Path(path))
@@ -211,7 +216,9 @@ class HandleCache:
             if entry is not None:
                 self._open.move_to_end(key)
         if entry is None:
-            opened = (open_exposure(path, name=name, limits=self.limits, memory_map=self.memory_map), threading.Lock())
+            stored = (open_summarized(path, json.loads(summary), name=name, limits=self.limits, memory_map=self.memory_map)
+                      if summary else None)
+            opened = (stored or open_exposure(path, name=name, limits=self.limits, memory_map=self.memory_map), threading.Lock())
             with self._lock:
                 entry = self._open.setdefault(key, opened)  # another thread may have opened it meanwhile
                 while len(self._open) > self.max_open:

@@ -40,6 +40,7 @@ from astropy_healpix import HEALPix
 import numpy as np
 
 from forcedphot.photometry.exposure import Exposure, ExposureError, open_exposure
+from forcedphot.photometry.exposure_summary import summarize
 from forcedphot.photometry.psf_models import PsfError, header_fwhm_pixels
 from forcedphot.serving.sqlite_wal import keep_open
 
@@ -67,6 +68,8 @@ CREATE TABLE IF NOT EXISTS exposures (
     difference_path TEXT,
     difference_size INTEGER,
     difference_mtime_ns INTEGER,
+    science_summary TEXT,
+    difference_summary TEXT,
     UNIQUE (visit, detector)
 );
 CREATE TABLE IF NOT EXISTS sky (hpx INTEGER NOT NULL, exposure INTEGER NOT NULL REFERENCES exposures (id) ON DELETE CASCADE);
@@ -97,6 +100,8 @@ class IndexedExposure:
     calibration: float | None  # nJy per count
     science_path: str
     difference_path: str | None
+    science_summary: str | None = field(default=None, repr=False)  # JSON (photometry/exposure_summary): open without reading headers
+    difference_summary: str | None = field(default=None, repr=False)
 
     def describe(self) -> dict[str, Any]:
         """What a client may see (no server paths)."""
@@ -239,6 +244,11 @@ class ExposureIndex:
         with self._session() as db:
             db.execute("PRAGMA journal_mode=WAL")
             db.executescript(_SCHEMA)
+            columns = {row[1] for row in db.execute("PRAGMA table_info(exposures)")}
+            if "science_summary" not in columns:  # an index made before summaries: add them, and re-read every file at the next refresh
+                db.execute("ALTER TABLE exposures ADD COLUMN science_summary TEXT")
+                db.execute("ALTER TABLE exposures ADD COLUMN difference_summary TEXT")
+                db.execute("UPDATE exposures SET science_mtime_ns = -1")
             stored = db.execute("SELECT value FROM meta WHERE key = 'nside'").fetchone()
             if stored is None:
                 db.execute("INSERT INTO meta VALUES ('nside', ?)", (str(nside),))
@@ -346,10 +356,15 @@ class ExposureIndex:
         return report
 
     def _read(self, key: tuple[int, int], science: Path, difference: Path | None, stamp: tuple) -> dict[str, Any]:
+        difference_summary = None
+        if difference is not None:
+            with open_exposure(difference, memory_map=False) as exposure:
+                difference_summary = summarize(exposure)
         with open_exposure(science, memory_map=False) as exposure:  # the server process maps no repository file
             footprint = footprint_of(exposure)
             fwhm = header_fwhm_pixels(exposure.header, str(science))
             return {
+                "science_summary": summarize(exposure), "difference_summary": difference_summary,
                 "visit": key[0], "detector": key[1], "band": exposure.band, "midpoint_mjd_tai": exposure.midpoint_mjd_tai,
                 "exposure_time": _exposure_time(exposure), "footprint": footprint, "psf_fwhm_px": fwhm,
                 "calibration": exposure.calibration_mean if math.isfinite(exposure.calibration_mean) else None,
@@ -373,10 +388,11 @@ class ExposureIndex:
         cursor = db.execute(
             "INSERT INTO exposures (visit, detector, band, midpoint_mjd_tai, exposure_time, ra, dec, radius_deg, footprint, "
             "psf_fwhm_px, calibration, science_path, science_size, science_mtime_ns, difference_path, difference_size, "
-            "difference_mtime_ns) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "difference_mtime_ns, science_summary, difference_summary) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (record["visit"], record["detector"], record["band"], record["midpoint_mjd_tai"], record["exposure_time"], ra, dec,
              radius, json.dumps(record["footprint"]), record["psf_fwhm_px"], record["calibration"], record["science_path"],
-             stamp[0], stamp[1], record["difference_path"], stamp[2], stamp[3]))
+             stamp[0], stamp[1], record["difference_path"], stamp[2], stamp[3],
+             *(None if record.get(key) is None else json.dumps(record[key]) for key in ("science_summary", "difference_summary"))))
         pixels = self._pixels_near(ra, dec, radius)
         db.executemany("INSERT INTO sky VALUES (?, ?)", [(int(p), cursor.lastrowid) for p in pixels])
 
@@ -413,7 +429,8 @@ class ExposureIndex:
         else:
             pixels = np.unique(self.healpix.lonlat_to_healpix(Longitude(ra * u.deg), Latitude(dec * u.deg)))
         sql = ("SELECT DISTINCT e.visit, e.detector, e.band, e.midpoint_mjd_tai, e.exposure_time, e.ra, e.dec, e.footprint, "
-               "e.psf_fwhm_px, e.calibration, e.science_path, e.difference_path FROM sky s JOIN exposures e ON e.id = s.exposure "
+               "e.psf_fwhm_px, e.calibration, e.science_path, e.difference_path, e.science_summary, e.difference_summary "
+               "FROM sky s JOIN exposures e ON e.id = s.exposure "
                f"WHERE s.hpx IN ({','.join('?' * len(pixels))})")
         args: list[Any] = [int(p) for p in pixels]
         if bands:
@@ -436,7 +453,8 @@ class ExposureIndex:
             if hit.any():
                 exposure = IndexedExposure(visit=row[0], detector=row[1], band=row[2], midpoint_mjd_tai=row[3], exposure_time=row[4],
                                            ra=row[5], dec=row[6], footprint=footprint, psf_fwhm_px=row[8], calibration=row[9],
-                                           science_path=row[10], difference_path=row[11])
+                                           science_path=row[10], difference_path=row[11], science_summary=row[12],
+                                           difference_summary=row[13])
                 out.append((exposure, np.flatnonzero(hit)))
         return out
 

@@ -20,13 +20,15 @@ from forcedphot.serving.repository import DataIdRef, describe
 
 
 def exposure_inputs(exposure: IndexedExposure) -> tuple[ExposureInput, ExposureInput | None]:
-    """The science and difference files of an indexed exposure, named by their data ids."""
+    """The science and difference files of an indexed exposure, named by their data ids,
+    with the index's summaries (a cold light curve opens them without reading their headers)."""
 
-    def named(path: str, kind: str) -> ExposureInput:
-        return ExposureInput(Path(path), describe(DataIdRef(visit=exposure.visit, detector=exposure.detector, datasetType=kind)))
+    def named(path: str, kind: str, summary: str | None) -> ExposureInput:
+        return ExposureInput(Path(path), describe(DataIdRef(visit=exposure.visit, detector=exposure.detector, datasetType=kind)),
+                             summary=summary)
 
-    science = named(exposure.science_path, SCIENCE)
-    return science, named(exposure.difference_path, DIFFERENCE) if exposure.difference_path else None
+    science = named(exposure.science_path, SCIENCE, exposure.science_summary)
+    return science, named(exposure.difference_path, DIFFERENCE, exposure.difference_summary) if exposure.difference_path else None
 
 
 def plan_lightcurves(index: ExposureIndex, objects: pd.DataFrame, config: MeasurementConfig, *, mjd_min: float | None = None,
