@@ -6,9 +6,10 @@
    time of ``covering(ra, dec)`` at random positions (median, p99).
 2. A demo survey of ``--epochs`` visits (cached in bench/.cache), served by a real
    ``forcedphot serve`` on 127.0.0.1 (two measurement processes, NumPy): the time of
-   ``POST /v1/lightcurves`` for 1 object and for 100 objects over every epoch, first
-   request (files not yet open) and then the median of ``--repeats`` (files open), with
-   the server's own breakdown (Server-Timing, summed over epochs and processes).
+   ``POST /v1/lightcurves`` for 1 object over one epoch, and for 1 object and 100 objects
+   over every epoch, first request (files not yet open) and then the median of
+   ``--repeats`` (files open), with the server's own breakdown (Server-Timing, summed over
+   epochs and processes), and the ratio of 100 epochs to one.
 3. The same light curves measured in this process on one thread (MeasureService), for
    the cost per epoch without HTTP or processes.
 """
@@ -94,8 +95,8 @@ def in_process(root: Path, objects: pd.DataFrame, repeats: int) -> tuple[float, 
     return statistics.median(times), result.timings, len(task.epochs)
 
 
-def served(root: Path, objects: pd.DataFrame, repeats: int, url: str, headers: dict) -> tuple[float, float, str, str]:
-    body = {"objects": objects.to_dict(orient="records")}
+def served(root: Path, objects: pd.DataFrame, repeats: int, url: str, headers: dict, **query: float) -> tuple[float, float, str, str]:
+    body = {"objects": objects.to_dict(orient="records"), **query}
     start = time.perf_counter()
     first = httpx.post(f"{url}/v1/lightcurves", json=body, headers=headers, timeout=120)
     cold = time.perf_counter() - start
@@ -126,6 +127,8 @@ def main() -> None:
     always = truth.groupby("diaObjectId")["on_detector"].sum()
     central = all_objects.set_index("diaObjectId").loc[always.sort_values(ascending=False).index].reset_index()
     cases = {"1 object": central.head(1), "100 objects": central.head(100)}
+    first = truth[truth["diaObjectId"] == central["diaObjectId"].iloc[0]].sort_values("midpointMjdTai")
+    one_epoch = float(first.loc[first["on_detector"], "midpointMjdTai"].iloc[0])  # the object's first covered epoch alone
     print(f"survey: {args.epochs} visits of {args.size} x {args.size} px (science + difference), NumPy, 2 cores")
 
     key = secrets.token_hex(16)
@@ -138,10 +141,15 @@ def main() -> None:
             assert time.monotonic() < deadline, "the index was not built"
             time.sleep(0.2)
         print(f"{'case':12s} {'epochs':>6s} {'pairs':>6s} {'first s':>8s} {'warm s':>7s} {'ms/epoch':>8s}  server breakdown (warm, ms)")
-        for name, objects in cases.items():
-            cold, warm, epochs, timing = served(root, objects, args.repeats, server.url, headers)
-            pairs = int(truth[truth["diaObjectId"].isin(objects["diaObjectId"])]["on_detector"].sum())
+        warms = []
+        for name, objects, query in [("1 object", cases["1 object"], {"mjd_min": one_epoch - 1e-6, "mjd_max": one_epoch + 1e-6}),
+                                     *((name, objects, {}) for name, objects in cases.items())]:
+            cold, warm, epochs, timing = served(root, objects, args.repeats, server.url, headers, **query)
+            pairs = int(truth[truth["diaObjectId"].isin(objects["diaObjectId"])]["on_detector"].sum()) if not query else 1
+            warms.append((epochs, warm))
             print(f"{name:12s} {epochs:>6s} {pairs:>6d} {cold:8.3f} {warm:7.3f} {warm / int(epochs) * 1e3:8.2f}  {timing}")
+        (one, one_warm), (many, many_warm) = warms[:2]
+        print(f"ratio, 1 object, warm: {many} epochs / {one} epoch = {many_warm / one_warm:.2f}x")
     finally:
         server.stop()
 
