@@ -164,16 +164,28 @@ def _results(out):
 
 
 @njit(cache=True, error_model="numpy")
-def _window(i, planes, geometry, settings, out, on_image, scratch):
-    """Object ``i``: its window read in place from the band, or its staged cutout."""
+def _window_scratch(planes):
+    """Per-thread copies of one window of each band plane (see :func:`_window`)."""
+    k = planes[3].shape[1]
+    return np.empty((k, k), planes[0].dtype), np.empty((k, k), planes[1].dtype), np.empty((k, k), planes[2].dtype)
+
+
+@njit(cache=True, error_model="numpy")
+def _window(i, planes, geometry, settings, out, on_image, scratch, window):
+    """Object ``i``: its window of the band, copied once into ``window`` (contiguous: the
+    measurements pass over it several times, where the band's rows lie a page or more
+    apart), or its staged cutout."""
     band_image, band_variance, band_mask, image, variance, mask, inside = planes
     row0, col0, stack_of, psf, cx, cy, sigma = geometry
     k = image.shape[1]
     j = stack_of[i]
     if j < 0:
         y, x = row0[i], col0[i]
-        _object(band_image[y:y + k, x:x + k], band_variance[y:y + k, x:x + k], band_mask[y:y + k, x:x + k], on_image, psf[i],
-                cx[i], cy[i], sigma[i], settings, i, scratch, out)
+        window_image, window_variance, window_mask = window
+        window_image[:, :] = band_image[y:y + k, x:x + k]
+        window_variance[:, :] = band_variance[y:y + k, x:x + k]
+        window_mask[:, :] = band_mask[y:y + k, x:x + k]
+        _object(window_image, window_variance, window_mask, on_image, psf[i], cx[i], cy[i], sigma[i], settings, i, scratch, out)
     else:
         _object(image[j], variance[j], mask[j], inside[j], psf[i], cx[i], cy[i], sigma[i], settings, i, scratch, out)
 
@@ -185,7 +197,7 @@ def _measure_parallel(planes, geometry, settings):
     out = _outputs(n, settings[0].shape[0], settings[3].shape[0])
     on_image = np.ones((k, k), np.bool_)
     for i in prange(n):
-        _window(i, planes, geometry, settings, out, on_image, np.empty((10, k + 2)))
+        _window(i, planes, geometry, settings, out, on_image, np.empty((10, k + 2)), _window_scratch(planes))
     return _results(out)
 
 
@@ -195,9 +207,9 @@ def _measure_serial(planes, geometry, settings):
     n, k = geometry[3].shape[0], planes[3].shape[1]
     out = _outputs(n, settings[0].shape[0], settings[3].shape[0])
     on_image = np.ones((k, k), np.bool_)
-    scratch = np.empty((10, k + 2))
+    scratch, window = np.empty((10, k + 2)), _window_scratch(planes)
     for i in range(n):
-        _window(i, planes, geometry, settings, out, on_image, scratch)
+        _window(i, planes, geometry, settings, out, on_image, scratch, window)
     return _results(out)
 
 
@@ -360,30 +372,54 @@ def _aperture(image, variance, inside, cx, cy, r, flux_out, err_out, truncated_o
     area_out[i, a] = area
 
 
+@njit(cache=True, inline="always")
+def _median3(a, b, c):
+    return max(min(a, b), min(max(a, b), c))
+
+
 @njit(cache=True)
-def _select(values, lo, hi, kth):
-    """Put the ``kth`` smallest of ``values[lo:hi]`` at ``values[kth]``, smaller ones
-    before it and larger after (Hoare's selection, median-of-three pivots)."""
-    while hi - lo > 1:
-        mid = (lo + hi - 1) // 2
-        a, b, c = values[lo], values[mid], values[hi - 1]
-        pivot = max(min(a, b), min(max(a, b), c))
-        i, j = lo, hi - 1
-        while i <= j:
-            while values[i] < pivot:
-                i += 1
-            while values[j] > pivot:
-                j -= 1
-            if i <= j:
-                values[i], values[j] = values[j], values[i]
-                i += 1
-                j -= 1
-        if kth <= j:
-            hi = j + 1
-        elif kth >= i:
-            lo = i
+def _select(values, lo, hi, kth, less, more):
+    """Put the ``kth`` smallest of ``values[lo:hi]`` at ``values[kth]``, smaller (or equal)
+    ones before it and larger (or equal) after. Each round splits the range about a pivot
+    (the median of three medians of three) into the values below, equal to and above it,
+    written without branches through the buffers ``less`` and ``more`` (each at least
+    ``hi - lo`` long): a random-data partition's branches mispredict half the time. The
+    range holding ``kth`` is kept; a short one is sorted by insertion."""
+    while hi - lo > _SELECT_SORT:
+        step = (hi - lo) // 8
+        pivot = _median3(_median3(values[lo], values[lo + step], values[lo + 2 * step]),
+                         _median3(values[lo + 3 * step], values[lo + 4 * step], values[lo + 5 * step]),
+                         _median3(values[lo + 6 * step], values[lo + 7 * step], values[hi - 1]))
+        below = above = 0
+        for j in range(lo, hi):
+            value = values[j]
+            less[below] = value
+            more[above] = value
+            below += value < pivot
+            above += value > pivot
+        equal = hi - lo - below - above
+        for j in range(below):
+            values[lo + j] = less[j]
+        for j in range(equal):
+            values[lo + below + j] = pivot
+        for j in range(above):
+            values[lo + below + equal + j] = more[j]
+        if kth < lo + below:
+            hi = lo + below
+        elif kth >= lo + below + equal:
+            lo = lo + below + equal
         else:
             return
+    for j in range(lo + 1, hi):
+        value = values[j]
+        m = j - 1
+        while m >= lo and values[m] > value:
+            values[m + 1] = values[m]
+            m -= 1
+        values[m + 1] = value
+
+
+_SELECT_SORT = 24  # ranges this short are sorted
 
 
 @njit(cache=True, inline="always")
@@ -398,20 +434,21 @@ def _smallest(values, lo, hi):
 
 
 @njit(cache=True, error_model="numpy")
-def _quartiles(values, n, out):
+def _quartiles(values, n, out, less, more):
     """The order statistics around ``f (n - 1)`` for f = 1/4, 1/2, 3/4 (each one's floor and
     ceiling position, ``out[2 q]`` and ``out[2 q + 1]``) of ``values[:n]``, which it reorders:
     the median's floor is selected over all, the quartiles' floors in the halves on each
     side, and each ceiling is the smallest value between its floor and the next selected
-    position (about two passes over the values, where a sort takes log2(n))."""
+    position (a few passes over the values, where a sort takes log2(n)). ``less`` and
+    ``more``: buffers of ``n`` values for :func:`_select`."""
     lo1, hi1, _ = _quantile_positions(n, 0.25)
     lo2, hi2, _ = _quantile_positions(n, 0.5)
     lo3, hi3, _ = _quantile_positions(n, 0.75)
-    _select(values, 0, n, lo2)
+    _select(values, 0, n, lo2, less, more)
     if lo3 > lo2:
-        _select(values, lo2 + 1, n, lo3)  # the values above the median's floor
+        _select(values, lo2 + 1, n, lo3, less, more)  # the values above the median's floor
     if lo1 < lo2:
-        _select(values, 0, lo2, lo1)  # those below it
+        _select(values, 0, lo2, lo1, less, more)  # those below it
     next1 = lo2 if lo2 > lo1 else (lo3 if lo3 > lo1 else n)  # the next selected position, or the end
     next2 = lo3 if lo3 > lo2 else n
     out[0] = values[lo1]
@@ -438,13 +475,15 @@ def _background(image, variance, mask, inside, cx, cy, r_in, r_out, reject_bits,
     k = image.shape[0]
     nan = math.nan
     n = 0
-    values = np.empty(0, image.dtype)
+    work = np.empty((3, 0), image.dtype)
+    values = work[0]
     if math.isfinite(cx) and math.isfinite(cy) and math.isfinite(r_out) and math.isfinite(r_in):
         x0 = max(0, int(math.floor(cx - r_out)))
         x1 = min(k, int(math.ceil(cx + r_out)) + 1)
         y0 = max(0, int(math.floor(cy - r_out)))
         y1 = min(k, int(math.ceil(cy + r_out)) + 1)
-        values = np.empty(max(0, (x1 - x0) * (y1 - y0)), image.dtype)
+        work = np.empty((3, max(0, (x1 - x0) * (y1 - y0))), image.dtype)  # the values, and two buffers for selecting among them
+        values = work[0]
         ro2, ri2 = r_out * r_out, r_in * r_in
         for y in range(y0, y1):
             dy2 = (float(y) - cy) ** 2
@@ -466,7 +505,7 @@ def _background(image, variance, mask, inside, cx, cy, r_in, r_out, reject_bits,
         return
     # quartiles and median: linear interpolation between the order statistics around f (n - 1)
     stats = np.empty(6)
-    _quartiles(values, n, stats)
+    _quartiles(values, n, stats, work[1], work[2])
     fractions = (0.25, 0.5, 0.75)
     quartiles = np.empty(3)
     for q in range(3):

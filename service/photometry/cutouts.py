@@ -177,6 +177,12 @@ class Band:
     height: int  # the exposure's height (rows beyond it lie off the image)
     no_data_bit: int
 
+    @property
+    def native(self) -> bool:
+        """The planes can be read as they are (native byte order, contiguous rows, as an
+        exposure cached in memory holds them), where a file's big-endian rows need converting."""
+        return all(plane.dtype.isnative and plane.flags.c_contiguous for plane in (self.image, self.variance, self.mask))
+
     def interior(self, windows: Windows) -> np.ndarray:
         """(n,) bool: the window lies wholly on the image."""
         h, width = windows.size // 2, self.image.shape[1]

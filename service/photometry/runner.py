@@ -155,7 +155,7 @@ class KernelInputs:
         return (self.windows.size, self.psf.stamp_size)
 
 
-SPARSE_BAND_FACTOR = 1  # windows holding fewer pixels than their band are staged, not read in place (converting a band costs per pixel)
+SPARSE_BAND_FACTOR = 1  # windows holding fewer pixels than a band to convert are staged, not read in place (converting costs per pixel)
 
 
 class KernelRunner:
@@ -253,9 +253,9 @@ class KernelRunner:
         one compiled pass per object (:mod:`forcedphot.kernels.fused_cpu`), the same numbers
         as the array-API kernels.
         From a band, windows wholly on the image are read in place and only those crossing
-        its edge are staged; but where the windows cover little of the band (a few objects
-        spread over a detector) they are all staged, which touches only their pixels, rather
-        than converting the whole band to native byte order."""
+        its edge are staged; but where the windows cover little of a band that would have
+        to be converted to native byte order (a file's rows; an exposure cached in memory
+        is native already) they are all staged, which touches only their pixels."""
         from forcedphot.kernels.fused_cpu import NO_PLANE, FusedParameters, measure_windows
 
         c, w = self.config, part.windows
@@ -265,7 +265,7 @@ class KernelRunner:
                                      c.background_iterations, c.background_clip_sigma, full)
         stamps = part.psf.stamps(part.x, part.y, np)
         pixels = part.pixels
-        if isinstance(pixels, Band) and len(w) * w.size * w.size * SPARSE_BAND_FACTOR < pixels.image.size:
+        if isinstance(pixels, Band) and not pixels.native and len(w) * w.size * w.size * SPARSE_BAND_FACTOR < pixels.image.size:
             pixels = pixels.cutouts(w)
         if isinstance(pixels, Band):
             band, h = pixels, w.size // 2

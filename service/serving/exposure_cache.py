@@ -47,8 +47,9 @@ class InMemoryExposure:
 
     @classmethod
     def load(cls, exposure: Exposure) -> InMemoryExposure:
-        """Read every row of an open exposure, and its archive (PSF, ...), into memory."""
-        planes = tuple(np.array(plane, copy=True) for plane in exposure.read_rows(0, exposure.height))
+        """Read every row of an open exposure, and its archive (PSF, ...), into memory; the
+        planes in native byte order, so that the CPU kernels read them in place."""
+        planes = tuple(np.array(plane, dtype=plane.dtype.newbyteorder("="), copy=True) for plane in exposure.read_rows(0, exposure.height))
         if exposure.archive is not None:
             exposure.archive.load()
         for plane in planes:

@@ -123,13 +123,15 @@ def test_fused_equals_the_array_api_kernels(integer_pixels, bad_mask_planes, n):
 
 def test_quartiles_by_selection_agree_with_a_sort():
     rng = np.random.default_rng(1)
-    for n in (*range(1, 12), 101, 1000, 1001):
-        for values in (rng.normal(size=n), np.round(rng.normal(size=n)), np.zeros(n), np.arange(n)[::-1].astype(float)):
+    for n in (*range(1, 12), 23, 24, 25, 26, 101, 1000, 1001):
+        # noise, many ties, all equal, descending, and two values only (a pivot equal to many)
+        for values in (rng.normal(size=n), np.round(rng.normal(size=n)), np.zeros(n), np.arange(n)[::-1].astype(float),
+                       rng.integers(0, 2, n).astype(float)):
             ordered = np.sort(values)
             wanted = []
             for f in (0.25, 0.5, 0.75):
                 lo, hi, _ = _quantile_positions(n, f)
                 wanted += [ordered[lo], ordered[hi]]
             out = np.empty(6)
-            _quartiles(values.copy(), n, out)
+            _quartiles(values.copy(), n, out, np.empty(n), np.empty(n))
             assert out.tolist() == wanted, (n, values)
