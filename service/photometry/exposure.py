@@ -639,24 +639,28 @@ def plane_format(hdu: _ImageHDU | PlaneFormat) -> PlaneFormat | None:
 
 
 class PlaneMaps:
-    """Read-only memory maps of an open file's plain HDUs, each made once and kept until
-    :meth:`clear`: a new map per read would cost a system call and, worse, a page fault
-    for every page the read touches again."""
+    """A read-only memory map of an open file, made once (at the first read) and kept until
+    :meth:`clear`, and a view of it for each plain HDU: a new map per read would cost
+    system calls and, worse, a page fault for every page the read touches again."""
 
     def __init__(self) -> None:
-        self._maps: dict[int, np.memmap] = {}
+        self._file: np.memmap | None = None
+        self._planes: dict[int, np.ndarray] = {}
 
-    def plane(self, plane: PlaneFormat) -> np.memmap:
+    def plane(self, plane: PlaneFormat) -> np.ndarray:
         """The whole of a plain HDU's data, as stored (the file's byte order), mapped."""
-        mapped = self._maps.get(plane.offset)
-        if mapped is None:  # two threads may both map it: either map serves
-            mapped = np.memmap(plane.file, dtype=plane.dtype, mode="r", offset=plane.offset, shape=plane.shape)
-            self._maps[plane.offset] = mapped
-        return mapped
+        view = self._planes.get(plane.offset)
+        if view is None:  # two threads may both make it: either serves
+            if self._file is None:
+                self._file = np.memmap(plane.file, dtype=np.uint8, mode="r")
+            view = np.ndarray(plane.shape, plane.dtype, buffer=self._file, offset=plane.offset)
+            self._planes[plane.offset] = view
+        return view
 
     def clear(self) -> None:
-        """Drop every map (each unmaps when no view of it is left)."""
-        self._maps.clear()
+        """Drop the map and its views (it unmaps when no view of it is left)."""
+        self._planes.clear()
+        self._file = None
 
 
 def _raw_rows(plane: PlaneFormat, y_start: int, y_stop: int, maps: PlaneMaps | None) -> np.ndarray:
