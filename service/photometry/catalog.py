@@ -9,6 +9,7 @@ request path); each column's unit is in its field metadata. Writing it is
 :mod:`forcedphot.photometry.formats`'s job.
 """
 
+from dataclasses import dataclass, fields
 from functools import lru_cache
 import time
 from types import SimpleNamespace
@@ -34,8 +35,9 @@ def _splitmix64(values: np.ndarray) -> np.ndarray:
     return z ^ (z >> np.uint64(31))
 
 
-def forced_source_ids(dia_object_ids: np.ndarray, visit: int | None, detector: int | None) -> np.ndarray:
-    """Deterministic ``diaForcedSourceId`` for each (diaObjectId, visit, detector).
+def forced_source_ids(dia_object_ids: np.ndarray, visit: int | np.ndarray | None, detector: int | np.ndarray | None) -> np.ndarray:
+    """Deterministic ``diaForcedSourceId`` for each (diaObjectId, visit, detector); ``visit``
+    and ``detector`` one for all rows or one per row (None or 0: unknown).
 
     ``id = splitmix64(diaObjectId + splitmix64(visit * 2**16 + detector))`` with the top
     bit cleared (positive int64). The same triple always gives the same id (retries are
@@ -43,8 +45,9 @@ def forced_source_ids(dia_object_ids: np.ndarray, visit: int | None, detector: i
     bits, which :func:`catalog_columns` checks. Across a survey the collision probability
     for n sources is about n**2 / 2**64.
     """
-    exposure_key = np.array([(visit or 0) * (1 << 16) + (detector or 0)], dtype=np.int64).view(np.uint64)
-    salt = _splitmix64(exposure_key)[0]
+    visit, detector = (np.asarray(0 if value is None else value, dtype=np.int64) for value in (visit, detector))
+    exposure_key = np.atleast_1d(visit * (1 << 16) + detector)
+    salt = _splitmix64(exposure_key.view(np.uint64))
     with np.errstate(over="ignore"):
         mixed = _splitmix64(np.asarray(dia_object_ids, dtype=np.int64).view(np.uint64) + salt)
     return (mixed & _MASK63).astype(np.int64)
@@ -99,12 +102,11 @@ def _in_njy(inst_flux: np.ndarray, inst_flux_err: np.ndarray, calibration: np.nd
     return inst_flux * calibration, inst_flux_err * calibration
 
 
-def _njy_columns(flux: np.ndarray, error: np.ndarray, calibration: np.ndarray) -> tuple[np.ndarray | pa.Array, np.ndarray | pa.Array]:
-    """float32 columns; both all null when no row has a calibration (an uncalibrated image)."""
-    if not np.isfinite(calibration).any():
-        null = pa.array(np.zeros(len(flux), np.float32), mask=np.ones(len(flux), bool))
-        return null, null
-    return flux.astype(np.float32), error.astype(np.float32)
+def _njy_columns(flux: np.ndarray, error: np.ndarray, null: np.ndarray) -> tuple[np.ndarray | pa.Array, np.ndarray | pa.Array]:
+    """float32 columns, null at the rows ``null`` marks (an exposure without calibration)."""
+    if not null.any():
+        return flux.astype(np.float32), error.astype(np.float32)
+    return pa.array(flux.astype(np.float32), mask=null), pa.array(error.astype(np.float32), mask=null)
 
 
 def unit_of(column: str) -> str | None:
@@ -128,56 +130,121 @@ def table_with_units(columns: dict[str, pa.Array | np.ndarray]) -> pa.Table:
     return pa.Table.from_arrays(arrays, schema=pa.schema(fields))
 
 
-def concat_columns(parts: list[dict[str, pa.Array | np.ndarray]]) -> dict[str, pa.Array | np.ndarray]:
-    """The columns of several catalogs (:func:`catalog_columns` of several exposures), row
-    after row: NumPy columns joined as NumPy, any column that is Arrow in some part as Arrow."""
-    joined = {}
-    for name in parts[0]:
-        pieces = [part[name] for part in parts]
-        if all(isinstance(piece, np.ndarray) for piece in pieces):
-            joined[name] = np.concatenate(pieces)
+@dataclass
+class ExposureRows:
+    """What the catalog takes from the exposure of each row: one exposure's values repeated,
+    or, in a light curve, each epoch's for its rows (see :meth:`concat`). Unknown visits and
+    detectors are 0 with ``*_known`` False; an unknown midpoint is NaN."""
+
+    visit: np.ndarray  # (n,) int64
+    visit_known: np.ndarray  # (n,) bool
+    detector: np.ndarray  # (n,) int64
+    detector_known: np.ndarray  # (n,) bool
+    midpoint_mjd_tai: np.ndarray  # (n,) float64, d
+    band: np.ndarray  # (n,) object: str or None
+    calibration: np.ndarray  # (n,) nJy per image unit at the row (the measured image's)
+    calibration_err: np.ndarray  # (n,) its 1-sigma error
+    calibrated: np.ndarray  # (n,) bool: the row's exposure has a calibration (else its nJy columns are null)
+    has_science: np.ndarray  # (n,) bool: a direct image gives scienceFlux (difference mode)
+    science_calibration: np.ndarray  # (n,) nJy per image unit on the direct image (NaN without one)
+    science_calibrated: np.ndarray  # (n,) bool
+
+    @classmethod
+    def of(cls, primary, science, x_parent: np.ndarray, y_parent: np.ndarray) -> "ExposureRows":
+        """The rows at parent positions ``(x_parent, y_parent)`` of ``primary`` (the image
+        measured), with its direct image ``science`` (None outside difference mode), which
+        shares its pixel grid."""
+        n = len(x_parent)
+        calibration = primary.local_calibration(x_parent, y_parent)
+        if science is not None:
+            science_calibration = science.local_calibration(x_parent, y_parent)
         else:
-            arrays = [piece if isinstance(piece, pa.Array) else pa.array(piece) for piece in pieces]
-            joined[name] = pa.concat_arrays([a.cast(arrays[0].type) for a in arrays])
-    return joined
+            science_calibration = np.full(n, np.nan)
+
+        def repeated(value, dtype, unknown):
+            return np.full(n, unknown if value is None else value, dtype), np.full(n, value is not None)
+
+        visit, visit_known = repeated(primary.visit, np.int64, 0)
+        detector, detector_known = repeated(primary.detector, np.int64, 0)
+        band = np.empty(n, object)
+        band[:] = primary.band
+        return cls(visit, visit_known, detector, detector_known, repeated(primary.midpoint_mjd_tai, np.float64, np.nan)[0], band,
+                   calibration, np.full(n, primary.calibration_err, np.float64), np.full(n, np.isfinite(calibration).any()),
+                   np.full(n, science is not None), science_calibration, np.full(n, np.isfinite(science_calibration).any()))
+
+    @classmethod
+    def concat(cls, parts: list["ExposureRows"]) -> "ExposureRows":
+        """The rows of ``parts``, one after the other."""
+        return cls(*(np.concatenate([getattr(part, f.name) for part in parts]) for f in fields(cls)))
+
+
+def _known(values: np.ndarray, known: np.ndarray, arrow_type: pa.DataType, dtype: type) -> np.ndarray | pa.Array:
+    """``values`` as a column: NumPy when every row is known, else Arrow with nulls."""
+    if known.all():
+        return values.astype(dtype)
+    if not known.any():
+        return pa.nulls(len(values), arrow_type)
+    return pa.array(values.astype(dtype), mask=~known)
+
+
+@dataclass
+class CatalogRows:
+    """Everything but the kernels' results that the catalog's rows are made of (one exposure's
+    rows, or a light curve's: see :meth:`concat`)."""
+
+    objects: ObjectArrays  # the row's DiaObject
+    x_parent: np.ndarray  # (n,) PARENT pixel position, px
+    y_parent: np.ndarray
+    on_image: np.ndarray  # (n,) bool: measured (the others are flagged offimage)
+    coord_valid: np.ndarray  # (n,) bool
+    invalid_psf: np.ndarray  # (n,) bool: measured without a usable PSF model there
+    cd_matrix: np.ndarray  # (n, 2, 2) local CD matrix, rad per px
+    exposure: ExposureRows
+
+    @classmethod
+    def concat(cls, parts: list["CatalogRows"]) -> "CatalogRows":
+        """The rows of ``parts``, one after the other."""
+        def joined(name: str):
+            if name == "objects":
+                return ObjectArrays(*(np.concatenate(columns) for columns in zip(*(part.objects for part in parts))))
+            if name == "exposure":
+                return ExposureRows.concat([part.exposure for part in parts])
+            return np.concatenate([getattr(part, name) for part in parts])
+
+        return cls(*(joined(f.name) for f in fields(cls)))
 
 
 def catalog_columns(
-    objects: ObjectArrays,
-    x_parent: np.ndarray,
-    y_parent: np.ndarray,
+    rows: CatalogRows,
     results: KernelResults,
     *,
-    on_image: np.ndarray,
-    coord_valid: np.ndarray,
-    invalid_psf: np.ndarray | None = None,
-    cd_matrix: np.ndarray,
-    primary,
-    science=None,
     science_psf: PsfFluxResult | None = None,
     apertures_px=(),
     extra_columns: bool = False,
     processed_mjd_tai: float | None = None,
 ) -> dict[str, pa.Array | np.ndarray]:
     """The DiaForcedSource catalog's columns (NumPy or Arrow arrays, in order), one row per
-    object in ``objects`` (those returned, validated).
+    row of ``rows`` (objects validated).
 
-    ``results`` holds the kernels' instrumental outputs, one row per object (NaN/False
-    for rows not measured); ``on_image`` marks measured rows, the others are flagged
-    offimage; ``coord_valid`` False gives ``coord_flag`` (ra/dec non-finite or out of
-    range); ``invalid_psf`` marks measured rows without a usable PSF model at their position
-    (``invalidPsfFlag``, LSST's ``base_InvalidPsf_flag``: fluxes NaN and flagged).
-    ``primary`` is the exposure measured (the difference image in difference
-    mode); ``science`` and ``science_psf`` (the PSF fit on it) give ``scienceFlux``.
-    ``processed_mjd_tai``: ``timeProcessedMjdTai`` (default now).
+    ``results`` holds the kernels' instrumental outputs, one row per row (NaN/False
+    for rows not measured); rows not ``on_image`` are flagged offimage; ``coord_valid``
+    False gives ``coord_flag`` (ra/dec non-finite or out of range); ``invalid_psf`` marks
+    measured rows without a usable PSF model at their position (``invalidPsfFlag``, LSST's
+    ``base_InvalidPsf_flag``: fluxes NaN and flagged). ``rows.exposure`` holds what each
+    row takes from its exposure (the image measured: the difference image in difference
+    mode); ``science_psf`` (the PSF fit on the direct image, for the rows
+    ``exposure.has_science`` marks) gives ``scienceFlux``. ``processed_mjd_tai``:
+    ``timeProcessedMjdTai`` (default now).
     """
+    objects, exposure, x_parent, y_parent = rows.objects, rows.exposure, rows.x_parent, rows.y_parent
+    on_image, coord_valid, invalid_psf, cd_matrix = rows.on_image, rows.coord_valid, rows.invalid_psf, rows.cd_matrix
     n = len(objects)
-    calib, calib_err = primary.local_calibration(x_parent, y_parent), primary.calibration_err
+    calib = exposure.calibration
     off = ~np.asarray(on_image, dtype=bool)
     ids = objects.ids
-    source_ids = forced_source_ids(ids, primary.visit, primary.detector)
+    source_ids = forced_source_ids(ids, exposure.visit, exposure.detector)
     if len(np.unique(source_ids)) != n:
-        raise RuntimeError("diaForcedSourceId collision within one exposure; report this with the input table")
+        raise RuntimeError("diaForcedSourceId collision; report this with the input table")
     psf, apertures, background, flags = results
 
     columns: dict[str, pa.Array | np.ndarray] = {
@@ -185,23 +252,25 @@ def catalog_columns(
         "diaObjectId": ids,
         "ra": objects.ra,
         "dec": objects.dec,
-        "visit": pa.nulls(n, pa.int64()) if primary.visit is None else np.full(n, primary.visit, np.int64),
-        "detector": pa.nulls(n, pa.int16()) if primary.detector is None else np.full(n, primary.detector, np.int16),
+        "visit": _known(exposure.visit, exposure.visit_known, pa.int64(), np.int64),
+        "detector": _known(exposure.detector, exposure.detector_known, pa.int16(), np.int16),
     }
+    uncalibrated = ~exposure.calibrated
     psf_njy = _in_njy(psf.inst_flux, psf.inst_flux_err, calib)
-    columns["psfFlux"], columns["psfFluxErr"] = _njy_columns(*psf_njy, calib)
-    if science is not None and science_psf is not None:  # a difference image shares its science image's pixel grid
-        science_calib = science.local_calibration(x_parent, y_parent)
-        columns["scienceFlux"], columns["scienceFluxErr"] = _njy_columns(*_in_njy(
-            science_psf.inst_flux, science_psf.inst_flux_err, science_calib), science_calib)
-        columns["scienceFlux_flag"] = science_psf.flag | off
+    columns["psfFlux"], columns["psfFluxErr"] = _njy_columns(*psf_njy, uncalibrated)
+    science = exposure.has_science if science_psf is not None else np.zeros(n, bool)  # a difference image shares its science image's grid
+    if science.any():
+        flux, error = _in_njy(science_psf.inst_flux, science_psf.inst_flux_err, exposure.science_calibration)
+        columns["scienceFlux"], columns["scienceFluxErr"] = _njy_columns(np.where(science, flux, np.nan), np.where(science, error, np.nan),
+                                                                         science & ~exposure.science_calibrated)
+        columns["scienceFlux_flag"] = np.where(science, science_psf.flag | off, True)
     else:
         columns["scienceFlux"] = np.full(n, np.nan, dtype=np.float32)
         columns["scienceFluxErr"] = np.full(n, np.nan, dtype=np.float32)
         columns["scienceFlux_flag"] = np.ones(n, dtype=bool)
     columns.update(
-        midpointMjdTai=np.full(n, np.nan if primary.midpoint_mjd_tai is None else primary.midpoint_mjd_tai),
-        band=pa.array([primary.band] * n, pa.string()),
+        midpointMjdTai=exposure.midpoint_mjd_tai,
+        band=pa.array(exposure.band, pa.string()),
         timeProcessedMjdTai=np.full(n, now_mjd_tai() if processed_mjd_tai is None else processed_mjd_tai),
         timeWithdrawnMjdTai=pa.nulls(n, pa.float64()),  # not withdrawn (the APDB's null)
         x=np.asarray(x_parent, dtype=np.float64),
@@ -219,7 +288,7 @@ def catalog_columns(
         stem = aperture_name(radius)
         value, error = apertures.flux[:, k], apertures.flux_err[:, k]
         truncated = apertures.truncated[:, k] | off
-        columns[stem], columns[stem.replace("apFlux_", "apFluxErr_")] = _njy_columns(*_in_njy(value, error, calib), calib)
+        columns[stem], columns[stem.replace("apFlux_", "apFluxErr_")] = _njy_columns(*_in_njy(value, error, calib), uncalibrated)
         columns[f"{stem}_instFlux"] = value.astype(np.float32)
         columns[f"{stem}_instFluxErr"] = error.astype(np.float32)
         columns[f"{stem}_flag"] = truncated | ~np.isfinite(value)
@@ -232,7 +301,7 @@ def catalog_columns(
         localBackground_flag_noGoodPixels=background_no_good,
     )
     columns["coord_flag"] = ~np.asarray(coord_valid, dtype=bool)
-    columns["invalidPsfFlag"] = np.zeros(n, bool) if invalid_psf is None else np.asarray(invalid_psf, dtype=bool)
+    columns["invalidPsfFlag"] = np.asarray(invalid_psf, dtype=bool)
     columns["pixelFlags_offimage"] = off
     for name, values in flags.as_dict(PIXEL_FLAG_NAMES).items():
         # offimage sets every edge flag (LSST)
@@ -242,7 +311,7 @@ def catalog_columns(
         columns.update(snr_columns(columns["scienceFlux"], columns["scienceFluxErr"], "science"))
     columns.update(
         localPhotoCalib=np.asarray(calib, dtype=np.float64),
-        localPhotoCalibErr=np.full(n, calib_err, dtype=np.float64),
+        localPhotoCalibErr=exposure.calibration_err,
         localWcs_CDMatrix_1_1=cd_matrix[:, 0, 0],
         localWcs_CDMatrix_1_2=cd_matrix[:, 0, 1],
         localWcs_CDMatrix_2_1=cd_matrix[:, 1, 0],
@@ -282,8 +351,7 @@ def empty_catalog(apertures_px) -> pa.Table:
     nothing = SimpleNamespace(calibration_err=np.nan, visit=None, detector=None, midpoint_mjd_tai=None, band=None,
                               local_calibration=lambda x, y: np.full(len(x), np.nan))
     empty = np.zeros(0)
-    return table_with_units(catalog_columns(
-        ObjectArrays(np.zeros(0, np.int64), empty, empty, np.zeros(0, bool)), empty, empty,
-        unmeasured(0, len(apertures_px)), on_image=np.zeros(0, bool), coord_valid=np.zeros(0, bool),
-        cd_matrix=np.zeros((0, 2, 2)), primary=nothing, apertures_px=apertures_px))
+    rows = CatalogRows(ObjectArrays(np.zeros(0, np.int64), empty, empty, np.zeros(0, bool)), empty, empty, np.zeros(0, bool),
+                       np.zeros(0, bool), np.zeros(0, bool), np.zeros((0, 2, 2)), ExposureRows.of(nothing, None, empty, empty))
+    return table_with_units(catalog_columns(rows, unmeasured(0, len(apertures_px)), apertures_px=apertures_px))
 

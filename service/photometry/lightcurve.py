@@ -9,7 +9,7 @@ together, and the rows of all epochs form one catalog, sorted by ``diaObjectId``
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 import time
@@ -20,7 +20,7 @@ import pyarrow.compute as pc
 
 from forcedphot.kernels.cutouts import Cutouts
 from forcedphot.photometry.backend import Backend, select_backend
-from forcedphot.photometry.catalog import concat_columns, empty_catalog, now_mjd_tai, table_with_units
+from forcedphot.photometry.catalog import CatalogRows, catalog_columns, empty_catalog, now_mjd_tai, table_with_units
 from forcedphot.photometry.config import MeasurementConfig
 from forcedphot.photometry.cutouts import BYTES_PER_BAND_PIXEL, BYTES_PER_STAGED_PIXEL, Windows, no_data_bit, plan_windows, stage_cutouts
 from forcedphot.photometry.exposure import Exposure
@@ -28,7 +28,7 @@ from forcedphot.photometry.lightcurve_products import with_epoch_columns
 from forcedphot.photometry.measure import Plan, plan_measurement
 from forcedphot.photometry.objects import ObjectArrays
 from forcedphot.photometry.psf_models import PsfModel, StackedPsf, describe_psf
-from forcedphot.photometry.runner import Execute, KernelInputs, KernelResults, KernelRunner, run_directly, scatter, split_results
+from forcedphot.photometry.runner import Execute, KernelInputs, KernelResults, KernelRunner, map_arrays, run_directly, scatter, unmeasured
 
 SORT_KEYS = [("diaObjectId", "ascending"), ("midpointMjdTai", "ascending"), ("visit", "ascending"), ("detector", "ascending")]
 
@@ -74,18 +74,19 @@ def _add_timings(total: dict[str, float], timings: dict[str, float]) -> None:
 
 @dataclass
 class _Part:
-    """One exposure's staged cutouts waiting for a kernel call, and where their results go."""
+    """One exposure's staged cutouts waiting for a kernel call, and the light-curve rows
+    their results belong to."""
 
     runner: KernelRunner
     inputs: KernelInputs
     full: bool  # every measurement, else the PSF flux (and background) of the direct image
-    into: KernelResults  # the epoch's results
-    rows: np.ndarray  # their catalog rows
+    science: bool  # measured on the direct image (scienceFlux), else on the image measured
+    rows: np.ndarray  # light-curve rows (the epoch's first row plus its catalog rows)
 
     @property
     def key(self) -> tuple:
         """Parts with equal keys run in one call."""
-        return (self.runner.key, self.inputs.shape_key, self.full)
+        return (self.runner.key, self.inputs.shape_key, self.full, self.science)
 
 
 def _stacked(parts: list[_Part]) -> KernelInputs:
@@ -102,57 +103,80 @@ def _stacked(parts: list[_Part]) -> KernelInputs:
                         StackedPsf([i.psf for i in inputs], [len(i) for i in inputs]))
 
 
-class _Pending:
-    """Staged parts of many exposures, run a group of equal keys at a time in one kernel
-    call each when they hold ``max_bytes`` of cutouts (and at the end)."""
+class _EpochKernels:
+    """The kernel work of a light curve's epochs: staged parts run in one call per group of
+    equal keys whenever they hold ``max_bytes`` of cutouts, and at the end; each call's
+    results are kept with the light-curve rows they belong to."""
 
     def __init__(self, execute: Execute, max_bytes: int, pixel_bytes: int):
         self.execute, self.max_bytes, self.pixel_bytes = execute, max_bytes, pixel_bytes
         self.parts: list[_Part] = []
         self.bytes = 0
+        self.calls: list[tuple[bool, np.ndarray, KernelResults]] = []  # (science, rows, results)
+        self.seconds = 0.0
 
-    def add(self, parts: list[_Part]) -> bool:
-        """Queue ``parts``; True when what is queued should now run."""
-        self.parts += parts
-        self.bytes += sum(len(p.inputs) * p.inputs.windows.size ** 2 * self.pixel_bytes for p in parts)
-        return self.bytes >= self.max_bytes
+    def add(self, part: _Part) -> bool:
+        """Queue ``part``; True when that ran the queue."""
+        self.parts.append(part)
+        self.bytes += len(part.inputs) * part.inputs.windows.size ** 2 * self.pixel_bytes
+        if self.bytes < self.max_bytes:
+            return False
+        self.run()
+        return True
 
     def run(self) -> None:
-        """One kernel call per group of equal keys; each part's results into its epoch's."""
+        """Run what is queued, one kernel call per group of equal keys."""
+        start = time.perf_counter()
         groups: dict[tuple, list[_Part]] = {}
         for part in self.parts:
             groups.setdefault(part.key, []).append(part)
         for group in groups.values():
             results = self.execute(group[0].runner, _stacked(group), group[0].full)
-            for part, result in zip(group, split_results(results, [len(p.inputs) for p in group])):
-                scatter(part.into, result, part.rows)
+            self.calls.append((group[0].science, np.concatenate([p.rows for p in group]), results))
         self.parts, self.bytes = [], 0
+        self.seconds += time.perf_counter() - start
+
+    def forget(self, first_row: int) -> None:
+        """Drop the work of rows from ``first_row`` on (an epoch that failed part way)."""
+        self.parts = [p for p in self.parts if p.rows[0] < first_row]
+        self.bytes = sum(len(p.inputs) * p.inputs.windows.size ** 2 * self.pixel_bytes for p in self.parts)
+        for i, (science, rows, results) in enumerate(self.calls):
+            keep = rows < first_row
+            if not keep.all():
+                self.calls[i] = (science, rows[keep], map_arrays(lambda a, keep=keep: a[keep], results))
+
+    def results(self, n_rows: int, n_apertures: int, science_full: bool) -> tuple[KernelResults, KernelResults]:
+        """Every row's results on the measured images and on the direct images."""
+        primary, science = unmeasured(n_rows, n_apertures), unmeasured(n_rows, n_apertures, full=science_full)
+        for on_science, rows, results in self.calls:
+            into = science if on_science else primary
+            scatter(into if results.apertures is not None else KernelResults(into.psf), results, rows)
+        return primary, science
 
 
-def _staged(plan: Plan) -> list[_Part]:
-    """Host cutouts of every object of one planned exposure (the measured image, and the
-    direct image in difference mode), read while its files are open."""
-    parts = []
-    sides = [(plan.primary, plan.kernels, plan.measured, plan.x, plan.y, plan.sigma, plan.size, True, plan.results)]
+def _staged(plan: Plan, first_row: int) -> Iterator[_Part]:
+    """Host cutouts of the objects of one planned exposure (the measured image, and the
+    direct image in difference mode), batch by batch, read while its files are open; its
+    rows start at light-curve row ``first_row``."""
+    sides = [(plan.primary, plan.kernels, plan.measured, plan.x, plan.y, plan.sigma, plan.size, True, False)]
     side = plan.science_side
     if side is not None:
-        sides.append((plan.science, side.kernels, side.rows, side.x, side.y, side.sigma, side.size, side.subtract, plan.science_results))
-    for exposure, runner, rows, x, y, sigma, size, full, into in sides:
+        sides.append((plan.science, side.kernels, side.rows, side.x, side.y, side.sigma, side.size, side.subtract, True))
+    for exposure, runner, rows, x, y, sigma, size, full, science in sides:
         no_data = no_data_bit(exposure.mask_planes)
         for windows in plan_windows(x[rows], y[rows], size, batch_bytes=plan.config.batch_bytes, band_width=exposure.width):
             index = rows[windows.index]
             inputs = runner.inputs(windows, stage_cutouts(exposure, windows, no_data), x[index], y[index], sigma[index])
-            parts.append(_Part(runner, inputs, full, into, index))
-    return parts
+            yield _Part(runner, inputs, full, science, first_row + index)
 
 
 def measure_epochs(epochs: Iterable[Epoch], config: MeasurementConfig, *, backend: Backend | None = None,
                    execute: Execute = run_directly, errors_of: tuple[type[Exception], ...] = (),
                    check: Callable[..., None] | None = None) -> LightCurves:
     """Measure every epoch as one batch: each epoch's objects are selected and their cutouts
-    staged while its files are open, then the kernels run once over the cutouts of all
-    epochs (one call per cutout size and mask layout; more when the staged cutouts pass the
-    configured batch size), and one catalog is made of all rows.
+    staged while its files are open, the kernels run over the cutouts of all epochs (one
+    call per cutout size and mask layout, whenever the staged cutouts reach the configured
+    batch size, and at the end), and one catalog is made of all rows at once.
 
     An epoch whose files raise one of ``errors_of`` is reported in ``errors`` (the others
     still count), any other error propagates. ``check()`` (a deadline, say) is called
@@ -160,52 +184,57 @@ def measure_epochs(epochs: Iterable[Epoch], config: MeasurementConfig, *, backen
     """
     backend = backend or select_backend(config.backend)
     fused = backend.name == "numpy" and config.cpu_kernels == "fused"
-    pending = _Pending(execute, config.batch_bytes, BYTES_PER_BAND_PIXEL if fused else BYTES_PER_STAGED_PIXEL)
-    plans, timings, errors, provenance = [], {"open": 0.0, "select": 0.0, "stage": 0.0, "kernels": 0.0}, [], []
-    count = pairs = 0
+    kernels = _EpochKernels(execute, config.batch_bytes, BYTES_PER_BAND_PIXEL if fused else BYTES_PER_STAGED_PIXEL)
+    plans: list[tuple[Plan, int]] = []  # each with its first light-curve row
+    timings, errors, provenance = {"open": 0.0, "select": 0.0, "stage": 0.0}, [], []
+    count = pairs = rows = 0
     for epoch in epochs:
         if check:
             check()
         count += 1
         pairs += len(epoch.objects)
-        start = time.perf_counter()
+        start, kernel_seconds = time.perf_counter(), kernels.seconds
         try:
             with epoch.open() as (science, difference):
                 opened = time.perf_counter()
                 psf, science_psf = epoch.psf(science, difference)
                 plan = plan_measurement(science, epoch.objects, psf, config, backend, difference=difference, science_psf=science_psf)
                 planned = time.perf_counter()
-                parts = _staged(plan)
+                for part in _staged(plan, rows):
+                    if kernels.add(part) and check:
+                        check()
         except errors_of as exc:
+            kernels.forget(rows)
             errors.append({"exposure": epoch.label, "detail": str(exc)})
             continue
-        staged = time.perf_counter()
         timings["open"] += opened - start
         timings["select"] += planned - opened
-        timings["stage"] += staged - planned
-        plans.append(plan)
+        timings["stage"] += time.perf_counter() - planned - (kernels.seconds - kernel_seconds)
+        plans.append((plan, rows))
+        rows += plan.row_map.n_rows
         provenance.append({"epoch": epoch.label, "psf": describe_psf(psf)})
-        if pending.add(parts):
-            pending.run()
-            timings["kernels"] += time.perf_counter() - staged
-            if check:
-                check()
+    kernels.run()
+    timings["kernels"] = kernels.seconds
     start = time.perf_counter()
-    pending.run()
-    timings["kernels"] += time.perf_counter() - start
-    start = time.perf_counter()
-    table = _catalog(plans, config)
+    table = _catalog(plans, kernels, rows, config)
     timings["catalog"] = time.perf_counter() - start
     return LightCurves(table=table, epochs=count, pairs=pairs, timings=timings, errors=errors, provenance={"epochs": provenance})
 
 
-def _catalog(plans: list[Plan], config: MeasurementConfig) -> pa.Table:
-    """One sorted table of the rows of every measured epoch."""
-    processed = now_mjd_tai()
-    columns = [plan.columns(processed) for plan in plans if plan.row_map.n_rows]
-    if not columns:
+def _catalog(plans: list[tuple[Plan, int]], kernels: _EpochKernels, n_rows: int, config: MeasurementConfig) -> pa.Table:
+    """One sorted table of the ``n_rows`` rows of every measured epoch, made at once."""
+    if not n_rows:
         return empty_catalog(config.apertures_px)
-    table = table_with_units(concat_columns(columns))
+    science_full = any(plan.science_side is not None and plan.science_side.subtract for plan, _ in plans)
+    primary, science = kernels.results(n_rows, len(config.apertures_px), science_full)
+    for plan, first in plans:
+        def rows_of(results: KernelResults, lo=first, hi=first + plan.row_map.n_rows) -> KernelResults:
+            return map_arrays(lambda a: a[lo:hi], results)  # views: finishing writes through
+
+        plan.finish(rows_of(primary), rows_of(science) if plan.science_side is not None else None)
+    columns = catalog_columns(CatalogRows.concat([plan.rows() for plan, _ in plans]), primary, science_psf=science.psf,
+                              apertures_px=config.apertures_px, extra_columns=config.extra_columns, processed_mjd_tai=now_mjd_tai())
+    table = table_with_units(columns)
     if config.extra_columns:
         table = with_epoch_columns(table)
     return sort_lightcurves(table)

@@ -20,7 +20,7 @@ import pyarrow as pa
 
 from forcedphot.kernels.cutouts import Cutouts
 from forcedphot.photometry.backend import Backend, select_backend
-from forcedphot.photometry.catalog import catalog_columns, table_with_units
+from forcedphot.photometry.catalog import CatalogRows, ExposureRows, catalog_columns, table_with_units
 from forcedphot.photometry.objects import ObjectArrays, validate_objects
 from forcedphot.photometry.config import MeasurementConfig
 from forcedphot.photometry.cutouts import (
@@ -190,32 +190,35 @@ class Plan:
         """The image measured: the difference image in difference mode."""
         return self.difference if self.difference is not None else self.science
 
+    def finish(self, results: KernelResults, science_results: KernelResults | None) -> None:
+        """What follows the kernels, in place on this exposure's rows of the results: the
+        local backgrounds subtracted where asked, rows without a usable PSF (or, on the
+        direct image, out of its reach) flagged."""
+        if self.subtract:
+            subtract_local_background(results)
+        if self.science_side is not None:
+            if self.science_side.subtract:
+                subtract_local_background(science_results)
+            science_results.psf.flag[~self.science_side.near] = True  # the PSF stamp does not reach the direct image
+        results.psf.flag[self.invalid_psf] = True
+
+    def rows(self) -> CatalogRows:
+        """This exposure's rows of the catalog, but for the kernels' results."""
+        primary, rows = self.primary, self.row_map.rows
+        x_parent, y_parent = self.x + primary.x0, self.y + primary.y0
+        return CatalogRows(
+            self.objects.take(rows), x_parent, y_parent, self.row_map.measured_mask(), self.objects.coord_valid[rows], self.invalid_psf,
+            local_cd_matrix(primary.wcs, self.x, self.y) if len(rows) else np.empty((0, 2, 2)),
+            ExposureRows.of(primary, self.science if self.difference is not None else None, x_parent, y_parent),
+        )
+
     def columns(self, processed_mjd_tai: float | None = None) -> dict[str, pa.Array | np.ndarray]:
         """The catalog's columns from the results (:func:`~forcedphot.photometry.catalog.catalog_columns`);
         called once, when every kernel has run (it subtracts the local backgrounds in place)."""
-        primary, rows = self.primary, self.row_map.rows
-        if self.subtract:
-            subtract_local_background(self.results)
-        if self.science_side is not None and self.science_side.subtract:
-            subtract_local_background(self.science_results)
-        self.results.psf.flag[self.invalid_psf] = True
-        cd = local_cd_matrix(primary.wcs, self.x, self.y) if len(rows) else np.empty((0, 2, 2))
-        return catalog_columns(
-            self.objects.take(rows),
-            self.x + primary.x0,
-            self.y + primary.y0,
-            self.results,
-            on_image=self.row_map.measured_mask(),
-            invalid_psf=self.invalid_psf,
-            coord_valid=self.objects.coord_valid[rows],
-            cd_matrix=cd,
-            primary=primary,
-            science=self.science if self.difference is not None else None,
-            science_psf=self.science_results.psf if self.science_results is not None else None,
-            apertures_px=self.config.apertures_px,
-            extra_columns=self.config.extra_columns,
-            processed_mjd_tai=processed_mjd_tai,
-        )
+        self.finish(self.results, self.science_results)
+        science_psf = self.science_results.psf if self.science_results is not None else None
+        return catalog_columns(self.rows(), self.results, science_psf=science_psf, apertures_px=self.config.apertures_px,
+                               extra_columns=self.config.extra_columns, processed_mjd_tai=processed_mjd_tai)
 
     def provenance(self) -> dict:
         """What was measured, how and where."""
@@ -262,7 +265,6 @@ def plan_measurement(science: Exposure, objects: ObjectArrays, psf: PsfModel, co
         sx, sy = (x, y) if same_wcs(science.wcs, primary.wcs) else sky_to_pixel(science.wcs, ra[rows], dec[rows])
         science_side = _science_side(science, science_kernels, sx, sy, config, subtract_science)
         science_results = unmeasured(len(rows), len(config.apertures_px), full=subtract_science)
-        science_results.psf.flag[~science_side.near] = True
     return Plan(
         science=science, difference=difference, objects=objects, psf=psf, science_psf=science_psf, config=config, backend=backend,
         row_map=row_map, x=x, y=y, sigma=sigma, invalid_psf=invalid_psf, measured=measured,

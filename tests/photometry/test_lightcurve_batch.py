@@ -14,7 +14,7 @@ import pytest
 from forcedphot.demo.survey import make_demo_survey
 from forcedphot.photometry.backend import select_backend
 from forcedphot.photometry.config import MeasurementConfig
-from forcedphot.photometry.exposure import open_exposure
+from forcedphot.photometry.exposure import ExposureError, open_exposure
 from forcedphot.photometry.lightcurve import Epoch, measure_epochs, sort_lightcurves
 from forcedphot.photometry.measure import measure
 from forcedphot.photometry.objects import ObjectArrays, validate_objects
@@ -109,3 +109,30 @@ def test_an_epoch_that_fails_is_reported_and_the_others_measured(survey):
     result = measure_epochs([good[0], bad, *good[1:]], MeasurementConfig(backend="numpy"), errors_of=(OSError,))
     assert result.epochs == 4 and result.errors == [{"exposure": "missing", "detail": "gone"}]
     assert set(result.table["visit"].to_pylist()) == {int(v.parent.name) for v in visits[:3]}
+
+
+def test_an_epoch_failing_part_way_leaves_the_others_rows_alone(survey):
+    """Small batches run while an epoch is still being staged; when a later read of that
+    epoch fails, what already ran for it must not land on the next epoch's rows."""
+    objects, visits = survey
+    config = MeasurementConfig(backend="numpy", batch_bytes=int(0.05 * 2**20))
+    good = epochs(objects, visits)
+
+    def failing_late(epoch: Epoch) -> Epoch:
+        @contextmanager
+        def files():
+            with epoch.open() as (science, difference):
+                def unreadable(*args, **kwargs):
+                    raise ExposureError("science rows unreadable")
+
+                science.read_rows = unreadable  # the difference image's cutouts are staged (and measured) first
+                yield science, difference
+
+        return Epoch(label="late", open=files, objects=epoch.objects, psf=epoch.psf)
+
+    # in the middle, and last (where its rows would lie beyond the table's)
+    result = measure_epochs([*good[:2], failing_late(good[2]), *good[3:-1], failing_late(good[-1])], config, errors_of=(ExposureError,))
+    expected = measure_epochs([*good[:2], *good[3:-1]], config)
+    assert result.errors == [{"exposure": "late", "detail": "science rows unreadable"}] * 2
+    assert result.table.num_rows == expected.table.num_rows > 10
+    assert result.table.drop_columns([NOW]).equals(expected.table.drop_columns([NOW]))
