@@ -224,6 +224,9 @@ def validate_objects(frame: pd.DataFrame, *, name: str = "objects") -> pd.DataFr
         raise InputError(f"{name}: duplicate diaObjectId {format_examples(duplicated)}")
 
     for column in ("ra", "dec"):
+        if isinstance(frame[column].dtype, np.dtype) and frame[column].dtype.kind in "fiu":  # numbers already: nothing to check
+            frame[column] = frame[column].astype(np.float64)
+            continue
         booleans = frame.index[frame[column].map(lambda v: isinstance(v, (bool, np.bool_)))]
         if len(booleans):
             raise InputError(f"{name}: column {column} must be numeric (degrees); rows {format_examples(booleans)} hold true/false")
