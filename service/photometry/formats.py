@@ -48,9 +48,14 @@ def table_format(name: str) -> str | None:
 
 def with_provenance(table: pa.Table, provenance: dict) -> pa.Table:
     """``table`` with the provenance in its schema metadata (key ``forcedphot``)."""
-    metadata = dict(table.schema.metadata or {})
+    return table.replace_schema_metadata(_with_provenance_metadata(table.schema.metadata, provenance))
+
+
+def _with_provenance_metadata(metadata: dict | None, provenance: dict) -> dict:
+    """Schema ``metadata`` with the provenance added (key ``forcedphot``)."""
+    metadata = dict(metadata or {})
     metadata[b"forcedphot"] = json.dumps({"software": "forcedphot", "version": __version__, **provenance}, default=str).encode()
-    return table.replace_schema_metadata(metadata)
+    return metadata
 
 
 _NULLABLE = {"visit": "Int64", "detector": "Int16"}
@@ -144,7 +149,7 @@ def parquet_schema(schema: pa.Schema, provenance: dict, lengths: dict[str, int])
     metadata.update(_astropy_parquet_meta(_signature(schema)))
     metadata[b"table_meta_yaml"] += "\n".join(["", *_astropy_meta_lines(provenance)]).encode()  # Table.read gives it as meta
     metadata.update({f"table::len::{name}".encode(): str(max(1, n)).encode() for name, n in lengths.items()})
-    return with_provenance(schema.empty_table().replace_schema_metadata(metadata), provenance).schema
+    return schema.with_metadata(_with_provenance_metadata(metadata, provenance))
 
 
 def _parquet(table: pa.Table, provenance: dict) -> bytes:
