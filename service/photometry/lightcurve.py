@@ -179,8 +179,9 @@ def measure_epochs(epochs: Iterable[Epoch], config: MeasurementConfig, *, backen
     batch size, and at the end), and one catalog is made of all rows at once.
 
     An epoch whose files raise one of ``errors_of`` is reported in ``errors`` (the others
-    still count), any other error propagates. ``check()`` (a deadline, say) is called
-    before each epoch and after each kernel call.
+    still count), any other error propagates. ``check`` (a deadline, a progress line) is
+    called as ``check()`` before each epoch and as ``check(n)`` after each kernel call run
+    while epochs are read, ``n`` the epochs begun so far.
     """
     backend = backend or select_backend(config.backend)
     fused = backend.name == "numpy" and config.cpu_kernels == "fused"
@@ -202,7 +203,7 @@ def measure_epochs(epochs: Iterable[Epoch], config: MeasurementConfig, *, backen
                 planned = time.perf_counter()
                 for part in _staged(plan, rows):
                     if kernels.add(part) and check:
-                        check()
+                        check(count)
         except errors_of as exc:
             kernels.forget(rows)
             errors.append({"exposure": epoch.label, "detail": str(exc)})

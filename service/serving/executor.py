@@ -222,7 +222,8 @@ class MeasureService:
     def run_lightcurves(self, task: LightCurveTask, check: Callable[..., None] | None = None) -> LightCurves:
         """Measure every epoch of ``task`` in the calling thread (files through the handle
         cache); epochs whose files cannot be read are reported, not fatal. ``check()`` is
-        called before each epoch and after each batch (it may raise to stop the work)."""
+        called before each epoch and ``check(n)`` after each kernel call (see
+        :func:`~forcedphot.photometry.lightcurve.measure_epochs`; it may raise to stop the work)."""
 
         objects = ObjectArrays.of(task.objects)
 

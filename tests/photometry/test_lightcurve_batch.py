@@ -136,3 +136,14 @@ def test_an_epoch_failing_part_way_leaves_the_others_rows_alone(survey):
     assert result.errors == [{"exposure": "late", "detail": "science rows unreadable"}] * 2
     assert result.table.num_rows == expected.table.num_rows > 10
     assert result.table.drop_columns([NOW]).equals(expected.table.drop_columns([NOW]))
+
+
+def test_check_is_called_bare_once_an_epoch_however_many_kernel_calls(survey):
+    """The command line's progress line counts the bare calls as epochs."""
+    objects, visits = survey
+    calls = []
+    result = measure_epochs(epochs(objects, visits), MeasurementConfig(backend="numpy", batch_bytes=int(0.05 * 2**20)),
+                            check=lambda *progress: calls.append(progress))
+    assert result.epochs == len(visits) and calls.count(()) == len(visits)
+    assert len(calls) > 2 * len(visits)  # and after each of the many kernel calls, with the epochs begun so far
+    assert all(len(c) == 1 and 1 <= c[0] <= len(visits) for c in calls if c)
