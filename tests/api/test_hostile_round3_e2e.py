@@ -5,6 +5,7 @@ files rewritten under a reader. Each test reproduces one finding of the probe.""
 
 import os
 from pathlib import Path
+import select
 import socket
 import time
 
@@ -86,7 +87,10 @@ def test_a_client_that_never_reads_its_answer_is_disconnected(server, visits):
         content = request.read()
         s.sendall(head.encode() + f"Content-Length: {len(content)}\r\n\r\n".encode() + content)
         before = rss_mib(server.process.pid)
-        time.sleep(12)  # measured (a few s), then the answer waits for a reader: the write timeout is 2 s
+        # the answer starts arriving once measured (a few s; longer on a busy machine), then waits
+        # for a reader: the write timeout is 2 s
+        assert select.select([s], [], [], 120)[0], "no answer began within 120 s"
+        time.sleep(6)
         received = b""
         s.settimeout(5)
         try:
@@ -96,6 +100,7 @@ def test_a_client_that_never_reads_its_answer_is_disconnected(server, visits):
             pass
     finally:
         s.close()
+    assert b"content-length: " in received, received[:300]
     length = int(received.split(b"content-length: ")[1].split(b"\r\n")[0])
     assert len(received.partition(b"\r\n\r\n")[2]) < length  # the server gave up on it: the answer was dropped
     assert rss_mib(server.process.pid) < before + 200
