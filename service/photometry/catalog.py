@@ -205,11 +205,12 @@ class CatalogRows:
     def concat(cls, parts: list["CatalogRows"]) -> "CatalogRows":
         """The rows of ``parts``, one after the other."""
         def joined(name: str):
+            pieces = [getattr(part, name) for part in parts]
             if name == "objects":
-                return ObjectArrays(*(np.concatenate(columns) for columns in zip(*(part.objects for part in parts))))
+                return ObjectArrays.concat(pieces)
             if name == "exposure":
-                return ExposureRows.concat([part.exposure for part in parts])
-            return np.concatenate([getattr(part, name) for part in parts])
+                return ExposureRows.concat(pieces)
+            return np.concatenate(pieces)
 
         return cls(*(joined(f.name) for f in fields(cls)))
 
@@ -221,7 +222,6 @@ def catalog_columns(
     science_psf: PsfFluxResult | None = None,
     apertures_px=(),
     extra_columns: bool = False,
-    processed_mjd_tai: float | None = None,
 ) -> dict[str, pa.Array | np.ndarray]:
     """The DiaForcedSource catalog's columns (NumPy or Arrow arrays, in order), one row per
     row of ``rows`` (objects validated).
@@ -233,8 +233,7 @@ def catalog_columns(
     ``base_InvalidPsf_flag``: fluxes NaN and flagged). ``rows.exposure`` holds what each
     row takes from its exposure (the image measured: the difference image in difference
     mode); ``science_psf`` (the PSF fit on the direct image, for the rows
-    ``exposure.has_science`` marks) gives ``scienceFlux``. ``processed_mjd_tai``:
-    ``timeProcessedMjdTai`` (default now).
+    ``exposure.has_science`` marks) gives ``scienceFlux``.
     """
     objects, exposure, x_parent, y_parent = rows.objects, rows.exposure, rows.x_parent, rows.y_parent
     on_image, coord_valid, invalid_psf, cd_matrix = rows.on_image, rows.coord_valid, rows.invalid_psf, rows.cd_matrix
@@ -271,7 +270,7 @@ def catalog_columns(
     columns.update(
         midpointMjdTai=exposure.midpoint_mjd_tai,
         band=pa.array(exposure.band, pa.string()),
-        timeProcessedMjdTai=np.full(n, now_mjd_tai() if processed_mjd_tai is None else processed_mjd_tai),
+        timeProcessedMjdTai=np.full(n, _now_mjd_tai()),
         timeWithdrawnMjdTai=pa.nulls(n, pa.float64()),  # not withdrawn (the APDB's null)
         x=np.asarray(x_parent, dtype=np.float64),
         y=np.asarray(y_parent, dtype=np.float64),
@@ -330,7 +329,7 @@ def _tai_minus_utc(utc_day: int) -> float:
     return float((day.tai.mjd - day.mjd) * 86400.0)
 
 
-def now_mjd_tai() -> float:
+def _now_mjd_tai() -> float:
     """Now as a TAI MJD: the system clock (UTC) plus TAI - UTC, which astropy gives once a day
     (a Time conversion costs ~0.7 ms; a leap second is only ever inserted at the end of a day)."""
     now = time.time()

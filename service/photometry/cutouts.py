@@ -240,10 +240,11 @@ def _cutouts(band: Band, windows: Windows) -> Cutouts:
     if inner.size > FEW_WINDOWS:
         for stack, plane in zip(stacks, planes):
             stack[inner] = sliding_window_view(plane, (size, size))[iy[inner] - h - read_lo, ix[inner] - h]
-    for i in inner if inner.size <= FEW_WINDOWS else ():  # a few windows: slices cost less than the view's set-up
-        rows, columns = slice(iy[i] - h - read_lo, iy[i] + h + 1 - read_lo), slice(ix[i] - h, ix[i] + h + 1)
-        for stack, plane in zip(stacks, planes):
-            stack[i] = plane[rows, columns]
+    else:  # a few windows: slices cost less than the view's set-up
+        for i in inner:
+            rows, columns = slice(iy[i] - h - read_lo, iy[i] + h + 1 - read_lo), slice(ix[i] - h, ix[i] + h + 1)
+            for stack, plane in zip(stacks, planes):
+                stack[i] = plane[rows, columns]
     edge = np.flatnonzero(~interior)
     if edge.size:
         # the band holds every image row these windows touch: rows it lacks lie beyond the image

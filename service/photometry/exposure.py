@@ -703,7 +703,7 @@ def _plain_rows(hdu: _ImageHDU, y_start: int, y_stop: int, maps: PlaneMaps | Non
 def _read_band(hdu: _ImageHDU, y_start: int, y_stop: int, dtype: type, maps: PlaneMaps | None,
                needed: Sequence[tuple[int, int]] | None = None) -> np.ndarray:
     """Rows [y_start, y_stop) of ``hdu`` with values of ``dtype``: the stored values as they
-    are (a memory-mapped view, with ``memory_map``) when the file stores exactly that type
+    are (a memory-mapped view, with ``maps``) when the file stores exactly that type
     in either byte order, else a decoded copy."""
     values = _plain_rows(hdu, y_start, y_stop, maps)
     if values is None:

@@ -20,12 +20,11 @@ import pyarrow.compute as pc
 
 from forcedphot.kernels.cutouts import Cutouts
 from forcedphot.photometry.backend import Backend, select_backend
-from forcedphot.photometry.catalog import CatalogRows, catalog_columns, empty_catalog, now_mjd_tai, table_with_units
+from forcedphot.photometry.catalog import CatalogRows, catalog_columns, empty_catalog
 from forcedphot.photometry.config import MeasurementConfig
 from forcedphot.photometry.cutouts import BYTES_PER_BAND_PIXEL, BYTES_PER_STAGED_PIXEL, Windows, no_data_bit, plan_windows, stage_cutouts
 from forcedphot.photometry.exposure import Exposure
-from forcedphot.photometry.lightcurve_products import with_epoch_columns
-from forcedphot.photometry.measure import Plan, plan_measurement
+from forcedphot.photometry.measure import Plan, catalog_table, plan_measurement
 from forcedphot.photometry.objects import ObjectArrays
 from forcedphot.photometry.psf_models import PsfModel, StackedPsf, describe_psf
 from forcedphot.photometry.runner import Execute, KernelInputs, KernelResults, KernelRunner, map_arrays, run_directly, scatter, unmeasured
@@ -115,10 +114,14 @@ class _EpochKernels:
         self.calls: list[tuple[bool, np.ndarray, KernelResults]] = []  # (science, rows, results)
         self.seconds = 0.0
 
+    def _bytes(self, part: _Part) -> int:
+        """What ``part``'s staged cutouts hold."""
+        return len(part.inputs) * part.inputs.windows.size ** 2 * self.pixel_bytes
+
     def add(self, part: _Part) -> bool:
         """Queue ``part``; True when that ran the queue."""
         self.parts.append(part)
-        self.bytes += len(part.inputs) * part.inputs.windows.size ** 2 * self.pixel_bytes
+        self.bytes += self._bytes(part)
         if self.bytes < self.max_bytes:
             return False
         self.run()
@@ -139,7 +142,7 @@ class _EpochKernels:
     def forget(self, first_row: int) -> None:
         """Drop the work of rows from ``first_row`` on (an epoch that failed part way)."""
         self.parts = [p for p in self.parts if p.rows[0] < first_row]
-        self.bytes = sum(len(p.inputs) * p.inputs.windows.size ** 2 * self.pixel_bytes for p in self.parts)
+        self.bytes = sum(self._bytes(p) for p in self.parts)
         for i, (science, rows, results) in enumerate(self.calls):
             keep = rows < first_row
             if not keep.all():
@@ -234,11 +237,8 @@ def _catalog(plans: list[tuple[Plan, int]], kernels: _EpochKernels, n_rows: int,
 
         plan.finish(rows_of(primary), rows_of(science) if plan.science_side is not None else None)
     columns = catalog_columns(CatalogRows.concat([plan.rows() for plan, _ in plans]), primary, science_psf=science.psf,
-                              apertures_px=config.apertures_px, extra_columns=config.extra_columns, processed_mjd_tai=now_mjd_tai())
-    table = table_with_units(columns)
-    if config.extra_columns:
-        table = with_epoch_columns(table)
-    return sort_lightcurves(table)
+                              apertures_px=config.apertures_px, extra_columns=config.extra_columns)
+    return sort_lightcurves(catalog_table(columns, config))
 
 
 def merge_lightcurves(parts: list[LightCurves], config: MeasurementConfig) -> LightCurves:

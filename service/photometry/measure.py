@@ -161,8 +161,8 @@ def _science_side(science: Exposure, kernels: KernelRunner, x: np.ndarray, y: np
 @dataclass
 class Plan:
     """One exposure's measurement up to the kernels: which objects become catalog rows,
-    where they fall, their PSF widths, the cutout side and the kernels to run; then the
-    kernels' results as they come back (:meth:`finish` makes the catalog)."""
+    where they fall, their PSF widths, the cutout side and the kernels to run; then what
+    follows the kernels (:meth:`finish`, :meth:`rows`, :meth:`columns`)."""
 
     science: Exposure
     difference: Exposure | None
@@ -181,8 +181,6 @@ class Plan:
     size: int  # cutout side K
     subtract: bool  # the local background comes off the PSF and aperture fluxes
     science_side: ScienceSide | None
-    results: KernelResults
-    science_results: KernelResults | None
     timings: dict[str, float]
 
     @property
@@ -212,13 +210,20 @@ class Plan:
             ExposureRows.of(primary, self.science if self.difference is not None else None, x_parent, y_parent),
         )
 
-    def columns(self, processed_mjd_tai: float | None = None) -> dict[str, pa.Array | np.ndarray]:
-        """The catalog's columns from the results (:func:`~forcedphot.photometry.catalog.catalog_columns`);
+    def unmeasured(self) -> tuple[KernelResults, KernelResults | None]:
+        """Results for every catalog row, on the measured image and (difference mode) on the
+        direct image, for the kernels to fill."""
+        n, n_apertures = self.row_map.n_rows, len(self.config.apertures_px)
+        side = self.science_side
+        return unmeasured(n, n_apertures), unmeasured(n, n_apertures, full=side.subtract) if side is not None else None
+
+    def columns(self, results: KernelResults, science_results: KernelResults | None) -> dict[str, pa.Array | np.ndarray]:
+        """The catalog's columns from the kernels' results (:func:`~forcedphot.photometry.catalog.catalog_columns`);
         called once, when every kernel has run (it subtracts the local backgrounds in place)."""
-        self.finish(self.results, self.science_results)
-        science_psf = self.science_results.psf if self.science_results is not None else None
-        return catalog_columns(self.rows(), self.results, science_psf=science_psf, apertures_px=self.config.apertures_px,
-                               extra_columns=self.config.extra_columns, processed_mjd_tai=processed_mjd_tai)
+        self.finish(results, science_results)
+        science_psf = science_results.psf if science_results is not None else None
+        return catalog_columns(self.rows(), results, science_psf=science_psf, apertures_px=self.config.apertures_px,
+                               extra_columns=self.config.extra_columns)
 
     def provenance(self) -> dict:
         """What was measured, how and where."""
@@ -257,21 +262,19 @@ def plan_measurement(science: Exposure, objects: ObjectArrays, psf: PsfModel, co
     with np.errstate(invalid="ignore"):
         invalid_psf = row_map.measured_mask() & ~(sigma > 0)
     measured = measured[~invalid_psf[measured]]
-    science_side, science_results = None, None
+    science_side = None
     if difference is not None:
         science_kernels = KernelRunner(backend, science, science_psf or psf, config)  # the direct image's own PSF and masks
         subtract_science = subtracts_background(config.subtract_background, science.sky_subtracted, False)
         # the sky positions on the direct image: the same pixels when it shares the difference image's grid
         sx, sy = (x, y) if same_wcs(science.wcs, primary.wcs) else sky_to_pixel(science.wcs, ra[rows], dec[rows])
         science_side = _science_side(science, science_kernels, sx, sy, config, subtract_science)
-        science_results = unmeasured(len(rows), len(config.apertures_px), full=subtract_science)
     return Plan(
         science=science, difference=difference, objects=objects, psf=psf, science_psf=science_psf, config=config, backend=backend,
         row_map=row_map, x=x, y=y, sigma=sigma, invalid_psf=invalid_psf, measured=measured,
         kernels=KernelRunner(backend, primary, psf, config), size=2 * cutout_half_size(psf, sigma[measured], config) + 1,
         subtract=subtracts_background(config.subtract_background, primary.sky_subtracted, difference is not None),
-        science_side=science_side, results=unmeasured(row_map.n_rows, len(config.apertures_px)), science_results=science_results,
-        timings={"select": time.perf_counter() - start},
+        science_side=science_side, timings={"select": time.perf_counter() - start},
     )
 
 
@@ -303,13 +306,14 @@ def measure(
     arrays = ObjectArrays.of(objects)
     plan = plan_measurement(science, arrays, psf, config, backend, difference=difference, science_psf=science_psf)
     measured, x, y, sigma = plan.measured, plan.x, plan.y, plan.sigma
+    results, science_results = plan.unmeasured()
     stage_time = kernel_time = 0.0
     done = 0
     t0 = time.perf_counter()
     for windows, pixels in batches(plan.primary, backend, x[measured], y[measured], plan.size, config):
         t1 = time.perf_counter()
         index = measured[windows.index]
-        scatter(plan.results, execute(plan.kernels, plan.kernels.inputs(windows, pixels, x[index], y[index], sigma[index]), True), index)
+        scatter(results, execute(plan.kernels, plan.kernels.inputs(windows, pixels, x[index], y[index], sigma[index]), True), index)
         t2 = time.perf_counter()
         stage_time += t1 - t0
         kernel_time += t2 - t1
@@ -324,14 +328,12 @@ def measure(
         for windows, pixels in batches(science, backend, side.x[rows], side.y[rows], side.size, config):
             index = rows[windows.index]
             inputs = side.kernels.inputs(windows, pixels, side.x[index], side.y[index], side.sigma[index])
-            scatter(plan.science_results, execute(side.kernels, inputs, side.subtract), index)
+            scatter(science_results, execute(side.kernels, inputs, side.subtract), index)
         kernel_time += time.perf_counter() - t1
     timings = {**plan.timings, "stage": stage_time, "kernels": kernel_time}
 
     start = time.perf_counter()
-    catalog = table_with_units(plan.columns())
-    if config.extra_columns:  # magnitudes, limits and epochStatus, as every light curve has them
-        catalog = with_epoch_columns(catalog)
+    catalog = catalog_table(plan.columns(results, science_results), config)
     timings["catalog"] = time.perf_counter() - start
     return Measurement(
         table=catalog,
@@ -343,6 +345,14 @@ def measure(
         timings=timings,
         provenance=plan.provenance(),
     )
+
+
+def catalog_table(columns: dict[str, pa.Array | np.ndarray], config: MeasurementConfig) -> pa.Table:
+    """The catalog of ``columns`` (:func:`~forcedphot.photometry.catalog.catalog_columns`),
+    with units; with ``extra_columns``, the magnitudes, limits and epochStatus every light
+    curve has."""
+    catalog = table_with_units(columns)
+    return with_epoch_columns(catalog) if config.extra_columns else catalog
 
 
 def count_flagged(catalog: pa.Table) -> int:

@@ -7,11 +7,12 @@ column or the offending ids; per-row coordinate problems (NaN, |dec| > 90, ra ou
 returns them with ``coord_flag`` and ``pixelFlags_offimage`` set, never measured.
 """
 
+from dataclasses import dataclass, fields
 import io
 import json
 from pathlib import Path
 import re
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -22,7 +23,8 @@ from forcedphot.photometry.formats import OUTPUT_ONLY, table_format
 from forcedphot.photometry.table_limits import CHECKS, TableLimits
 
 
-class ObjectArrays(NamedTuple):
+@dataclass(frozen=True)
+class ObjectArrays:
     """A validated DiaObject table's columns as NumPy arrays (what measuring needs of it)."""
 
     ids: np.ndarray  # (N,) int64 diaObjectId
@@ -36,9 +38,14 @@ class ObjectArrays(NamedTuple):
         return cls(frame["diaObjectId"].to_numpy(np.int64), frame["ra"].to_numpy(np.float64), frame["dec"].to_numpy(np.float64),
                    frame["coord_valid"].to_numpy(bool))
 
+    @classmethod
+    def concat(cls, parts: list["ObjectArrays"]) -> "ObjectArrays":
+        """The objects of ``parts``, one after the other."""
+        return cls(*(np.concatenate([getattr(part, f.name) for part in parts]) for f in fields(cls)))
+
     def take(self, rows: np.ndarray) -> "ObjectArrays":
         """The objects at ``rows``."""
-        return ObjectArrays(*(column[rows] for column in self))
+        return ObjectArrays(*(getattr(self, f.name)[rows] for f in fields(self)))
 
     def __len__(self) -> int:
         return len(self.ids)
