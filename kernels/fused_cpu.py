@@ -33,7 +33,10 @@ from forcedphot.kernels.aperture import check_radius
 from forcedphot.kernels.local_background import IQ_TO_STDEV
 
 NO_PLANE = -1  # a flag plane the mask does not define: never set
-PARALLEL_MIN_OBJECTS = 256  # fewer objects run on the calling thread: starting the threads costs ~0.5 ms a call
+# fewer objects run on the calling thread, where starting the threads costs more than they give
+# (2 cores, workqueue, 100k objects of 47 px windows: in calls of ~150-260 objects the kernel took
+# 4.0 s on two threads and 4.4 s on one; in calls of ~37, two threads were the slower)
+PARALLEL_MIN_OBJECTS = 96
 _WORKQUEUE = threading.Lock()
 if numba.config.THREADING_LAYER == "default" and "NUMBA_THREADING_LAYER" not in os.environ:
     # this package forks (campaign pools): GNU OpenMP, numba's default where present, aborts a
@@ -116,13 +119,16 @@ def measure_windows(band_image: np.ndarray, band_variance: np.ndarray, band_mask
     index in the ``(M, K, K)`` stacks, with their ``inside``; for windows crossing the
     image's edge). ``K`` is the stacks' side; the rest as :func:`measure_stack`."""
     p = parameters._replace(radii=np.array([check_radius(r) for r in parameters.radii], np.float64))
-    with _one_at_a_time():
-        return _measure_native(band_image, band_variance, band_mask, row0, col0, image, variance, mask, inside, stack_of, psf, cx, cy, sigma, p)
+    if len(psf) >= PARALLEL_MIN_OBJECTS and numba.get_num_threads() > 1:
+        with _one_at_a_time():
+            return _measure_native(_measure_parallel, band_image, band_variance, band_mask, row0, col0, image, variance, mask, inside,
+                                   stack_of, psf, cx, cy, sigma, p)
+    return _measure_native(_measure_serial, band_image, band_variance, band_mask, row0, col0, image, variance, mask, inside,
+                           stack_of, psf, cx, cy, sigma, p)
 
 
-def _measure_native(band_image, band_variance, band_mask, row0, col0, image, variance, mask, inside, stack_of, psf, cx, cy, sigma, p):
+def _measure_native(kernel, band_image, band_variance, band_mask, row0, col0, image, variance, mask, inside, stack_of, psf, cx, cy, sigma, p):
     native = [np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("=")) for a in (band_image, band_variance, band_mask, image, variance, mask)]
-    kernel = _measure_parallel if len(psf) >= PARALLEL_MIN_OBJECTS else _measure_serial
     planes = (*native[:3], *native[3:], np.ascontiguousarray(inside))
     geometry = (np.asarray(row0, np.int64), np.asarray(col0, np.int64), np.asarray(stack_of, np.int64),
                 np.ascontiguousarray(psf, dtype=np.float64), np.ascontiguousarray(cx, dtype=np.float64),

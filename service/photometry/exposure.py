@@ -259,6 +259,16 @@ class Exposure:
         return image, variance, mask
 
     @property
+    def rows_in_place(self) -> bool:
+        """:meth:`read_rows` gives views of the file's memory map, so a band of rows costs
+        no memory until its pixels are gathered: the planes are plain, unscaled float32
+        image and variance and int32 mask (either byte order), and the file is all here."""
+        if self._maps is None or not self.fully_local or self._variance_is_weight:
+            return False
+        wanted = ((self._image_hdu, np.float32), (self._variance_hdu, np.float32), (self._mask_hdu, np.int32))
+        return all(hdu is None or _stored_as(hdu, dtype) for hdu, dtype in wanted)
+
+    @property
     def fully_local(self) -> bool:
         """Every byte of the file is on this machine (False for a partial copy of a remote
         file still being filled, whose rows are fetched when read)."""
@@ -661,6 +671,12 @@ class PlaneMaps:
         """Drop the map and its views (it unmaps when no view of it is left)."""
         self._planes.clear()
         self._file = None
+
+
+def _stored_as(hdu: _ImageHDU | PlaneFormat, dtype: type) -> bool:
+    """A plain HDU stores unscaled values of ``dtype`` (either byte order): its rows are read as they are."""
+    plane = plane_format(hdu)
+    return plane is not None and plane.bscale == 1 and plane.bzero == 0 and plane.dtype.newbyteorder("=") == np.dtype(dtype)
 
 
 def _raw_rows(plane: PlaneFormat, y_start: int, y_stop: int, maps: PlaneMaps | None) -> np.ndarray:

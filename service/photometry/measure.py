@@ -119,8 +119,11 @@ def batches(exposure: Exposure, backend: Backend, x: np.ndarray, y: np.ndarray, 
             yield windows, resident
         return
     no_data = no_data_bit(exposure.mask_planes)
-    if backend.name == "numpy" and config.cpu_kernels == "fused":  # read in place from the band: nothing staged
-        for windows in plan_windows(x, y, size, batch_bytes=config.batch_bytes, band_width=exposure.width, pixel_bytes=BYTES_PER_BAND_PIXEL):
+    if backend.name == "numpy" and config.cpu_kernels == "fused":
+        # read in place from the band, staging only windows on the edge or too sparse to convert a
+        # whole band for: the band counts against the batch only where reading it copies its rows
+        band_width = None if exposure.rows_in_place else exposure.width
+        for windows in plan_windows(x, y, size, batch_bytes=config.batch_bytes, band_width=band_width, pixel_bytes=BYTES_PER_BAND_PIXEL):
             yield windows, read_band(exposure, windows, no_data)
         return
     for windows in plan_windows(x, y, size, batch_bytes=config.batch_bytes, band_width=exposure.width):

@@ -97,11 +97,12 @@ def unmeasured(n: int, n_apertures: int, full: bool = True) -> KernelResults:
 
 
 def scatter(into: KernelResults, batch: KernelResults, rows: np.ndarray) -> None:
-    """Write one batch's results at ``rows`` of the full-length ``into``."""
-    def put(target: np.ndarray, values: np.ndarray) -> None:
-        target[rows] = values
-
-    map_arrays(put, into, batch)
+    """Write one batch's results at ``rows`` of the full-length ``into`` (a plain loop over
+    the two levels of named tuples: it runs once per batch, and small batches are many)."""
+    for into_group, batch_group in zip(into, batch):
+        if batch_group is not None:
+            for target, values in zip(into_group, batch_group, strict=True):
+                target[rows] = values
 
 
 def split_results(results: KernelResults, sizes: list[int]) -> list[KernelResults]:

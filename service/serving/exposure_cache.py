@@ -60,6 +60,11 @@ class InMemoryExposure:
         return getattr(self._meta, name)
 
     @property
+    def rows_in_place(self) -> bool:
+        """:meth:`read_rows` gives views of the planes in memory."""
+        return True
+
+    @property
     def nbytes(self) -> int:
         """Bytes held: the host planes plus any device copies."""
         return sum(plane.nbytes for plane in self._planes) + self._resident.nbytes

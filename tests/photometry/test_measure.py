@@ -266,3 +266,34 @@ def test_a_nan_pixel_in_the_psf_fit_region_gives_nan_and_the_flag_as_lsst(scene,
     others = scene["objects"]["diaObjectId"][1:scene["n_grid"]]
     np.testing.assert_array_equal(with_nan.loc[others, "psfFlux"], clean.loc[others, "psfFlux"])
     assert str(with_nan["localPhotoCalib"].dtype) == "float64"
+
+
+def test_fused_batches_count_the_band_only_where_reading_it_copies(scene):
+    """A memory-mapped file's band of rows is a view (it costs nothing until gathered): the
+    fused kernels' batches are bounded by their windows alone, and fill up; read from the
+    file, the band is a copy and bounds the batch too. Same catalog either way, and at any
+    batch size."""
+    from forcedphot.photometry.backend import select_backend
+    from forcedphot.photometry.cutouts import BYTES_PER_BAND_PIXEL, objects_per_batch
+    from forcedphot.photometry.measure import batches
+    from forcedphot.serving.exposure_cache import InMemoryExposure
+
+    size, per_batch = 21, 12
+    config = MeasurementConfig(backend="numpy", batch_bytes=per_batch * size * size * BYTES_PER_BAND_PIXEL)
+    assert objects_per_batch(size, config.batch_bytes, BYTES_PER_BAND_PIXEL) == per_batch
+    x, y = scene["x"][:scene["n_grid"]], scene["y"][:scene["n_grid"]]
+    backend = select_backend("numpy")
+    sizes = {}
+    for memory_map in (True, False):
+        with open_exposure(scene["path"], memory_map=memory_map) as exposure:
+            assert exposure.rows_in_place is memory_map
+            sizes[memory_map] = [len(windows) for windows, _ in batches(exposure, backend, x, y, size, config)]
+            if memory_map:
+                assert InMemoryExposure.load(exposure).rows_in_place
+    assert max(sizes[True]) == per_batch and len(sizes[True]) == -(-len(x) // per_batch)
+    assert max(sizes[False]) < per_batch  # a band of 12 windows' bytes holds fewer than 12 windows' rows
+    reference = run(scene["path"], scene["objects"]).catalog.drop(columns="timeProcessedMjdTai")
+    for memory_map in (True, False):
+        with open_exposure(scene["path"], memory_map=memory_map) as exposure:
+            small = measure(exposure, scene["objects"], GaussianPsf(FWHM), config).catalog.drop(columns="timeProcessedMjdTai")
+        pd.testing.assert_frame_equal(small, reference)
