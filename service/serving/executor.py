@@ -7,14 +7,16 @@ Requests and jobs both go through :meth:`MeasureService.run`. Requests await
   NumPy, which releases the GIL, so the event loop keeps answering); a batching executor
   that coalesces concurrent requests is given as ``batcher``: every kernel call then goes
   through it. This is the mode for a GPU: one process owns the device.
-* or, with ``processes > 0``, in a pool of measurement processes (pebble's
-  ``ProcessPool``), each with its own exposure cache (a share of the cache size). A
+* or, with ``processes > 0``, in measurement processes (a pebble ``ProcessPool`` of one
+  worker each), each with its own exposure cache (a share of the cache size). A
   request that outlives its time budget, or whose caller cancels it (the client went
   away), has its process terminated and replaced; a process that dies costs only the
   request it was measuring. On a CPU backend this spreads requests over the cores one request at a
   time, whatever connection they came on: uvicorn worker processes instead share
   connections, and a few long-lived keep-alive connections may all land on one worker,
-  leaving the other cores idle.
+  leaving the other cores idle. A request goes to the process with the fewest requests
+  queued; a light curve's epochs go by file, each always to the same process, so the files
+  a process has open (:class:`HandleCache`) are the ones it is sent again.
 
 Jobs always run in this process.
 """
@@ -22,8 +24,8 @@ Jobs always run in this process.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 import multiprocessing
@@ -33,6 +35,7 @@ from pathlib import Path
 import threading
 import time
 from typing import TypeVar
+import zlib
 
 import numpy as np
 import pandas as pd
@@ -98,10 +101,14 @@ class LightCurveTask:
     config: MeasurementConfig
     psf_fwhm: float | None = None  # pixels; None: each exposure's PSF_FWHM keyword
 
-    def chunks(self, n: int) -> list[LightCurveTask]:
-        """``n`` tasks sharing the epochs round-robin (epochs are in time order, so each
-        chunk gets a similar mix)."""
-        return [LightCurveTask(self.epochs[i::n], self.objects, self.config, self.psf_fwhm) for i in range(n) if self.epochs[i::n]]
+    def chunks(self, n: int) -> Iterator[tuple[int, LightCurveTask]]:
+        """The epochs shared out into ``n`` tasks by file, each epoch always to the same
+        one (a checksum of its science file's path, modulo ``n``): (its number, the task),
+        the empty ones left out. Epochs keep their time order within a task."""
+        shares: list[list[EpochInput]] = [[] for _ in range(n)]
+        for epoch in self.epochs:
+            shares[zlib.crc32(os.fsencode(epoch.science.path)) % n].append(epoch)
+        return ((i, LightCurveTask(share, self.objects, self.config, self.psf_fwhm)) for i, share in enumerate(shares) if share)
 
 
 @dataclass
@@ -171,15 +178,26 @@ class MeasureService:
         self.processes = processes
         self.memory_map = memory_map
         self.handles = HandleCache(limits=limits, memory_map=memory_map)
-        self._pool = pebble.ProcessPool(max_workers=processes, initializer=_start_process,
-                                        initargs=(backend.name, cache.max_bytes // processes, limits),
-                                        context=multiprocessing.get_context("spawn")) if processes else None
+        self._pools = [pebble.ProcessPool(max_workers=1, initializer=_start_process,
+                                          initargs=(backend.name, cache.max_bytes // processes, limits),
+                                          context=multiprocessing.get_context("spawn")) for _ in range(processes)]
+        self._queued: list[set[Future]] = [set() for _ in range(processes)]  # each process's calls not yet done
 
     def warm_up(self) -> None:
         """Start every measurement process now (each imports the engine: about a second)."""
-        if self._pool is not None:
-            for future in [self._pool.schedule(_process_ready) for _ in range(self.processes)]:
-                future.result()
+        for future in [self._schedule(i, _process_ready, (), None) for i in range(self.processes)]:
+            future.result()
+
+    def _schedule(self, process: int | None, function: Callable, args: tuple, timeout: float | None) -> Future:
+        """``function(*args)`` queued for measurement process number ``process`` (None: the
+        one with the fewest calls queued; ties go to the lowest number)."""
+        if process is None:
+            process = min(range(self.processes), key=lambda i: len(self._queued[i]))
+        future = self._pools[process].schedule(function, args=args, timeout=timeout)
+        queued = self._queued[process]
+        queued.add(future)
+        future.add_done_callback(queued.discard)
+        return future
 
     def _open(self, stack: ExitStack, source: ExposureInput) -> tuple[object, str]:
         if not source.uploaded:
@@ -247,21 +265,23 @@ class MeasureService:
     async def measure_lightcurves(self, task: LightCurveTask) -> LightCurves:
         """:meth:`run_lightcurves` off the event loop: the epochs shared out over the
         measurement processes (each with its own handles), else on the thread pool."""
-        if self._pool is None:
+        if not self._pools:
             budget = _Budget(self.time_limit, "the light curves", "ask for fewer objects or a shorter time range, or submit a job")
             return await self._in_thread(budget, self.run_lightcurves, task, budget.check)
-        parts = await self._in_processes([(_run_lightcurves_in_process, (chunk,)) for chunk in task.chunks(self.processes)],
+        parts = await self._in_processes([(i, _run_lightcurves_in_process, (chunk,)) for i, chunk in task.chunks(self.processes)],
                                          "the light curves", "ask for fewer objects or a shorter time range, or submit a job")
         return merge_lightcurves(parts, task.config)
 
-    async def _in_processes(self, calls: list[tuple[Callable, tuple]], what: str, advice: str, time_limit: float | None = None) -> list:
-        """Run ``calls`` (function, arguments) in the measurement processes, each under the
+    async def _in_processes(self, calls: list[tuple[int | None, Callable, tuple]], what: str, advice: str,
+                            time_limit: float | None = None) -> list:
+        """Run ``calls`` (process number or None, function, arguments; see :meth:`_schedule`)
+        in the measurement processes, each under the
         time budget; a call past it is :class:`MeasurementTimedOut`, a process that died
         :class:`MeasurementProcessDied` (``what`` and ``advice`` word the message). The
         calls still running are cancelled (their processes terminated) when one fails or
         the caller is cancelled."""
         limit = time_limit or self.time_limit
-        futures = [self._pool.schedule(function, args=args, timeout=limit) for function, args in calls]
+        futures = [self._schedule(process, function, args, limit) for process, function, args in calls]
         try:
             return await asyncio.gather(*(asyncio.wrap_future(f) for f in futures))
         except TimeoutError:
@@ -287,9 +307,9 @@ class MeasureService:
         """``function(*args)`` (a module-level function: it may be pickled) off the event loop:
         in a measurement process under ``time_limit`` (default: the request time budget),
         else on the thread pool."""
-        if self._pool is None:
+        if not self._pools:
             return await asyncio.wrap_future(self._executor.submit(function, *args))
-        (result,) = await self._in_processes([(function, args)], what, advice, time_limit)
+        (result,) = await self._in_processes([(None, function, args)], what, advice, time_limit)
         return result
 
     async def measure_encoded(self, task: MeasureTask, fmt: str) -> tuple[MeasureOutcome, bytes, float]:
@@ -298,10 +318,10 @@ class MeasureService:
         Cancelling the awaiting task terminates the measurement process (pebble cancels
         a running task that way), so no work outlives a caller that went away.
         """
-        if self._pool is None:
+        if not self._pools:
             budget = _Budget(self.time_limit, "the measurement", "send fewer objects, or submit a job")
             return await self._in_thread(budget, self.run_encoded, task, fmt, budget.check)
-        (result,) = await self._in_processes([(_run_encoded_in_process, (task, fmt))], "the measurement",
+        (result,) = await self._in_processes([(None, _run_encoded_in_process, (task, fmt))], "the measurement",
                                              "send fewer objects, or submit a job")
         self._on_process_cache_event(result[0].cache)
         return result
@@ -310,11 +330,17 @@ class MeasureService:
         """Stop: queued requests are dropped; measurement processes get ``timeout`` seconds
         to finish what they run, then are terminated (none outlives the server)."""
         self._executor.shutdown(wait=False, cancel_futures=True)
-        if self._pool is not None:
-            self._pool.close()
-            self._pool.join(timeout)
-            self._pool.stop()
-            self._pool.join()
+        for pool in self._pools:
+            pool.close()
+        deadline = time.monotonic() + timeout
+        for pool in self._pools:
+            try:
+                pool.join(max(deadline - time.monotonic(), 0.0))
+            except TimeoutError:  # still measuring: terminated below
+                pass
+        for pool in self._pools:
+            pool.stop()
+            pool.join()
         if self.batcher is not None:
             self.batcher.close()
 
