@@ -27,6 +27,7 @@ from forcedphot.demo.repository import APDB as DEMO_APDB
 from forcedphot.demo.repository import BUTLER as DEMO_BUTLER
 from forcedphot.demo.repository import DemoVisitId, ensure_demo_repository
 from forcedphot.photometry.backend import select_backend
+from forcedphot.photometry.warm_up import exercise_measurement
 from forcedphot.serving.batching import KernelBatcher
 from forcedphot.serving.executor import LightCurveTask, MeasureService
 from forcedphot.serving.exposure_cache import ExposureCache
@@ -169,6 +170,7 @@ class ServiceRuntime:
             self.runner.start()
         if not self._processes_ready:
             threading.Thread(target=self._start_processes, name="measure-processes", daemon=True).start()
+        threading.Thread(target=self._exercise, name="warm-up", daemon=True).start()
         if self.settings.demo_mode:
             threading.Thread(target=self._make_demo, name="demo-repository", daemon=True).start()
         elif not self.settings.butler_repository:
@@ -187,6 +189,15 @@ class ServiceRuntime:
         except Exception as exc:  # reported by /readyz
             log.exception("the measurement processes could not start")
             self._process_error = f"the measurement processes could not start: {exc}"
+
+    @staticmethod
+    def _exercise() -> None:
+        """Pay this process's first-use costs (light curves and jobs are encoded here) now,
+        not in the first request; a failure only costs that."""
+        try:
+            exercise_measurement()
+        except Exception:
+            log.warning("the warm-up measurement failed; the first request will be slower", exc_info=True)
 
     def _make_demo(self) -> None:
         s = self.settings

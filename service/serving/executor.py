@@ -51,6 +51,7 @@ from forcedphot.photometry.objects import ObjectArrays
 from forcedphot.photometry.psf_choice import choose_psfs
 from forcedphot.photometry.psf_models import PsfError
 from forcedphot.photometry.runner import run_directly
+from forcedphot.photometry.warm_up import exercise_measurement
 from forcedphot.serving.allocator import keep_temporaries_on_heap
 from forcedphot.serving.apdb import ApdbObjects, objects_on, open_apdb, store_forced_sources
 from forcedphot.serving.batching import KernelBatcher
@@ -371,6 +372,7 @@ def _start_process(backend_name: str, cache_bytes: int, limits: ExposureLimits) 
         from forcedphot.kernels.fused_cpu import warm_up
 
         warm_up()
+    exercise_measurement()  # and the libraries' first-use costs paid
     _PROCESS_SERVICE = MeasureService(ExposureCache(cache_bytes, limits=limits, backend=backend), backend, threads=1, limits=limits)
 
 
