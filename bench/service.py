@@ -16,7 +16,7 @@ measured as DiaForcedSourceTask does, parquet back. Modes:
 * ``threads``: the same without batching.
 
 It prints requests/s and latency p50/p99 per concurrency and mode, the CPU time per
-request of the server's processes and of this client, and the engine's own time per
+request of the server's processes (and of its main process alone) and of this client, and the engine's own time per
 request (``measure`` in-process on the same files and objects, files already open).
 All traffic stays on the loopback interface; every loop is bounded by --requests.
 """
@@ -119,7 +119,7 @@ DEVICE_MODES = {  # one worker owning the device, requests in its threads (bench
     "device": (1, {"FORCEDPHOT_MEASURE_PROCESSES": "0", "FORCEDPHOT_BATCHING": "false"}),
 }
 LOAD_HEADER = (f"{'mode':>13} {'conc':>5} {'requests':>8} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} "
-               f"{'server CPU ms/req':>17} {'client CPU ms/req':>17}")
+               f"{'server CPU ms/req':>17} {'of which main proc':>18} {'client CPU ms/req':>17}")
 
 
 class Server:
@@ -152,10 +152,12 @@ class Server:
                     continue
         return found
 
-    def cpu_seconds(self) -> float:
-        """CPU time used so far by the server and all its processes (Linux /proc)."""
+    def cpu_seconds(self, alone: bool = False) -> float:
+        """CPU time used so far by the server and all its processes (Linux /proc); with
+        ``alone``, by the server process only (HTTP, validation, hand-off to the measurement
+        processes)."""
         total = 0.0
-        for pid in self.processes():
+        for pid in [self.process.pid] if alone else self.processes():
             try:
                 fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
             except OSError:  # gone meanwhile
@@ -245,12 +247,14 @@ def load(root: Path, body: dict, mode: str, concurrencies: list[int], requests: 
         server.wait_ready()
         asyncio.run(drive(server.url, key, body, 2, 20))  # warm the exposure caches and the code paths
         for concurrency in concurrencies:
-            server_cpu, client_cpu = server.cpu_seconds(), time.process_time()
+            server_cpu, main_cpu, client_cpu = server.cpu_seconds(), server.cpu_seconds(alone=True), time.process_time()
             wall, latencies = asyncio.run(drive(server.url, key, body, concurrency, requests))
-            server_cpu, client_cpu = server.cpu_seconds() - server_cpu, time.process_time() - client_cpu
+            server_cpu, main_cpu = server.cpu_seconds() - server_cpu, server.cpu_seconds(alone=True) - main_cpu
+            client_cpu = time.process_time() - client_cpu
             ms = np.array(latencies) * 1e3
             yield (f"{mode:>13} {concurrency:>5} {len(ms):>8} {len(ms) / wall:>8.1f} {np.percentile(ms, 50):>8.1f} "
-                   f"{np.percentile(ms, 99):>8.1f} {server_cpu / len(ms) * 1e3:>17.1f} {client_cpu / len(ms) * 1e3:>17.1f}")
+                   f"{np.percentile(ms, 99):>8.1f} {server_cpu / len(ms) * 1e3:>17.1f} {main_cpu / len(ms) * 1e3:>18.1f} "
+                   f"{client_cpu / len(ms) * 1e3:>17.1f}")
     finally:
         server.stop()
 
