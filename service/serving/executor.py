@@ -40,6 +40,7 @@ import zlib
 import numpy as np
 import pandas as pd
 import pebble
+import pyarrow as pa
 
 from forcedphot.photometry.backend import Backend, select_backend
 from forcedphot.photometry.config import MeasurementConfig
@@ -386,8 +387,9 @@ def _run_lightcurves_in_process(task: LightCurveTask) -> LightCurves:
 
 def _run_encoded_in_process(task: MeasureTask, fmt: str) -> tuple[MeasureOutcome, bytes, float]:
     """:meth:`MeasureService.run_encoded` in a measurement process. The catalog travels
-    back encoded; its table is replaced by an empty one of the same schema, which halves
-    what crosses the process boundary (and the server process's unpickling work)."""
+    back encoded; its table is replaced by one of no columns (the server process reads only
+    the measurement's counts): what crosses the process boundary is the body, and the
+    server process unpickles no schema (~0.4 ms of its CPU a request)."""
     outcome, body, encode_seconds = _PROCESS_SERVICE.run_encoded(task, fmt)
-    outcome.measurement.table = outcome.measurement.table.schema.empty_table()
+    outcome.measurement.table = pa.table({})
     return outcome, body, encode_seconds
