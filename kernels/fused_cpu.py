@@ -117,7 +117,11 @@ def measure_windows(band_image: np.ndarray, band_variance: np.ndarray, band_mask
     planes (``stack_of[i] < 0``: window ``band[row0[i]:row0[i] + K, col0[i]:col0[i] + K]``,
     read in place, nothing staged) or are staged cutouts (``stack_of[i]``: the cutout's
     index in the ``(M, K, K)`` stacks, with their ``inside``; for windows crossing the
-    image's edge). ``K`` is the stacks' side; the rest as :func:`measure_stack`."""
+    image's edge). ``K`` is the stacks' side; the rest as :func:`measure_stack`.
+
+    The band's float32 image and variance and int32 mask are read in either byte order
+    (a FITS file's big-endian rows, memory-mapped, are swapped as each window is copied:
+    the band itself is never converted); other types are converted first."""
     p = parameters._replace(radii=np.array([check_radius(r) for r in parameters.radii], np.float64))
     if len(psf) >= PARALLEL_MIN_OBJECTS and numba.get_num_threads() > 1:
         with _one_at_a_time():
@@ -128,15 +132,25 @@ def measure_windows(band_image: np.ndarray, band_variance: np.ndarray, band_mask
 
 
 def _measure_native(kernel, band_image, band_variance, band_mask, row0, col0, image, variance, mask, inside, stack_of, psf, cx, cy, sigma, p):
-    native = [np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("=")) for a in (band_image, band_variance, band_mask, image, variance, mask)]
-    planes = (*native[:3], *native[3:], np.ascontiguousarray(inside))
+    band = [_bits(a, dtype) for a, dtype in ((band_image, np.float32), (band_variance, np.float32), (band_mask, np.int32))]
+    stacks = [np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("=")) for a in (image, variance, mask)]
+    planes = (*(bits for bits, _ in band), *stacks, np.ascontiguousarray(inside))
     geometry = (np.asarray(row0, np.int64), np.asarray(col0, np.int64), np.asarray(stack_of, np.int64),
                 np.ascontiguousarray(psf, dtype=np.float64), np.ascontiguousarray(cx, dtype=np.float64),
                 np.ascontiguousarray(cy, dtype=np.float64), np.ascontiguousarray(sigma, dtype=np.float64))
     settings = (np.asarray(p.radii, dtype=np.float64), np.int64(p.bad_fit_bits), np.int64(p.background_reject_bits),
                 np.asarray(p.flag_bits, dtype=np.int64), float(p.footprint_scaling), float(p.inner), float(p.outer), int(p.n_iter),
-                float(p.n_sigma), bool(p.full))
+                float(p.n_sigma), bool(p.full), np.array([swap for _, swap in band], np.bool_))
     return kernel(planes, geometry, settings)
+
+
+def _bits(plane: np.ndarray, dtype: type) -> tuple[np.ndarray, bool]:
+    """A band plane of ``dtype`` values as C-contiguous uint32 words, and whether their
+    bytes are the other way round (stored big-endian on a little-endian machine): read in
+    place where the plane is ``dtype`` already in either byte order, else converted."""
+    if plane.dtype.newbyteorder("=") != np.dtype(dtype) or not plane.flags.c_contiguous:
+        plane = np.ascontiguousarray(plane, dtype=dtype)
+    return plane.view(np.uint32), not plane.dtype.isnative
 
 
 def warm_up() -> None:
@@ -173,7 +187,22 @@ def _results(out):
 def _window_scratch(planes):
     """Per-thread copies of one window of each band plane (see :func:`_window`)."""
     k = planes[3].shape[1]
-    return np.empty((k, k), planes[0].dtype), np.empty((k, k), planes[1].dtype), np.empty((k, k), planes[2].dtype)
+    return np.empty((k, k), np.float32), np.empty((k, k), np.float32), np.empty((k, k), np.int32)
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _copy_words(band, y, x, k, swap, out):
+    """``band[y:y + k, x:x + k]`` (uint32 words) into ``out`` (k x k, 4-byte values), each
+    word's bytes reversed when ``swap``."""
+    words = out.view(np.uint32)
+    if not swap:
+        words[:, :] = band[y:y + k, x:x + k]
+        return
+    for j in range(k):
+        for i in range(k):
+            v = band[y + j, x + i]
+            words[j, i] = (((v & np.uint32(0xFF)) << np.uint32(24)) | ((v & np.uint32(0xFF00)) << np.uint32(8))
+                           | ((v >> np.uint32(8)) & np.uint32(0xFF00)) | (v >> np.uint32(24)))
 
 
 @njit(cache=True, error_model="numpy")
@@ -183,14 +212,15 @@ def _window(i, planes, geometry, settings, out, on_image, scratch, window):
     apart), or its staged cutout."""
     band_image, band_variance, band_mask, image, variance, mask, inside = planes
     row0, col0, stack_of, psf, cx, cy, sigma = geometry
+    swap = settings[10]
     k = image.shape[1]
     j = stack_of[i]
     if j < 0:
         y, x = row0[i], col0[i]
         window_image, window_variance, window_mask = window
-        window_image[:, :] = band_image[y:y + k, x:x + k]
-        window_variance[:, :] = band_variance[y:y + k, x:x + k]
-        window_mask[:, :] = band_mask[y:y + k, x:x + k]
+        _copy_words(band_image, y, x, k, swap[0], window_image)
+        _copy_words(band_variance, y, x, k, swap[1], window_variance)
+        _copy_words(band_mask, y, x, k, swap[2], window_mask)
         _object(window_image, window_variance, window_mask, on_image, psf[i], cx[i], cy[i], sigma[i], settings, i, scratch, out)
     else:
         _object(image[j], variance[j], mask[j], inside[j], psf[i], cx[i], cy[i], sigma[i], settings, i, scratch, out)
@@ -223,7 +253,7 @@ def _measure_serial(planes, geometry, settings):
 def _object(image, variance, mask, inside, psf, cx, cy, sigma, settings, i, scratch, out):
     """Every measurement of object ``i`` from its ``K x K`` window (``full``; else the PSF
     fit alone), into row ``i`` of the outputs."""
-    radii, bad_fit_bits, reject_bits, flag_bits, footprint_scaling, inner, outer, n_iter, n_sigma, full = settings
+    radii, bad_fit_bits, reject_bits, flag_bits, footprint_scaling, inner, outer, n_iter, n_sigma, full, _ = settings
     fit, npixels, fit_flags, ap_flux, ap_err, ap_truncated, background, n_background, flags_any, flags_center, flags_all, ap_area = out
     _psf_fit(image, variance, mask, inside, psf, bad_fit_bits, fit[i], fit_flags[i], npixels, i)
     if not full:

@@ -36,6 +36,9 @@ from forcedphot.photometry.lsst_fits import AFW_DEFAULT_MASK_PLANES
 BYTES_PER_STAGED_PIXEL = 4 + 4 + 4 + 1 + 10 * 8
 BYTES_PER_BAND_PIXEL = 13  # a band of rows read on the host: the three planes and padding
 BYTES_PER_PLANE_PIXEL = 4 + 4 + 4  # an exposure's float32 image, float32 variance, int32 mask
+# Bytes an object read in place costs the fused CPU kernels beyond its PSF stamp (float64
+# pixels): its results (~90 values) and positions.
+BYTES_PER_IN_PLACE_OBJECT = 1024
 FEW_WINDOWS = 8  # up to this many windows are cut out one slice at a time
 
 
@@ -136,14 +139,17 @@ def objects_per_batch(size: int, batch_bytes: int, pixel_bytes: int = BYTES_PER_
 
 
 def plan_windows(x: np.ndarray, y: np.ndarray, size: int, *, batch_bytes: int, band_width: int | None = None,
-                 pixel_bytes: int = BYTES_PER_STAGED_PIXEL) -> Iterator[Windows]:
+                 pixel_bytes: int = BYTES_PER_STAGED_PIXEL, in_place: tuple[int, int, int] | None = None) -> Iterator[Windows]:
     """Batches of windows of odd ``size`` for objects at local positions ``(x, y)``.
 
     All positions must be finite. Objects are visited in order of increasing row.
     ``batch_bytes`` bounds each batch's stack (``pixel_bytes`` per cutout pixel: staged
     cutouts and the array-API kernels' work, :data:`BYTES_PER_STAGED_PIXEL`) and, when the rows are read on the host (``band_width``: the image width),
     the band of rows read for it (:data:`BYTES_PER_BAND_PIXEL` per band pixel); one
-    object always fits.
+    object always fits. ``in_place`` = (image width, height, bytes an object costs): the
+    windows are read in place from a band that costs nothing (the fused CPU kernels on a
+    memory-mapped file or an exposure in memory), so only the windows that cross the
+    image's edge are staged (``pixel_bytes`` per pixel) and every object costs its bytes.
     """
     if size % 2 != 1:
         raise ValueError(f"cutout size must be odd, got {size}")
@@ -155,9 +161,18 @@ def plan_windows(x: np.ndarray, y: np.ndarray, size: int, *, batch_bytes: int, b
     sorted_rows = iy[order]
     step = objects_per_batch(size, batch_bytes, pixel_bytes)
     band_rows = None if band_width is None else max(1, int(batch_bytes) // (BYTES_PER_BAND_PIXEL * (band_width + 2 * h)) - 2 * h)
+    spent = None  # with in_place: the bytes of the objects up to each, in row order
+    if in_place is not None:
+        width, height, object_bytes = in_place
+        sx, sy = ix[order], sorted_rows
+        edge = (sx - h < 0) | (sx + h >= width) | (sy - h < 0) | (sy + h >= height)
+        spent = np.cumsum(object_bytes + edge * (size * size * pixel_bytes))
     start = 0
     while start < len(order):
-        stop = min(start + step, len(order))
+        if spent is None:
+            stop = min(start + step, len(order))
+        else:
+            stop = int(np.searchsorted(spent, (spent[start - 1] if start else 0) + int(batch_bytes), side="right"))
         if band_rows is not None:
             stop = min(stop, int(np.searchsorted(sorted_rows, sorted_rows[start] + band_rows, side="left")))
         stop = max(stop, start + 1)
@@ -176,12 +191,6 @@ class Band:
     row0: int  # the exposure row of the band's first row
     height: int  # the exposure's height (rows beyond it lie off the image)
     no_data_bit: int
-
-    @property
-    def native(self) -> bool:
-        """The planes can be read as they are (native byte order, contiguous rows, as an
-        exposure cached in memory holds them), where a file's big-endian rows need converting."""
-        return all(plane.dtype.isnative and plane.flags.c_contiguous for plane in (self.image, self.variance, self.mask))
 
     def interior(self, windows: Windows) -> np.ndarray:
         """(n,) bool: the window lies wholly on the image."""

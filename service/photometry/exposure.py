@@ -262,11 +262,12 @@ class Exposure:
     def rows_in_place(self) -> bool:
         """:meth:`read_rows` gives views of the file's memory map, so a band of rows costs
         no memory until its pixels are gathered: the planes are plain, unscaled float32
-        image and variance and int32 mask (either byte order), and the file is all here."""
+        image and variance and int32 mask (either byte order; none missing, whose constant
+        would be made at every read), and the file is all here."""
         if self._maps is None or not self.fully_local or self._variance_is_weight:
             return False
         wanted = ((self._image_hdu, np.float32), (self._variance_hdu, np.float32), (self._mask_hdu, np.int32))
-        return all(hdu is None or _stored_as(hdu, dtype) for hdu, dtype in wanted)
+        return all(hdu is not None and _stored_as(hdu, dtype) for hdu, dtype in wanted)
 
     @property
     def fully_local(self) -> bool:

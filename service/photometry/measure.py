@@ -25,6 +25,7 @@ from forcedphot.photometry.objects import ObjectArrays, validate_objects
 from forcedphot.photometry.config import MeasurementConfig
 from forcedphot.photometry.cutouts import (
     BYTES_PER_BAND_PIXEL,
+    BYTES_PER_IN_PLACE_OBJECT,
     BYTES_PER_PLANE_PIXEL,
     Band,
     ResidentPlanes,
@@ -109,10 +110,11 @@ def stays_on_device(exposure: Exposure, backend: Backend, n_objects: int, size: 
 
 
 def batches(exposure: Exposure, backend: Backend, x: np.ndarray, y: np.ndarray, size: int,
-            config: MeasurementConfig) -> Iterator[tuple[Windows, Cutouts | ResidentPlanes | Band]]:
+            config: MeasurementConfig, stamp_size: int) -> Iterator[tuple[Windows, Cutouts | ResidentPlanes | Band]]:
     """Cutout windows of objects at local ``(x, y)`` in memory-bounded batches, each with
     its pixels: the exposure's device-resident planes (:func:`stays_on_device`), host
-    cutouts staged from bands of rows, or (the fused CPU kernels) the band itself."""
+    cutouts staged from bands of rows, or (the fused CPU kernels) the band itself.
+    ``stamp_size``: the side of the PSF stamps (float64, one an object)."""
     resident = stays_on_device(exposure, backend, len(x), size)
     if resident is not None:
         for windows in plan_windows(x, y, size, batch_bytes=config.batch_bytes):
@@ -120,10 +122,15 @@ def batches(exposure: Exposure, backend: Backend, x: np.ndarray, y: np.ndarray, 
         return
     no_data = no_data_bit(exposure.mask_planes)
     if backend.name == "numpy" and config.cpu_kernels == "fused":
-        # read in place from the band, staging only windows on the edge or too sparse to convert a
-        # whole band for: the band counts against the batch only where reading it copies its rows
-        band_width = None if exposure.rows_in_place else exposure.width
-        for windows in plan_windows(x, y, size, batch_bytes=config.batch_bytes, band_width=band_width, pixel_bytes=BYTES_PER_BAND_PIXEL):
+        # windows read in place from the band, only those on the image's edge staged; where
+        # reading the band costs nothing (a memory map, or planes in memory) an object costs
+        # its PSF stamp and results, else the band counts against the batch as well
+        if exposure.rows_in_place:
+            plan = plan_windows(x, y, size, batch_bytes=config.batch_bytes, pixel_bytes=BYTES_PER_BAND_PIXEL,
+                                in_place=(exposure.width, exposure.height, stamp_size * stamp_size * 8 + BYTES_PER_IN_PLACE_OBJECT))
+        else:
+            plan = plan_windows(x, y, size, batch_bytes=config.batch_bytes, band_width=exposure.width, pixel_bytes=BYTES_PER_BAND_PIXEL)
+        for windows in plan:
             yield windows, read_band(exposure, windows, no_data)
         return
     for windows in plan_windows(x, y, size, batch_bytes=config.batch_bytes, band_width=exposure.width):
@@ -313,7 +320,7 @@ def measure(
     stage_time = kernel_time = 0.0
     done = 0
     t0 = time.perf_counter()
-    for windows, pixels in batches(plan.primary, backend, x[measured], y[measured], plan.size, config):
+    for windows, pixels in batches(plan.primary, backend, x[measured], y[measured], plan.size, config, plan.kernels.psf.stamp_size):
         t1 = time.perf_counter()
         index = measured[windows.index]
         scatter(results, execute(plan.kernels, plan.kernels.inputs(windows, pixels, x[index], y[index], sigma[index]), True), index)
@@ -328,7 +335,7 @@ def measure(
     if side is not None:
         t1 = time.perf_counter()
         rows = side.rows
-        for windows, pixels in batches(science, backend, side.x[rows], side.y[rows], side.size, config):
+        for windows, pixels in batches(science, backend, side.x[rows], side.y[rows], side.size, config, side.kernels.psf.stamp_size):
             index = rows[windows.index]
             inputs = side.kernels.inputs(windows, pixels, side.x[index], side.y[index], side.sigma[index])
             scatter(science_results, execute(side.kernels, inputs, side.subtract), index)

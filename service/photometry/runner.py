@@ -156,9 +156,6 @@ class KernelInputs:
         return (self.windows.size, self.psf.stamp_size)
 
 
-SPARSE_BAND_FACTOR = 1  # windows holding fewer pixels than a band to convert are staged, not read in place (converting costs per pixel)
-
-
 class KernelRunner:
     """Runs the kernels on batches of objects, on one backend, for one exposure's mask planes."""
 
@@ -253,10 +250,9 @@ class KernelRunner:
         """Every measurement (``full``; else the PSF flux alone) of one batch on the host in
         one compiled pass per object (:mod:`forcedphot.kernels.fused_cpu`), the same numbers
         as the array-API kernels.
-        From a band, windows wholly on the image are read in place and only those crossing
-        its edge are staged; but where the windows cover little of a band that would have
-        to be converted to native byte order (a file's rows; an exposure cached in memory
-        is native already) they are all staged, which touches only their pixels."""
+        From a band, windows wholly on the image are read in place (a file's big-endian
+        rows too: the kernel swaps each window's bytes as it copies it) and only those
+        crossing its edge are staged."""
         from forcedphot.kernels.fused_cpu import NO_PLANE, FusedParameters, measure_windows
 
         c, w = self.config, part.windows
@@ -266,8 +262,6 @@ class KernelRunner:
                                      c.background_iterations, c.background_clip_sigma, full)
         stamps = part.psf.stamps(part.x, part.y, np)
         pixels = part.pixels
-        if isinstance(pixels, Band) and not pixels.native and len(w) * w.size * w.size * SPARSE_BAND_FACTOR < pixels.image.size:
-            pixels = pixels.cutouts(w)
         if isinstance(pixels, Band):
             band, h = pixels, w.size // 2
             edge = np.flatnonzero(~band.interior(w))

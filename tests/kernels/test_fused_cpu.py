@@ -135,3 +135,45 @@ def test_quartiles_by_selection_agree_with_a_sort():
             out = np.empty(6)
             _quartiles(values.copy(), n, out, np.empty(n), np.empty(n))
             assert out.tolist() == wanted, (n, values)
+
+
+@pytest.mark.parametrize("n", [150, 20])  # spread over threads, and on the calling thread
+def test_windows_read_in_place_from_a_band_in_either_byte_order_equal_staged_ones(n):
+    """A band of a file's rows is read in place however its bytes lie (big-endian, as FITS
+    stores them, or native; a missing variance's broadcast constant converted): each
+    window's results equal those of the same windows staged as cutouts, bit for bit."""
+    from forcedphot.photometry.cutouts import Band
+
+    rng = np.random.default_rng(11)
+    height, width, h = 140, 300, K // 2
+    image = rng.normal(100.0, 5.0, (height, width)).astype(np.float32)
+    image[rng.random(image.shape) < 0.003] = np.nan
+    variance = rng.uniform(20, 30, (height, width)).astype(np.float32)
+    mask = np.zeros((height, width), np.int32)
+    for bit in (0, 1, 3, 8, 30):  # bits in every byte of the word
+        mask |= ((rng.random(image.shape) < 0.01) << bit).astype(np.int32)
+    x, y = rng.uniform(-3, width + 2, n), rng.uniform(h, height - h - 1, n)
+    x[:2] = (2.0, width - 1.5)  # and these windows cross the left and right edges
+    ix, iy = np.floor(x + 0.5).astype(np.int64), np.floor(y + 0.5).astype(np.int64)
+    windows = Windows(index=np.arange(n), ix=ix, iy=iy, cx=h + x - ix, cy=h + y - iy, size=K)
+    sigma = rng.uniform(1.2, 2.2, n)
+    stamps = gaussian_stamps(windows.cx - h + 10, windows.cy - h + 10, sigma, 21)
+    config = MeasurementConfig(backend="numpy")
+    runner = KernelRunner(select_backend("numpy"), SimpleNamespace(mask_planes=PLANES), StampPsf(stamps), config)
+
+    def measured(pixels):
+        return leaves(runner.run([runner.inputs(windows, pixels, x, y, sigma)], True)[0])
+
+    bands = {
+        "native": Band(image, variance, mask, row0=0, height=height, no_data_bit=8),
+        "big-endian": Band(image.astype(">f4"), variance.astype(">f4"), mask.astype(">i4"), row0=0, height=height, no_data_bit=8),
+        "constant variance": Band(image.astype(">f4"), np.broadcast_to(np.float32(25.0), image.shape), mask.astype(">i4"),
+                                  row0=0, height=height, no_data_bit=8),
+    }
+    assert (~bands["native"].interior(windows)).sum() >= 2 and bands["native"].interior(windows).sum() > n / 2
+    for name, band in bands.items():
+        staged = measured(band.cutouts(windows))
+        for got, want in zip(measured(band), staged):
+            np.testing.assert_array_equal(got, want, err_msg=name)
+    for got, want in zip(measured(bands["big-endian"]), measured(bands["native"])):
+        np.testing.assert_array_equal(got, want)

@@ -269,29 +269,32 @@ def test_a_nan_pixel_in_the_psf_fit_region_gives_nan_and_the_flag_as_lsst(scene,
 
 
 def test_fused_batches_count_the_band_only_where_reading_it_copies(scene):
-    """A memory-mapped file's band of rows is a view (it costs nothing until gathered): the
-    fused kernels' batches are bounded by their windows alone, and fill up; read from the
-    file, the band is a copy and bounds the batch too. Same catalog either way, and at any
+    """A memory-mapped file's band of rows is a view (it costs nothing until gathered), and
+    the fused kernels read its windows in place: an object costs its PSF stamp and results
+    (a window crossing the edge is staged and costs its pixels too). Read from the file,
+    the band is a copy and bounds the batch too. Same catalog either way, and at any
     batch size."""
     from forcedphot.photometry.backend import select_backend
-    from forcedphot.photometry.cutouts import BYTES_PER_BAND_PIXEL, objects_per_batch
+    from forcedphot.photometry.cutouts import BYTES_PER_IN_PLACE_OBJECT
     from forcedphot.photometry.measure import batches
     from forcedphot.serving.exposure_cache import InMemoryExposure
 
-    size, per_batch = 21, 12
-    config = MeasurementConfig(backend="numpy", batch_bytes=per_batch * size * size * BYTES_PER_BAND_PIXEL)
-    assert objects_per_batch(size, config.batch_bytes, BYTES_PER_BAND_PIXEL) == per_batch
-    x, y = scene["x"][:scene["n_grid"]], scene["y"][:scene["n_grid"]]
+    size, stamp, per_batch = 21, 15, 12
+    config = MeasurementConfig(backend="numpy", batch_bytes=per_batch * (stamp * stamp * 8 + BYTES_PER_IN_PLACE_OBJECT))
+    x, y = scene["x"][:scene["n_grid"]], scene["y"][:scene["n_grid"]]  # all well inside the image
+    edge_x, edge_y = np.array([1.0, 130.0, 250.0]), np.array([110.0, HEIGHT - 2.0, 5.0])
     backend = select_backend("numpy")
     sizes = {}
     for memory_map in (True, False):
         with open_exposure(scene["path"], memory_map=memory_map) as exposure:
             assert exposure.rows_in_place is memory_map
-            sizes[memory_map] = [len(windows) for windows, _ in batches(exposure, backend, x, y, size, config)]
+            sizes[memory_map] = [len(windows) for windows, _ in batches(exposure, backend, x, y, size, config, stamp)]
             if memory_map:
                 assert InMemoryExposure.load(exposure).rows_in_place
+                on_edge = [len(w) for w, _ in batches(exposure, backend, np.r_[x, edge_x], np.r_[y, edge_y], size, config, stamp)]
     assert max(sizes[True]) == per_batch and len(sizes[True]) == -(-len(x) // per_batch)
-    assert max(sizes[False]) < per_batch  # a band of 12 windows' bytes holds fewer than 12 windows' rows
+    assert max(sizes[False]) < per_batch  # the band's rows, read, cost more
+    assert len(on_edge) > len(sizes[True])  # a staged edge window costs its pixels
     reference = run(scene["path"], scene["objects"]).catalog.drop(columns="timeProcessedMjdTai")
     for memory_map in (True, False):
         with open_exposure(scene["path"], memory_map=memory_map) as exposure:

@@ -115,3 +115,22 @@ def test_big_endian_views_and_broadcast_planes_are_converted():
     np.testing.assert_array_equal(out["mask"], expected["mask"])
     np.testing.assert_array_equal(out["variance"][out["inside"]], 1.5)
     assert np.isnan(out["variance"][~out["inside"]]).all()
+
+
+def test_in_place_batches_count_each_object_and_only_edge_windows():
+    """Windows read in place cost their object's bytes; a window crossing the image's edge
+    (staged) costs its pixels as well; no batch exceeds the budget unless it is one object."""
+    rng = np.random.default_rng(4)
+    width, height, size, object_bytes, pixel_bytes = 200, 300, 11, 500, 13
+    x, y = rng.uniform(-2, width + 1, 400), rng.uniform(-2, height + 1, 400)
+    budget = 40 * object_bytes
+    h = size // 2
+    batches = list(plan_windows(x, y, size, batch_bytes=budget, pixel_bytes=pixel_bytes, in_place=(width, height, object_bytes)))
+    assert sorted(np.concatenate([w.index for w in batches]).tolist()) == list(range(400))
+    for w in batches:
+        edge = (w.ix - h < 0) | (w.ix + h >= width) | (w.iy - h < 0) | (w.iy + h >= height)
+        cost = len(w) * object_bytes + edge.sum() * size * size * pixel_bytes
+        assert cost <= budget or len(w) == 1
+    inside = list(plan_windows(rng.uniform(h, width - h - 1, 400), rng.uniform(h, height - h - 1, 400), size, batch_bytes=budget,
+                               pixel_bytes=pixel_bytes, in_place=(width, height, object_bytes)))
+    assert [len(w) for w in inside] == [40] * 10
