@@ -170,7 +170,7 @@ class ServiceRuntime:
             self.runner.start()
         if not self._processes_ready:
             threading.Thread(target=self._start_processes, name="measure-processes", daemon=True).start()
-        threading.Thread(target=self._exercise, name="warm-up", daemon=True).start()
+        self._exercise()  # before the server takes connections
         if self.settings.demo_mode:
             threading.Thread(target=self._make_demo, name="demo-repository", daemon=True).start()
         elif not self.settings.butler_repository:
@@ -193,7 +193,8 @@ class ServiceRuntime:
     @staticmethod
     def _exercise() -> None:
         """Pay this process's first-use costs (light curves and jobs are encoded here) now,
-        not in the first request; a failure only costs that."""
+        not in the first request (~0.1 s; up to a second where the kernels load here first);
+        a failure only costs that."""
         try:
             exercise_measurement()
         except Exception:
