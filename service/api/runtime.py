@@ -162,15 +162,18 @@ class ServiceRuntime:
         self.upload_dir.mkdir(parents=True, exist_ok=True)
         for stale in self.upload_dir.glob("*.fits"):  # uploads of a process that died
             stale.unlink(missing_ok=True)
+        if not self._processes_ready:
+            threading.Thread(target=self._start_processes, name="measure-processes", daemon=True).start()
+        # before the server takes connections, and before the job runner's threads start:
+        # loading the kernels holds the interpreter for long stretches, and a job's heartbeat
+        # would wait behind it
+        self._exercise()
         if self.runner is not None:
             if self.backend.name == "numpy":  # jobs measure in this process: load the fused kernels before the first one
                 from forcedphot.kernels.fused_cpu import warm_up
 
                 warm_up()
             self.runner.start()
-        if not self._processes_ready:
-            threading.Thread(target=self._start_processes, name="measure-processes", daemon=True).start()
-        self._exercise()  # before the server takes connections
         if self.settings.demo_mode:
             threading.Thread(target=self._make_demo, name="demo-repository", daemon=True).start()
         elif not self.settings.butler_repository:
