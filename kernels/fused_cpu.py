@@ -154,15 +154,23 @@ def _bits(plane: np.ndarray, dtype: type) -> tuple[np.ndarray, bool]:
 
 
 def warm_up() -> None:
-    """Load (or, the first time on a machine, compile: ~20 s) both compiled variants of the
-    kernel, so that the first measurement does not wait for them. numba caches them beside
-    this module."""
+    """Load (or, the first time on a machine, compile: ~20 s) every compiled variant of the
+    kernel, so that no measurement waits for one (a load holds the interpreter: a job's
+    heartbeat in the same process would wait behind it): serial and parallel, each for
+    staged stacks and for windows read in place from a read-only band (a memory-mapped
+    file's rows, or an exposure's planes in memory). numba caches them beside this module."""
     k = 5
+    parameters = FusedParameters(np.array([1.0]), 0, 0, np.array([NO_PLANE, 0], np.int64), 3.0, 1.0, 2.0, 3, 3.0)
     for n in (1, PARALLEL_MIN_OBJECTS):  # the serial and the parallel variant
         stack = np.zeros((n, k, k), np.float32)
-        measure_stack(stack, stack + 1, np.zeros((n, k, k), np.int32), np.ones((n, k, k), bool), np.full((n, 3, 3), 1 / 9),
-                      np.full(n, 2.0), np.full(n, 2.0), np.full(n, 0.5),
-                      FusedParameters(np.array([1.0]), 0, 0, np.array([NO_PLANE, 0], np.int64), 3.0, 1.0, 2.0, 3, 3.0))
+        psf, cx, cy, sigma = np.full((n, 3, 3), 1 / 9), np.full(n, 2.0), np.full(n, 2.0), np.full(n, 0.5)
+        measure_stack(stack, stack + 1, np.zeros((n, k, k), np.int32), np.ones((n, k, k), bool), psf, cx, cy, sigma, parameters)
+        band = [np.zeros((k, k), dtype) for dtype in (np.float32, np.float32, np.int32)]
+        for plane in band:
+            plane.flags.writeable = False
+        no_stack = np.zeros((0, k, k), np.float32)
+        measure_windows(*band, np.zeros(n, np.int64), np.zeros(n, np.int64), no_stack, no_stack, np.zeros((0, k, k), np.int32),
+                        np.zeros((0, k, k), bool), np.full(n, -1, np.int64), psf, cx, cy, sigma, parameters)
 
 
 @njit(cache=True, error_model="numpy")

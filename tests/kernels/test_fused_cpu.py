@@ -177,3 +177,17 @@ def test_windows_read_in_place_from_a_band_in_either_byte_order_equal_staged_one
             np.testing.assert_array_equal(got, want, err_msg=name)
     for got, want in zip(measured(bands["big-endian"]), measured(bands["native"])):
         np.testing.assert_array_equal(got, want)
+
+
+def test_warm_up_loads_every_variant_a_measurement_uses():
+    """Windows read in place come from read-only bands (memory maps, cached planes): numba
+    specialises the kernel for them, and loading a variant at first use holds the
+    interpreter (a job's heartbeat waits), so warm_up loads those too."""
+    import numba
+
+    from forcedphot.kernels import fused_cpu
+
+    fused_cpu.warm_up()
+    kernels = [fused_cpu._measure_serial] + ([fused_cpu._measure_parallel] if numba.get_num_threads() > 1 else [])
+    for kernel in kernels:
+        assert {"readonly array" in str(signature[0]) for signature in kernel.signatures} == {True, False}, kernel
