@@ -277,11 +277,10 @@ class MeasureService:
     async def _in_processes(self, calls: list[tuple[int | None, Callable, tuple]], what: str, advice: str,
                             time_limit: float | None = None) -> list:
         """Run ``calls`` (process number or None, function, arguments; see :meth:`_schedule`)
-        in the measurement processes, each under the
-        time budget; a call past it is :class:`MeasurementTimedOut`, a process that died
-        :class:`MeasurementProcessDied` (``what`` and ``advice`` word the message). The
-        calls still running are cancelled (their processes terminated) when one fails or
-        the caller is cancelled."""
+        in the measurement processes, each under the time budget; a call past it is
+        :class:`MeasurementTimedOut`, a process that died :class:`MeasurementProcessDied`
+        (``what`` and ``advice`` word the message). The calls still running are cancelled
+        (their processes terminated) when one fails or the caller is cancelled."""
         limit = time_limit or self.time_limit
         futures = [self._schedule(process, function, args, limit) for process, function, args in calls]
         try:
