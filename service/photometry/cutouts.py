@@ -39,6 +39,10 @@ BYTES_PER_PLANE_PIXEL = 4 + 4 + 4  # an exposure's float32 image, float32 varian
 # Bytes an object read in place costs the fused CPU kernels beyond its PSF stamp (float64
 # pixels): its results (~90 values) and positions.
 BYTES_PER_IN_PLACE_OBJECT = 1024
+# At most this many objects in a batch read in place, whatever the memory allows: progress,
+# deadlines and cancellation are looked at between batches, and this many take ~0.1-0.3 s
+# on a CPU core (a job whose batch outlives its runner's stale time is taken for stuck)
+MAX_IN_PLACE_OBJECTS = 4096
 FEW_WINDOWS = 8  # up to this many windows are cut out one slice at a time
 
 
@@ -149,7 +153,8 @@ def plan_windows(x: np.ndarray, y: np.ndarray, size: int, *, batch_bytes: int, b
     object always fits. ``in_place`` = (image width, height, bytes an object costs): the
     windows are read in place from a band that costs nothing (the fused CPU kernels on a
     memory-mapped file or an exposure in memory), so only the windows that cross the
-    image's edge are staged (``pixel_bytes`` per pixel) and every object costs its bytes.
+    image's edge are staged (``pixel_bytes`` per pixel) and every object costs its bytes;
+    such a batch holds at most :data:`MAX_IN_PLACE_OBJECTS`.
     """
     if size % 2 != 1:
         raise ValueError(f"cutout size must be odd, got {size}")
@@ -172,7 +177,8 @@ def plan_windows(x: np.ndarray, y: np.ndarray, size: int, *, batch_bytes: int, b
         if spent is None:
             stop = min(start + step, len(order))
         else:
-            stop = int(np.searchsorted(spent, (spent[start - 1] if start else 0) + int(batch_bytes), side="right"))
+            stop = min(int(np.searchsorted(spent, (spent[start - 1] if start else 0) + int(batch_bytes), side="right")),
+                       start + MAX_IN_PLACE_OBJECTS)
         if band_rows is not None:
             stop = min(stop, int(np.searchsorted(sorted_rows, sorted_rows[start] + band_rows, side="left")))
         stop = max(stop, start + 1)

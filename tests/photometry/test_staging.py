@@ -134,3 +134,15 @@ def test_in_place_batches_count_each_object_and_only_edge_windows():
     inside = list(plan_windows(rng.uniform(h, width - h - 1, 400), rng.uniform(h, height - h - 1, 400), size, batch_bytes=budget,
                                pixel_bytes=pixel_bytes, in_place=(width, height, object_bytes)))
     assert [len(w) for w in inside] == [40] * 10
+
+
+def test_in_place_batches_hold_at_most_a_few_thousand_objects():
+    """Between batches progress is reported and deadlines and cancellation are looked at: a
+    batch read in place stays short however much memory it could have."""
+    from forcedphot.photometry.cutouts import MAX_IN_PLACE_OBJECTS
+
+    rng = np.random.default_rng(5)
+    n = 2 * MAX_IN_PLACE_OBJECTS + 10
+    x, y = rng.uniform(20, 980, n), rng.uniform(20, 980, n)
+    lengths = [len(w) for w in plan_windows(x, y, 11, batch_bytes=2**40, in_place=(1000, 1000, 100))]
+    assert lengths == [MAX_IN_PLACE_OBJECTS, MAX_IN_PLACE_OBJECTS, 10]
