@@ -142,6 +142,12 @@ def objects_per_batch(size: int, batch_bytes: int, pixel_bytes: int = BYTES_PER_
     return max(1, int(batch_bytes) // (size * size * pixel_bytes))
 
 
+def on_image(ix: np.ndarray, iy: np.ndarray, h: int, width: int, height: int) -> np.ndarray:
+    """(n,) bool: the windows of half-side ``h`` centred on pixels ``(ix, iy)`` lie wholly on
+    a ``width`` x ``height`` image."""
+    return (ix - h >= 0) & (ix + h < width) & (iy - h >= 0) & (iy + h < height)
+
+
 def plan_windows(x: np.ndarray, y: np.ndarray, size: int, *, batch_bytes: int, band_width: int | None = None,
                  pixel_bytes: int = BYTES_PER_STAGED_PIXEL, in_place: tuple[int, int, int] | None = None) -> Iterator[Windows]:
     """Batches of windows of odd ``size`` for objects at local positions ``(x, y)``.
@@ -169,8 +175,7 @@ def plan_windows(x: np.ndarray, y: np.ndarray, size: int, *, batch_bytes: int, b
     spent = None  # with in_place: the bytes of the objects up to each, in row order
     if in_place is not None:
         width, height, object_bytes = in_place
-        sx, sy = ix[order], sorted_rows
-        edge = (sx - h < 0) | (sx + h >= width) | (sy - h < 0) | (sy + h >= height)
+        edge = ~on_image(ix[order], sorted_rows, h, width, height)
         spent = np.cumsum(object_bytes + edge * (size * size * pixel_bytes))
     start = 0
     while start < len(order):
@@ -200,9 +205,7 @@ class Band:
 
     def interior(self, windows: Windows) -> np.ndarray:
         """(n,) bool: the window lies wholly on the image."""
-        h, width = windows.size // 2, self.image.shape[1]
-        ix, iy = windows.ix, windows.iy
-        return (ix - h >= 0) & (ix + h < width) & (iy - h >= 0) & (iy + h < self.height)
+        return on_image(windows.ix, windows.iy, windows.size // 2, self.image.shape[1], self.height)
 
     def cutouts(self, windows: Windows) -> Cutouts:
         """Host cutouts of ``windows``: those wholly on the image taken straight from the

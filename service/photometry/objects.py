@@ -141,14 +141,13 @@ def records_frame(records, name: str) -> pd.DataFrame:
     keys = records[0].keys() if records else ()
     if all(r.keys() == keys for r in records):  # the usual table: built column by column (twice as fast)
         columns = {key: [r[key] for r in records] for key in keys}
-    else:
-        frame = pd.DataFrame.from_records(records)
-        columns = {key: frame[key] for key in frame.columns}
         if "diaObjectId" in columns:
-            columns["diaObjectId"] = [r.get("diaObjectId") for r in records]
-    if "diaObjectId" in columns:
-        columns["diaObjectId"] = _ids_as_parsed(columns["diaObjectId"])
-    return pd.DataFrame(columns)
+            columns["diaObjectId"] = _ids_as_parsed(columns["diaObjectId"])
+        return pd.DataFrame(columns)
+    frame = pd.DataFrame.from_records(records)
+    if "diaObjectId" in frame:
+        frame["diaObjectId"] = _ids_as_parsed([r.get("diaObjectId") for r in records])
+    return frame
 
 
 def _ids_as_parsed(values: list) -> np.ndarray | pd.Series:
