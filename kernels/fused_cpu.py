@@ -6,7 +6,7 @@ operations over ``(N, K, K)`` stacks, which streams every object's pixels throug
 tens of times and sorts each background annulus. Here each object is measured once, in a
 loop compiled with numba and spread over the cores (``prange``), touching only its own
 pixels: the PSF-stamp box, the pixels some aperture reaches (exact overlap computed only
-for pixels on a circle's rim), the annulus (its quartiles found by selection, not a sort;
+for pixels on a circle's rim), the annulus (its quartiles found by counting into buckets and selecting within one, not a sort;
 the clipping passes as sums over the kept values) and the footprint.
 
 Same inputs, same semantics, same pixel conventions as the array-API kernels (see their
@@ -421,6 +421,18 @@ def _median3(a, b, c):
     return max(min(a, b), min(max(a, b), c))
 
 
+@njit(cache=True, inline="always")
+def _sort_small(values, lo, hi):
+    """Sort ``values[lo:hi]`` in place by insertion (for short ranges)."""
+    for j in range(lo + 1, hi):
+        value = values[j]
+        m = j - 1
+        while m >= lo and values[m] > value:
+            values[m + 1] = values[m]
+            m -= 1
+        values[m + 1] = value
+
+
 @njit(cache=True)
 def _select(values, lo, hi, kth, less, more):
     """Put the ``kth`` smallest of ``values[lo:hi]`` at ``values[kth]``, smaller (or equal)
@@ -454,53 +466,65 @@ def _select(values, lo, hi, kth, less, more):
             lo = lo + below + equal
         else:
             return
-    for j in range(lo + 1, hi):
-        value = values[j]
-        m = j - 1
-        while m >= lo and values[m] > value:
-            values[m + 1] = values[m]
-            m -= 1
-        values[m + 1] = value
+    _sort_small(values, lo, hi)
 
 
 _SELECT_SORT = 24  # ranges this short are sorted
 
 
-@njit(cache=True, inline="always")
-def _smallest(values, lo, hi):
-    """The smallest of ``values[lo:hi]``; ``values[lo]`` for an empty range (``lo`` then is the
-    next selected position, whose value is the one wanted)."""
-    least = values[lo]
-    for j in range(lo + 1, hi):
-        if values[j] < least:
-            least = values[j]
-    return least
+_SAMPLE = 32  # values sampled to place the buckets' range (samples of fewer values: one bucket)
 
 
 @njit(cache=True, error_model="numpy")
-def _quartiles(values, n, out, less, more):
+def _quartiles(values, n, out, work):
     """The order statistics around ``f (n - 1)`` for f = 1/4, 1/2, 3/4 (each one's floor and
-    ceiling position, ``out[2 q]`` and ``out[2 q + 1]``) of ``values[:n]``, which it reorders:
-    the median's floor is selected over all, the quartiles' floors in the halves on each
-    side, and each ceiling is the smallest value between its floor and the next selected
-    position (a few passes over the values, where a sort takes log2(n)). ``less`` and
-    ``more``: buffers of ``n`` values for :func:`_select`."""
-    lo1, hi1, _ = _quantile_positions(n, 0.25)
-    lo2, hi2, _ = _quantile_positions(n, 0.5)
-    lo3, hi3, _ = _quantile_positions(n, 0.75)
-    _select(values, 0, n, lo2, less, more)
-    if lo3 > lo2:
-        _select(values, lo2 + 1, n, lo3, less, more)  # the values above the median's floor
-    if lo1 < lo2:
-        _select(values, 0, lo2, lo1, less, more)  # those below it
-    next1 = lo2 if lo2 > lo1 else (lo3 if lo3 > lo1 else n)  # the next selected position, or the end
-    next2 = lo3 if lo3 > lo2 else n
-    out[0] = values[lo1]
-    out[1] = values[lo1] if hi1 == lo1 else _smallest(values, lo1 + 1, next1)
-    out[2] = values[lo2]
-    out[3] = values[lo2] if hi2 == lo2 else _smallest(values, lo2 + 1, next2)
-    out[4] = values[lo3]
-    out[5] = values[lo3] if hi3 == lo3 else _smallest(values, lo3 + 1, n)
+    ceiling position, ``out[2 q]`` and ``out[2 q + 1]``) of ``values[:n]``, left as they are.
+
+    The values are counted into ~n/4 buckets of equal width between two order statistics
+    of a sample of 32 (near the 3rd and 97th percentiles; bucket 0 below, the last one
+    above), copied bucket by bucket into ``work[0]``, and each wanted position is selected
+    within its own bucket (a handful of values; more where an unlucky sample leaves it
+    outside the range): three passes over the values, where selecting over them all takes
+    several and a sort log2(n). Exact whatever the sample: a value's bucket never
+    decreases as the value grows (each step rounds monotonically), so the buckets are in
+    order. ``work``: (3, >= n) buffers of the values' type (``work[1:]`` for :func:`_select`)."""
+    bucketed, less, more = work[0], work[1], work[2]
+    n_buckets = 1
+    low, scale = 0.0, 0.0
+    if n >= 4 * _SAMPLE:
+        step = n // _SAMPLE
+        for j in range(_SAMPLE):
+            less[j] = values[j * step]
+        _sort_small(less, 0, _SAMPLE)
+        low, high = float(less[1]), float(less[_SAMPLE - 2])
+        if high > low:
+            n_buckets = n // 4
+            scale = n_buckets / (high - low)
+    bucket = np.empty(n, np.int32)
+    top = n_buckets + 1.0
+    for j in range(n):  # no branches: vectorised
+        bucket[j] = int(min(max((float(values[j]) - low) * scale + 1.0, 0.0), top))
+    starts = np.zeros(n_buckets + 3, np.int64)  # bucket b: bucketed[starts[b]:starts[b + 1]]
+    for j in range(n):
+        starts[bucket[j] + 1] += 1
+    for b in range(1, n_buckets + 3):
+        starts[b] += starts[b - 1]
+    ends = starts[1:].copy()
+    for j in range(n):
+        b = bucket[j]
+        ends[b] -= 1
+        bucketed[ends[b]] = values[j]
+    previous, b = -1, 0
+    for q in range(6):
+        lo, hi, _ = _quantile_positions(n, 0.25 * (q // 2 + 1))
+        rank = hi if q % 2 else lo
+        if rank != previous:
+            while starts[b + 1] <= rank:
+                b += 1
+            first = max(starts[b], previous + 1)  # after a selection in this bucket, the rest lies above it
+            _select(bucketed, first, starts[b + 1], rank, less, more)
+            previous = rank
+        out[q] = bucketed[rank]
 
 
 @njit(cache=True, error_model="numpy", inline="always")
@@ -519,14 +543,14 @@ def _background(image, variance, mask, inside, cx, cy, r_in, r_out, reject_bits,
     k = image.shape[0]
     nan = math.nan
     n = 0
-    work = np.empty((3, 0), image.dtype)
+    work = np.empty((4, 0), image.dtype)
     values = work[0]
     if math.isfinite(cx) and math.isfinite(cy) and math.isfinite(r_out) and math.isfinite(r_in):
         x0 = max(0, int(math.floor(cx - r_out)))
         x1 = min(k, int(math.ceil(cx + r_out)) + 1)
         y0 = max(0, int(math.floor(cy - r_out)))
         y1 = min(k, int(math.ceil(cy + r_out)) + 1)
-        work = np.empty((3, max(0, (x1 - x0) * (y1 - y0))), image.dtype)  # the values, and two buffers for selecting among them
+        work = np.empty((4, max(0, (x1 - x0) * (y1 - y0))), image.dtype)  # the values, and buffers for their quartiles
         values = work[0]
         ro2, ri2 = r_out * r_out, r_in * r_in
         for y in range(y0, y1):
@@ -549,7 +573,7 @@ def _background(image, variance, mask, inside, cx, cy, r_in, r_out, reject_bits,
         return
     # quartiles and median: linear interpolation between the order statistics around f (n - 1)
     stats = np.empty(6)
-    _quartiles(values, n, stats, work[1], work[2])
+    _quartiles(values, n, stats, work[1:])
     fractions = (0.25, 0.5, 0.75)
     quartiles = np.empty(3)
     for q in range(3):

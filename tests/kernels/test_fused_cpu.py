@@ -121,20 +121,29 @@ def test_fused_equals_the_array_api_kernels(integer_pixels, bad_mask_planes, n):
     assert reference.pixel_flags.any.any(axis=0).all() and reference.pixel_flags.center_all.any()
 
 
-def test_quartiles_by_selection_agree_with_a_sort():
+def test_quartiles_by_buckets_and_selection_agree_with_a_sort():
+    """Exact order statistics whatever the values: noise, ties, all equal, ordered, two
+    values only, integers, and outliers that stretch or skew the sampled range (so that
+    wanted positions fall below or above it), on both sides of the sampling threshold."""
     rng = np.random.default_rng(1)
-    for n in (*range(1, 12), 23, 24, 25, 26, 101, 1000, 1001):
-        # noise, many ties, all equal, descending, and two values only (a pivot equal to many)
+    for n in (*range(1, 12), 23, 24, 25, 26, 101, 127, 128, 129, 1000, 1001, 1600):
+        outliers = rng.normal(size=n)
+        outliers[: n // 3] = 1e30
+        skewed = rng.normal(size=n)
+        skewed[::2] = rng.normal(50.0, 1e-3, len(skewed[::2]))
         for values in (rng.normal(size=n), np.round(rng.normal(size=n)), np.zeros(n), np.arange(n)[::-1].astype(float),
-                       rng.integers(0, 2, n).astype(float)):
+                       rng.integers(0, 2, n).astype(float), rng.integers(0, 40, n).astype(float), outliers, skewed,
+                       rng.normal(size=n).astype(np.float32), np.sort(rng.normal(size=n))):
             ordered = np.sort(values)
             wanted = []
             for f in (0.25, 0.5, 0.75):
                 lo, hi, _ = _quantile_positions(n, f)
                 wanted += [ordered[lo], ordered[hi]]
             out = np.empty(6)
-            _quartiles(values.copy(), n, out, np.empty(n), np.empty(n))
+            given = values.copy()
+            _quartiles(given, n, out, np.empty((3, n), values.dtype))
             assert out.tolist() == wanted, (n, values)
+            np.testing.assert_array_equal(given, values)  # left as they were
 
 
 @pytest.mark.parametrize("n", [150, 20])  # spread over threads, and on the calling thread
