@@ -540,6 +540,34 @@ def _quantile_positions(n, f):
     return lo, hi, pos - float(lo)
 
 
+@njit(cache=True, error_model="numpy", inline="always")
+def _in_disc(x, cx, dy2, r2):
+    return (float(x) - cx) ** 2 + dy2 <= r2
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _disc_span(cx, dy2, r2, lo, hi):
+    """``[a, b)``: the columns ``x`` in ``[lo, hi)`` of a row ``dy2 = (y - cy)^2`` from the
+    centre inside the disc ``(x - cx)^2 + dy2 <= r2`` (afw's rim rule: none where ``dy2 >= r2``).
+    They are one run (the rounded sum never decreases as ``|x - cx|`` grows): guessed from a
+    square root, then each end moved while the test itself says so, so that exactly the
+    columns the test admits are in."""
+    if not dy2 < r2:
+        return lo, lo
+    half = math.sqrt(r2 - dy2)
+    a = min(max(int(math.ceil(cx - half)), lo), hi)
+    b = min(max(int(math.floor(cx + half)) + 1, a), hi)
+    while a > lo and _in_disc(a - 1, cx, dy2, r2):
+        a -= 1
+    while a < b and not _in_disc(a, cx, dy2, r2):
+        a += 1
+    while b < hi and _in_disc(b, cx, dy2, r2):
+        b += 1
+    while b > a and not _in_disc(b - 1, cx, dy2, r2):
+        b -= 1
+    return a, b
+
+
 @njit(cache=True, error_model="numpy")
 def _background(image, variance, mask, inside, cx, cy, r_in, r_out, reject_bits, n_iter, n_sigma, out, n_out, i):
     """As :func:`~forcedphot.kernels.local_background.local_background` for one object:
@@ -557,19 +585,22 @@ def _background(image, variance, mask, inside, cx, cy, r_in, r_out, reject_bits,
         work = np.empty((4, max(0, (x1 - x0) * (y1 - y0))), image.dtype)  # the values, and buffers for their quartiles
         values = work[0]
         ro2, ri2 = r_out * r_out, r_in * r_in
-        for y in range(y0, y1):
+        for y in range(y0, y1):  # each row's annulus: its outer disc's span less its inner disc's
             dy2 = (float(y) - cy) ** 2
-            for x in range(x0, x1):
-                d2 = (float(x) - cx) ** 2 + dy2
-                if not (dy2 < ro2 and d2 <= ro2) or (dy2 < ri2 and d2 <= ri2):
-                    continue
-                if not inside[y, x] or (mask[y, x] & reject_bits) != 0:
-                    continue
-                value = image[y, x]
-                if not (math.isfinite(value) and math.isfinite(variance[y, x])):
-                    continue
-                values[n] = value
-                n += 1
+            a, b = _disc_span(cx, dy2, ro2, x0, x1)
+            c, d = _disc_span(cx, dy2, ri2, a, b)
+            if c == d:
+                c = d = b
+            for part in range(2):  # left of the inner disc, right of it
+                lo, hi = (a, c) if part == 0 else (d, b)
+                for x in range(lo, hi):
+                    if not inside[y, x] or (mask[y, x] & reject_bits) != 0:
+                        continue
+                    value = image[y, x]
+                    if not (math.isfinite(value) and math.isfinite(variance[y, x])):
+                        continue
+                    values[n] = value
+                    n += 1
     n_out[i] = n
     if n == 0:
         out[0] = nan

@@ -264,9 +264,21 @@ def _cutouts(band: Band, windows: Windows) -> Cutouts:
             for stack, plane in zip(stacks, planes):
                 stack[i] = plane[rows, columns]
     edge = np.flatnonzero(~interior)
-    if edge.size:
-        # the band holds every image row these windows touch: rows it lacks lie beyond the image
+    # the band holds every image row these windows touch: rows it lacks lie beyond the image
+    if edge.size > FEW_WINDOWS:
         gathered = gather_cutouts(*(np.asarray(p) for p in planes), ix[edge], iy[edge] - read_lo, size, 1 << no_data_bit)
         for stack, part in zip((*stacks, inside), gathered):
             stack[edge] = part
+    else:  # a few: each one's part on the image sliced, the rest padded as gather_cutouts pads
+        fills = (np.nan, np.nan, 1 << no_data_bit)
+        for i in edge:
+            top, left = iy[i] - h - read_lo, ix[i] - h
+            rows = slice(max(top, 0), min(top + size, band.image.shape[0]))
+            columns = slice(max(left, 0), min(left + size, band.image.shape[1]))
+            within = (i, slice(rows.start - top, rows.stop - top), slice(columns.start - left, columns.stop - left))
+            for stack, plane, fill in zip(stacks, planes, fills):
+                stack[i] = fill
+                stack[within] = plane[rows, columns]
+            inside[i] = False
+            inside[within] = True
     return Cutouts(image, variance, mask, inside)

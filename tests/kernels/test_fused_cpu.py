@@ -62,6 +62,10 @@ def inputs(rng, n: int, integer_pixels: bool):
     cx[far] += rng.uniform(-30, 30, far.sum())  # circles beyond the stack
     sigma = rng.uniform(0.9, 2.8, n)
     sigma[:4] = (0.001, 0.001, 0.05, 0.07)  # annuli with no pixel, and with a few
+    # centred on a pixel, radii 7 and 15 px: pixels lie exactly on both rims (afw's rule: in,
+    # but for those straight above and below the centre)
+    cx[4:8] = cy[4:8] = K // 2
+    sigma[4:8] = 1.0
     stamps = gaussian_stamps(cx - np.floor(cx + 0.5) + 10, cy - np.floor(cy + 0.5) + 10, sigma, 21)
     return Cutouts(image, variance, mask, inside), cx, cy, sigma, stamps
 

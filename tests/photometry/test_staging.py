@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from forcedphot.photometry.cutouts import objects_per_batch, plan_windows, stage_cutouts
+from forcedphot.photometry.cutouts import FEW_WINDOWS, objects_per_batch, plan_windows, stage_cutouts
 
 NO_DATA = 8
 
@@ -65,6 +65,22 @@ def test_padding_beyond_edges_is_no_data():
     # corner object: only the upper-right quadrant is on the image
     assert out["inside"][3].sum() == (h + 1) ** 2
     np.testing.assert_array_equal(out["image"][3, h:, h:], reader.image[: h + 1, : h + 1])
+
+
+def test_a_few_edge_windows_sliced_equal_those_gathered():
+    """Up to FEW_WINDOWS windows crossing the image's edge are sliced and padded one by
+    one; more go through gather_cutouts: the same cutouts bit for bit (NaN and NO_DATA
+    padding, ``inside``), at every edge and corner and for a window wider than the image."""
+    reader = ArrayReader(height=40, width=30)
+    x = np.array([0.2, 29.4, 15.0, 15.0, -0.4, 29.0, 0.0, 29.3, 14.6])
+    y = np.array([20.0, 20.0, 0.0, 39.3, -0.4, 39.2, 39.4, 0.3, 19.5])
+    for size in (11, 45):
+        few = [staged(ArrayReader(height=40, width=30), x[[i]], y[[i]], size)[0] for i in range(len(x))]
+        many, *_ = staged(reader, x, y, size)
+        assert len(x) > FEW_WINDOWS
+        for i, one in enumerate(few):
+            for name in one:
+                np.testing.assert_array_equal(one[name][0], many[name][i], err_msg=f"{name}, window {i}, size {size}")
 
 
 def test_batches_respect_the_memory_bound_and_read_bands():
