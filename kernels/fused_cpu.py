@@ -4,10 +4,11 @@ The array-API kernels (:mod:`~forcedphot.kernels.psf_flux`, :mod:`~.aperture`,
 :mod:`~.local_background`, :mod:`~.pixel_flags`) run the same formulas as whole-array
 operations over ``(N, K, K)`` stacks, which streams every object's pixels through memory
 tens of times and sorts each background annulus. Here each object is measured once, in a
-loop compiled with numba and spread over the cores (``prange``), touching only its own
+loop compiled with numba (runs of objects spread over threads), touching only its own
 pixels: the PSF-stamp box, the pixels some aperture reaches (exact overlap computed only
-for pixels on a circle's rim), the annulus (its quartiles found by counting into buckets and selecting within one, not a sort;
-the clipping passes as sums over the kept values) and the footprint.
+for pixels on a circle's rim), the annulus (its quartiles found by counting into buckets
+and selecting within one, not a sort; the clipping passes as sums over the kept values)
+and the footprint.
 
 Same inputs, same semantics, same pixel conventions as the array-API kernels (see their
 module docstrings, which this follows line by line). Results agree with them to the last
@@ -18,46 +19,59 @@ boundary could fall the other way for a difference in the last bit of the clip c
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
+from concurrent.futures import ThreadPoolExecutor
 import math
 import os
 import threading
 from typing import NamedTuple
 
 import numba
-from numba import njit, prange
+from numba import njit
 import numpy as np
 
 from forcedphot.kernels.aperture import check_radius
 from forcedphot.kernels.local_background import IQ_TO_STDEV
 
 NO_PLANE = -1  # a flag plane the mask does not define: never set
-# fewer objects run on the calling thread, where starting the threads costs more than they give
-# (2 cores, workqueue, 100k objects of 47 px windows: in calls of ~150-260 objects the kernel took
-# 4.0 s on two threads and 4.4 s on one; in calls of ~37, two threads were the slower)
+# a call with fewer objects runs on the calling thread alone, where handing work to another
+# costs more than it gives
 PARALLEL_MIN_OBJECTS = 96
-_WORKQUEUE = threading.Lock()
-if numba.config.THREADING_LAYER == "default" and "NUMBA_THREADING_LAYER" not in os.environ:
-    # this package forks (campaign pools): GNU OpenMP, numba's default where present, aborts a
-    # process forked after a parallel region ran; "forksafe" takes TBB, else the workqueue
-    numba.config.THREADING_LAYER = "forksafe"
+_threads: int | None = None  # set_threads' count; None: numba's NUMBA_NUM_THREADS
+_pool: tuple[int, ThreadPoolExecutor] | None = None  # (workers, pool) of the threads beside the caller's
+_pool_lock = threading.Lock()
 
 
-@contextmanager
-def _one_at_a_time() -> Iterator[None]:
-    """Serialise calls where numba runs its ``workqueue`` threading layer (no OpenMP or TBB
-    on the machine), which does not take parallel calls from several threads at once; the
-    ``omp`` and ``tbb`` layers do, and run them concurrently."""
-    try:
-        concurrent = numba.threading_layer() != "workqueue"
-    except ValueError:  # no parallel function has run yet: the layer is chosen by this call
-        concurrent = False
-    if concurrent:
-        yield
-        return
-    with _WORKQUEUE:
-        yield
+def set_threads(count: int | None) -> None:
+    """Spread each call over at most ``count`` threads (``None``: numba's
+    ``NUMBA_NUM_THREADS``, by default the machine's cores). A service's measurement process,
+    one per core, sets 1."""
+    global _threads
+    if count is not None and count < 1:
+        raise ValueError(f"threads must be at least 1, got {count}")
+    _threads = count
+
+
+def threads() -> int:
+    """The threads a call of many objects is spread over (see :func:`set_threads`)."""
+    return _threads or numba.config.NUMBA_NUM_THREADS
+
+
+def _helpers(workers: int) -> ThreadPoolExecutor:
+    """A pool of at least ``workers`` threads that run parts of calls beside the caller's."""
+    global _pool
+    with _pool_lock:
+        if _pool is None or _pool[0] < workers:
+            _pool = (workers, ThreadPoolExecutor(workers, thread_name_prefix="fused-kernel"))
+        return _pool[1]
+
+
+def _forget_pool() -> None:
+    """In a forked child: the parent's threads are not there (a new pool starts on demand)."""
+    global _pool, _pool_lock
+    _pool, _pool_lock = None, threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_pool)
 
 
 class FusedParameters(NamedTuple):
@@ -123,15 +137,6 @@ def measure_windows(band_image: np.ndarray, band_variance: np.ndarray, band_mask
     (a FITS file's big-endian rows, memory-mapped, are swapped as each window is copied:
     the band itself is never converted); other types are converted first."""
     p = parameters._replace(radii=np.array([check_radius(r) for r in parameters.radii], np.float64))
-    if len(psf) >= PARALLEL_MIN_OBJECTS and numba.get_num_threads() > 1:
-        with _one_at_a_time():
-            return _measure_native(_measure_parallel, band_image, band_variance, band_mask, row0, col0, image, variance, mask, inside,
-                                   stack_of, psf, cx, cy, sigma, p)
-    return _measure_native(_measure_serial, band_image, band_variance, band_mask, row0, col0, image, variance, mask, inside,
-                           stack_of, psf, cx, cy, sigma, p)
-
-
-def _measure_native(kernel, band_image, band_variance, band_mask, row0, col0, image, variance, mask, inside, stack_of, psf, cx, cy, sigma, p):
     band = [_bits(a, dtype) for a, dtype in ((band_image, np.float32), (band_variance, np.float32), (band_mask, np.int32))]
     stacks = [np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("=")) for a in (image, variance, mask)]
     planes = (*(bits for bits, _ in band), *stacks, np.ascontiguousarray(inside))
@@ -141,7 +146,18 @@ def _measure_native(kernel, band_image, band_variance, band_mask, row0, col0, im
     settings = (np.asarray(p.radii, dtype=np.float64), np.int64(p.bad_fit_bits), np.int64(p.background_reject_bits),
                 np.asarray(p.flag_bits, dtype=np.int64), float(p.footprint_scaling), float(p.inner), float(p.outer), int(p.n_iter),
                 float(p.n_sigma), bool(p.full), np.array([swap for _, swap in band], np.bool_))
-    return kernel(planes, geometry, settings)
+    n = len(geometry[3])
+    parts = threads() if n >= PARALLEL_MIN_OBJECTS else 1
+    if parts == 1:
+        return _measure(planes, geometry, settings)
+    # consecutive runs of objects, one a thread, the first on this one: the compiled loop
+    # releases the interpreter (numba's own threads, which poll for work, gained little
+    # on calls of a few hundred objects: 1 MiB batches took 1.5x the time of 128 MiB ones)
+    bounds = np.linspace(0, n, parts + 1).astype(np.int64)
+    runs = [tuple(g[lo:hi] for g in geometry) for lo, hi in zip(bounds[:-1], bounds[1:])]
+    others = [_helpers(parts - 1).submit(_measure, planes, run, settings) for run in runs[1:]]
+    results = [_measure(planes, runs[0], settings), *(other.result() for other in others)]
+    return tuple(np.concatenate(columns) for columns in zip(*results))
 
 
 def _bits(plane: np.ndarray, dtype: type) -> tuple[np.ndarray, bool]:
@@ -154,23 +170,22 @@ def _bits(plane: np.ndarray, dtype: type) -> tuple[np.ndarray, bool]:
 
 
 def warm_up() -> None:
-    """Load (or, the first time on a machine, compile: ~20 s) every compiled variant of the
+    """Load (or, the first time on a machine, compile: ~30 s) every compiled variant of the
     kernel, so that no measurement waits for one (a load holds the interpreter: a job's
-    heartbeat in the same process would wait behind it): serial and parallel, each for
-    staged stacks and for windows read in place from a read-only band (a memory-mapped
-    file's rows, or an exposure's planes in memory). numba caches them beside this module."""
-    k = 5
+    heartbeat in the same process would wait behind it): for staged stacks and for windows
+    read in place from a read-only band (a memory-mapped file's rows, or an exposure's
+    planes in memory). numba caches them beside this module."""
+    k, n = 5, 1
     parameters = FusedParameters(np.array([1.0]), 0, 0, np.array([NO_PLANE, 0], np.int64), 3.0, 1.0, 2.0, 3, 3.0)
-    for n in (1, PARALLEL_MIN_OBJECTS):  # the serial and the parallel variant
-        stack = np.zeros((n, k, k), np.float32)
-        psf, cx, cy, sigma = np.full((n, 3, 3), 1 / 9), np.full(n, 2.0), np.full(n, 2.0), np.full(n, 0.5)
-        measure_stack(stack, stack + 1, np.zeros((n, k, k), np.int32), np.ones((n, k, k), bool), psf, cx, cy, sigma, parameters)
-        band = [np.zeros((k, k), dtype) for dtype in (np.float32, np.float32, np.int32)]
-        for plane in band:
-            plane.flags.writeable = False
-        no_stack = np.zeros((0, k, k), np.float32)
-        measure_windows(*band, np.zeros(n, np.int64), np.zeros(n, np.int64), no_stack, no_stack, np.zeros((0, k, k), np.int32),
-                        np.zeros((0, k, k), bool), np.full(n, -1, np.int64), psf, cx, cy, sigma, parameters)
+    stack = np.zeros((n, k, k), np.float32)
+    psf, cx, cy, sigma = np.full((n, 3, 3), 1 / 9), np.full(n, 2.0), np.full(n, 2.0), np.full(n, 0.5)
+    measure_stack(stack, stack + 1, np.zeros((n, k, k), np.int32), np.ones((n, k, k), bool), psf, cx, cy, sigma, parameters)
+    band = [np.zeros((k, k), dtype) for dtype in (np.float32, np.float32, np.int32)]
+    for plane in band:
+        plane.flags.writeable = False
+    no_stack = np.zeros((0, k, k), np.float32)
+    measure_windows(*band, np.zeros(n, np.int64), np.zeros(n, np.int64), no_stack, no_stack, np.zeros((0, k, k), np.int32),
+                    np.zeros((0, k, k), bool), np.full(n, -1, np.int64), psf, cx, cy, sigma, parameters)
 
 
 @njit(cache=True, error_model="numpy")
@@ -238,20 +253,9 @@ def _window(i, planes, geometry, settings, out, on_image, scratch, window):
         _object(image[j], variance[j], mask[j], inside[j], psf[i], cx[i], cy[i], sigma[i], settings, i, scratch, out)
 
 
-@njit(parallel=True, nogil=True, cache=True, error_model="numpy")
-def _measure_parallel(planes, geometry, settings):
-    """Every object, spread over the cores."""
-    n, k = geometry[3].shape[0], planes[3].shape[1]
-    out = _outputs(n, settings[0].shape[0], settings[3].shape[0])
-    on_image = np.ones((k, k), np.bool_)
-    for i in prange(n):
-        _window(i, planes, geometry, settings, out, on_image, np.empty((10, k + 2)), _window_scratch(planes))
-    return _results(out)
-
-
 @njit(nogil=True, cache=True, error_model="numpy")
-def _measure_serial(planes, geometry, settings):
-    """Every object, on the calling thread (no threads to start: for a few objects)."""
+def _measure(planes, geometry, settings):
+    """Every object of ``geometry``, in turn (the interpreter released)."""
     n, k = geometry[3].shape[0], planes[3].shape[1]
     out = _outputs(n, settings[0].shape[0], settings[3].shape[0])
     on_image = np.ones((k, k), np.bool_)

@@ -71,7 +71,7 @@ def test_imports_point_downward(module):
 
 
 #: the one CPU fast path (compiled with numba), held by tests/kernels/test_fused_cpu.py to the array-API kernels
-CPU_FAST_PATHS = {"forcedphot.kernels.fused_cpu": {"__future__", "numba", "numpy", "os", "threading", "contextlib", "collections", "math", "typing",
+CPU_FAST_PATHS = {"forcedphot.kernels.fused_cpu": {"__future__", "numba", "numpy", "os", "threading", "concurrent", "math", "typing",
                                                    "forcedphot"}}
 
 

@@ -363,14 +363,14 @@ def _start_process(backend_name: str, cache_bytes: int, limits: ExposureLimits) 
     """Initialise a measurement process: its allocator, backend and exposure cache."""
     global _PROCESS_SERVICE
     threading.Thread(target=_exit_with_parent, name="exit-with-parent", daemon=True).start()
-    # one core per measurement process (there is one process per core): the fused CPU
-    # kernels' threads would otherwise contend with the other processes' (read when numba loads)
-    os.environ["NUMBA_NUM_THREADS"] = "1"
     keep_temporaries_on_heap()
     backend = select_backend(backend_name)
     if backend.name == "numpy":  # the fused CPU kernels, loaded before the first request
-        from forcedphot.kernels.fused_cpu import warm_up
+        from forcedphot.kernels.fused_cpu import set_threads, warm_up
 
+        # one core per measurement process (there is one process per core): the kernels'
+        # threads would otherwise contend with the other processes'
+        set_threads(1)
         warm_up()
     exercise_measurement()  # and the libraries' first-use costs paid
     _PROCESS_SERVICE = MeasureService(ExposureCache(cache_bytes, limits=limits, backend=backend), backend, threads=1, limits=limits)

@@ -196,11 +196,37 @@ def test_warm_up_loads_every_variant_a_measurement_uses():
     """Windows read in place come from read-only bands (memory maps, cached planes): numba
     specialises the kernel for them, and loading a variant at first use holds the
     interpreter (a job's heartbeat waits), so warm_up loads those too."""
-    import numba
-
     from forcedphot.kernels import fused_cpu
 
     fused_cpu.warm_up()
-    kernels = [fused_cpu._measure_serial] + ([fused_cpu._measure_parallel] if numba.get_num_threads() > 1 else [])
-    for kernel in kernels:
-        assert {"readonly array" in str(signature[0]) for signature in kernel.signatures} == {True, False}, kernel
+    assert {"readonly array" in str(signature[0]) for signature in fused_cpu._measure.signatures} == {True, False}
+
+
+@pytest.mark.parametrize("count", [2, 3])
+def test_a_call_spread_over_threads_equals_one_thread(count):
+    """A call of many objects runs in consecutive runs, one a thread: the results are those
+    of one thread, bit for bit and in order, and a forked child (where the parent's
+    threads are not) spreads its calls too."""
+    import multiprocessing
+
+    from forcedphot.kernels import fused_cpu
+
+    rng = np.random.default_rng(5)
+    n = 2 * fused_cpu.PARALLEL_MIN_OBJECTS + 7
+    cutouts, cx, cy, sigma, stamps = inputs(rng, n, False)
+    parameters = fused_cpu.FusedParameters(np.array([3.0, 6.0]), 0, 1, np.array([0, 3, fused_cpu.NO_PLANE], np.int64), 3.0, 7.0, 15.0, 3, 3.0)
+    args = (*cutouts, stamps, cx, cy, sigma, parameters)
+    try:
+        fused_cpu.set_threads(1)
+        alone = fused_cpu.measure_stack(*args)
+        fused_cpu.set_threads(count)
+        spread = fused_cpu.measure_stack(*args)
+        with multiprocessing.get_context("fork").Pool(1) as pool:
+            in_child = pool.apply(fused_cpu.measure_stack, args)
+    finally:
+        fused_cpu.set_threads(None)
+    for one, many, child in zip(alone, spread, in_child):
+        np.testing.assert_array_equal(many, one)
+        np.testing.assert_array_equal(child, one)
+    with pytest.raises(ValueError, match="at least 1"):
+        fused_cpu.set_threads(0)
