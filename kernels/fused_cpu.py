@@ -169,12 +169,32 @@ def _bits(plane: np.ndarray, dtype: type) -> tuple[np.ndarray, bool]:
     return plane.view(np.uint32), not plane.dtype.isnative
 
 
+def copies_in_place(plane: np.ndarray, dtype: type) -> bool:
+    """Whether :func:`stage_windows` reads ``plane`` as it is: C-contiguous ``dtype``
+    values (float32 or int32) in either byte order."""
+    return plane.dtype.newbyteorder("=") == np.dtype(dtype) and plane.flags.c_contiguous
+
+
+def stage_windows(band_image: np.ndarray, band_variance: np.ndarray, band_mask: np.ndarray, row0: np.ndarray, col0: np.ndarray,
+                  which: np.ndarray, image: np.ndarray, variance: np.ndarray, mask: np.ndarray) -> None:
+    """Copy the ``K x K`` windows ``band[row0[i]:row0[i] + K, col0[i]:col0[i] + K]`` of a band's
+    planes (each as :func:`copies_in_place` reads it; a FITS file's big-endian rows swapped
+    as they are copied) into cutout ``which[i]`` of the native ``(N, K, K)`` float32 image
+    and variance and int32 mask stacks. Row by row, as the kernel reads windows in place:
+    NumPy's gather through a sliding-window view with the byte swap took several times
+    as long."""
+    band = [_bits(a, dtype) for a, dtype in ((band_image, np.float32), (band_variance, np.float32), (band_mask, np.int32))]
+    _stage((band[0][0], band[1][0], band[2][0]), np.array([swap for _, swap in band], np.bool_), np.asarray(row0, np.int64),
+           np.asarray(col0, np.int64), np.asarray(which, np.int64), (image, variance, mask))
+
+
 def warm_up() -> None:
     """Load (or, the first time on a machine, compile: ~30 s) every compiled variant of the
     kernel, so that no measurement waits for one (a load holds the interpreter: a job's
     heartbeat in the same process would wait behind it): for staged stacks and for windows
     read in place from a read-only band (a memory-mapped file's rows, or an exposure's
-    planes in memory). numba caches them beside this module."""
+    planes in memory), and the staging of windows from either kind of band. numba caches
+    them beside this module."""
     k, n = 5, 1
     parameters = FusedParameters(np.array([1.0]), 0, 0, np.array([NO_PLANE, 0], np.int64), 3.0, 1.0, 2.0, 3, 3.0)
     stack = np.zeros((n, k, k), np.float32)
@@ -186,6 +206,8 @@ def warm_up() -> None:
     no_stack = np.zeros((0, k, k), np.float32)
     measure_windows(*band, np.zeros(n, np.int64), np.zeros(n, np.int64), no_stack, no_stack, np.zeros((0, k, k), np.int32),
                     np.zeros((0, k, k), bool), np.full(n, -1, np.int64), psf, cx, cy, sigma, parameters)
+    for planes in (band, [plane.copy() for plane in band]):  # staging from a read-only band, and from a writeable one
+        stage_windows(*planes, np.zeros(n, np.int64), np.zeros(n, np.int64), np.arange(n), stack, stack.copy(), np.zeros((n, k, k), np.int32))
 
 
 @njit(cache=True, error_model="numpy")
@@ -230,6 +252,17 @@ def _copy_words(band, y, x, k, swap, out):
         else:
             for i in range(k):
                 target[i] = source[i]
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def _stage(band, swap, row0, col0, which, stacks):
+    """See :func:`stage_windows`."""
+    k = stacks[0].shape[1]
+    for i in range(row0.shape[0]):
+        y, x, j = row0[i], col0[i], which[i]
+        _copy_words(band[0], y, x, k, swap[0], stacks[0][j])
+        _copy_words(band[1], y, x, k, swap[1], stacks[1][j])
+        _copy_words(band[2], y, x, k, swap[2], stacks[2][j])
 
 
 @njit(cache=True, error_model="numpy")

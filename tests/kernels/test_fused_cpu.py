@@ -200,6 +200,7 @@ def test_warm_up_loads_every_variant_a_measurement_uses():
 
     fused_cpu.warm_up()
     assert {"readonly array" in str(signature[0]) for signature in fused_cpu._measure.signatures} == {True, False}
+    assert {"readonly array" in str(signature[0]) for signature in fused_cpu._stage.signatures} == {True, False}
 
 
 @pytest.mark.parametrize("count", [2, 3])

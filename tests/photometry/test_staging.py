@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from forcedphot.photometry.cutouts import FEW_WINDOWS, objects_per_batch, plan_windows, stage_cutouts
+from forcedphot.photometry.cutouts import objects_per_batch, plan_windows, stage_cutouts
 
 NO_DATA = 8
 
@@ -36,17 +36,28 @@ def staged(reader, x, y, size, batch_bytes=2**30):
     return out, cx, cy, [w for w, _ in batches]
 
 
-def test_windows_match_direct_slices_and_positions():
+@pytest.mark.parametrize("planes", ["native", "big-endian", "float64", "a few"])
+def test_windows_match_direct_slices_and_positions(planes):
+    """Windows wholly on the image equal direct slices: copied by the compiled path from
+    float32 / int32 planes in either byte order (a FITS file's rows), gathered by NumPy from
+    other types, and sliced one by one when there are a few."""
     reader = ArrayReader()
+    if planes == "big-endian":
+        reader.image, reader.variance, reader.mask = (a.astype(a.dtype.newbyteorder(">")) for a in (reader.image, reader.variance, reader.mask))
+    elif planes in ("float64", "a few"):
+        reader.image = reader.image.astype(np.float64)
     rng = np.random.default_rng(2)
-    x, y = rng.uniform(10, 79, 40), rng.uniform(10, 109, 40)
+    count = 5 if planes == "a few" else 40
+    x, y = rng.uniform(10, 79, count), rng.uniform(10, 109, count)
     size, h = 15, 7
     out, cx, cy, _ = staged(reader, x, y, size)
     ix, iy = np.floor(x + 0.5).astype(int), np.floor(y + 0.5).astype(int)
     for k in range(len(x)):
         window = np.s_[iy[k] - h : iy[k] + h + 1, ix[k] - h : ix[k] + h + 1]
-        np.testing.assert_array_equal(out["image"][k], reader.image[window])
+        np.testing.assert_array_equal(out["image"][k], reader.image[window].astype(np.float32))
+        np.testing.assert_array_equal(out["variance"][k], reader.variance[window])
         np.testing.assert_array_equal(out["mask"][k], reader.mask[window])
+    assert out["image"].dtype.isnative and out["mask"].dtype.isnative
     assert out["inside"].all()
     np.testing.assert_allclose(cx, h + x - ix)
     assert np.all((cx >= h - 0.5) & (cx < h + 0.5))
@@ -67,20 +78,22 @@ def test_padding_beyond_edges_is_no_data():
     np.testing.assert_array_equal(out["image"][3, h:, h:], reader.image[: h + 1, : h + 1])
 
 
-def test_a_few_edge_windows_sliced_equal_those_gathered():
-    """Up to FEW_WINDOWS windows crossing the image's edge are sliced and padded one by
-    one; more go through gather_cutouts: the same cutouts bit for bit (NaN and NO_DATA
-    padding, ``inside``), at every edge and corner and for a window wider than the image."""
+def test_edge_windows_sliced_on_the_host_equal_those_gathered_on_a_device():
+    """Windows crossing the image's edge are sliced and padded one by one on the host:
+    the cutouts a device's gather_cutouts makes, bit for bit (NaN and NO_DATA padding,
+    ``inside``), at every edge and corner and for a window wider than the image."""
+    from forcedphot.kernels.cutouts import gather_cutouts
+
     reader = ArrayReader(height=40, width=30)
     x = np.array([0.2, 29.4, 15.0, 15.0, -0.4, 29.0, 0.0, 29.3, 14.6])
     y = np.array([20.0, 20.0, 0.0, 39.3, -0.4, 39.2, 39.4, 0.3, 19.5])
     for size in (11, 45):
-        few = [staged(ArrayReader(height=40, width=30), x[[i]], y[[i]], size)[0] for i in range(len(x))]
-        many, *_ = staged(reader, x, y, size)
-        assert len(x) > FEW_WINDOWS
-        for i, one in enumerate(few):
-            for name in one:
-                np.testing.assert_array_equal(one[name][0], many[name][i], err_msg=f"{name}, window {i}, size {size}")
+        staged_here, *_ = staged(reader, x, y, size)
+        ix, iy = np.floor(x + 0.5).astype(np.int64), np.floor(y + 0.5).astype(np.int64)
+        gathered = gather_cutouts(reader.image, reader.variance, reader.mask, ix, iy, size, 1 << NO_DATA)
+        for name in staged_here:
+            np.testing.assert_array_equal(staged_here[name], getattr(gathered, name), err_msg=f"{name}, size {size}")
+        assert not staged_here["inside"].all()
 
 
 def test_batches_respect_the_memory_bound_and_read_bands():
