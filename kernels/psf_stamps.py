@@ -19,7 +19,7 @@ from array_api_compat import array_namespace, device
 Array = Any
 
 # erfc(z) = t exp(-z^2 + P(t)), t = 1 / (1 + z/2), z >= 0: Chebyshev-fitted P, lowest power first.
-_ERFC_COEFFS = (
+ERFC_COEFFS = (
     -1.26551223,
     1.00002368,
     0.37409196,
@@ -41,7 +41,7 @@ def erfc(x: Array) -> Array:
     z = xp.abs(x)
     t = 1.0 / (1.0 + 0.5 * z)
     poly = xp.zeros_like(t)
-    for coeff in reversed(_ERFC_COEFFS):
+    for coeff in reversed(ERFC_COEFFS):
         poly = poly * t + coeff
     tail = t * xp.exp(poly - z * z)
     return xp.where(x >= 0.0, tail, 2.0 - tail)

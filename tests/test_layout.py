@@ -70,9 +70,11 @@ def test_imports_point_downward(module):
     assert not upward, f"{module} (layer {layer_of(module) or 'package'}) imports from a higher layer: {upward}"
 
 
-#: the one CPU fast path (compiled with numba), held by tests/kernels/test_fused_cpu.py to the array-API kernels
+#: the CPU fast paths (compiled with numba), each held by a test to the array-API kernels
 CPU_FAST_PATHS = {"forcedphot.kernels.fused_cpu": {"__future__", "numba", "numpy", "os", "threading", "concurrent", "math", "typing",
-                                                   "forcedphot"}}
+                                                   "forcedphot"},
+                  # held by tests/kernels/test_psf_stamps_cpu.py to kernels.psf_stamps
+                  "forcedphot.kernels.psf_stamps_cpu": {"numba", "numpy", "math", "forcedphot"}}
 
 
 def test_kernels_import_only_the_array_api():

@@ -30,11 +30,12 @@ import math
 from typing import Any, Protocol, runtime_checkable
 import warnings
 
-from array_api_compat import device
+from array_api_compat import device, is_numpy_namespace
 from astropy.io import fits
 import numpy as np
 
 from forcedphot.kernels.psf_stamps import gaussian_stamps, lanczos_resample
+from forcedphot.kernels.psf_stamps_cpu import normalised_gaussian_stamps
 from forcedphot.photometry.fits_preflight import not_fits_reason
 
 Array = Any
@@ -135,8 +136,11 @@ def _normalised(stamps: Array, xp: Any) -> Array:
 
 def _gaussian_stamps(x: np.ndarray, y: np.ndarray, sigma: float | np.ndarray, size: int, xp: Any, put: Put | None) -> Array:
     """(N, K, K) normalised pixel-integrated Gaussian stamps of width ``sigma`` (px; one, or
-    one per object), from one upload of the centres (and the widths)."""
+    one per object), from one upload of the centres (and the widths); on the host (NumPy,
+    nothing to upload) by the compiled fast path, the same stamps to 1e-13."""
     rows = [*_stamp_centres(*_positions(x, y), size)]
+    if put is None and is_numpy_namespace(xp):
+        return normalised_gaussian_stamps(*rows, sigma, size)
     if np.ndim(sigma):
         rows.append(np.asarray(sigma, np.float64))
     packed = (put or xp.asarray)(np.stack(rows))

@@ -1,0 +1,84 @@
+"""Normalised pixel-integrated Gaussian PSF stamps, compiled: the CPU fast path.
+
+:func:`~forcedphot.kernels.psf_stamps.gaussian_stamps` builds the stamps as a few dozen
+whole-array operations (its ``erfc`` alone is ~25 passes over every pixel edge); here each
+object's two 1-D profiles and its stamp are made in one compiled loop, with the same
+formulas step for step (the same Numerical Recipes ``erfc`` fit, the same far-side
+differences, the outer product), then divided by their sum as photometry normalises
+stamps (NaN where the sum is not positive). ``tests/kernels/test_psf_stamps_cpu.py``
+holds the two to 1e-13 relative (the sums add in another order).
+
+Conventions as :mod:`~forcedphot.kernels.psf_stamps`: stamp pixel ``[n, j, i]`` is
+centred at stamp coordinates ``(x=i, y=j)`` and covers ``[i-0.5, i+0.5) x [j-0.5, j+0.5)``;
+centres and widths in pixels.
+"""
+
+import math
+
+from numba import njit
+import numpy as np
+
+from forcedphot.kernels.psf_stamps import ERFC_COEFFS
+
+_SQRT_HALF = math.sqrt(0.5)
+
+
+def normalised_gaussian_stamps(cx: np.ndarray, cy: np.ndarray, sigma: np.ndarray | float, size: int) -> np.ndarray:
+    """(N, K, K) float64 stamps of a circular Gaussian integrated over each pixel, each
+    divided by its sum.
+
+    Parameters
+    ----------
+    cx, cy : (N,) float arrays
+        Gaussian centre in stamp coordinates, pixels.
+    sigma : float or (N,) float array
+        Gaussian standard deviation before pixel integration, pixels.
+    size : int
+        Stamp side K.
+    """
+    cx = np.ascontiguousarray(cx, dtype=np.float64)
+    sigma = np.ascontiguousarray(np.broadcast_to(np.asarray(sigma, dtype=np.float64), cx.shape))
+    return _stamps(cx, np.ascontiguousarray(cy, dtype=np.float64), sigma, int(size), np.array(ERFC_COEFFS[::-1]))
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def _stamps(cx, cy, sigma, size, coeffs):
+    n = cx.shape[0]
+    out = np.empty((n, size, size))
+    profile_x, profile_y = np.empty(size), np.empty(size)
+    for i in range(n):
+        _fractions(cx[i], sigma[i], coeffs, profile_x)
+        _fractions(cy[i], sigma[i], coeffs, profile_y)
+        total = 0.0
+        for j in range(size):
+            for k in range(size):
+                value = profile_y[j] * profile_x[k]
+                out[i, j, k] = value
+                total += value
+        norm = total if total > 0 else math.nan
+        for j in range(size):
+            for k in range(size):
+                out[i, j, k] /= norm
+    return out
+
+
+@njit(cache=True, error_model="numpy")
+def _fractions(centre, sigma, coeffs, out):
+    """As :func:`~forcedphot.kernels.psf_stamps._pixel_fractions` for one centre."""
+    scale = _SQRT_HALF / sigma
+    for k in range(out.shape[0]):
+        offset = float(k) - centre
+        side = 1.0 - 2.0 * (1.0 if offset < 0.0 else 0.0)
+        out[k] = 0.5 * side * (_erfc(side * (offset - 0.5) * scale, coeffs) - _erfc(side * (offset + 0.5) * scale, coeffs))
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _erfc(x, coeffs):
+    """As :func:`~forcedphot.kernels.psf_stamps.erfc` (``coeffs``: highest power first)."""
+    z = abs(x)
+    t = 1.0 / (1.0 + 0.5 * z)
+    poly = 0.0
+    for coeff in coeffs:
+        poly = poly * t + coeff
+    tail = t * math.exp(poly - z * z)
+    return tail if x >= 0.0 else 2.0 - tail
