@@ -19,11 +19,12 @@ boundary could fall the other way for a difference in the last bit of the clip c
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 import math
 import os
 import threading
-from typing import NamedTuple
+from typing import NamedTuple, TypeVar
 
 import numba
 from numba import njit
@@ -39,6 +40,7 @@ PARALLEL_MIN_OBJECTS = 96
 _threads: int | None = None  # set_threads' count; None: numba's NUMBA_NUM_THREADS
 _pool: tuple[int, ThreadPoolExecutor] | None = None  # (workers, pool) of the threads beside the caller's
 _pool_lock = threading.Lock()
+T = TypeVar("T")
 
 
 def set_threads(count: int | None) -> None:
@@ -146,18 +148,21 @@ def measure_windows(band_image: np.ndarray, band_variance: np.ndarray, band_mask
     settings = (np.asarray(p.radii, dtype=np.float64), np.int64(p.bad_fit_bits), np.int64(p.background_reject_bits),
                 np.asarray(p.flag_bits, dtype=np.int64), float(p.footprint_scaling), float(p.inner), float(p.outer), int(p.n_iter),
                 float(p.n_sigma), bool(p.full), np.array([swap for _, swap in band], np.bool_))
-    n = len(geometry[3])
-    parts = threads() if n >= PARALLEL_MIN_OBJECTS else 1
-    if parts == 1:
-        return _measure(planes, geometry, settings)
-    # consecutive runs of objects, one a thread, the first on this one: the compiled loop
-    # releases the interpreter (numba's own threads, which poll for work, gained little
-    # on calls of a few hundred objects: 1 MiB batches took 1.5x the time of 128 MiB ones)
-    bounds = np.linspace(0, n, parts + 1).astype(np.int64)
-    runs = [tuple(g[lo:hi] for g in geometry) for lo, hi in zip(bounds[:-1], bounds[1:])]
-    others = [_helpers(parts - 1).submit(_measure, planes, run, settings) for run in runs[1:]]
-    results = [_measure(planes, runs[0], settings), *(other.result() for other in others)]
-    return tuple(np.concatenate(columns) for columns in zip(*results))
+    results = spread(lambda lo, hi: _measure(planes, tuple(g[lo:hi] for g in geometry), settings), len(geometry[3]),
+                     PARALLEL_MIN_OBJECTS)
+    return results[0] if len(results) == 1 else tuple(np.concatenate(columns) for columns in zip(*results))
+
+
+def spread(call: Callable[[int, int], T], n: int, minimum: int) -> list[T]:
+    """``call(lo, hi)`` for consecutive runs of ``range(n)``, one a thread (see
+    :func:`threads`; the first on the calling thread), their results in order; one run
+    where ``n < minimum``. For compiled loops that release the interpreter (numba's own
+    ``prange`` threads, which poll for work, gained little on calls of a few hundred
+    objects: 1 MiB batches took 1.5x the time of 128 MiB ones)."""
+    parts = threads() if n >= minimum else 1
+    bounds = [int(b) for b in np.linspace(0, n, parts + 1)]
+    others = [_helpers(parts - 1).submit(call, lo, hi) for lo, hi in zip(bounds[1:-1], bounds[2:])]
+    return [call(0, bounds[1]), *(other.result() for other in others)]
 
 
 def _bits(plane: np.ndarray, dtype: type) -> tuple[np.ndarray, bool]:

@@ -5,8 +5,9 @@ whole-array operations (its ``erfc`` alone is ~25 passes over every pixel edge);
 object's two 1-D profiles and its stamp are made in one compiled loop, with the same
 formulas step for step (the same Numerical Recipes ``erfc`` fit, the same far-side
 differences, the outer product), then divided by their sum as photometry normalises
-stamps (NaN where the sum is not positive). ``tests/kernels/test_psf_stamps_cpu.py``
-holds the two to 1e-13 relative (the sums add in another order).
+stamps (NaN where the sum is not positive); many stamps are spread over threads as the
+fused kernel spreads its objects. ``tests/kernels/test_psf_stamps_cpu.py`` holds the two
+to 1e-13 relative (the sums add in another order).
 
 Conventions as :mod:`~forcedphot.kernels.psf_stamps`: stamp pixel ``[n, j, i]`` is
 centred at stamp coordinates ``(x=i, y=j)`` and covers ``[i-0.5, i+0.5) x [j-0.5, j+0.5)``;
@@ -18,9 +19,11 @@ import math
 from numba import njit
 import numpy as np
 
+from forcedphot.kernels.fused_cpu import spread
 from forcedphot.kernels.psf_stamps import ERFC_COEFFS
 
 _SQRT_HALF = math.sqrt(0.5)
+SPREAD_MIN_STAMPS = 256  # fewer are made on the calling thread (~2 us a stamp of 17 x 17)
 
 
 def normalised_gaussian_stamps(cx: np.ndarray, cy: np.ndarray, sigma: np.ndarray | float, size: int) -> np.ndarray:
@@ -36,15 +39,16 @@ def normalised_gaussian_stamps(cx: np.ndarray, cy: np.ndarray, sigma: np.ndarray
     size : int
         Stamp side K.
     """
-    cx = np.ascontiguousarray(cx, dtype=np.float64)
+    cx, cy = np.ascontiguousarray(cx, dtype=np.float64), np.ascontiguousarray(cy, dtype=np.float64)
     sigma = np.ascontiguousarray(np.broadcast_to(np.asarray(sigma, dtype=np.float64), cx.shape))
-    return _stamps(cx, np.ascontiguousarray(cy, dtype=np.float64), sigma, int(size), np.array(ERFC_COEFFS[::-1]))
+    out, coeffs = np.empty((len(cx), size, size)), np.array(ERFC_COEFFS[::-1])
+    spread(lambda lo, hi: _stamps(cx[lo:hi], cy[lo:hi], sigma[lo:hi], coeffs, out[lo:hi]), len(cx), SPREAD_MIN_STAMPS)
+    return out
 
 
 @njit(nogil=True, cache=True, error_model="numpy")
-def _stamps(cx, cy, sigma, size, coeffs):
-    n = cx.shape[0]
-    out = np.empty((n, size, size))
+def _stamps(cx, cy, sigma, coeffs, out):
+    n, size = cx.shape[0], out.shape[1]
     profile_x, profile_y = np.empty(size), np.empty(size)
     for i in range(n):
         _fractions(cx[i], sigma[i], coeffs, profile_x)
@@ -59,7 +63,6 @@ def _stamps(cx, cy, sigma, size, coeffs):
         for j in range(size):
             for k in range(size):
                 out[i, j, k] /= norm
-    return out
 
 
 @njit(cache=True, error_model="numpy")

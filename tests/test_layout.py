@@ -71,8 +71,8 @@ def test_imports_point_downward(module):
 
 
 #: the CPU fast paths (compiled with numba), each held by a test to the array-API kernels
-CPU_FAST_PATHS = {"forcedphot.kernels.fused_cpu": {"__future__", "numba", "numpy", "os", "threading", "concurrent", "math", "typing",
-                                                   "forcedphot"},
+CPU_FAST_PATHS = {"forcedphot.kernels.fused_cpu": {"__future__", "numba", "numpy", "os", "threading", "concurrent", "collections", "math",
+                                                   "typing", "forcedphot"},
                   # held by tests/kernels/test_psf_stamps_cpu.py to kernels.psf_stamps
                   "forcedphot.kernels.psf_stamps_cpu": {"numba", "numpy", "math", "forcedphot"}}
 

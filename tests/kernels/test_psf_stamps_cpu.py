@@ -19,7 +19,7 @@ def test_compiled_stamps_equal_the_array_api_ones(size):
     undefined (NaN), widths from a tenth of a pixel (a point) to wider than the stamp, one
     width or one per object."""
     rng = np.random.default_rng(size)
-    n = 300
+    n = 600  # spread over threads where there are several
     half = size // 2
     cx, cy = half + rng.uniform(-0.5, 0.5, n), half + rng.uniform(-0.5, 0.5, n)
     cx[:5] = (-40.0, size + 40.0, half, half + 0.5, np.nan)  # far off the stamp both ways, centred, on a pixel edge, undefined
