@@ -63,6 +63,8 @@ def _helpers(workers: int) -> ThreadPoolExecutor:
     global _pool
     with _pool_lock:
         if _pool is None or _pool[0] < workers:
+            if _pool is not None:  # set_threads asked for more: the smaller pool ends when its work is done
+                _pool[1].shutdown(wait=False)
             _pool = (workers, ThreadPoolExecutor(workers, thread_name_prefix="fused-kernel"))
         return _pool[1]
 
