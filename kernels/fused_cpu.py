@@ -62,9 +62,7 @@ def _helpers(workers: int) -> ThreadPoolExecutor:
     """A pool of at least ``workers`` threads that run parts of calls beside the caller's."""
     global _pool
     with _pool_lock:
-        if _pool is None or _pool[0] < workers:
-            if _pool is not None:  # set_threads asked for more: the smaller pool ends when its work is done
-                _pool[1].shutdown(wait=False)
+        if _pool is None or _pool[0] < workers:  # (a smaller one is left to idle: a call may still be handing it work)
             _pool = (workers, ThreadPoolExecutor(workers, thread_name_prefix="fused-kernel"))
         return _pool[1]
 
