@@ -155,14 +155,20 @@ def measure_windows(band_image: np.ndarray, band_variance: np.ndarray, band_mask
 
 def spread(call: Callable[[int, int], T], n: int, minimum: int) -> list[T]:
     """``call(lo, hi)`` for consecutive runs of ``range(n)``, one a thread (see
-    :func:`threads`; the first on the calling thread), their results in order; one run
-    where ``n < minimum``. For compiled loops that release the interpreter (numba's own
-    ``prange`` threads, which poll for work, gained little on calls of a few hundred
-    objects: 1 MiB batches took 1.5x the time of 128 MiB ones)."""
+    :func:`threads`), their results in order; one run where ``n < minimum``. The first run
+    is done on the calling thread, and so is any run the helper threads have not started
+    by then (busy with other callers' runs): callers never queue behind one another.
+
+    For compiled loops that release the interpreter (numba's own ``prange`` threads,
+    which poll for work, gained little on calls of a few hundred objects: 1 MiB batches
+    took 1.5x the time of 128 MiB ones)."""
     parts = threads() if n >= minimum else 1
     bounds = [int(b) for b in np.linspace(0, n, parts + 1)]
-    others = [_helpers(parts - 1).submit(call, lo, hi) for lo, hi in zip(bounds[1:-1], bounds[2:])]
-    return [call(0, bounds[1]), *(other.result() for other in others)]
+    others = [(lo, hi, _helpers(parts - 1).submit(call, lo, hi)) for lo, hi in zip(bounds[1:-1], bounds[2:])]
+    results = [call(0, bounds[1])]
+    for lo, hi, other in others:  # a run no helper has started (all busy with other callers' runs) is done here
+        results.append(call(lo, hi) if other.cancel() else other.result())
+    return results
 
 
 def _bits(plane: np.ndarray, dtype: type) -> tuple[np.ndarray, bool]:

@@ -231,3 +231,25 @@ def test_a_call_spread_over_threads_equals_one_thread(count):
         np.testing.assert_array_equal(child, one)
     with pytest.raises(ValueError, match="at least 1"):
         fused_cpu.set_threads(0)
+
+
+def test_a_spread_call_does_not_wait_for_busy_helpers():
+    """While every helper thread is busy (another caller's long run), a spread call does
+    its runs on its own thread instead of queueing behind them."""
+    import threading
+
+    from forcedphot.kernels import fused_cpu
+
+    release = threading.Event()
+    try:
+        fused_cpu.set_threads(2)
+        busy = fused_cpu._helpers(1).submit(release.wait, 60)
+        done = []
+        caller = threading.Thread(target=lambda: done.append(fused_cpu.spread(lambda lo, hi: (lo, hi), 10, 1)))
+        caller.start()
+        caller.join(10)
+        assert done == [[(0, 5), (5, 10)]], "the call waited for the busy helper"
+    finally:
+        release.set()
+        fused_cpu.set_threads(None)
+    assert busy.result(10)
