@@ -139,15 +139,15 @@ def measure_windows(band_image: np.ndarray, band_variance: np.ndarray, band_mask
     (a FITS file's big-endian rows, memory-mapped, are swapped as each window is copied:
     the band itself is never converted); other types are converted first."""
     p = parameters._replace(radii=np.array([check_radius(r) for r in parameters.radii], np.float64))
-    band = [_bits(a, dtype) for a, dtype in ((band_image, np.float32), (band_variance, np.float32), (band_mask, np.int32))]
+    words, swap = _band_words(band_image, band_variance, band_mask)
     stacks = [np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("=")) for a in (image, variance, mask)]
-    planes = (*(bits for bits, _ in band), *stacks, np.ascontiguousarray(inside))
+    planes = (*words, *stacks, np.ascontiguousarray(inside))
     geometry = (np.asarray(row0, np.int64), np.asarray(col0, np.int64), np.asarray(stack_of, np.int64),
                 np.ascontiguousarray(psf, dtype=np.float64), np.ascontiguousarray(cx, dtype=np.float64),
                 np.ascontiguousarray(cy, dtype=np.float64), np.ascontiguousarray(sigma, dtype=np.float64))
     settings = (np.asarray(p.radii, dtype=np.float64), np.int64(p.bad_fit_bits), np.int64(p.background_reject_bits),
                 np.asarray(p.flag_bits, dtype=np.int64), float(p.footprint_scaling), float(p.inner), float(p.outer), int(p.n_iter),
-                float(p.n_sigma), bool(p.full), np.array([swap for _, swap in band], np.bool_))
+                float(p.n_sigma), bool(p.full), swap)
     results = spread(lambda lo, hi: _measure(planes, tuple(g[lo:hi] for g in geometry), settings), len(geometry[3]),
                      PARALLEL_MIN_OBJECTS)
     return results[0] if len(results) == 1 else tuple(np.concatenate(columns) for columns in zip(*results))
@@ -171,32 +171,42 @@ def spread(call: Callable[[int, int], T], n: int, minimum: int) -> list[T]:
     return results
 
 
-def _bits(plane: np.ndarray, dtype: type) -> tuple[np.ndarray, bool]:
-    """A band plane of ``dtype`` values as C-contiguous uint32 words, and whether their
-    bytes are the other way round (stored big-endian on a little-endian machine): read in
-    place where the plane is ``dtype`` already in either byte order, else converted."""
-    if plane.dtype.newbyteorder("=") != np.dtype(dtype) or not plane.flags.c_contiguous:
-        plane = np.ascontiguousarray(plane, dtype=dtype)
-    return plane.view(np.uint32), not plane.dtype.isnative
+_BAND_TYPES = (np.float32, np.float32, np.int32)  # a band's image, variance and mask
 
 
-def copies_in_place(plane: np.ndarray, dtype: type) -> bool:
-    """Whether :func:`stage_windows` reads ``plane`` as it is: C-contiguous ``dtype``
-    values (float32 or int32) in either byte order."""
+def _as_is(plane: np.ndarray, dtype: type) -> bool:
     return plane.dtype.newbyteorder("=") == np.dtype(dtype) and plane.flags.c_contiguous
+
+
+def copies_in_place(image: np.ndarray, variance: np.ndarray, mask: np.ndarray) -> bool:
+    """Whether a band's planes are read as they are (else converted first): C-contiguous
+    float32 image and variance and int32 mask, in either byte order."""
+    return all(_as_is(plane, dtype) for plane, dtype in zip((image, variance, mask), _BAND_TYPES))
+
+
+def _band_words(image: np.ndarray, variance: np.ndarray, mask: np.ndarray) -> tuple[tuple[np.ndarray, ...], np.ndarray]:
+    """A band's three planes as C-contiguous uint32 words, and for each whether its bytes
+    are the other way round (stored big-endian on a little-endian machine): read in place
+    where a plane is its type already in either byte order, else converted."""
+    words, swap = [], []
+    for plane, dtype in zip((image, variance, mask), _BAND_TYPES):
+        if not _as_is(plane, dtype):
+            plane = np.ascontiguousarray(plane, dtype=dtype)
+        words.append(plane.view(np.uint32))
+        swap.append(not plane.dtype.isnative)
+    return tuple(words), np.array(swap, np.bool_)
 
 
 def stage_windows(band_image: np.ndarray, band_variance: np.ndarray, band_mask: np.ndarray, row0: np.ndarray, col0: np.ndarray,
                   which: np.ndarray, image: np.ndarray, variance: np.ndarray, mask: np.ndarray) -> None:
     """Copy the ``K x K`` windows ``band[row0[i]:row0[i] + K, col0[i]:col0[i] + K]`` of a band's
-    planes (each as :func:`copies_in_place` reads it; a FITS file's big-endian rows swapped
-    as they are copied) into cutout ``which[i]`` of the native ``(N, K, K)`` float32 image
+    planes (as :func:`copies_in_place` says they are read; a FITS file's big-endian rows
+    swapped as they are copied) into cutout ``which[i]`` of the native ``(N, K, K)`` float32 image
     and variance and int32 mask stacks. Row by row, as the kernel reads windows in place:
     NumPy's gather through a sliding-window view with the byte swap took several times
     as long."""
-    band = [_bits(a, dtype) for a, dtype in ((band_image, np.float32), (band_variance, np.float32), (band_mask, np.int32))]
-    _stage((band[0][0], band[1][0], band[2][0]), np.array([swap for _, swap in band], np.bool_), np.asarray(row0, np.int64),
-           np.asarray(col0, np.int64), np.asarray(which, np.int64), (image, variance, mask))
+    words, swap = _band_words(band_image, band_variance, band_mask)
+    _stage(words, swap, np.asarray(row0, np.int64), np.asarray(col0, np.int64), np.asarray(which, np.int64), (image, variance, mask))
 
 
 def warm_up() -> None:

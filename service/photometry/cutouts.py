@@ -257,7 +257,7 @@ def _cutouts(band: Band, windows: Windows) -> Cutouts:
 
     interior = band.interior(windows)
     inner = np.flatnonzero(interior)
-    if all(copies_in_place(plane, dtype) for plane, dtype in zip(planes, (np.float32, np.float32, np.int32))):
+    if copies_in_place(*planes):
         stage_windows(*planes, iy[inner] - h - read_lo, ix[inner] - h, inner, *stacks)
     elif inner.size > FEW_WINDOWS:
         for stack, plane in zip(stacks, planes):
