@@ -135,7 +135,7 @@ def run_kernels(directory: Path, count: int, which: str = "all") -> tuple[int, f
     from forcedphot.photometry.cutouts import plan_windows, stage_cutouts
     from forcedphot.photometry.exposure import open_exposure
     from forcedphot.photometry.psf_models import PSF_FWHM_KEYWORD, load_psf
-    from forcedphot.photometry.runner import KernelRunner, cutout_half_size
+    from forcedphot.photometry.runner import KernelRunner, Scope, cutout_half_size
 
     objects = pd.read_parquet(objects_file(directory, count))
     config = MeasurementConfig(backend="numpy")
@@ -153,7 +153,7 @@ def run_kernels(directory: Path, count: int, which: str = "all") -> tuple[int, f
                 valid = s.inside & np.isfinite(s.image) & np.isfinite(s.variance)
                 aperture_fluxes(s.image, s.variance, valid, w.cx, w.cy, RADII)
             else:
-                kernels.run([kernels.inputs(w, s, x[w.index], y[w.index], sigma[w.index])], full=which == "all")
+                kernels.run([kernels.inputs(w, s, x[w.index], y[w.index], sigma[w.index])], Scope.ALL if which == "all" else Scope.PSF)
         return count, time.perf_counter() - start
 
 

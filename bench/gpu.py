@@ -52,10 +52,10 @@ def measure_on(backend, directory: Path, objects_path: Path, difference: bool = 
 
     calls = []
 
-    def execute(runner, inputs, full):
+    def execute(runner, inputs, scope):
         before = backend.counts.snapshot()
-        results = run_directly(runner, inputs, full)
-        calls.append((full, len(inputs), backend.counts.since(before)))
+        results = run_directly(runner, inputs, scope)
+        calls.append((scope, len(inputs), backend.counts.since(before)))
         return results
 
     objects = read_objects(objects_path)

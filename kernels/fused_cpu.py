@@ -88,7 +88,8 @@ class FusedParameters(NamedTuple):
     outer: float
     n_iter: int  # clipping passes
     n_sigma: float  # clipping half-width
-    full: bool = True  # every measurement; False: the PSF fit alone (the other results stay 0 / NaN / False)
+    scope: int = 2  # 2: every measurement; 1: the PSF fit and the local background; 0: the PSF fit alone
+    #                 (what is not measured stays 0 / NaN / False)
 
 
 def measure_stack(image: np.ndarray, variance: np.ndarray, mask: np.ndarray, inside: np.ndarray, psf: np.ndarray,
@@ -147,7 +148,7 @@ def measure_windows(band_image: np.ndarray, band_variance: np.ndarray, band_mask
                 np.ascontiguousarray(cy, dtype=np.float64), np.ascontiguousarray(sigma, dtype=np.float64))
     settings = (np.asarray(p.radii, dtype=np.float64), np.int64(p.bad_fit_bits), np.int64(p.background_reject_bits),
                 np.asarray(p.flag_bits, dtype=np.int64), float(p.footprint_scaling), float(p.inner), float(p.outer), int(p.n_iter),
-                float(p.n_sigma), bool(p.full), swap)
+                float(p.n_sigma), int(p.scope), swap)
     results = spread(lambda lo, hi: _measure(planes, tuple(g[lo:hi] for g in geometry), settings), len(geometry[3]),
                      PARALLEL_MIN_OBJECTS)
     return results[0] if len(results) == 1 else tuple(np.concatenate(columns) for columns in zip(*results))
@@ -321,17 +322,19 @@ def _measure(planes, geometry, settings):
 
 @njit(cache=True, error_model="numpy")
 def _object(image, variance, mask, inside, psf, cx, cy, sigma, settings, i, scratch, out):
-    """Every measurement of object ``i`` from its ``K x K`` window (``full``; else the PSF
-    fit alone), into row ``i`` of the outputs."""
-    radii, bad_fit_bits, reject_bits, flag_bits, footprint_scaling, inner, outer, n_iter, n_sigma, full, _ = settings
+    """The measurements of ``scope`` (see :class:`FusedParameters`) of object ``i`` from its
+    ``K x K`` window, into row ``i`` of the outputs."""
+    radii, bad_fit_bits, reject_bits, flag_bits, footprint_scaling, inner, outer, n_iter, n_sigma, scope, _ = settings
     fit, npixels, fit_flags, ap_flux, ap_err, ap_truncated, background, n_background, flags_any, flags_center, flags_all, ap_area = out
     _psf_fit(image, variance, mask, inside, psf, bad_fit_bits, fit[i], fit_flags[i], npixels, i)
-    if not full:
+    if scope == 0:
+        return
+    _background(image, variance, mask, inside, cx, cy, inner * sigma, outer * sigma, reject_bits, n_iter, n_sigma,
+                background[i], n_background, i)
+    if scope == 1:
         return
     for a in range(radii.shape[0]):
         _aperture(image, variance, inside, cx, cy, radii[a], ap_flux, ap_err, ap_truncated, ap_area, i, a, scratch)
-    _background(image, variance, mask, inside, cx, cy, inner * sigma, outer * sigma, reject_bits, n_iter, n_sigma,
-                background[i], n_background, i)
     _flags(mask, inside, cx, cy, footprint_scaling * sigma, flag_bits, flags_any[i], flags_center[i], flags_all[i])
 
 

@@ -27,7 +27,7 @@ from forcedphot.photometry.exposure import Exposure
 from forcedphot.photometry.measure import Plan, catalog_table, plan_measurement
 from forcedphot.photometry.objects import ObjectArrays
 from forcedphot.photometry.psf_models import PsfModel, StackedPsf, describe_psf
-from forcedphot.photometry.runner import Execute, KernelInputs, KernelResults, KernelRunner, map_arrays, run_directly, scatter, unmeasured
+from forcedphot.photometry.runner import Execute, KernelInputs, KernelResults, KernelRunner, Scope, map_arrays, run_directly, scatter, unmeasured
 
 SORT_KEYS = [("diaObjectId", "ascending"), ("midpointMjdTai", "ascending"), ("visit", "ascending"), ("detector", "ascending")]
 
@@ -78,14 +78,14 @@ class _Part:
 
     runner: KernelRunner
     inputs: KernelInputs
-    full: bool  # every measurement, else the PSF flux (and background) of the direct image
+    scope: Scope  # every measurement, else the PSF flux (and background) of the direct image
     science: bool  # measured on the direct image (scienceFlux), else on the image measured
     rows: np.ndarray  # light-curve rows (the epoch's first row plus its catalog rows)
 
     @property
     def key(self) -> tuple:
         """Parts with equal keys run in one call."""
-        return (self.runner.key, self.inputs.shape_key, self.full, self.science)
+        return (self.runner.key, self.inputs.shape_key, self.scope, self.science)
 
 
 def _stacked(parts: list[_Part]) -> KernelInputs:
@@ -134,7 +134,7 @@ class _EpochKernels:
         for part in self.parts:
             groups.setdefault(part.key, []).append(part)
         for group in groups.values():
-            results = self.execute(group[0].runner, _stacked(group), group[0].full)
+            results = self.execute(group[0].runner, _stacked(group), group[0].scope)
             self.calls.append((group[0].science, np.concatenate([p.rows for p in group]), results))
         self.parts, self.bytes = [], 0
         self.seconds += time.perf_counter() - start
@@ -148,12 +148,12 @@ class _EpochKernels:
             if not keep.all():
                 self.calls[i] = (science, rows[keep], map_arrays(lambda a, keep=keep: a[keep], results))
 
-    def results(self, n_rows: int, n_apertures: int, science_full: bool) -> tuple[KernelResults, KernelResults]:
-        """Every row's results on the measured images and on the direct images."""
-        primary, science = unmeasured(n_rows, n_apertures), unmeasured(n_rows, n_apertures, full=science_full)
+    def results(self, n_rows: int, n_apertures: int, science_scope: Scope) -> tuple[KernelResults, KernelResults]:
+        """Every row's results on the measured images and on the direct images (``science_scope``:
+        the most any direct image's call measured)."""
+        primary, science = unmeasured(n_rows, n_apertures), unmeasured(n_rows, n_apertures, science_scope)
         for on_science, rows, results in self.calls:
-            into = science if on_science else primary
-            scatter(into if results.apertures is not None else KernelResults(into.psf), results, rows)
+            scatter(science if on_science else primary, results, rows)
         return primary, science
 
 
@@ -161,16 +161,16 @@ def _staged(plan: Plan, first_row: int) -> Iterator[_Part]:
     """Host cutouts of the objects of one planned exposure (the measured image, and the
     direct image in difference mode), batch by batch, read while its files are open; its
     rows start at light-curve row ``first_row``."""
-    sides = [(plan.primary, plan.kernels, plan.measured, plan.x, plan.y, plan.sigma, plan.size, True, False)]
+    sides = [(plan.primary, plan.kernels, plan.measured, plan.x, plan.y, plan.sigma, plan.size, Scope.ALL, False)]
     side = plan.science_side
     if side is not None:
-        sides.append((plan.science, side.kernels, side.rows, side.x, side.y, side.sigma, side.size, side.subtract, True))
-    for exposure, runner, rows, x, y, sigma, size, full, science in sides:
+        sides.append((plan.science, side.kernels, side.rows, side.x, side.y, side.sigma, side.size, side.scope, True))
+    for exposure, runner, rows, x, y, sigma, size, scope, science in sides:
         no_data = no_data_bit(exposure.mask_planes)
         for windows in plan_windows(x[rows], y[rows], size, batch_bytes=plan.config.batch_bytes, band_width=exposure.width):
             index = rows[windows.index]
             inputs = runner.inputs(windows, stage_cutouts(exposure, windows, no_data), x[index], y[index], sigma[index])
-            yield _Part(runner, inputs, full, science, first_row + index)
+            yield _Part(runner, inputs, scope, science, first_row + index)
 
 
 def measure_epochs(epochs: Iterable[Epoch], config: MeasurementConfig, *, backend: Backend | None = None,
@@ -229,8 +229,8 @@ def _catalog(plans: list[tuple[Plan, int]], kernels: _EpochKernels, n_rows: int,
     """One sorted table of the ``n_rows`` rows of every measured epoch, made at once."""
     if not n_rows:
         return empty_catalog(config.apertures_px)
-    science_full = any(plan.science_side is not None and plan.science_side.subtract for plan, _ in plans)
-    primary, science = kernels.results(n_rows, len(config.apertures_px), science_full)
+    science_scope = max((plan.science_side.scope for plan, _ in plans if plan.science_side is not None), default=Scope.PSF)
+    primary, science = kernels.results(n_rows, len(config.apertures_px), science_scope)
     for plan, first in plans:
         def rows_of(results: KernelResults, lo=first, hi=first + plan.row_map.n_rows) -> KernelResults:
             return map_arrays(lambda a: a[lo:hi], results)  # views: finishing writes through

@@ -40,7 +40,7 @@ from forcedphot.photometry.formats import to_pandas
 from forcedphot.photometry.lightcurve_products import with_epoch_columns
 from forcedphot.photometry.local_wcs import local_cd_matrix
 from forcedphot.photometry.psf_models import PsfModel, describe_psf
-from forcedphot.photometry.runner import Execute, KernelResults, KernelRunner, cutout_half_size, run_directly, scatter, unmeasured
+from forcedphot.photometry.runner import Execute, KernelResults, KernelRunner, Scope, cutout_half_size, run_directly, scatter, unmeasured
 from forcedphot.photometry.selection import same_wcs, select_on_image, sky_to_pixel
 from forcedphot.photometry.sky import subtract_local_background, subtracts_background
 from forcedphot.version import __version__
@@ -151,6 +151,11 @@ class ScienceSide:
     size: int  # cutout side
     subtract: bool
 
+    @property
+    def scope(self) -> Scope:
+        """What the kernels measure here: the PSF flux, and the local background when it is subtracted."""
+        return Scope.BACKGROUND if self.subtract else Scope.PSF
+
 
 def _science_side(science: Exposure, kernels: KernelRunner, x: np.ndarray, y: np.ndarray, config: MeasurementConfig,
                   subtract: bool) -> ScienceSide:
@@ -225,7 +230,7 @@ class Plan:
         direct image, for the kernels to fill."""
         n, n_apertures = self.row_map.n_rows, len(self.config.apertures_px)
         side = self.science_side
-        return unmeasured(n, n_apertures), unmeasured(n, n_apertures, full=side.subtract) if side is not None else None
+        return unmeasured(n, n_apertures), unmeasured(n, n_apertures, side.scope) if side is not None else None
 
     def columns(self, results: KernelResults, science_results: KernelResults | None) -> dict[str, pa.Array | np.ndarray]:
         """The catalog's columns from the kernels' results (:func:`~forcedphot.photometry.catalog.catalog_columns`);
@@ -323,7 +328,7 @@ def measure(
     for windows, pixels in batches(plan.primary, backend, x[measured], y[measured], plan.size, config, plan.kernels.psf.stamp_size):
         t1 = time.perf_counter()
         index = measured[windows.index]
-        scatter(results, execute(plan.kernels, plan.kernels.inputs(windows, pixels, x[index], y[index], sigma[index]), True), index)
+        scatter(results, execute(plan.kernels, plan.kernels.inputs(windows, pixels, x[index], y[index], sigma[index]), Scope.ALL), index)
         t2 = time.perf_counter()
         stage_time += t1 - t0
         kernel_time += t2 - t1
@@ -338,7 +343,7 @@ def measure(
         for windows, pixels in batches(science, backend, side.x[rows], side.y[rows], side.size, config, side.kernels.psf.stamp_size):
             index = rows[windows.index]
             inputs = side.kernels.inputs(windows, pixels, side.x[index], side.y[index], side.sigma[index])
-            scatter(science_results, execute(side.kernels, inputs, side.subtract), index)
+            scatter(science_results, execute(side.kernels, inputs, side.scope), index)
         kernel_time += time.perf_counter() - t1
     timings = {**plan.timings, "stage": stage_time, "kernels": kernel_time}
 

@@ -12,6 +12,7 @@ a service can batch concurrent requests.
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from enum import IntEnum
 from functools import cached_property
 import math
 from typing import Any, NamedTuple
@@ -52,6 +53,14 @@ PIXEL_FLAG_NAMES = tuple(PIXEL_FLAG_PLANES)
 BACKGROUND_REJECT_PLANES = ("BAD", "SAT", "NO_DATA")
 
 
+class Scope(IntEnum):
+    """What a kernel call measures of each object (the fused CPU kernel takes the value)."""
+
+    PSF = 0  # the PSF flux alone (a direct image, for scienceFlux)
+    BACKGROUND = 1  # the PSF flux and the local background (a direct image whose background is subtracted)
+    ALL = 2  # every measurement: PSF flux, apertures, local background, pixel flags
+
+
 class KernelResults(NamedTuple):
     """Every kernel's result for one set of objects (``None``: not measured).
 
@@ -76,8 +85,9 @@ def map_arrays(fn: Callable[..., Any], *results: Any) -> Any:
     return fn(*results)
 
 
-def unmeasured(n: int, n_apertures: int, full: bool = True) -> KernelResults:
-    """Results for ``n`` objects no kernel looked at: NaN, 0 and False, every array its own."""
+def unmeasured(n: int, n_apertures: int, scope: Scope = Scope.ALL) -> KernelResults:
+    """Results for ``n`` objects no kernel looked at: NaN, 0 and False, every array its own;
+    those a call of ``scope`` gives (``None`` for the others)."""
     def f(*shape):
         return np.full((n, *shape), np.nan)
 
@@ -85,15 +95,14 @@ def unmeasured(n: int, n_apertures: int, full: bool = True) -> KernelResults:
         return np.zeros((n, *shape), bool)
 
     psf = PsfFluxResult(f(), f(), f(), f(), np.zeros(n, np.int64), b(), b(), b(), f())
-    if not full:
+    if scope is Scope.PSF:
         return KernelResults(psf)
+    background = LocalBackground(f(), f(), np.zeros(n, np.int64), b())
+    if scope is Scope.BACKGROUND:
+        return KernelResults(psf, background=background)
     planes = len(PIXEL_FLAG_NAMES)
-    return KernelResults(
-        psf,
-        ApertureFluxes(f(n_apertures), f(n_apertures), b(n_apertures), f(n_apertures)),
-        LocalBackground(f(), f(), np.zeros(n, np.int64), b()),
-        PixelFlags(b(planes), b(planes), b(planes)),
-    )
+    return KernelResults(psf, ApertureFluxes(f(n_apertures), f(n_apertures), b(n_apertures), f(n_apertures)), background,
+                         PixelFlags(b(planes), b(planes), b(planes)))
 
 
 def scatter(into: KernelResults, batch: KernelResults, rows: np.ndarray) -> None:
@@ -210,9 +219,9 @@ class KernelRunner:
             return (*stacks[0], stamps[0])
         return (*(xp.concat(planes, axis=0) for planes in zip(*stacks)), xp.concat(stamps, axis=0))
 
-    def run(self, parts: Sequence[KernelInputs], full: bool = True) -> list[KernelResults]:
-        """Every measurement (``full``) or the PSF flux alone, for one or more batches of
-        equal :attr:`KernelInputs.shape_key` in one call; host results, one per batch.
+    def run(self, parts: Sequence[KernelInputs], scope: Scope = Scope.ALL) -> list[KernelResults]:
+        """The measurements of ``scope``, for one or more batches of equal
+        :attr:`KernelInputs.shape_key` in one call; host results, one per batch.
 
         Uploads one packed array of windows, positions and widths; gathers (or uploads)
         the cutouts and makes the PSF stamps on the backend; runs the kernels with the
@@ -220,7 +229,7 @@ class KernelRunner:
         """
         xp, to, config = self.backend.xp, self.backend.to_device, self.config
         if self.backend.name == "numpy" and config.cpu_kernels == "fused":
-            return [self._fused(part, full) for part in parts]
+            return [self._fused(part, scope) for part in parts]
         host = {name: np.concatenate([getattr(p.windows, name) for p in parts]) for name in ("ix", "iy", "cx", "cy")}
         host["sigma"] = np.concatenate([p.sigma for p in parts])
         packed = to(np.stack([host["ix"], host["iy"], host["cx"], host["cy"], host["sigma"]]).astype(np.float64))
@@ -229,11 +238,10 @@ class KernelRunner:
         image, variance, mask, inside, psf = self._on_device(parts, ix, iy)
         sizes = [len(p) for p in parts]
         fit = self._psf_fit(xp, image, variance, mask, inside, psf)
-        if not full:
+        if scope is Scope.PSF:
             return split_results(self._download(KernelResults(fit)), sizes)
         k = image.shape[1]
         valid = inside & xp.isfinite(image) & xp.isfinite(variance)
-        apertures = aperture_fluxes(image, variance, valid, cx, cy, config.apertures_px, bounds=centre_bounds(host["cx"], host["cy"]))
         clean = valid & ((mask & self.background_reject_bits) == 0)
         inner, outer = config.background_inner_sigma, config.background_outer_sigma
         background = local_background(
@@ -241,13 +249,16 @@ class KernelRunner:
             n_iter=config.background_iterations, n_sigma=config.background_clip_sigma,
             candidates=to(annulus_candidates(k, host["cx"], host["cy"], host["sigma"], inner, outer)),
         )
+        if scope is Scope.BACKGROUND:
+            return split_results(self._download(KernelResults(fit, background=background)), sizes)
+        apertures = aperture_fluxes(image, variance, valid, cx, cy, config.apertures_px, bounds=centre_bounds(host["cx"], host["cy"]))
         radius = config.psf_footprint_scaling * host["sigma"]
         flags = pixel_flags(mask, inside, cx, cy, config.psf_footprint_scaling * sigma, self.flag_bits,
                             window=footprint_window(host["cx"], host["cy"], radius, k))
         return split_results(self._download(KernelResults(fit, apertures, background, flags)), sizes)
 
-    def _fused(self, part: KernelInputs, full: bool) -> KernelResults:
-        """Every measurement (``full``; else the PSF flux alone) of one batch on the host in
+    def _fused(self, part: KernelInputs, scope: Scope) -> KernelResults:
+        """The measurements of ``scope`` of one batch on the host in
         one compiled pass per object (:mod:`forcedphot.kernels.fused_cpu`), the same numbers
         as the array-API kernels.
         From a band, windows wholly on the image are read in place (a file's big-endian
@@ -259,7 +270,7 @@ class KernelRunner:
         flag_bits = np.array([NO_PLANE if self.flag_bits[name] is None else self.flag_bits[name] for name in PIXEL_FLAG_NAMES], np.int64)
         parameters = FusedParameters(np.asarray(c.apertures_px, np.float64), self.bad_fit_bits, self.background_reject_bits, flag_bits,
                                      c.psf_footprint_scaling, c.background_inner_sigma, c.background_outer_sigma,
-                                     c.background_iterations, c.background_clip_sigma, full)
+                                     c.background_iterations, c.background_clip_sigma, int(scope))
         stamps = part.psf.stamps(part.x, part.y, np)
         pixels = part.pixels
         if isinstance(pixels, Band):
@@ -275,9 +286,12 @@ class KernelRunner:
             out = measure_windows(nothing, nothing, np.zeros((0, 0), np.int32), np.zeros(len(w), np.int64), np.zeros(len(w), np.int64),
                                   *pixels, np.arange(len(w)), stamps, w.cx, w.cy, part.sigma, parameters)
         fit = PsfFluxResult(*out[:8], out[18])
-        if not full:
+        if scope is Scope.PSF:
             return KernelResults(fit)
-        return KernelResults(fit, ApertureFluxes(*out[8:11], out[19]), LocalBackground(*out[11:15]), PixelFlags(*out[15:18]))
+        background = LocalBackground(*out[11:15])
+        if scope is Scope.BACKGROUND:
+            return KernelResults(fit, background=background)
+        return KernelResults(fit, ApertureFluxes(*out[8:11], out[19]), background, PixelFlags(*out[15:18]))
 
     def _download(self, results: KernelResults) -> KernelResults:
         """``results`` on the host, copied in one transfer: every array packed as float64
@@ -304,9 +318,9 @@ def _kind(xp: Any, dtype: Any) -> str:
     return next(kind for kind in _HOST_DTYPES if xp.isdtype(dtype, kind))
 
 
-Execute = Callable[[KernelRunner, KernelInputs, bool], KernelResults]
+Execute = Callable[[KernelRunner, KernelInputs, Scope], KernelResults]
 
 
-def run_directly(runner: KernelRunner, inputs: KernelInputs, full: bool) -> KernelResults:
+def run_directly(runner: KernelRunner, inputs: KernelInputs, scope: Scope) -> KernelResults:
     """The default executor: run the kernels now, in this thread."""
-    return runner.run([inputs], full)[0]
+    return runner.run([inputs], scope)[0]

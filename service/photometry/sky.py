@@ -31,7 +31,8 @@ def subtracts_background(setting: Literal["auto", "on", "off"], sky_subtracted: 
 
 
 def subtract_local_background(results: KernelResults) -> None:
-    """Subtract each object's local background from its PSF and aperture fluxes, in place.
+    """Subtract each object's local background from its PSF and aperture fluxes (if
+    measured), in place.
 
     The flux changes by ``-b x response`` (``b`` = ``background.mean``, image units per
     pixel); the error of ``b`` (``std / sqrt(n_pixels)``) times the response is added in
@@ -45,5 +46,6 @@ def subtract_local_background(results: KernelResults) -> None:
     fit.flag[np.isfinite(fit.inst_flux) & ~np.isfinite(level)] = True
     fit.inst_flux[:] = fit.inst_flux - level * fit.background_response
     fit.inst_flux_err[:] = np.hypot(fit.inst_flux_err, level_err * fit.background_response)
-    apertures.flux[:] = apertures.flux - level[:, None] * apertures.area
-    apertures.flux_err[:] = np.hypot(apertures.flux_err, level_err[:, None] * apertures.area)
+    if apertures is not None:
+        apertures.flux[:] = apertures.flux - level[:, None] * apertures.area
+        apertures.flux_err[:] = np.hypot(apertures.flux_err, level_err[:, None] * apertures.area)

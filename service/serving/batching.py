@@ -19,19 +19,19 @@ import queue
 import threading
 import time
 
-from forcedphot.photometry.runner import KernelInputs, KernelResults, KernelRunner
+from forcedphot.photometry.runner import KernelInputs, KernelResults, KernelRunner, Scope
 
 
 @dataclass
 class _Call:
     runner: KernelRunner
     inputs: KernelInputs
-    full: bool
+    scope: Scope
     future: Future = field(default_factory=Future)
 
     @property
     def group(self) -> tuple:
-        return (self.runner.key, self.inputs.shape_key, self.full)
+        return (self.runner.key, self.inputs.shape_key, self.scope)
 
 
 @dataclass
@@ -55,9 +55,9 @@ class KernelBatcher:
         self._thread = threading.Thread(target=self._loop, name="kernel-batcher", daemon=True)
         self._thread.start()
 
-    def execute(self, runner: KernelRunner, inputs: KernelInputs, full: bool) -> KernelResults:
+    def execute(self, runner: KernelRunner, inputs: KernelInputs, scope: Scope) -> KernelResults:
         """Queue one kernel call and wait for its results (the engine's ``execute``)."""
-        call = _Call(runner, inputs, full)
+        call = _Call(runner, inputs, scope)
         self._queue.put(call)
         return call.future.result()
 
@@ -98,7 +98,7 @@ class KernelBatcher:
         """One kernel call for a group of compatible calls."""
         head = group[0]
         try:
-            parts = head.runner.run([c.inputs for c in group], head.full)
+            parts = head.runner.run([c.inputs for c in group], head.scope)
         except Exception as exc:  # hand the failure to every waiting caller
             for call in group:
                 call.future.set_exception(exc)

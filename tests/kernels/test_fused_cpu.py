@@ -17,7 +17,7 @@ from forcedphot.photometry.backend import select_backend
 from forcedphot.photometry.config import MeasurementConfig
 from forcedphot.photometry.cutouts import Windows
 from forcedphot.photometry.psf_models import GaussianPsf
-from forcedphot.photometry.runner import KernelRunner
+from forcedphot.photometry.runner import KernelRunner, Scope
 
 K = 47
 PLANES = {"BAD": 0, "SAT": 1, "INTRP": 2, "CR": 3, "EDGE": 4, "NO_DATA": 8, "SUSPECT": 7}  # DETECTED-like bits 5, 6 unused
@@ -70,35 +70,37 @@ def inputs(rng, n: int, integer_pixels: bool):
     return Cutouts(image, variance, mask, inside), cx, cy, sigma, stamps
 
 
-def run(kernels: str, cutouts, cx, cy, sigma, stamps, bad_mask_planes=()):
+def run(kernels: str, cutouts, cx, cy, sigma, stamps, bad_mask_planes=(), scope=Scope.ALL):
     config = MeasurementConfig(backend="numpy", cpu_kernels=kernels, bad_mask_planes=bad_mask_planes)
     runner = KernelRunner(select_backend("numpy"), SimpleNamespace(mask_planes=PLANES), StampPsf(stamps), config)
     n = len(cx)
     windows = Windows(index=np.arange(n), ix=np.full(n, K // 2), iy=np.full(n, K // 2), cx=cx, cy=cy, size=K)
-    return runner.run([runner.inputs(windows, cutouts, cx, cy, sigma)], True)[0]
+    return runner.run([runner.inputs(windows, cutouts, cx, cy, sigma)], scope)[0]
 
 
-def test_the_psf_fit_alone_equals_the_array_api_one():
+@pytest.mark.parametrize("scope", [Scope.PSF, Scope.BACKGROUND])
+def test_a_narrower_scope_equals_the_array_api_one_and_the_same_parts_of_every_measurement(scope):
+    """The PSF fit alone, or with the local background (a direct image): what is measured
+    holds to the array-API kernels, and equals (bit for bit) the same results of a call
+    measuring everything; what is not measured is not returned."""
     rng = np.random.default_rng(3)
     cutouts, cx, cy, sigma, stamps = inputs(rng, 300, False)
-    config = MeasurementConfig(backend="numpy")
-
-    def fit(kernels):
-        runner = KernelRunner(select_backend("numpy"), SimpleNamespace(mask_planes=PLANES), StampPsf(stamps),
-                              config.model_copy(update={"cpu_kernels": kernels}))
-        windows = Windows(index=np.arange(300), ix=np.full(300, K // 2), iy=np.full(300, K // 2), cx=cx, cy=cy, size=K)
-        return runner.run([runner.inputs(windows, cutouts, cx, cy, sigma)], False)[0]
-
-    fused, reference = fit("fused"), fit("array-api")
-    assert fused.apertures is None and reference.apertures is None
-    for got, want in zip(fused.psf, reference.psf):
-        np.testing.assert_allclose(np.asarray(got, float), np.asarray(want, float), rtol=1e-10, equal_nan=True)
+    for kernels in ("fused", "array-api"):
+        part, every = run(kernels, cutouts, cx, cy, sigma, stamps, scope=scope), run(kernels, cutouts, cx, cy, sigma, stamps)
+        assert part.apertures is None and part.pixel_flags is None
+        assert (part.background is None) == (scope is Scope.PSF)
+        for got, want in zip(leaves(part), leaves(every._replace(apertures=None, pixel_flags=None, background=None if scope is Scope.PSF else every.background))):
+            np.testing.assert_array_equal(got, want)
+    fused, reference = (run(kernels, cutouts, cx, cy, sigma, stamps, scope=scope) for kernels in ("fused", "array-api"))
+    for got, want in zip(leaves(fused), leaves(reference)):
+        np.testing.assert_allclose(np.asarray(got, float), np.asarray(want, float), rtol=1e-10, atol=1e-9, equal_nan=True)
 
 
 def leaves(results):
     out = []
     for group in results:
-        out.extend(group)
+        if group is not None:
+            out.extend(group)
     return out
 
 
@@ -175,7 +177,7 @@ def test_windows_read_in_place_from_a_band_in_either_byte_order_equal_staged_one
     runner = KernelRunner(select_backend("numpy"), SimpleNamespace(mask_planes=PLANES), StampPsf(stamps), config)
 
     def measured(pixels):
-        return leaves(runner.run([runner.inputs(windows, pixels, x, y, sigma)], True)[0])
+        return leaves(runner.run([runner.inputs(windows, pixels, x, y, sigma)], Scope.ALL)[0])
 
     bands = {
         "native": Band(image, variance, mask, row0=0, height=height, no_data_bit=8),

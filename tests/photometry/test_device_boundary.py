@@ -18,7 +18,7 @@ from forcedphot.photometry.exposure import open_exposure
 from forcedphot.photometry.measure import measure, stays_on_device
 from forcedphot.photometry.objects import read_objects
 from forcedphot.photometry.psf_models import GaussianPsf, ImagePsf, PsfexPsf
-from forcedphot.photometry.runner import KernelRunner, run_directly
+from forcedphot.photometry.runner import KernelRunner, Scope, run_directly
 from forcedphot.serving.batching import KernelBatcher
 from forcedphot.serving.exposure_cache import ExposureCache
 
@@ -37,10 +37,10 @@ def demo(tmp_path_factory) -> Path:
 
 
 def _recorder(backend, calls: list, execute=run_directly):
-    def record(runner: KernelRunner, inputs, full: bool):
+    def record(runner: KernelRunner, inputs, scope: Scope):
         before = backend.counts.snapshot()
-        results = execute(runner, inputs, full)
-        calls.append((full, len(inputs), backend.counts.since(before)))
+        results = execute(runner, inputs, scope)
+        calls.append((scope, len(inputs), backend.counts.since(before)))
         return results
 
     return record
@@ -79,10 +79,10 @@ def test_the_engine_on_the_stand_in_device_equals_numpy_with_bounded_transfers(d
     raised = [c for c in host.columns if c.startswith("pixelFlags_") and host[c].any()]
     assert len(raised) >= 3, raised  # the flags compared are not all False
 
-    assert sum(full for full, *_ in calls) > 3  # several batches
-    for full, n, counts in calls:
+    assert sum(scope is Scope.ALL for scope, *_ in calls) > 3  # several batches
+    for scope, n, counts in calls:
         assert counts.scalar_reads == 0 and counts.downloads == 1
-        assert counts.uploads == (UPLOADS_PER_FULL_CALL if full else UPLOADS_PER_PSF_CALL)
+        assert counts.uploads == (UPLOADS_PER_FULL_CALL if scope is Scope.ALL else UPLOADS_PER_PSF_CALL)
     # outside the kernel calls: each exposure's three planes, once
     in_calls = sum(c.uploads for *_, c in calls), sum(c.upload_bytes for *_, c in calls)
     assert (total.uploads - in_calls[0], total.upload_bytes - in_calls[1]) == (6, 2 * PLANE_BYTES)
@@ -99,7 +99,7 @@ def test_windows_and_positions_cost_under_a_kilobyte_per_object_and_planes_stay_
         calls = []
         measure(science, objects, GaussianPsf(3.5), config, backend=backend, execute=_recorder(backend, calls))
         again = backend.counts.since(before)
-    (full, n, counts), = calls  # one batch
+    (scope, n, counts), = calls  # one batch
     assert n == first.n_on_detector > 400
     assert counts.upload_bytes / n < 1024, counts
     assert again.uploads == counts.uploads  # the second measurement uploads no planes
@@ -114,7 +114,7 @@ def test_concurrent_requests_share_one_kernel_call_on_the_device(demo):
     batcher = KernelBatcher(max_wait_seconds=1.0, max_objects=10**6)
     backend, results = select_backend("stand-in"), [None, None]
     calls = []
-    record = _recorder(backend, calls, lambda runner, inputs, full: batcher.execute(runner, inputs, full))
+    record = _recorder(backend, calls, lambda runner, inputs, scope: batcher.execute(runner, inputs, scope))
 
     def request(i):
         results[i] = _measure(demo, backend, halves[i], 2**30, record)

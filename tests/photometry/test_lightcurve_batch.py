@@ -73,9 +73,9 @@ def test_one_batch_gives_each_epochs_rows(survey, backend, cpu_kernels, batch_mi
     config = MeasurementConfig(backend=backend, cpu_kernels=cpu_kernels, batch_bytes=int(batch_mib * 2**20), include_offimage=False)
     calls = []
 
-    def counted(runner, inputs, full):
+    def counted(runner, inputs, scope):
         calls.append(len(inputs))
-        return run_directly(runner, inputs, full)
+        return run_directly(runner, inputs, scope)
 
     batched = measure_epochs(epochs(objects, visits), config, backend=select_backend(backend), execute=counted)
     alone = one_at_a_time(objects, visits, config)
@@ -90,7 +90,7 @@ def test_one_batch_gives_each_epochs_rows(survey, backend, cpu_kernels, batch_mi
         else:
             assert (got == want).all(), name
     assert pc.all(pc.is_valid(batched.table[NOW])).as_py()
-    if batch_mib == 128:  # one call per (cutout size, PSF stamp size, full or not): fewer than two per epoch
+    if batch_mib == 128:  # one call per (cutout size, PSF stamp size, scope): fewer than two per epoch
         assert len(calls) < len(visits)
     else:  # the bound splits the work into more calls
         assert len(calls) > len(visits)

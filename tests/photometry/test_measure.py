@@ -227,13 +227,13 @@ def test_psfex_model_through_the_engine(tmp_path):
 
 def test_batched_execution_equals_separate_runs(scene):
     """Inputs of two requests measured in one kernel call give each request's own results."""
-    from forcedphot.photometry.runner import map_arrays, run_directly
+    from forcedphot.photometry.runner import Scope, map_arrays, run_directly
 
     seen = []
 
-    def record(runner, inputs, full):
+    def record(runner, inputs, scope):
         seen.append((runner, inputs))
-        return run_directly(runner, inputs, full)
+        return run_directly(runner, inputs, scope)
 
     objects = scene["objects"]
     with open_exposure(scene["path"]) as exposure:
@@ -242,9 +242,9 @@ def test_batched_execution_equals_separate_runs(scene):
         second = measure(exposure, objects.iloc[10:].reset_index(drop=True), psf, config, execute=record)
     (runner_a, a), (runner_b, b) = seen
     assert runner_a.key == runner_b.key and a.shape_key == b.shape_key
-    together = runner_a.run([a, b], True)
+    together = runner_a.run([a, b], Scope.ALL)
     for inputs, result in zip((a, b), together):
-        alone = run_directly(runner_a, inputs, True)
+        alone = run_directly(runner_a, inputs, Scope.ALL)
         assert type(alone) is type(result)
         map_arrays(np.testing.assert_array_equal, alone, result)
     assert len(first.catalog) == 10 and len(second.catalog) == len(objects) - 10 - 2
