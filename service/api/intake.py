@@ -21,7 +21,16 @@ from forcedphot.api.problems import Problem, invalid_request
 from forcedphot.api.schemas import ApdbObjectsRef, ExposureReference, MeasureOptions, MeasureRequest, Position
 from forcedphot.photometry.config import MeasurementConfig
 from forcedphot.photometry.formats import DEFAULT_FORMAT, FORMATS, table_format
-from forcedphot.photometry.objects import InputError, format_examples, object_table_format, read_objects, records_frame, validate_objects
+from forcedphot.photometry.objects import (
+    InputError,
+    ObjectArrays,
+    format_examples,
+    object_table_format,
+    plain_records,
+    read_objects,
+    records_frame,
+    validate_objects,
+)
 from forcedphot.photometry.table_limits import TableLimits, TableTooLarge, check_size
 from forcedphot.serving.apdb import ApdbObjects, objects_by_id, open_apdb
 from forcedphot.serving.executor import ExposureInput, MeasureTask
@@ -131,6 +140,18 @@ class Intake:
             return self.objects_from_apdb(objects, per_exposure=per_exposure)
         return self.objects_from_ref(objects) if isinstance(objects, UriRef) else self.objects_from_records(objects)
 
+    def measured_objects(self, objects: list[dict[str, Any]] | UriRef | ApdbObjectsRef) -> ObjectArrays | ApdbObjects:
+        """The objects of a one-exposure measurement as the engine reads them: arrays (inline
+        records in the plain form without a table, see :func:`plain_records`), or the APDB's
+        on the exposure, read when it is measured."""
+        if isinstance(objects, list) and objects:
+            self._check_count(len(objects), "objects")
+            plain = plain_records(objects)
+            if plain is not None:
+                return plain
+        found = self.objects(objects, per_exposure=True)
+        return found if isinstance(found, ApdbObjects) else ObjectArrays.of(found)
+
     def store_to(self, store: bool) -> str | None:
         """The APDB configuration to store a request's DiaForcedSources in, if asked to."""
         return self._apdb_config("store") if store else None
@@ -168,7 +189,7 @@ class Intake:
         return MeasureTask(
             science=self.exposure(request.exposure),
             difference=self.exposure(request.difference) if request.difference else None,
-            objects=self.objects(request.objects, per_exposure=True),
+            objects=self.measured_objects(request.objects),
             config=self.config(request),
             psf_fwhm=request.psf_fwhm,
             store=self.store_to(request.store),
@@ -184,7 +205,7 @@ class Intake:
         try:
             science = self._form_exposure(form, "exposure", temporary, required=True)
             difference = self._form_exposure(form, "difference", temporary, required=False)
-            objects = self._form_objects(form)
+            objects = ObjectArrays.of(self._form_objects(form))
             task = MeasureTask(science=science, difference=difference, objects=objects,
                                config=self.config(options), psf_fwhm=options.psf_fwhm, psf=self._form_psf(form, temporary))
         except BaseException:

@@ -21,7 +21,7 @@ import pyarrow as pa
 from forcedphot.kernels.cutouts import Cutouts
 from forcedphot.photometry.backend import Backend, select_backend
 from forcedphot.photometry.catalog import CatalogRows, ExposureRows, catalog_columns, table_with_units
-from forcedphot.photometry.objects import ObjectArrays, validate_objects
+from forcedphot.photometry.objects import ObjectArrays
 from forcedphot.photometry.config import MeasurementConfig
 from forcedphot.photometry.cutouts import (
     BYTES_PER_BAND_PIXEL,
@@ -295,7 +295,7 @@ def plan_measurement(science: Exposure, objects: ObjectArrays, psf: PsfModel, co
 
 def measure(
     science: Exposure,
-    objects: pd.DataFrame,
+    objects: pd.DataFrame | ObjectArrays,
     psf: PsfModel,
     config: MeasurementConfig | None = None,
     *,
@@ -305,7 +305,8 @@ def measure(
     progress: Progress | None = None,
     execute: Execute = run_directly,
 ) -> Measurement:
-    """Forced photometry of validated ``objects`` (see :func:`objects.validate_objects`).
+    """Forced photometry of ``objects``: a table (validated here unless
+    :func:`objects.validate_objects` made it) or their arrays.
 
     ``psf`` is the PSF of the image measured (the difference image in difference mode);
     ``science_psf`` that of the direct image, for ``scienceFlux`` (default ``psf``); see
@@ -316,9 +317,7 @@ def measure(
     """
     config = config or MeasurementConfig()
     backend = backend or select_backend(config.backend)
-    if "coord_valid" not in objects.columns:  # a table made in memory: validated as a file's would be
-        objects = validate_objects(objects)
-    arrays = ObjectArrays.of(objects)
+    arrays = objects if isinstance(objects, ObjectArrays) else ObjectArrays.of(objects)  # a table made in memory: validated as a file's would be
     plan = plan_measurement(science, arrays, psf, config, backend, difference=difference, science_psf=science_psf)
     measured, x, y, sigma = plan.measured, plan.x, plan.y, plan.sigma
     results, science_results = plan.unmeasured()

@@ -34,7 +34,9 @@ class ObjectArrays:
 
     @classmethod
     def of(cls, frame: pd.DataFrame) -> "ObjectArrays":
-        """The arrays of a table from :func:`validate_objects`."""
+        """The arrays of a table from :func:`validate_objects` (a table made otherwise is validated first)."""
+        if "coord_valid" not in frame.columns:
+            frame = validate_objects(frame)
         return cls(frame["diaObjectId"].to_numpy(np.int64), frame["ra"].to_numpy(np.float64), frame["dec"].to_numpy(np.float64),
                    frame["coord_valid"].to_numpy(bool))
 
@@ -249,9 +251,36 @@ def validate_objects(frame: pd.DataFrame, *, name: str = "objects") -> pd.DataFr
     ra, dec = (_degrees(frame[column], column, name) for column in ("ra", "dec"))
     columns = {column: frame[column].to_numpy(copy=True) if isinstance(frame[column].dtype, np.dtype) else frame[column].array.copy()
                for column in frame.columns if column not in ("diaObjectId", "ra", "dec", "coord_valid")}
-    valid = np.isfinite(ra) & np.isfinite(dec) & (ra >= 0) & (ra < 360) & (np.abs(dec) <= 90)
-    return pd.DataFrame({"diaObjectId": ids.to_numpy(), "ra": ra, "dec": dec, **columns, "coord_valid": valid},
+    return pd.DataFrame({"diaObjectId": ids.to_numpy(), "ra": ra, "dec": dec, **columns, "coord_valid": coordinates_valid(ra, dec)},
                         columns=["diaObjectId", "ra", "dec", *columns, "coord_valid"])
+
+
+def coordinates_valid(ra: np.ndarray, dec: np.ndarray) -> np.ndarray:
+    """Where ``ra``, ``dec`` (degrees) name a position: finite, ra in [0, 360), |dec| <= 90."""
+    return np.isfinite(ra) & np.isfinite(dec) & (ra >= 0) & (ra < 360) & (np.abs(dec) <= 90)
+
+
+_PLAIN_KEYS = frozenset(REQUIRED)
+
+
+def plain_records(records: list[dict]) -> ObjectArrays | None:
+    """The objects of JSON records in the plain form, read without building a table: every
+    record holds exactly ``diaObjectId``, an integer, and ``ra`` and ``dec``, numbers; the
+    ids unique and within int64. Then the result is :func:`validate_objects`' on a table
+    of the records (rows with unusable coordinates marked, not refused). None for any
+    other form: validating a table of the records says what is wrong, or converts it."""
+    if not all(len(r) == 3 and r.keys() == _PLAIN_KEYS for r in records):
+        return None
+    ids, ra, dec = [r["diaObjectId"] for r in records], [r["ra"] for r in records], [r["dec"] for r in records]
+    if not (all(type(v) is int for v in ids) and all(type(v) is float or type(v) is int for v in (*ra, *dec))):
+        return None  # (bool is not int here: true/false are refused by the table's checks)
+    try:
+        arrays = np.array(ids, np.int64), np.array(ra, np.float64), np.array(dec, np.float64)
+    except OverflowError:
+        return None
+    if len(np.unique(arrays[0])) != len(records):
+        return None
+    return ObjectArrays(*arrays, coordinates_valid(arrays[1], arrays[2]))
 
 
 def _degrees(values: pd.Series, column: str, name: str) -> np.ndarray:

@@ -77,7 +77,7 @@ class MeasureTask:
     """Everything one measurement needs."""
 
     science: ExposureInput
-    objects: pd.DataFrame | ApdbObjects = field(repr=False)  # a validated table, or the APDB's DiaObjects on the exposure
+    objects: ObjectArrays | ApdbObjects = field(repr=False)  # validated objects, or the APDB's DiaObjects on the exposure
     config: MeasurementConfig
     difference: ExposureInput | None = None
     psf_fwhm: float | None = None  # pixels; None: the exposure's PSF_FWHM keyword

@@ -26,7 +26,7 @@ from forcedphot.photometry.catalog_files import merge_parts, write_part
 from forcedphot.photometry.config import MeasurementConfig
 from forcedphot.photometry.exposure import ExposureError
 from forcedphot.photometry.lightcurve_products import Products
-from forcedphot.photometry.objects import InputError
+from forcedphot.photometry.objects import InputError, ObjectArrays
 from forcedphot.photometry.psf_models import PsfError
 from forcedphot.serving.apdb import ApdbUnavailable, open_apdb, store_forced_sources
 from forcedphot.serving.campaign import run_campaign
@@ -222,10 +222,11 @@ class JobRunner:
         spec = job.spec
         n = len(spec["exposures"])
         written, provenances, errors = [], [], []
+        arrays = ObjectArrays.of(objects)
         for i, item in enumerate(spec["exposures"]):
             self._check(job.id)
             science, difference = _input(item["science"]), _input(item["difference"])
-            task = MeasureTask(science=science, difference=difference, objects=objects, config=config, psf_fwhm=spec["psf_fwhm"],
+            task = MeasureTask(science=science, difference=difference, objects=arrays, config=config, psf_fwhm=spec["psf_fwhm"],
                                psf=_input(item.get("psf")))
             last = [0.0]
 

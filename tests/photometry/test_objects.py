@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from forcedphot.photometry.objects import InputError, read_objects, validate_objects
+from forcedphot.photometry.objects import InputError, ObjectArrays, plain_records, read_objects, records_frame, validate_objects
 
 
 def table(**columns):
@@ -118,3 +118,30 @@ def test_unreadable_file_and_unknown_format(tmp_path):
         read_objects(tmp_path / "missing.csv")
     with pytest.raises(InputError, match="unknown table format 'xlsx'"):
         read_objects(b"", media_type="xlsx")
+
+
+PLAIN = [{"diaObjectId": 2**62 + 1, "ra": 10.0, "dec": -5.0}, {"diaObjectId": -3, "ra": 359, "dec": 90.0},
+         {"diaObjectId": 7, "ra": float("nan"), "dec": 0.0}, {"diaObjectId": 8, "ra": 360.0, "dec": 0.0},
+         {"dec": -90.5, "ra": 1.5, "diaObjectId": 9}]
+
+
+def test_plain_records_read_without_a_table_equal_the_validated_table():
+    arrays = plain_records(PLAIN)
+    want = ObjectArrays.of(validate_objects(records_frame(PLAIN, "objects")))
+    for got, expected in zip(vars(arrays).values(), vars(want).values()):
+        assert got.dtype == expected.dtype
+        np.testing.assert_array_equal(got, expected)
+    assert arrays.coord_valid.tolist() == [True, True, False, False, False] and arrays.ids[0] == 2**62 + 1
+
+
+@pytest.mark.parametrize("change", [
+    {"diaObjectId": True}, {"diaObjectId": 2**63}, {"diaObjectId": 1.0}, {"diaObjectId": "1"}, {"diaObjectId": 8},  # 8: a duplicate
+    {"ra": True}, {"ra": "10"}, {"ra": None}, {"dec": 10**400}, {"flux": 1.0}, {"ra": [1.0]},
+])
+def test_records_in_any_other_form_go_through_the_table_checks(change):
+    """Not the plain form: None, so the caller validates a table of the records, which
+    names the problem (or converts the values, as ``1.0`` for an id)."""
+    records = [dict(r) for r in PLAIN]
+    records[0].update(change)
+    assert plain_records(records) is None
+    assert plain_records([{k: v for k, v in r.items() if k != "dec"} for r in PLAIN]) is None
