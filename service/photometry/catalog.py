@@ -123,11 +123,14 @@ def unit_of(column: str) -> str | None:
 def table_with_units(columns: dict[str, pa.Array | np.ndarray]) -> pa.Table:
     """An Arrow table of ``columns`` whose fields carry their unit (see :func:`unit_of`)."""
     arrays = [c if isinstance(c, pa.Array) else pa.array(c) for c in columns.values()]
-    fields = []
-    for name, array in zip(columns, arrays):
-        unit = unit_of(name)
-        fields.append(pa.field(name, array.type, metadata={"unit": unit} if unit else None))
-    return pa.Table.from_arrays(arrays, schema=pa.schema(fields))
+    return pa.Table.from_arrays(arrays, schema=_schema_with_units(tuple(zip(columns, (a.type for a in arrays)))))
+
+
+@lru_cache(maxsize=64)
+def _schema_with_units(names_and_types: tuple[tuple[str, pa.DataType], ...]) -> pa.Schema:
+    """The schema of columns (name, type), each field with its unit (one per catalog layout)."""
+    return pa.schema([pa.field(name, dtype, metadata={"unit": unit} if (unit := unit_of(name)) else None)
+                      for name, dtype in names_and_types])
 
 
 @dataclass
