@@ -124,7 +124,7 @@ class Repository:
             if not os.path.lexists(candidate):
                 continue
             try:
-                real_root, real = root.resolve(strict=True), candidate.resolve(strict=True)
+                real_root, real = real_path(root), real_path(candidate)
             except (OSError, RuntimeError):  # dangling or looping symbolic link
                 raise UnknownReference(f"{text!r} is a broken symbolic link in the repository") from None
             if not real.is_relative_to(real_root):
@@ -133,6 +133,22 @@ class Repository:
                 raise UnknownReference(f"{text!r} is not a file in the repository")
             return real
         raise UnknownReference(f"no file {text!r} in the repository ({describe(ref)})")
+
+
+def real_path(path: Path) -> Path:
+    """``path`` with every symbolic link followed, as ``Path.resolve(strict=True)`` gives it
+    (OSError when it or a link on the way is missing): on Linux the kernel's own answer for
+    a descriptor of it (two system calls, where resolving looks up every component: ~0.2 ms
+    of the server's CPU a request), else ``resolve``."""
+    if not hasattr(os, "O_PATH"):
+        return path.resolve(strict=True)
+    descriptor = os.open(path, os.O_PATH | os.O_CLOEXEC)
+    try:
+        return Path(os.readlink(f"/proc/self/fd/{descriptor}"))
+    except OSError:  # no /proc
+        return path.resolve(strict=True)
+    finally:
+        os.close(descriptor)
 
 
 def _safe_parts(text: str) -> tuple[str, ...]:
