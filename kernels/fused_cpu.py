@@ -276,15 +276,22 @@ def _copy_words(band, y, x, k, swap, out):
                 target[i] = source[i]
 
 
+@njit(cache=True, error_model="numpy", inline="always")
+def _copy_window(band, swap, y, x, k, image, variance, mask):
+    """The ``k x k`` window at row ``y``, column ``x`` of a band's three word planes into
+    ``image``, ``variance`` and ``mask`` (see :func:`_copy_words`)."""
+    _copy_words(band[0], y, x, k, swap[0], image)
+    _copy_words(band[1], y, x, k, swap[1], variance)
+    _copy_words(band[2], y, x, k, swap[2], mask)
+
+
 @njit(nogil=True, cache=True, error_model="numpy")
 def _stage(band, swap, row0, col0, which, stacks):
     """See :func:`stage_windows`."""
     k = stacks[0].shape[1]
     for i in range(row0.shape[0]):
-        y, x, j = row0[i], col0[i], which[i]
-        _copy_words(band[0], y, x, k, swap[0], stacks[0][j])
-        _copy_words(band[1], y, x, k, swap[1], stacks[1][j])
-        _copy_words(band[2], y, x, k, swap[2], stacks[2][j])
+        j = which[i]
+        _copy_window(band, swap, row0[i], col0[i], k, stacks[0][j], stacks[1][j], stacks[2][j])
 
 
 @njit(cache=True, error_model="numpy")
@@ -292,17 +299,13 @@ def _window(i, planes, geometry, settings, out, on_image, scratch, window):
     """Object ``i``: its window of the band, copied once into ``window`` (contiguous: the
     measurements pass over it several times, where the band's rows lie a page or more
     apart), or its staged cutout."""
-    band_image, band_variance, band_mask, image, variance, mask, inside = planes
+    image, variance, mask, inside = planes[3:]
     row0, col0, stack_of, psf, cx, cy, sigma = geometry
-    swap = settings[10]
     k = image.shape[1]
     j = stack_of[i]
     if j < 0:
-        y, x = row0[i], col0[i]
         window_image, window_variance, window_mask = window
-        _copy_words(band_image, y, x, k, swap[0], window_image)
-        _copy_words(band_variance, y, x, k, swap[1], window_variance)
-        _copy_words(band_mask, y, x, k, swap[2], window_mask)
+        _copy_window(planes[:3], settings[10], row0[i], col0[i], k, window_image, window_variance, window_mask)
         _object(window_image, window_variance, window_mask, on_image, psf[i], cx[i], cy[i], sigma[i], settings, i, scratch, out)
     else:
         _object(image[j], variance[j], mask[j], inside[j], psf[i], cx[i], cy[i], sigma[i], settings, i, scratch, out)

@@ -269,7 +269,7 @@ def plain_records(records: list[dict]) -> ObjectArrays | None:
     ids unique and within int64. Then the result is :func:`validate_objects`' on a table
     of the records (rows with unusable coordinates marked, not refused). None for any
     other form: validating a table of the records says what is wrong, or converts it."""
-    if not all(len(r) == 3 and r.keys() == _PLAIN_KEYS for r in records):
+    if not all(r.keys() == _PLAIN_KEYS for r in records):
         return None
     ids, ra, dec = [r["diaObjectId"] for r in records], [r["ra"] for r in records], [r["dec"] for r in records]
     if not (all(type(v) is int for v in ids) and all(type(v) is float or type(v) is int for v in (*ra, *dec))):
