@@ -122,12 +122,19 @@ def read_answer(s: socket.socket) -> bytes:
     """One whole HTTP answer with a Content-Length, read from a keep-alive connection; its head."""
     data = b""
     while b"\r\n\r\n" not in data:
-        data += s.recv(65536)
+        data += _more(s, data)
     head, _, body = data.partition(b"\r\n\r\n")
     length = int(next(line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")))
     while len(body) < length:
-        body += s.recv(65536)
+        body += _more(s, body)
     return head
+
+
+def _more(s: socket.socket, so_far: bytes) -> bytes:
+    """The next bytes of an answer; the server closing the connection first fails the test."""
+    chunk = s.recv(65536)
+    assert chunk, f"the server closed the connection in the middle of an answer, after {so_far[:300]!r}"
+    return chunk
 
 
 def assert_closed_by_server(s: socket.socket, within: float = 3.0) -> None:
