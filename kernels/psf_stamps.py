@@ -56,11 +56,12 @@ def _pixel_fractions(centre: Array, sigma: Array, size: int) -> Array:
     rather than twice as many small ones: small batches are dominated by their count).
     """
     xp = array_namespace(centre, sigma)
-    k = xp.arange(size, dtype=xp.float64, device=device(centre))
-    offset = k[None, :] - centre[:, None]  # pixel centre minus Gaussian centre
+    k = xp.arange(size + 1, dtype=xp.float64, device=device(centre))
+    edge = (k - 0.5)[None, :] - centre[:, None]  # pixel k's left edge (k + 1's: its right) minus the Gaussian centre
+    offset = k[None, :size] - centre[:, None]  # pixel centre minus Gaussian centre
     scale = _SQRT_HALF / sigma
     side = 1.0 - 2.0 * xp.astype(offset < 0.0, xp.float64)
-    edges = erfc(xp.stack([side * (offset - 0.5) * scale, side * (offset + 0.5) * scale]))
+    edges = erfc(xp.stack([side * edge[:, :size] * scale, side * edge[:, 1:] * scale]))
     return 0.5 * side * (edges[0, ...] - edges[1, ...])
 
 

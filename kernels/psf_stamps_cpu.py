@@ -3,11 +3,13 @@
 :func:`~forcedphot.kernels.psf_stamps.gaussian_stamps` builds the stamps as a few dozen
 whole-array operations (its ``erfc`` alone is ~25 passes over every pixel edge); here each
 object's two 1-D profiles and its stamp are made in one compiled loop, with the same
-formulas step for step (the same Numerical Recipes ``erfc`` fit, the same far-side
-differences, the outer product), then divided by their sum as photometry normalises
-stamps (NaN where the sum is not positive); many stamps are spread over threads as the
-fused kernel spreads its objects. ``tests/kernels/test_psf_stamps_cpu.py`` holds the two
-to 1e-13 relative (the sums add in another order).
+formulas (the same Numerical Recipes ``erfc`` fit, the same far-side differences, the
+outer product), each pixel edge's ``erfc`` evaluated once for the two pixels that share
+it (twice where the far side changes, at the centre). The stamp is normalised as
+photometry normalises stamps, in the same pass: its sum is the product of its profiles'
+sums (NaN where that is not positive). Many stamps are spread over threads as the fused
+kernel spreads its objects. ``tests/kernels/test_psf_stamps_cpu.py`` holds the two to
+1e-13 relative (the sums add in another order), far tails included.
 
 Conventions as :mod:`~forcedphot.kernels.psf_stamps`: stamp pixel ``[n, j, i]`` is
 centred at stamp coordinates ``(x=i, y=j)`` and covers ``[i-0.5, i+0.5) x [j-0.5, j+0.5)``;
@@ -54,26 +56,29 @@ def _stamps(cx, cy, sigma, coeffs, out):
     for i in range(n):
         _fractions(cx[i], sigma[i], coeffs, profile_x)
         _fractions(cy[i], sigma[i], coeffs, profile_y)
-        total = 0.0
+        sum_x = sum_y = 0.0
+        for k in range(size):
+            sum_x += profile_x[k]
+            sum_y += profile_y[k]
+        total = sum_x * sum_y
+        scale = 1.0 / total if total > 0 else math.nan
         for j in range(size):
             for k in range(size):
-                value = profile_y[j] * profile_x[k]
-                out[i, j, k] = value
-                total += value
-        norm = total if total > 0 else math.nan
-        for j in range(size):
-            for k in range(size):
-                out[i, j, k] /= norm
+                out[i, j, k] = profile_y[j] * profile_x[k] * scale  # the product first: far tails round as the reference's
 
 
 @njit(cache=True, error_model="numpy")
 def _fractions(centre, sigma, coeffs, out):
-    """As :func:`~forcedphot.kernels.psf_stamps._pixel_fractions` for one centre."""
+    """As :func:`~forcedphot.kernels.psf_stamps._pixel_fractions` for one centre: a pixel's
+    right edge's ``erfc`` is its right neighbour's left one where both take the same side."""
     scale = _SQRT_HALF / sigma
+    previous_side = right = 0.0
     for k in range(out.shape[0]):
-        offset = float(k) - centre
-        side = 1.0 - 2.0 * (1.0 if offset < 0.0 else 0.0)
-        out[k] = 0.5 * side * (_erfc(side * (offset - 0.5) * scale, coeffs) - _erfc(side * (offset + 0.5) * scale, coeffs))
+        side = 1.0 - 2.0 * (1.0 if float(k) - centre < 0.0 else 0.0)
+        left = right if side == previous_side else _erfc(side * ((float(k) - 0.5) - centre) * scale, coeffs)
+        right = _erfc(side * ((float(k) + 0.5) - centre) * scale, coeffs)
+        out[k] = 0.5 * side * (left - right)
+        previous_side = side
 
 
 @njit(cache=True, error_model="numpy", inline="always")
