@@ -117,22 +117,32 @@ def _astropy_parquet_meta(signature: tuple) -> dict[bytes, bytes]:
 _YAML_DUMPER = getattr(yaml, "CSafeDumper", yaml.SafeDumper)  # libyaml's emitter where present: ~20x faster
 
 
-def _astropy_meta_lines(provenance: dict) -> list[str]:
+def _astropy_meta_lines(provenance: dict) -> tuple[str, ...]:
     """The ``meta:`` lines of astropy's YAML table header holding the provenance, as
-    :func:`to_astropy` puts it (``meta["forcedphot"]``). The provenance holds only JSON's
-    types (see :func:`_provenance`), which YAML's safe dumper writes as astropy's loader
-    reads them; astropy's own dumper is pure Python and took ~25 ms for a light curve's."""
-    meta = {"meta": {"forcedphot": _provenance(provenance)}}
-    return yaml.dump(meta, Dumper=_YAML_DUMPER, default_flow_style=None, width=130, sort_keys=False).splitlines()
+    :func:`to_astropy` puts it (``meta["forcedphot"]``)."""
+    return _yaml_meta_lines(json.dumps(provenance, default=str))
+
+
+@lru_cache(maxsize=64)
+def _yaml_meta_lines(provenance_json: str) -> tuple[str, ...]:
+    """:func:`_astropy_meta_lines` of a provenance as JSON: once per exposure and configuration.
+    The provenance holds only JSON's types (see :func:`_provenance`), which YAML's safe
+    dumper writes as astropy's loader reads them; astropy's own dumper is pure Python and
+    took ~25 ms for a light curve's."""
+    meta = {"meta": {"forcedphot": _provenance(json.loads(provenance_json))}}
+    return tuple(yaml.dump(meta, Dumper=_YAML_DUMPER, default_flow_style=None, width=130, sort_keys=False).splitlines())
+
+
+@lru_cache(maxsize=64)
+def _dtype(arrow_type: pa.DataType) -> str:
+    """The NumPy type string astropy's header gives a column of ``arrow_type``."""
+    if pa.types.is_string(arrow_type) or pa.types.is_large_string(arrow_type):
+        return "U1"
+    return np.dtype(arrow_type.to_pandas_dtype()).str
 
 
 def _signature(schema: pa.Schema) -> tuple:
-    def dtype(field: pa.Field) -> str:
-        if pa.types.is_string(field.type) or pa.types.is_large_string(field.type):
-            return "U1"
-        return np.dtype(field.type.to_pandas_dtype()).str
-
-    return tuple((f.name, dtype(f), ((f.metadata or {}).get(b"unit") or b"").decode() or None) for f in schema)
+    return tuple((f.name, _dtype(f.type), ((f.metadata or {}).get(b"unit") or b"").decode() or None) for f in schema)
 
 
 def string_lengths(table: pa.Table) -> dict[str, int]:
