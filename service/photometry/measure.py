@@ -347,14 +347,15 @@ def measure(
     timings = {**plan.timings, "stage": stage_time, "kernels": kernel_time}
 
     start = time.perf_counter()
-    catalog = catalog_table(plan.columns(results, science_results), config)
+    columns = plan.columns(results, science_results)
+    catalog = catalog_table(columns, config)
     timings["catalog"] = time.perf_counter() - start
     return Measurement(
         table=catalog,
         n_input=len(objects),
         n_on_detector=len(plan.row_map.measured),
         n_invalid_coords=int(np.count_nonzero(~arrays.coord_valid)),
-        n_flagged=count_flagged(catalog),
+        n_flagged=count_flagged(columns),
         backend=f"{backend.name}:{backend.device}",
         timings=timings,
         provenance=plan.provenance(),
@@ -369,13 +370,11 @@ def catalog_table(columns: dict[str, pa.Array | np.ndarray], config: Measurement
     return with_epoch_columns(catalog) if config.extra_columns else catalog
 
 
-def count_flagged(catalog: pa.Table) -> int:
-    """Rows with any pixel flag or a failed PSF fit."""
-    flag_columns = [c for c in catalog.column_names if c.startswith("pixelFlags_")] + ["psfFlux_flag"]
-    flagged = np.zeros(catalog.num_rows, bool)
-    for column in flag_columns:
-        flagged |= catalog[column].to_numpy()
-    return int(np.count_nonzero(flagged))
+def count_flagged(columns: dict[str, pa.Array | np.ndarray]) -> int:
+    """Rows with any pixel flag or a failed PSF fit, of a catalog's ``columns`` (its flags
+    are NumPy arrays: read before they become Arrow's bits)."""
+    flags = [values for name, values in columns.items() if name.startswith("pixelFlags_") or name == "psfFlux_flag"]
+    return int(np.count_nonzero(np.logical_or.reduce(flags)))
 
 
 def _describe(exposure: Exposure) -> dict:
