@@ -550,7 +550,8 @@ def _quartiles(values, n, out, work):
 
     The values are counted into ~n/4 buckets of equal width between two order statistics
     of a sample of 32 (near the 3rd and 97th percentiles; bucket 0 below, the last one
-    above), copied bucket by bucket into ``work[0]``, and each wanted position is selected
+    above); the values of the buckets that hold the wanted positions are copied into their
+    place in ``work[0]`` (as if every bucket were), and each wanted position is selected
     within its own bucket (a handful of values; more where an unlucky sample leaves it
     outside the range): three passes over the values, where selecting over them all takes
     several and a sort log2(n). Exact whatever the sample: a value's bucket never
@@ -577,11 +578,19 @@ def _quartiles(values, n, out, work):
         starts[bucket[j] + 1] += 1
     for b in range(1, n_buckets + 3):
         starts[b] += starts[b - 1]
+    wanted = np.zeros(n_buckets + 2, np.bool_)  # the buckets holding the positions sought
+    b = 0
+    for q in range(6):
+        lo, hi, _ = _quantile_positions(n, 0.25 * (q // 2 + 1))
+        while starts[b + 1] <= (hi if q % 2 else lo):
+            b += 1
+        wanted[b] = True
     ends = starts[1:].copy()
-    for j in range(n):
+    for j in range(n):  # only the wanted buckets' values are copied: the others are never read
         b = bucket[j]
-        ends[b] -= 1
-        bucketed[ends[b]] = values[j]
+        if wanted[b]:
+            ends[b] -= 1
+            bucketed[ends[b]] = values[j]
     previous, b = -1, 0
     for q in range(6):
         lo, hi, _ = _quantile_positions(n, 0.25 * (q // 2 + 1))
@@ -630,6 +639,25 @@ def _disc_span(cx, dy2, r2, lo, hi):
     while b > a and not _in_disc(b - 1, cx, dy2, r2):
         b -= 1
     return a, b
+
+
+@njit(cache=True, error_model="numpy", fastmath={"reassoc"})
+def _clipped_sums(values, n, low, high, centre):
+    """Count, sum and sum of squares of ``value - centre`` over the ``values[:n]`` with
+    ``low <= value <= high`` (none for a NaN bound). The sums may be reassociated, which
+    lets them run on vector registers instead of waiting on one addition after another:
+    ~0.35 us a pass over 1,200 values instead of ~1.4 (the array-API kernel's sums add in
+    an order of their own too; the tests hold the two to 1e-10)."""
+    count = 0
+    s1 = s2 = 0.0
+    for j in range(n):
+        value = float(values[j])
+        keep = low <= value <= high
+        shifted = value - centre if keep else 0.0
+        count += keep
+        s1 += shifted
+        s2 += shifted * shifted
+    return count, s1, s2
 
 
 @njit(cache=True, error_model="numpy")
@@ -682,16 +710,7 @@ def _background(image, variance, mask, inside, cx, cy, r_in, r_out, reject_bits,
     iqr_width = n_sigma * IQ_TO_STDEV * (quartiles[2] - quartiles[0])
     centre, half_width, std = median, iqr_width, nan
     for _ in range(n_iter):
-        low, high = centre - half_width, centre + half_width
-        count = 0
-        s1 = s2 = 0.0
-        for j in range(n):
-            value = float(values[j])
-            if low <= value <= high:
-                shifted = value - median
-                count += 1
-                s1 += shifted
-                s2 += shifted * shifted
+        count, s1, s2 = _clipped_sums(values, n, centre - half_width, centre + half_width, median)
         mean_shift = s1 / (count if count > 0 else 1.0)
         var = max(s2 - s1 * mean_shift, 0.0) / (count - 1.0 if count > 1 else 1.0)
         centre = median + mean_shift if count > 0 else nan
