@@ -164,7 +164,7 @@ def spread(call: Callable[[int, int], T], n: int, minimum: int) -> list[T]:
     which poll for work, gained little on calls of a few hundred objects: 1 MiB batches
     took 1.5x the time of 128 MiB ones)."""
     parts = threads() if n >= minimum else 1
-    bounds = [int(b) for b in np.linspace(0, n, parts + 1)]
+    bounds = [n * part // parts for part in range(parts + 1)]
     others = [(lo, hi, _helpers(parts - 1).submit(call, lo, hi)) for lo, hi in zip(bounds[1:-1], bounds[2:])]
     results = [call(0, bounds[1])]
     for lo, hi, other in others:  # a run no helper has started (all busy with other callers' runs) is done here

@@ -208,10 +208,11 @@ def test_an_interrupted_write_leaves_no_partial_file(files, monkeypatch):
     def broken(*args, **kwargs):
         raise KeyboardInterrupt
 
+    catalog = pq.read_table(measure(files, "--psf-fwhm", "3.5")[1])  # measured (and written) before the interruption is armed
     monkeypatch.setattr(formats.os, "replace", broken)
     out = files["dir"] / "half.parquet"
     with pytest.raises(KeyboardInterrupt):
-        formats.write_catalog(pq.read_table(measure(files, "--psf-fwhm", "3.5")[1]), {}, out)
+        formats.write_catalog(catalog, {}, out)
     assert not out.exists() and not list(files["dir"].glob(".half*"))
 
 

@@ -49,7 +49,8 @@ FEW_WINDOWS = 8  # up to this many windows are cut out one slice at a time
 
 
 class RowReader(Protocol):
-    """What staging needs from an exposure."""
+    """What staging needs from an exposure (and, where it has one, ``fully_local``: every
+    row is on this machine, so the rows a batch needs are not worked out for it)."""
 
     width: int
     height: int
@@ -218,11 +219,11 @@ class Band:
 
 def read_band(reader: RowReader, windows: Windows, no_data_bit: int) -> Band:
     """The band of rows the windows of one batch (from :func:`plan_windows` with ``band_width``)
-    span; the reader is told which of its rows the windows touch (a partial copy of a remote
-    file fetches only those)."""
+    span; a reader not ``fully_local`` is told which of its rows the windows touch (a
+    partial copy of a remote file fetches only those)."""
     h = windows.size // 2
     read_lo, read_hi = max(int(windows.iy.min()) - h, 0), min(int(windows.iy.max()) + h + 1, reader.height)
-    needed = window_rows(windows.iy - h, windows.iy + h + 1, read_lo, read_hi)
+    needed = None if getattr(reader, "fully_local", False) else window_rows(windows.iy - h, windows.iy + h + 1, read_lo, read_hi)
     return Band(*reader.read_rows(read_lo, read_hi, needed), row0=read_lo, height=reader.height, no_data_bit=no_data_bit)
 
 
