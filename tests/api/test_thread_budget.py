@@ -27,10 +27,12 @@ def test_a_request_past_its_budget_in_a_thread_is_504_at_the_next_batch(repo, tm
         start = time.perf_counter()
         assert c.post("/v1/forced-photometry", json=body).status_code == 200
         whole = time.perf_counter() - start
-    with TestClient(create_app(settings_for(repo["root"], tmp_path / "b", request_time_limit_seconds=0.2, **limits)), headers=AUTH) as c:
+    assert whole > 0.3, whole  # long enough that a tenth of it spans several batches
+    budget = float(f"{whole / 10:.2g}")  # relative, so that faster kernels do not make the request fit its budget
+    with TestClient(create_app(settings_for(repo["root"], tmp_path / "b", request_time_limit_seconds=budget, **limits)), headers=AUTH) as c:
         start = time.perf_counter()
         late = c.post("/v1/forced-photometry", json=body)
         stopped = time.perf_counter() - start
-        assert late.status_code == 504 and "0.2 s" in late.json()["detail"], late.text
+        assert late.status_code == 504 and f"{budget:g} s" in late.json()["detail"], late.text
         assert c.post("/v1/forced-photometry", json={**body, "objects": body["objects"][:5]}).status_code == 200
-    assert whole > 1.0 and stopped < whole / 2, (whole, stopped)
+    assert stopped < whole / 2, (whole, stopped)
