@@ -129,12 +129,18 @@ def measure_stack(image: np.ndarray, variance: np.ndarray, mask: np.ndarray, ins
 
 def measure_windows(band_image: np.ndarray, band_variance: np.ndarray, band_mask: np.ndarray, row0: np.ndarray, col0: np.ndarray,
                     image: np.ndarray, variance: np.ndarray, mask: np.ndarray, inside: np.ndarray, stack_of: np.ndarray,
-                    psf: np.ndarray, cx: np.ndarray, cy: np.ndarray, sigma: np.ndarray, parameters: FusedParameters) -> tuple[np.ndarray, ...]:
-    """Measure objects whose ``K x K`` windows lie wholly inside a band of rows of the image
+                    psf: np.ndarray, cx: np.ndarray, cy: np.ndarray, sigma: np.ndarray, parameters: FusedParameters,
+                    no_data: int = 0) -> tuple[np.ndarray, ...]:
+    """Measure objects whose ``K x K`` windows are read from a band of rows of the image
     planes (``stack_of[i] < 0``: window ``band[row0[i]:row0[i] + K, col0[i]:col0[i] + K]``,
     read in place, nothing staged) or are staged cutouts (``stack_of[i]``: the cutout's
-    index in the ``(M, K, K)`` stacks, with their ``inside``; for windows crossing the
-    image's edge). ``K`` is the stacks' side; the rest as :func:`measure_stack`.
+    index in the ``(M, K, K)`` stacks, with their ``inside``). ``K`` is the stacks' side;
+    the rest as :func:`measure_stack`.
+
+    A band holds every row of the image that its windows touch, the image's whole width:
+    the part of a window beyond the band lies beyond the image, and is padding (image and
+    variance NaN, mask ``no_data``, not inside), as
+    :func:`~forcedphot.kernels.cutouts.gather_cutouts` pads.
 
     The band's float32 image and variance and int32 mask are read in either byte order
     (a FITS file's big-endian rows, memory-mapped, are swapped as each window is copied:
@@ -148,7 +154,7 @@ def measure_windows(band_image: np.ndarray, band_variance: np.ndarray, band_mask
                 np.ascontiguousarray(cy, dtype=np.float64), np.ascontiguousarray(sigma, dtype=np.float64))
     settings = (np.asarray(p.radii, dtype=np.float64), np.int64(p.bad_fit_bits), np.int64(p.background_reject_bits),
                 np.asarray(p.flag_bits, dtype=np.int64), float(p.footprint_scaling), float(p.inner), float(p.outer), int(p.n_iter),
-                float(p.n_sigma), int(p.scope), swap)
+                float(p.n_sigma), int(p.scope), swap, np.int32(no_data))
     results = spread(lambda lo, hi: _measure(planes, tuple(g[lo:hi] for g in geometry), settings), len(geometry[3]),
                      PARALLEL_MIN_OBJECTS)
     return results[0] if len(results) == 1 else tuple(np.concatenate(columns) for columns in zip(*results))
@@ -252,9 +258,10 @@ def _results(out):
 
 @njit(cache=True, error_model="numpy")
 def _window_scratch(planes):
-    """Per-thread copies of one window of each band plane (see :func:`_window`)."""
+    """Per-thread copies of one window of each band plane, and which of its pixels lie on
+    the band (see :func:`_window`)."""
     k = planes[3].shape[1]
-    return np.empty((k, k), np.float32), np.empty((k, k), np.float32), np.empty((k, k), np.int32)
+    return np.empty((k, k), np.float32), np.empty((k, k), np.float32), np.empty((k, k), np.int32), np.empty((k, k), np.bool_)
 
 
 @njit(cache=True, error_model="numpy", inline="always")
@@ -268,12 +275,28 @@ def _copy_words(band, y, x, k, swap, out):
         source, target = band[y + j, x:x + k], words[j]
         if swap:
             for i in range(k):
-                v = source[i]
-                target[i] = (((v & np.uint32(0xFF)) << np.uint32(24)) | ((v & np.uint32(0xFF00)) << np.uint32(8))
-                             | ((v >> np.uint32(8)) & np.uint32(0xFF00)) | (v >> np.uint32(24)))
+                target[i] = _swapped(source[i])
         else:
             for i in range(k):
                 target[i] = source[i]
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _swapped(v):
+    """The 32-bit word ``v`` with its bytes reversed."""
+    return (((v & np.uint32(0xFF)) << np.uint32(24)) | ((v & np.uint32(0xFF00)) << np.uint32(8))
+            | ((v >> np.uint32(8)) & np.uint32(0xFF00)) | (v >> np.uint32(24)))
+
+
+@njit(cache=True, error_model="numpy")
+def _copy_part(band, y, x, y0, y1, x0, x1, swap, out):
+    """Rows ``[y0, y1)`` and columns ``[x0, x1)`` of a band's word plane into the window
+    ``out`` whose first pixel is the band's ``(y, x)`` (see :func:`_copy_words`)."""
+    words = out.view(np.uint32)
+    for row in range(y0, y1):
+        for column in range(x0, x1):
+            v = band[row, column]
+            words[row - y, column - x] = _swapped(v) if swap else v
 
 
 @njit(cache=True, error_model="numpy", inline="always")
@@ -283,6 +306,24 @@ def _copy_window(band, swap, y, x, k, image, variance, mask):
     _copy_words(band[0], y, x, k, swap[0], image)
     _copy_words(band[1], y, x, k, swap[1], variance)
     _copy_words(band[2], y, x, k, swap[2], mask)
+
+
+@njit(cache=True, error_model="numpy")
+def _copy_clipped(band, swap, y, x, k, no_data, image, variance, mask, inside):
+    """The ``k x k`` window at row ``y``, column ``x`` of a band's word planes, which
+    crosses the band's edge: its part on the band copied (see :func:`_copy_words`), the
+    rest padding (image and variance NaN, mask ``no_data``, ``inside`` False), as
+    :func:`~forcedphot.kernels.cutouts.gather_cutouts` pads."""
+    rows, columns = band[0].shape
+    y0, y1, x0, x1 = max(y, 0), min(y + k, rows), max(x, 0), min(x + k, columns)
+    image[:] = np.nan
+    variance[:] = np.nan
+    mask[:] = no_data
+    inside[:] = False
+    inside[max(y0 - y, 0):max(y1 - y, 0), max(x0 - x, 0):max(x1 - x, 0)] = True
+    _copy_part(band[0], y, x, y0, y1, x0, x1, swap[0], image)
+    _copy_part(band[1], y, x, y0, y1, x0, x1, swap[1], variance)
+    _copy_part(band[2], y, x, y0, y1, x0, x1, swap[2], mask)
 
 
 @njit(nogil=True, cache=True, error_model="numpy")
@@ -298,15 +339,21 @@ def _stage(band, swap, row0, col0, which, stacks):
 def _window(i, planes, geometry, settings, out, on_image, scratch, window):
     """Object ``i``: its window of the band, copied once into ``window`` (contiguous: the
     measurements pass over it several times, where the band's rows lie a page or more
-    apart), or its staged cutout."""
+    apart; padded where it crosses the band's edge), or its staged cutout."""
     image, variance, mask, inside = planes[3:]
     row0, col0, stack_of, psf, cx, cy, sigma = geometry
     k = image.shape[1]
     j = stack_of[i]
     if j < 0:
-        window_image, window_variance, window_mask = window
-        _copy_window(planes[:3], settings[10], row0[i], col0[i], k, window_image, window_variance, window_mask)
-        _object(window_image, window_variance, window_mask, on_image, psf[i], cx[i], cy[i], sigma[i], settings, i, scratch, out)
+        window_image, window_variance, window_mask, window_inside = window
+        y, x = row0[i], col0[i]
+        rows, columns = planes[0].shape
+        if y >= 0 and x >= 0 and y + k <= rows and x + k <= columns:
+            _copy_window(planes[:3], settings[10], y, x, k, window_image, window_variance, window_mask)
+            _object(window_image, window_variance, window_mask, on_image, psf[i], cx[i], cy[i], sigma[i], settings, i, scratch, out)
+        else:
+            _copy_clipped(planes[:3], settings[10], y, x, k, settings[11], window_image, window_variance, window_mask, window_inside)
+            _object(window_image, window_variance, window_mask, window_inside, psf[i], cx[i], cy[i], sigma[i], settings, i, scratch, out)
     else:
         _object(image[j], variance[j], mask[j], inside[j], psf[i], cx[i], cy[i], sigma[i], settings, i, scratch, out)
 
@@ -327,7 +374,7 @@ def _measure(planes, geometry, settings):
 def _object(image, variance, mask, inside, psf, cx, cy, sigma, settings, i, scratch, out):
     """The measurements of ``scope`` (see :class:`FusedParameters`) of object ``i`` from its
     ``K x K`` window, into row ``i`` of the outputs."""
-    radii, bad_fit_bits, reject_bits, flag_bits, footprint_scaling, inner, outer, n_iter, n_sigma, scope, _ = settings
+    radii, bad_fit_bits, reject_bits, flag_bits, footprint_scaling, inner, outer, n_iter, n_sigma, scope, _, _ = settings
     fit, npixels, fit_flags, ap_flux, ap_err, ap_truncated, background, n_background, flags_any, flags_center, flags_all, ap_area = out
     _psf_fit(image, variance, mask, inside, psf, bad_fit_bits, fit[i], fit_flags[i], npixels, i)
     if scope == 0:

@@ -73,10 +73,6 @@ class Windows:
     def __len__(self) -> int:
         return len(self.index)
 
-    def take(self, rows: np.ndarray) -> "Windows":
-        """The windows at ``rows`` of this batch."""
-        return Windows(self.index[rows], self.ix[rows], self.iy[rows], self.cx[rows], self.cy[rows], self.size)
-
 
 @dataclass(frozen=True)
 class ResidentPlanes:

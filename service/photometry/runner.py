@@ -261,9 +261,9 @@ class KernelRunner:
         """The measurements of ``scope`` of one batch on the host in
         one compiled pass per object (:mod:`forcedphot.kernels.fused_cpu`), the same numbers
         as the array-API kernels.
-        From a band, windows wholly on the image are read in place (a file's big-endian
-        rows too: the kernel swaps each window's bytes as it copies it) and only those
-        crossing its edge are staged."""
+        From a band, every window is read in place (a file's big-endian rows too: the
+        kernel swaps each window's bytes as it copies it, and pads those crossing the
+        image's edge); nothing is staged."""
         from forcedphot.kernels.fused_cpu import NO_PLANE, FusedParameters, measure_windows
 
         c, w = self.config, part.windows
@@ -274,13 +274,10 @@ class KernelRunner:
         stamps = part.psf.stamps(part.x, part.y, np)
         pixels = part.pixels
         if isinstance(pixels, Band):
-            band, h = pixels, w.size // 2
-            edge = np.flatnonzero(~band.interior(w))
-            staged = band.cutouts(w.take(edge))
-            stack_of = np.full(len(w), -1, np.int64)
-            stack_of[edge] = np.arange(len(edge))
-            out = measure_windows(band.image, band.variance, band.mask, w.iy - h - band.row0, w.ix - h, *staged, stack_of,
-                                  stamps, w.cx, w.cy, part.sigma, parameters)
+            band, h, none = pixels, w.size // 2, np.zeros((0, w.size, w.size), np.float32)
+            out = measure_windows(band.image, band.variance, band.mask, w.iy - h - band.row0, w.ix - h, none, none,
+                                  np.zeros(none.shape, np.int32), np.zeros(none.shape, bool), np.full(len(w), -1, np.int64),
+                                  stamps, w.cx, w.cy, part.sigma, parameters, no_data=1 << band.no_data_bit)
         else:
             nothing = np.zeros((0, 0), np.float32)
             out = measure_windows(nothing, nothing, np.zeros((0, 0), np.int32), np.zeros(len(w), np.int64), np.zeros(len(w), np.int64),
