@@ -19,7 +19,7 @@ boundary could fall the other way for a difference in the last bit of the clip c
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 import math
 import os
@@ -162,19 +162,32 @@ def measure_windows(band_image: np.ndarray, band_variance: np.ndarray, band_mask
 
 def spread(call: Callable[[int, int], T], n: int, minimum: int) -> list[T]:
     """``call(lo, hi)`` for consecutive runs of ``range(n)``, one a thread (see
-    :func:`threads`), their results in order; one run where ``n < minimum``. The first run
-    is done on the calling thread, and so is any run the helper threads have not started
-    by then (busy with other callers' runs): callers never queue behind one another.
+    :func:`threads`), their results in order; one run where ``n < minimum``. The runs are
+    done as :func:`alongside` does its calls.
 
     For compiled loops that release the interpreter (numba's own ``prange`` threads,
     which poll for work, gained little on calls of a few hundred objects: 1 MiB batches
     took 1.5x the time of 128 MiB ones)."""
     parts = threads() if n >= minimum else 1
     bounds = [n * part // parts for part in range(parts + 1)]
-    others = [(lo, hi, _helpers(parts - 1).submit(call, lo, hi)) for lo, hi in zip(bounds[1:-1], bounds[2:])]
-    results = [call(0, bounds[1])]
-    for lo, hi, other in others:  # a run no helper has started (all busy with other callers' runs) is done here
-        results.append(call(lo, hi) if other.cancel() else other.result())
+    return alongside([lambda lo=lo, hi=hi: call(lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:])])
+
+
+def alongside(calls: Sequence[Callable[[], T]]) -> list[T]:
+    """Every one of ``calls``, their results in order: the first on the calling thread, the
+    others handed to helper threads; any call no helper has started by the time the caller
+    is free (all busy with other callers' work) is done on the calling thread, so callers
+    never queue behind one another. Exceptions propagate, once every call has ended."""
+    helpers = _helpers(len(calls) - 1) if len(calls) > 1 else None
+    others = [helpers.submit(call) for call in calls[1:]]
+    results, error = [], None
+    for call, other in zip(calls, [None, *others]):
+        try:
+            results.append(call() if other is None or other.cancel() else other.result())
+        except BaseException as e:  # the other calls still end before this one's error is raised
+            error = error or e
+    if error is not None:
+        raise error
     return results
 
 

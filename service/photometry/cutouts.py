@@ -148,18 +148,18 @@ def on_image(ix: np.ndarray, iy: np.ndarray, h: int, width: int, height: int) ->
 
 
 def plan_windows(x: np.ndarray, y: np.ndarray, size: int, *, batch_bytes: int, band_width: int | None = None,
-                 pixel_bytes: int = BYTES_PER_STAGED_PIXEL, in_place: tuple[int, int, int] | None = None) -> Iterator[Windows]:
+                 pixel_bytes: int = BYTES_PER_STAGED_PIXEL, in_place: int | None = None) -> Iterator[Windows]:
     """Batches of windows of odd ``size`` for objects at local positions ``(x, y)``.
 
     All positions must be finite. Objects are visited in order of increasing row.
     ``batch_bytes`` bounds each batch's stack (``pixel_bytes`` per cutout pixel: staged
     cutouts and the array-API kernels' work, :data:`BYTES_PER_STAGED_PIXEL`) and, when the rows are read on the host (``band_width``: the image width),
     the band of rows read for it (:data:`BYTES_PER_BAND_PIXEL` per band pixel); one
-    object always fits. ``in_place`` = (image width, height, bytes an object costs): the
-    windows are read in place from a band that costs nothing (the fused CPU kernels on a
-    memory-mapped file or an exposure in memory), so only the windows that cross the
-    image's edge are staged (``pixel_bytes`` per pixel) and every object costs its bytes;
-    such a batch holds at most :data:`MAX_IN_PLACE_OBJECTS`.
+    object always fits. ``in_place`` = bytes an object costs: the windows are read in place
+    from a band that costs nothing (the fused CPU kernels on a memory-mapped file or an
+    exposure in memory; a window crossing the image's edge is padded in the kernel's
+    per-thread copy), so ``batch_bytes`` bounds only the objects' own bytes; such a batch
+    holds at most :data:`MAX_IN_PLACE_OBJECTS`.
     """
     if size % 2 != 1:
         raise ValueError(f"cutout size must be odd, got {size}")
@@ -169,20 +169,14 @@ def plan_windows(x: np.ndarray, y: np.ndarray, size: int, *, batch_bytes: int, b
     iy = np.floor(y + 0.5).astype(np.int64)
     order = np.argsort(iy, kind="stable")
     sorted_rows = iy[order]
-    step = objects_per_batch(size, batch_bytes, pixel_bytes)
+    if in_place is None:
+        step = objects_per_batch(size, batch_bytes, pixel_bytes)
+    else:
+        step = min(max(1, int(batch_bytes) // in_place), MAX_IN_PLACE_OBJECTS)
     band_rows = None if band_width is None else max(1, int(batch_bytes) // (BYTES_PER_BAND_PIXEL * (band_width + 2 * h)) - 2 * h)
-    spent = None  # with in_place: the bytes of the objects up to each, in row order
-    if in_place is not None:
-        width, height, object_bytes = in_place
-        edge = ~on_image(ix[order], sorted_rows, h, width, height)
-        spent = np.cumsum(object_bytes + edge * (size * size * pixel_bytes))
     start = 0
     while start < len(order):
-        if spent is None:
-            stop = min(start + step, len(order))
-        else:
-            stop = min(int(np.searchsorted(spent, (spent[start - 1] if start else 0) + int(batch_bytes), side="right")),
-                       start + MAX_IN_PLACE_OBJECTS)
+        stop = min(start + step, len(order))
         if band_rows is not None:
             stop = min(stop, int(np.searchsorted(sorted_rows, sorted_rows[start] + band_rows, side="left")))
         stop = max(stop, start + 1)

@@ -11,7 +11,8 @@ on it and ``scienceFlux`` stays null.
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from functools import cached_property
+from functools import cached_property, partial
+from itertools import islice
 import time
 
 import numpy as np
@@ -122,12 +123,11 @@ def batches(exposure: Exposure, backend: Backend, x: np.ndarray, y: np.ndarray, 
         return
     no_data = no_data_bit(exposure.mask_planes)
     if backend.name == "numpy" and config.cpu_kernels == "fused":
-        # windows read in place from the band, only those on the image's edge staged; where
-        # reading the band costs nothing (a memory map, or planes in memory) an object costs
-        # its PSF stamp and results, else the band counts against the batch as well
+        # windows read in place from the band (those crossing the image's edge padded as they
+        # are copied); where reading the band costs nothing (a memory map, or planes in memory)
+        # an object costs its PSF stamp and results, else the band counts against the batch too
         if exposure.rows_in_place:
-            plan = plan_windows(x, y, size, batch_bytes=config.batch_bytes, pixel_bytes=BYTES_PER_BAND_PIXEL,
-                                in_place=(exposure.width, exposure.height, stamp_size * stamp_size * 8 + BYTES_PER_IN_PLACE_OBJECT))
+            plan = plan_windows(x, y, size, batch_bytes=config.batch_bytes, in_place=stamp_size * stamp_size * 8 + BYTES_PER_IN_PLACE_OBJECT)
         else:
             plan = plan_windows(x, y, size, batch_bytes=config.batch_bytes, band_width=exposure.width, pixel_bytes=BYTES_PER_BAND_PIXEL)
         for windows in plan:
@@ -321,30 +321,23 @@ def measure(
     plan = plan_measurement(science, arrays, psf, config, backend, difference=difference, science_psf=science_psf)
     measured, x, y, sigma = plan.measured, plan.x, plan.y, plan.sigma
     results, science_results = plan.unmeasured()
-    stage_time = kernel_time = 0.0
     done = 0
-    t0 = time.perf_counter()
-    for windows, pixels in batches(plan.primary, backend, x[measured], y[measured], plan.size, config, plan.kernels.psf.stamp_size):
-        t1 = time.perf_counter()
-        index = measured[windows.index]
-        scatter(results, execute(plan.kernels, plan.kernels.inputs(windows, pixels, x[index], y[index], sigma[index]), Scope.ALL), index)
-        t2 = time.perf_counter()
-        stage_time += t1 - t0
-        kernel_time += t2 - t1
-        done += len(index)
+    def counted(n: int) -> None:
+        nonlocal done
+        done += n
         if progress:
             progress(done, len(measured))
-        t0 = time.perf_counter()
+
+    seconds = _run_batches(plan.kernels, Scope.ALL, execute, results, counted,
+                           batches(plan.primary, backend, x[measured], y[measured], plan.size, config, plan.kernels.psf.stamp_size),
+                           measured, x, y, sigma)
     side = plan.science_side
     if side is not None:
-        t1 = time.perf_counter()
         rows = side.rows
-        for windows, pixels in batches(science, backend, side.x[rows], side.y[rows], side.size, config, side.kernels.psf.stamp_size):
-            index = rows[windows.index]
-            inputs = side.kernels.inputs(windows, pixels, side.x[index], side.y[index], side.sigma[index])
-            scatter(science_results, execute(side.kernels, inputs, side.scope), index)
-        kernel_time += time.perf_counter() - t1
-    timings = {**plan.timings, "stage": stage_time, "kernels": kernel_time}
+        seconds += _run_batches(side.kernels, side.scope, execute, science_results, None,
+                                batches(science, backend, side.x[rows], side.y[rows], side.size, config, side.kernels.psf.stamp_size),
+                                rows, side.x, side.y, side.sigma)
+    timings = {**plan.timings, "stage": float(seconds[0]), "kernels": float(seconds[1])}
 
     start = time.perf_counter()
     columns = plan.columns(results, science_results)
@@ -360,6 +353,44 @@ def measure(
         timings=timings,
         provenance=plan.provenance(),
     )
+
+
+def _run_batches(kernels: KernelRunner, scope: Scope, execute: Execute, into: KernelResults, counted: Callable[[int], None] | None,
+                 work: Iterator[tuple[Windows, Cutouts | ResidentPlanes | Band]], rows: np.ndarray, x: np.ndarray, y: np.ndarray,
+                 sigma: np.ndarray) -> np.ndarray:
+    """The kernels of ``scope`` on each batch of ``work`` (windows of the objects at
+    ``rows``), their results written at those rows of ``into``; ``counted(n)`` after each
+    batch of ``n`` objects. Returns the seconds spent making the batches (staging) and
+    running the kernels on them.
+
+    The fused CPU kernels called directly run as many batches at once as they have threads
+    (:func:`~forcedphot.kernels.fused_cpu.alongside`): a batch's host work (its PSF stamps,
+    the kernel's arguments) then overlaps another's compiled loop instead of leaving the
+    other cores idle, which made small batches slow. Other executors get one batch at a time.
+    """
+    group = 1
+    if execute is run_directly and kernels.fused:
+        from forcedphot.kernels.fused_cpu import alongside, threads
+
+        group = threads()
+    seconds = np.zeros(2)
+    while True:
+        start = time.perf_counter()
+        chunk = list(islice(work, group))
+        staged = time.perf_counter()
+        seconds[0] += staged - start
+        if not chunk:
+            return seconds
+        calls, indices = [], []
+        for windows, pixels in chunk:
+            index = rows[windows.index]
+            calls.append(partial(execute, kernels, kernels.inputs(windows, pixels, x[index], y[index], sigma[index]), scope))
+            indices.append(index)
+        for index, batch in zip(indices, alongside(calls) if group > 1 else [calls[0]()]):
+            scatter(into, batch, index)
+            if counted:
+                counted(len(index))
+        seconds[1] += time.perf_counter() - staged
 
 
 def catalog_table(columns: dict[str, pa.Array | np.ndarray], config: MeasurementConfig) -> pa.Table:

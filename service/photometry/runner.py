@@ -176,6 +176,11 @@ class KernelRunner:
         # every flag gets a column; a plane the exposure lacks has no bit (never set)
         self.flag_bits = {name: planes.get(plane) for name, plane in PIXEL_FLAG_PLANES.items()}
 
+    @property
+    def fused(self) -> bool:
+        """Whether the kernels run as the fused CPU pass (:mod:`forcedphot.kernels.fused_cpu`)."""
+        return self.backend.name == "numpy" and self.config.cpu_kernels == "fused"
+
     @cached_property
     def key(self) -> tuple:
         """Runners with equal keys compute identically: their inputs may share a batch."""
@@ -228,7 +233,7 @@ class KernelRunner:
         windows the host computed; and brings everything back in one download.
         """
         xp, to, config = self.backend.xp, self.backend.to_device, self.config
-        if self.backend.name == "numpy" and config.cpu_kernels == "fused":
+        if self.fused:
             return [self._fused(part, scope) for part in parts]
         host = {name: np.concatenate([getattr(p.windows, name) for p in parts]) for name in ("ix", "iy", "cx", "cy")}
         host["sigma"] = np.concatenate([p.sigma for p in parts])

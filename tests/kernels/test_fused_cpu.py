@@ -257,3 +257,31 @@ def test_a_spread_call_does_not_wait_for_busy_helpers():
         release.set()
         fused_cpu.set_threads(None)
     assert busy.result(10)
+
+
+def test_alongside_ends_every_call_before_an_error_is_raised():
+    """A call that fails does not leave the others running: their work ends first, then the
+    first error (in the calls' order) is raised; without errors the results are in order."""
+    import threading
+    import time
+
+    from forcedphot.kernels import fused_cpu
+
+    ended = []
+
+    def slow():
+        time.sleep(0.2)
+        ended.append(threading.current_thread().name)
+        return "slow"
+
+    def fails():
+        raise KeyError("first")
+
+    try:
+        fused_cpu.set_threads(2)
+        assert fused_cpu.alongside([lambda: 1, lambda: 2, lambda: 3]) == [1, 2, 3]
+        with pytest.raises(KeyError, match="first"):
+            fused_cpu.alongside([fails, slow, lambda: (_ for _ in ()).throw(ValueError("second"))])
+        assert len(ended) == 1
+    finally:
+        fused_cpu.set_threads(None)

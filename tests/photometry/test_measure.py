@@ -167,7 +167,7 @@ def test_difference_mode(scene, tmp_path):
     diff_path = write_exposure(tmp_path / "diff.fits", diff, np.full(diff.shape, 2 * SKY_VARIANCE), wcs=scene["wcs"], x0=X0, y0=Y0)
     calls = []
     with open_exposure(scene["path"]) as science, open_exposure(diff_path) as difference:
-        result = measure(science, scene["objects"], GaussianPsf(FWHM), MeasurementConfig(backend="numpy", batch_bytes=2**17),
+        result = measure(science, scene["objects"], GaussianPsf(FWHM), MeasurementConfig(backend="numpy", batch_bytes=2**14),
                          difference=difference, progress=lambda done, total: calls.append((done, total)))
     # progress counts objects (not object-images): it ends at the number measured
     assert len(calls) > 1 and calls[-1] == (result.n_on_detector, result.n_on_detector)
@@ -274,7 +274,7 @@ def test_a_nan_pixel_in_the_psf_fit_region_gives_nan_and_the_flag_as_lsst(scene,
 def test_fused_batches_count_the_band_only_where_reading_it_copies(scene):
     """A memory-mapped file's band of rows is a view (it costs nothing until gathered), and
     the fused kernels read its windows in place: an object costs its PSF stamp and results
-    (a window crossing the edge is staged and costs its pixels too). Read from the file,
+    (a window crossing the edge too: it is padded in the kernel's copy). Read from the file,
     the band is a copy and bounds the batch too. Same catalog either way, and at any
     batch size."""
     from forcedphot.photometry.backend import select_backend
@@ -297,9 +297,34 @@ def test_fused_batches_count_the_band_only_where_reading_it_copies(scene):
                 on_edge = [len(w) for w, _ in batches(exposure, backend, np.r_[x, edge_x], np.r_[y, edge_y], size, config, stamp)]
     assert max(sizes[True]) == per_batch and len(sizes[True]) == -(-len(x) // per_batch)
     assert max(sizes[False]) < per_batch  # the band's rows, read, cost more
-    assert len(on_edge) > len(sizes[True])  # a staged edge window costs its pixels
+    assert max(on_edge) == per_batch and len(on_edge) == -(-(len(x) + len(edge_x)) // per_batch)
     reference = run(scene["path"], scene["objects"]).catalog.drop(columns="timeProcessedMjdTai")
     for memory_map in (True, False):
         with open_exposure(scene["path"], memory_map=memory_map) as exposure:
             small = measure(exposure, scene["objects"], GaussianPsf(FWHM), config).catalog.drop(columns="timeProcessedMjdTai")
         pd.testing.assert_frame_equal(small, reference)
+
+
+@pytest.mark.parametrize("threads", [2, 3])
+def test_batches_run_side_by_side_give_the_catalog_of_one_at_a_time(scene, tmp_path, threads):
+    """The fused CPU kernels run as many batches at once as they have threads: the same
+    catalog (difference mode: both images) as batches one at a time, every object counted
+    once in the progress, which rises batch by batch to the total."""
+    from forcedphot.kernels import fused_cpu
+
+    diff_path = write_exposure(tmp_path / "diff.fits", scene["image"] * 0.5, np.full(scene["image"].shape, 2 * SKY_VARIANCE),
+                               wcs=scene["wcs"], x0=X0, y0=Y0)
+    catalogs, progress = {}, {}
+    try:
+        for count in (1, threads):
+            fused_cpu.set_threads(count)
+            calls = progress[count] = []
+            with open_exposure(scene["path"]) as science, open_exposure(diff_path) as difference:
+                result = measure(science, scene["objects"], GaussianPsf(FWHM), MeasurementConfig(backend="numpy", batch_bytes=2**14),
+                                 difference=difference, progress=lambda done, total, calls=calls: calls.append(done))
+            catalogs[count] = result.catalog.drop(columns="timeProcessedMjdTai")
+    finally:
+        fused_cpu.set_threads(None)
+    pd.testing.assert_frame_equal(catalogs[threads], catalogs[1])
+    assert progress[threads] == progress[1] and len(progress[1]) > threads
+    assert np.all(np.diff(progress[1]) > 0) and progress[1][-1] == result.n_on_detector
