@@ -32,6 +32,7 @@ import numpy as np
 
 from forcedphot.kernels.aperture import check_radius
 from forcedphot.kernels.local_background import IQ_TO_STDEV
+from forcedphot.kernels.psf_stamps_cpu import COEFFS, gaussian_stamp
 
 NO_PLANE = -1  # a flag plane the mask does not define: never set
 # a call with fewer objects runs on the calling thread alone, where handing work to another
@@ -130,7 +131,7 @@ def measure_stack(image: np.ndarray, variance: np.ndarray, mask: np.ndarray, ins
 def measure_windows(band_image: np.ndarray, band_variance: np.ndarray, band_mask: np.ndarray, row0: np.ndarray, col0: np.ndarray,
                     image: np.ndarray, variance: np.ndarray, mask: np.ndarray, inside: np.ndarray, stack_of: np.ndarray,
                     psf: np.ndarray, cx: np.ndarray, cy: np.ndarray, sigma: np.ndarray, parameters: FusedParameters,
-                    no_data: int = 0) -> tuple[np.ndarray, ...]:
+                    no_data: int = 0, gaussian: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, ...]:
     """Measure objects whose ``K x K`` windows are read from a band of rows of the image
     planes (``stack_of[i] < 0``: window ``band[row0[i]:row0[i] + K, col0[i]:col0[i] + K]``,
     read in place, nothing staged) or are staged cutouts (``stack_of[i]``: the cutout's
@@ -144,19 +145,29 @@ def measure_windows(band_image: np.ndarray, band_variance: np.ndarray, band_mask
 
     The band's float32 image and variance and int32 mask are read in either byte order
     (a FITS file's big-endian rows, memory-mapped, are swapped as each window is copied:
-    the band itself is never converted); other types are converted first."""
+    the band itself is never converted); other types are converted first.
+
+    ``gaussian`` = (centres x, y in stamp coordinates, widths), each ``(N,)``, px: the PSF
+    stamps are circular pixel-integrated Gaussians, made here one object at a time as
+    :func:`~forcedphot.kernels.psf_stamps_cpu.normalised_gaussian_stamps` makes them (the
+    same numbers), so no ``(N, Kp, Kp)`` stack is held; ``psf`` then has no stamps, only
+    their side (shape ``(0, Kp, Kp)``)."""
     p = parameters._replace(radii=np.array([check_radius(r) for r in parameters.radii], np.float64))
+    n = len(cx)
+    made = gaussian if gaussian is not None else (np.zeros(0),) * 3
     words, swap = _band_words(band_image, band_variance, band_mask)
     stacks = [np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("=")) for a in (image, variance, mask)]
     planes = (*words, *stacks, np.ascontiguousarray(inside))
     geometry = (np.asarray(row0, np.int64), np.asarray(col0, np.int64), np.asarray(stack_of, np.int64),
                 np.ascontiguousarray(psf, dtype=np.float64), np.ascontiguousarray(cx, dtype=np.float64),
-                np.ascontiguousarray(cy, dtype=np.float64), np.ascontiguousarray(sigma, dtype=np.float64))
+                np.ascontiguousarray(cy, dtype=np.float64), np.ascontiguousarray(sigma, dtype=np.float64),
+                *(np.ascontiguousarray(np.broadcast_to(np.asarray(a, np.float64), (n,) if gaussian is not None else (0,))) for a in made))
+    if n and (len(geometry[3]) == n) == (gaussian is not None):
+        raise ValueError("give either a PSF stamp for each object or the Gaussian stamps' centres and widths")
     settings = (np.asarray(p.radii, dtype=np.float64), np.int64(p.bad_fit_bits), np.int64(p.background_reject_bits),
                 np.asarray(p.flag_bits, dtype=np.int64), float(p.footprint_scaling), float(p.inner), float(p.outer), int(p.n_iter),
-                float(p.n_sigma), int(p.scope), swap, np.int32(no_data))
-    results = spread(lambda lo, hi: _measure(planes, tuple(g[lo:hi] for g in geometry), settings), len(geometry[3]),
-                     PARALLEL_MIN_OBJECTS)
+                float(p.n_sigma), int(p.scope), swap, np.int32(no_data), COEFFS)
+    results = spread(lambda lo, hi: _measure(planes, tuple(g[lo:hi] for g in geometry), settings), n, PARALLEL_MIN_OBJECTS)
     return results[0] if len(results) == 1 else tuple(np.concatenate(columns) for columns in zip(*results))
 
 
@@ -349,12 +360,13 @@ def _stage(band, swap, row0, col0, which, stacks):
 
 
 @njit(cache=True, error_model="numpy")
-def _window(i, planes, geometry, settings, out, on_image, scratch, window):
+def _window(i, planes, geometry, settings, out, on_image, scratch, window, stamp):
     """Object ``i``: its window of the band, copied once into ``window`` (contiguous: the
     measurements pass over it several times, where the band's rows lie a page or more
     apart; padded where it crosses the band's edge), or its staged cutout."""
     image, variance, mask, inside = planes[3:]
-    row0, col0, stack_of, psf, cx, cy, sigma = geometry
+    row0, col0, stack_of, _, cx, cy, sigma = geometry[:7]
+    psf = _stamp(i, geometry, settings[12], stamp)
     k = image.shape[1]
     j = stack_of[i]
     if j < 0:
@@ -363,23 +375,34 @@ def _window(i, planes, geometry, settings, out, on_image, scratch, window):
         rows, columns = planes[0].shape
         if y >= 0 and x >= 0 and y + k <= rows and x + k <= columns:
             _copy_window(planes[:3], settings[10], y, x, k, window_image, window_variance, window_mask)
-            _object(window_image, window_variance, window_mask, on_image, psf[i], cx[i], cy[i], sigma[i], settings, i, scratch, out)
+            _object(window_image, window_variance, window_mask, on_image, psf, cx[i], cy[i], sigma[i], settings, i, scratch, out)
         else:
             _copy_clipped(planes[:3], settings[10], y, x, k, settings[11], window_image, window_variance, window_mask, window_inside)
-            _object(window_image, window_variance, window_mask, window_inside, psf[i], cx[i], cy[i], sigma[i], settings, i, scratch, out)
+            _object(window_image, window_variance, window_mask, window_inside, psf, cx[i], cy[i], sigma[i], settings, i, scratch, out)
     else:
-        _object(image[j], variance[j], mask[j], inside[j], psf[i], cx[i], cy[i], sigma[i], settings, i, scratch, out)
+        _object(image[j], variance[j], mask[j], inside[j], psf, cx[i], cy[i], sigma[i], settings, i, scratch, out)
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _stamp(i, geometry, coeffs, stamp):
+    """Object ``i``'s PSF stamp: given, or (Gaussian stamps) made into ``stamp`` = (the
+    stamp, its two profiles' scratch)."""
+    psf, made_x, made_y, made_sigma = geometry[3], geometry[7], geometry[8], geometry[9]
+    if psf.shape[0] > 0:
+        return psf[i]
+    gaussian_stamp(made_x[i], made_y[i], made_sigma[i], coeffs, stamp[1], stamp[2], stamp[0])
+    return stamp[0]
 
 
 @njit(nogil=True, cache=True, error_model="numpy")
 def _measure(planes, geometry, settings):
     """Every object of ``geometry``, in turn (the interpreter released)."""
-    n, k = geometry[3].shape[0], planes[3].shape[1]
+    n, k, kp = geometry[4].shape[0], planes[3].shape[1], geometry[3].shape[1]
     out = _outputs(n, settings[0].shape[0], settings[3].shape[0])
     on_image = np.ones((k, k), np.bool_)
-    scratch, window = np.empty((10, k + 2)), _window_scratch(planes)
+    scratch, window, stamp = np.empty((10, k + 2)), _window_scratch(planes), (np.empty((kp, kp)), np.empty(kp), np.empty(kp))
     for i in range(n):
-        _window(i, planes, geometry, settings, out, on_image, scratch, window)
+        _window(i, planes, geometry, settings, out, on_image, scratch, window, stamp)
     return _results(out)
 
 
@@ -387,7 +410,7 @@ def _measure(planes, geometry, settings):
 def _object(image, variance, mask, inside, psf, cx, cy, sigma, settings, i, scratch, out):
     """The measurements of ``scope`` (see :class:`FusedParameters`) of object ``i`` from its
     ``K x K`` window, into row ``i`` of the outputs."""
-    radii, bad_fit_bits, reject_bits, flag_bits, footprint_scaling, inner, outer, n_iter, n_sigma, scope, _, _ = settings
+    radii, bad_fit_bits, reject_bits, flag_bits, footprint_scaling, inner, outer, n_iter, n_sigma, scope = settings[:10]
     fit, npixels, fit_flags, ap_flux, ap_err, ap_truncated, background, n_background, flags_any, flags_center, flags_all, ap_area = out
     _psf_fit(image, variance, mask, inside, psf, bad_fit_bits, fit[i], fit_flags[i], npixels, i)
     if scope == 0:

@@ -21,11 +21,10 @@ import math
 from numba import njit
 import numpy as np
 
-from forcedphot.kernels.fused_cpu import spread
 from forcedphot.kernels.psf_stamps import ERFC_COEFFS
 
 _SQRT_HALF = math.sqrt(0.5)
-_COEFFS = np.array(ERFC_COEFFS[::-1])  # highest power first, as Horner's rule takes them
+COEFFS = np.array(ERFC_COEFFS[::-1])  # highest power first, as Horner's rule takes them
 SPREAD_MIN_STAMPS = 1024  # fewer are made on the calling thread (~1 us a stamp of 19 x 19; handing a run to a helper costs ~0.2 ms)
 
 
@@ -42,29 +41,40 @@ def normalised_gaussian_stamps(cx: np.ndarray, cy: np.ndarray, sigma: np.ndarray
     size : int
         Stamp side K.
     """
+    from forcedphot.kernels.fused_cpu import spread  # (which makes these stamps itself, with gaussian_stamp)
+
     cx, cy = np.ascontiguousarray(cx, dtype=np.float64), np.ascontiguousarray(cy, dtype=np.float64)
     sigma = np.ascontiguousarray(np.broadcast_to(np.asarray(sigma, dtype=np.float64), cx.shape))
     out = np.empty((len(cx), size, size))
-    spread(lambda lo, hi: _stamps(cx[lo:hi], cy[lo:hi], sigma[lo:hi], _COEFFS, out[lo:hi]), len(cx), SPREAD_MIN_STAMPS)
+    spread(lambda lo, hi: _stamps(cx[lo:hi], cy[lo:hi], sigma[lo:hi], COEFFS, out[lo:hi]), len(cx), SPREAD_MIN_STAMPS)
     return out
 
 
 @njit(nogil=True, cache=True, error_model="numpy")
 def _stamps(cx, cy, sigma, coeffs, out):
-    n, size = cx.shape[0], out.shape[1]
+    size = out.shape[1]
     profile_x, profile_y = np.empty(size), np.empty(size)
-    for i in range(n):
-        _fractions(cx[i], sigma[i], coeffs, profile_x)
-        _fractions(cy[i], sigma[i], coeffs, profile_y)
-        sum_x = sum_y = 0.0
+    for i in range(cx.shape[0]):
+        gaussian_stamp(cx[i], cy[i], sigma[i], coeffs, profile_x, profile_y, out[i])
+
+
+@njit(cache=True, error_model="numpy")
+def gaussian_stamp(cx, cy, sigma, coeffs, profile_x, profile_y, out):
+    """One stamp of :func:`normalised_gaussian_stamps` into the ``(K, K)`` array ``out``
+    (centre ``(cx, cy)`` in stamp coordinates, width ``sigma``, px; ``coeffs``:
+    :data:`COEFFS`), with ``profile_x`` and ``profile_y`` ``(K,)`` scratch arrays."""
+    size = out.shape[0]
+    _fractions(cx, sigma, coeffs, profile_x)
+    _fractions(cy, sigma, coeffs, profile_y)
+    sum_x = sum_y = 0.0
+    for k in range(size):
+        sum_x += profile_x[k]
+        sum_y += profile_y[k]
+    total = sum_x * sum_y
+    scale = 1.0 / total if total > 0 else math.nan
+    for j in range(size):
         for k in range(size):
-            sum_x += profile_x[k]
-            sum_y += profile_y[k]
-        total = sum_x * sum_y
-        scale = 1.0 / total if total > 0 else math.nan
-        for j in range(size):
-            for k in range(size):
-                out[i, j, k] = profile_y[j] * profile_x[k] * scale  # the product first: far tails round as the reference's
+            out[j, k] = profile_y[j] * profile_x[k] * scale  # the product first: far tails round as the reference's
 
 
 @njit(cache=True, error_model="numpy")

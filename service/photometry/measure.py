@@ -40,7 +40,7 @@ from forcedphot.photometry.exposure import Exposure
 from forcedphot.photometry.formats import to_pandas
 from forcedphot.photometry.lightcurve_products import with_epoch_columns
 from forcedphot.photometry.local_wcs import local_cd_matrix
-from forcedphot.photometry.psf_models import PsfModel, describe_psf
+from forcedphot.photometry.psf_models import PsfModel, describe_psf, gaussian_widths
 from forcedphot.photometry.runner import Execute, KernelResults, KernelRunner, Scope, cutout_half_size, run_directly, scatter, unmeasured
 from forcedphot.photometry.selection import same_wcs, select_on_image, sky_to_pixel
 from forcedphot.photometry.sky import subtract_local_background, subtracts_background
@@ -111,11 +111,12 @@ def stays_on_device(exposure: Exposure, backend: Backend, n_objects: int, size: 
 
 
 def batches(exposure: Exposure, backend: Backend, x: np.ndarray, y: np.ndarray, size: int,
-            config: MeasurementConfig, stamp_size: int) -> Iterator[tuple[Windows, Cutouts | ResidentPlanes | Band]]:
+            config: MeasurementConfig, psf: PsfModel) -> Iterator[tuple[Windows, Cutouts | ResidentPlanes | Band]]:
     """Cutout windows of objects at local ``(x, y)`` in memory-bounded batches, each with
     its pixels: the exposure's device-resident planes (:func:`stays_on_device`), host
     cutouts staged from bands of rows, or (the fused CPU kernels) the band itself.
-    ``stamp_size``: the side of the PSF stamps (float64, one an object)."""
+    ``psf``: the objects' PSF (its stamps, float64, one an object, unless the fused kernels
+    make Gaussian stamps themselves, one at a time)."""
     resident = stays_on_device(exposure, backend, len(x), size)
     if resident is not None:
         for windows in plan_windows(x, y, size, batch_bytes=config.batch_bytes):
@@ -127,7 +128,8 @@ def batches(exposure: Exposure, backend: Backend, x: np.ndarray, y: np.ndarray, 
         # are copied); where reading the band costs nothing (a memory map, or planes in memory)
         # an object costs its PSF stamp and results, else the band counts against the batch too
         if exposure.rows_in_place:
-            plan = plan_windows(x, y, size, batch_bytes=config.batch_bytes, in_place=stamp_size * stamp_size * 8 + BYTES_PER_IN_PLACE_OBJECT)
+            stamp_bytes = 0 if gaussian_widths(psf) is not None else psf.stamp_size * psf.stamp_size * 8
+            plan = plan_windows(x, y, size, batch_bytes=config.batch_bytes, in_place=stamp_bytes + BYTES_PER_IN_PLACE_OBJECT)
         else:
             plan = plan_windows(x, y, size, batch_bytes=config.batch_bytes, band_width=exposure.width, pixel_bytes=BYTES_PER_BAND_PIXEL)
         for windows in plan:
@@ -329,13 +331,13 @@ def measure(
             progress(done, len(measured))
 
     seconds = _run_batches(plan.kernels, Scope.ALL, execute, results, counted,
-                           batches(plan.primary, backend, x[measured], y[measured], plan.size, config, plan.kernels.psf.stamp_size),
+                           batches(plan.primary, backend, x[measured], y[measured], plan.size, config, plan.kernels.psf),
                            measured, x, y, sigma)
     side = plan.science_side
     if side is not None:
         rows = side.rows
         seconds += _run_batches(side.kernels, side.scope, execute, science_results, None,
-                                batches(science, backend, side.x[rows], side.y[rows], side.size, config, side.kernels.psf.stamp_size),
+                                batches(science, backend, side.x[rows], side.y[rows], side.size, config, side.kernels.psf),
                                 rows, side.x, side.y, side.sigma)
     timings = {**plan.timings, "stage": float(seconds[0]), "kernels": float(seconds[1])}
 

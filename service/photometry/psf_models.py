@@ -608,6 +608,28 @@ def check_psf_fwhm(value: float, source: str) -> float:
     return value
 
 
+def gaussian_widths(psf: PsfModel) -> float | np.ndarray | None:
+    """The width (px, before pixel integration) of the circular pixel-integrated Gaussian
+    stamps ``psf`` makes: one for a :class:`GaussianPsf`, one per object for a
+    :class:`StackedPsf` of them; None for stamps of any other kind."""
+    if type(psf) is GaussianPsf:
+        return psf.sigma_pixels
+    if type(psf) is StackedPsf and all(type(model) is GaussianPsf for model in psf.models):
+        return np.repeat([model.sigma_pixels for model in psf.models], psf.counts)
+    return None
+
+
+def gaussian_recipe(psf: PsfModel, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """For a PSF whose stamps are circular Gaussians (:func:`gaussian_widths`), what each
+    of its stamps for objects at local ``(x, y)`` is made from: centre in stamp coordinates
+    (x, y) and width, px, each ``(N,)``; None for other PSFs."""
+    sigma = gaussian_widths(psf)
+    if sigma is None:
+        return None
+    cx, cy = _stamp_centres(*_positions(x, y), psf.stamp_size)
+    return cx, cy, np.broadcast_to(np.asarray(sigma, np.float64), cx.shape)
+
+
 def describe_psf(model: PsfModel) -> str:
     """The PSF in words, with where it came from when :func:`choose_psf` chose it."""
     origin = getattr(model, "origin", None)
@@ -632,8 +654,8 @@ class StackedPsf:
 
     def stamps(self, x: np.ndarray, y: np.ndarray, xp: Any, put: Put | None = None) -> Array:
         """(N, K, K) stamps, each object's from its own model (see :meth:`PsfModel.stamps`)."""
-        if all(type(model) is GaussianPsf for model in self.models):
-            sigma = np.repeat([model.sigma_pixels for model in self.models], self.counts)
+        sigma = gaussian_widths(self)
+        if sigma is not None:
             return _gaussian_stamps(x, y, sigma, self.stamp_size, xp, put)
         x, y = _positions(x, y)
         return xp.concat([model.stamps(x[run], y[run], xp, put) for model, run in self._runs()], axis=0)

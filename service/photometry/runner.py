@@ -37,7 +37,7 @@ from forcedphot.photometry.backend import Backend
 from forcedphot.photometry.config import MeasurementConfig
 from forcedphot.photometry.cutouts import Band, ResidentPlanes, Windows
 from forcedphot.photometry.exposure import Exposure
-from forcedphot.photometry.psf_models import PsfModel
+from forcedphot.photometry.psf_models import PsfModel, gaussian_recipe
 
 # pixelFlags_<name> -> afw mask plane; the one list of pixel flags
 PIXEL_FLAG_PLANES = {
@@ -276,17 +276,19 @@ class KernelRunner:
         parameters = FusedParameters(np.asarray(c.apertures_px, np.float64), self.bad_fit_bits, self.background_reject_bits, flag_bits,
                                      c.psf_footprint_scaling, c.background_inner_sigma, c.background_outer_sigma,
                                      c.background_iterations, c.background_clip_sigma, int(scope))
-        stamps = part.psf.stamps(part.x, part.y, np)
+        gaussian = gaussian_recipe(part.psf, part.x, part.y)  # (the kernel then makes each stamp itself)
+        k = part.psf.stamp_size
+        stamps = part.psf.stamps(part.x, part.y, np) if gaussian is None else np.zeros((0, k, k))
         pixels = part.pixels
         if isinstance(pixels, Band):
             band, h, none = pixels, w.size // 2, np.zeros((0, w.size, w.size), np.float32)
             out = measure_windows(band.image, band.variance, band.mask, w.iy - h - band.row0, w.ix - h, none, none,
                                   np.zeros(none.shape, np.int32), np.zeros(none.shape, bool), np.full(len(w), -1, np.int64),
-                                  stamps, w.cx, w.cy, part.sigma, parameters, no_data=1 << band.no_data_bit)
+                                  stamps, w.cx, w.cy, part.sigma, parameters, no_data=1 << band.no_data_bit, gaussian=gaussian)
         else:
             nothing = np.zeros((0, 0), np.float32)
             out = measure_windows(nothing, nothing, np.zeros((0, 0), np.int32), np.zeros(len(w), np.int64), np.zeros(len(w), np.int64),
-                                  *pixels, np.arange(len(w)), stamps, w.cx, w.cy, part.sigma, parameters)
+                                  *pixels, np.arange(len(w)), stamps, w.cx, w.cy, part.sigma, parameters, gaussian=gaussian)
         fit = PsfFluxResult(*out[:8], out[18])
         if scope is Scope.PSF:
             return KernelResults(fit)

@@ -285,3 +285,39 @@ def test_alongside_ends_every_call_before_an_error_is_raised():
         assert len(ended) == 1
     finally:
         fused_cpu.set_threads(None)
+
+
+@pytest.mark.parametrize("stacked", [False, True])
+def test_gaussian_stamps_made_in_the_kernel_equal_those_made_before_it(stacked):
+    """A Gaussian PSF's stamps are made by the fused kernel one object at a time (one width,
+    or one per object for the epochs of a light curve): every result equals, bit for bit,
+    that of the same stamps made first and handed over; and it holds to the array-API
+    kernels. Stamps and a recipe together, or neither, are refused."""
+    from forcedphot.kernels.fused_cpu import FusedParameters, measure_windows
+    from forcedphot.kernels.psf_stamps_cpu import normalised_gaussian_stamps
+    from forcedphot.photometry.psf_models import StackedPsf, gaussian_recipe
+
+    rng = np.random.default_rng(12)
+    n = 200
+    cutouts, cx, cy, sigma, _ = inputs(rng, n, False)
+    psf = StackedPsf([GaussianPsf(3.1, 19), GaussianPsf(4.4, 19)], [120, 80]) if stacked else GaussianPsf(3.5, 19)
+    x, y = 1000.0 + cx - K // 2, 2000.0 + cy - K // 2  # local positions whose windows these are
+    recipe = gaussian_recipe(psf, x, y)
+    assert recipe is not None and len(set(recipe[2])) == (2 if stacked else 1)
+    given = StampPsf(normalised_gaussian_stamps(*recipe, 19))
+    config = MeasurementConfig(backend="numpy")
+    windows = Windows(index=np.arange(n), ix=np.full(n, K // 2), iy=np.full(n, K // 2), cx=cx, cy=cy, size=K)
+    results = {}
+    for name, model, kernels in (("made", psf, "fused"), ("given", given, "fused"), ("array-api", psf, "array-api")):
+        runner = KernelRunner(select_backend("numpy"), SimpleNamespace(mask_planes=PLANES), model,
+                              config.model_copy(update={"cpu_kernels": kernels}))
+        results[name] = leaves(runner.run([runner.inputs(windows, cutouts, x, y, sigma)], Scope.ALL)[0])
+    for made, handed, reference in zip(results["made"], results["given"], results["array-api"]):
+        np.testing.assert_array_equal(made, handed)
+        np.testing.assert_allclose(np.asarray(made, float), np.asarray(reference, float), rtol=1e-10, atol=1e-9, equal_nan=True)
+    parameters = FusedParameters(np.array([3.0]), 0, 0, np.array([0], np.int64), 3.0, 7.0, 15.0, 3, 3.0)
+    nothing = np.zeros((0, 0), np.float32)
+    call = (nothing, nothing, np.zeros((0, 0), np.int32), np.zeros(n, np.int64), np.zeros(n, np.int64), *cutouts, np.arange(n))
+    for stamps, made in ((np.zeros((0, 19, 19)), None), (given.stamps(x, y, np), recipe)):
+        with pytest.raises(ValueError, match="either"):
+            measure_windows(*call, stamps, cx, cy, sigma, parameters, gaussian=made)

@@ -274,16 +274,18 @@ def test_a_nan_pixel_in_the_psf_fit_region_gives_nan_and_the_flag_as_lsst(scene,
 def test_fused_batches_count_the_band_only_where_reading_it_copies(scene):
     """A memory-mapped file's band of rows is a view (it costs nothing until gathered), and
     the fused kernels read its windows in place: an object costs its PSF stamp and results
-    (a window crossing the edge too: it is padded in the kernel's copy). Read from the file,
-    the band is a copy and bounds the batch too. Same catalog either way, and at any
-    batch size."""
+    (a window crossing the edge too: it is padded in the kernel's copy); a Gaussian PSF's
+    stamps, made in the kernel one at a time, cost nothing. Read from the file, the band is
+    a copy and bounds the batch too. Same catalog either way, and at any batch size."""
     from forcedphot.photometry.backend import select_backend
     from forcedphot.photometry.cutouts import BYTES_PER_IN_PLACE_OBJECT
     from forcedphot.photometry.measure import batches
+    from forcedphot.photometry.psf_models import SampledGaussianPsf
     from forcedphot.serving.exposure_cache import InMemoryExposure
 
-    size, stamp, per_batch = 21, 15, 12
-    config = MeasurementConfig(backend="numpy", batch_bytes=per_batch * (stamp * stamp * 8 + BYTES_PER_IN_PLACE_OBJECT))
+    size, per_batch = 21, 12
+    stamp = SampledGaussianPsf(SIGMA, 15, 15)  # stamps made before the kernel, 15 x 15
+    config = MeasurementConfig(backend="numpy", batch_bytes=per_batch * (15 * 15 * 8 + BYTES_PER_IN_PLACE_OBJECT))
     x, y = scene["x"][:scene["n_grid"]], scene["y"][:scene["n_grid"]]  # all well inside the image
     edge_x, edge_y = np.array([1.0, 130.0, 250.0]), np.array([110.0, HEIGHT - 2.0, 5.0])
     backend = select_backend("numpy")
@@ -298,6 +300,9 @@ def test_fused_batches_count_the_band_only_where_reading_it_copies(scene):
     assert max(sizes[True]) == per_batch and len(sizes[True]) == -(-len(x) // per_batch)
     assert max(sizes[False]) < per_batch  # the band's rows, read, cost more
     assert max(on_edge) == per_batch and len(on_edge) == -(-(len(x) + len(edge_x)) // per_batch)
+    with open_exposure(scene["path"]) as exposure:
+        gaussian = [len(w) for w, _ in batches(exposure, backend, x, y, size, config, GaussianPsf(FWHM, stamp_size=15))]
+    assert max(gaussian) == min(len(x), config.batch_bytes // BYTES_PER_IN_PLACE_OBJECT)
     reference = run(scene["path"], scene["objects"]).catalog.drop(columns="timeProcessedMjdTai")
     for memory_map in (True, False):
         with open_exposure(scene["path"], memory_map=memory_map) as exposure:
@@ -320,7 +325,7 @@ def test_batches_run_side_by_side_give_the_catalog_of_one_at_a_time(scene, tmp_p
             fused_cpu.set_threads(count)
             calls = progress[count] = []
             with open_exposure(scene["path"]) as science, open_exposure(diff_path) as difference:
-                result = measure(science, scene["objects"], GaussianPsf(FWHM), MeasurementConfig(backend="numpy", batch_bytes=2**14),
+                result = measure(science, scene["objects"], GaussianPsf(FWHM), MeasurementConfig(backend="numpy", batch_bytes=2**12),
                                  difference=difference, progress=lambda done, total, calls=calls: calls.append(done))
             catalogs[count] = result.catalog.drop(columns="timeProcessedMjdTai")
     finally:
