@@ -8,7 +8,7 @@ loop compiled with numba (runs of objects spread over threads), touching only it
 pixels: the PSF-stamp box, the pixels some aperture reaches (exact overlap computed only
 for pixels on a circle's rim), the annulus (its quartiles found by counting into buckets
 and selecting within one, not a sort; the clipping passes as sums over the kept values)
-and the footprint.
+and the footprint; a circular Gaussian PSF's stamp is made in the same pass.
 
 Same inputs, same semantics, same pixel conventions as the array-API kernels (see their
 module docstrings, which this follows line by line). Results agree with them to the last

@@ -268,7 +268,8 @@ class KernelRunner:
         as the array-API kernels.
         From a band, every window is read in place (a file's big-endian rows too: the
         kernel swaps each window's bytes as it copies it, and pads those crossing the
-        image's edge); nothing is staged."""
+        image's edge); nothing is staged. A Gaussian PSF's stamps are made by the kernel,
+        one object at a time."""
         from forcedphot.kernels.fused_cpu import NO_PLANE, FusedParameters, measure_windows
 
         c, w = self.config, part.windows
