@@ -154,14 +154,16 @@ def measure_windows(band_image: np.ndarray, band_variance: np.ndarray, band_mask
     their side (shape ``(0, Kp, Kp)``)."""
     p = parameters._replace(radii=np.array([check_radius(r) for r in parameters.radii], np.float64))
     n = len(cx)
-    made = gaussian if gaussian is not None else (np.zeros(0),) * 3
+    if gaussian is None:
+        made = (np.zeros(0),) * 3
+    else:
+        made = tuple(np.ascontiguousarray(np.broadcast_to(np.asarray(a, np.float64), (n,))) for a in gaussian)
     words, swap = _band_words(band_image, band_variance, band_mask)
     stacks = [np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("=")) for a in (image, variance, mask)]
     planes = (*words, *stacks, np.ascontiguousarray(inside))
     geometry = (np.asarray(row0, np.int64), np.asarray(col0, np.int64), np.asarray(stack_of, np.int64),
                 np.ascontiguousarray(psf, dtype=np.float64), np.ascontiguousarray(cx, dtype=np.float64),
-                np.ascontiguousarray(cy, dtype=np.float64), np.ascontiguousarray(sigma, dtype=np.float64),
-                *(np.ascontiguousarray(np.broadcast_to(np.asarray(a, np.float64), (n,) if gaussian is not None else (0,))) for a in made))
+                np.ascontiguousarray(cy, dtype=np.float64), np.ascontiguousarray(sigma, dtype=np.float64), *made)
     if n and (len(geometry[3]) == n) == (gaussian is not None):
         raise ValueError("give either a PSF stamp for each object or the Gaussian stamps' centres and widths")
     settings = (np.asarray(p.radii, dtype=np.float64), np.int64(p.bad_fit_bits), np.int64(p.background_reject_bits),

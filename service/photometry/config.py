@@ -13,7 +13,8 @@ class MeasurementConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     apertures_px: tuple[float, ...] = Field(DEFAULT_APERTURES_PX, description="circular aperture radii, px")
-    batch_bytes: int = Field(DEFAULT_BATCH_BYTES, gt=0, description="memory bound for one cutout batch and its kernel work (the fused CPU kernels run one batch a thread at once)")
+    batch_bytes: int = Field(DEFAULT_BATCH_BYTES, gt=0, description=(
+        "memory bound for one cutout batch and its kernel work (the fused CPU kernels run one batch a thread at once)"))
     psf_footprint_scaling: float = Field(3.0, gt=0, description="footprint radius for pixelFlags, in PSF sigmas")
     background_inner_sigma: float = Field(7.0, gt=0, description="local background annulus inner radius, PSF sigmas")
     background_outer_sigma: float = Field(15.0, gt=0, description="local background annulus outer radius, PSF sigmas")

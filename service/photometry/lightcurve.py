@@ -27,7 +27,18 @@ from forcedphot.photometry.exposure import Exposure
 from forcedphot.photometry.measure import Plan, catalog_table, plan_measurement
 from forcedphot.photometry.objects import ObjectArrays
 from forcedphot.photometry.psf_models import PsfModel, StackedPsf, describe_psf
-from forcedphot.photometry.runner import Execute, KernelInputs, KernelResults, KernelRunner, Scope, map_arrays, run_directly, scatter, unmeasured
+from forcedphot.photometry.runner import (
+    Execute,
+    KernelInputs,
+    KernelResults,
+    KernelRunner,
+    Scope,
+    map_arrays,
+    run_directly,
+    runs_fused,
+    scatter,
+    unmeasured,
+)
 
 SORT_KEYS = [("diaObjectId", "ascending"), ("midpointMjdTai", "ascending"), ("visit", "ascending"), ("detector", "ascending")]
 
@@ -187,8 +198,7 @@ def measure_epochs(epochs: Iterable[Epoch], config: MeasurementConfig, *, backen
     while epochs are read, ``n`` the epochs begun so far.
     """
     backend = backend or select_backend(config.backend)
-    fused = backend.name == "numpy" and config.cpu_kernels == "fused"
-    kernels = _EpochKernels(execute, config.batch_bytes, BYTES_PER_BAND_PIXEL if fused else BYTES_PER_STAGED_PIXEL)
+    kernels = _EpochKernels(execute, config.batch_bytes, BYTES_PER_BAND_PIXEL if runs_fused(backend, config) else BYTES_PER_STAGED_PIXEL)
     plans: list[tuple[Plan, int]] = []  # each with its first light-curve row
     timings, errors, provenance = {"open": 0.0, "select": 0.0, "stage": 0.0}, [], []
     count = pairs = rows = 0

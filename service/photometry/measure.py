@@ -41,7 +41,17 @@ from forcedphot.photometry.formats import to_pandas
 from forcedphot.photometry.lightcurve_products import with_epoch_columns
 from forcedphot.photometry.local_wcs import local_cd_matrix
 from forcedphot.photometry.psf_models import PsfModel, describe_psf, gaussian_widths
-from forcedphot.photometry.runner import Execute, KernelResults, KernelRunner, Scope, cutout_half_size, run_directly, scatter, unmeasured
+from forcedphot.photometry.runner import (
+    Execute,
+    KernelResults,
+    KernelRunner,
+    Scope,
+    cutout_half_size,
+    run_directly,
+    runs_fused,
+    scatter,
+    unmeasured,
+)
 from forcedphot.photometry.selection import same_wcs, select_on_image, sky_to_pixel
 from forcedphot.photometry.sky import subtract_local_background, subtracts_background
 from forcedphot.version import __version__
@@ -123,7 +133,7 @@ def batches(exposure: Exposure, backend: Backend, x: np.ndarray, y: np.ndarray, 
             yield windows, resident
         return
     no_data = no_data_bit(exposure.mask_planes)
-    if backend.name == "numpy" and config.cpu_kernels == "fused":
+    if runs_fused(backend, config):
         # windows read in place from the band (those crossing the image's edge padded as they
         # are copied); where reading the band costs nothing (a memory map, or planes in memory)
         # an object costs its PSF stamp and results, else the band counts against the batch too

@@ -127,6 +127,12 @@ def mask_bits(planes: dict[str, int], names) -> int:
     return sum(1 << planes[name] for name in set(names) if name in planes)
 
 
+def runs_fused(backend: Backend, config: MeasurementConfig) -> bool:
+    """Whether kernels on ``backend`` with ``config`` run as the fused CPU pass
+    (:mod:`forcedphot.kernels.fused_cpu`) rather than the array-API kernels."""
+    return backend.name == "numpy" and config.cpu_kernels == "fused"
+
+
 def cutout_half_size(psf: PsfModel, sigma: np.ndarray, config: MeasurementConfig) -> int:
     """Half-width h (px) of cutouts large enough for every measurement.
 
@@ -179,7 +185,7 @@ class KernelRunner:
     @property
     def fused(self) -> bool:
         """Whether the kernels run as the fused CPU pass (:mod:`forcedphot.kernels.fused_cpu`)."""
-        return self.backend.name == "numpy" and self.config.cpu_kernels == "fused"
+        return runs_fused(self.backend, self.config)
 
     @cached_property
     def key(self) -> tuple:
