@@ -1,13 +1,16 @@
 """Benchmark the HTTP service with alert-like requests, in its three ways of measuring.
 
-    python bench/service.py [--size 4096] [--objects 200] [--requests 400] [--concurrency 1,8,32]
+    python bench/service.py [--size 4096] [--objects 200] [--requests 400] [--concurrency 1,8,32] [--measurements all,psf]
 
 Makes (once, cached in bench/.cache) a repository with one ``forcedphot demo`` detector
 (science + difference image). For each mode it starts ``forcedphot serve`` on 127.0.0.1
 (a free port), warms its exposure cache, then drives it from a second process (this one;
 the server is its own process) with httpx at each concurrency: every request is one
 detector, ``--objects`` DiaObjects sent inline as JSON records, the difference image
-measured as DiaForcedSourceTask does, parquet back. Modes:
+measured (psfFlux) and the science image (scienceFlux) as DiaForcedSourceTask does, parquet
+back; each request asks for every measurement (``all``: apertures, local background and
+pixel flags too) and, in a second run, for the PSF fluxes alone (``psf``, DiaForcedSourceTask's
+own set). Modes:
 
 * ``processes``: the default on NumPy: one uvicorn worker, requests measured in a pool
   of one measurement process per core;
@@ -71,7 +74,7 @@ def alert_objects(root: Path, visit: int, detector: int, count: int, seed: int =
     return [{"diaObjectId": int(i) + 1, "ra": float(r), "dec": float(d)} for i, r, d in zip(range(count), ra, dec)]
 
 
-def engine_seconds(root: Path, visit: int, detector: int, records: list[dict], repeats: int = 30) -> float:
+def engine_seconds(root: Path, visit: int, detector: int, records: list[dict], measurements: str = "all", repeats: int = 30) -> float:
     """Median in-process engine time for one request (files open, as the cache holds them)."""
     import pandas as pd
 
@@ -86,7 +89,7 @@ def engine_seconds(root: Path, visit: int, detector: int, records: list[dict], r
     times = []
     with open_exposure(folder / "calexp.fits") as science, open_exposure(folder / "difference.fits") as difference:
         psf = load_psf(fwhm_pixels=float(science.header[PSF_FWHM_KEYWORD]))
-        config = MeasurementConfig(backend="numpy")
+        config = MeasurementConfig(backend="numpy", measurements=measurements)
         for _ in range(repeats + 3):
             start = time.perf_counter()
             measure(science, objects, psf, config, difference=difference)
@@ -94,12 +97,15 @@ def engine_seconds(root: Path, visit: int, detector: int, records: list[dict], r
     return statistics.median(times[3:])
 
 
-def alert_body(visit: int, detector: int, records: list[dict]) -> dict:
-    """One alert-like request: the detector's difference image measured, objects inline."""
+def alert_body(visit: int, detector: int, records: list[dict], measurements: str = "all") -> dict:
+    """One alert-like request: the detector's difference image measured, objects inline;
+    ``measurements`` "all" (every measurement, the default) or "psf" (the PSF fluxes alone,
+    as Rubin's DiaForcedSourceTask)."""
     return {
         "exposure": {"visit": visit, "detector": detector, "datasetType": "calexp"},
         "difference": {"visit": visit, "detector": detector, "datasetType": "difference"},
         "objects": records,
+        "measurements": measurements,
     }
 
 
@@ -118,7 +124,7 @@ DEVICE_MODES = {  # one worker owning the device, requests in its threads (bench
     "device+batch": (1, {"FORCEDPHOT_MEASURE_PROCESSES": "0", "FORCEDPHOT_BATCHING": "true"}),
     "device": (1, {"FORCEDPHOT_MEASURE_PROCESSES": "0", "FORCEDPHOT_BATCHING": "false"}),
 }
-LOAD_HEADER = (f"{'mode':>13} {'conc':>5} {'requests':>8} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} "
+LOAD_HEADER = (f"{'mode':>13} {'measure':>7} {'conc':>5} {'requests':>8} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} "
                f"{'server CPU ms/req':>17} {'of which main proc':>18} {'client CPU ms/req':>17}")
 
 
@@ -220,22 +226,28 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=400, help="requests per concurrency level")
     parser.add_argument("--concurrency", default="1,8,32")
     parser.add_argument("--modes", default=",".join(MODES), help="modes to run, comma-separated")
+    parser.add_argument("--measurements", default="all,psf",
+                        help="what a request measures, comma-separated: all (every measurement), psf (the PSF fluxes alone)")
     args = parser.parse_args()
     from forcedphot.serving.allocator import keep_temporaries_on_heap
 
     keep_temporaries_on_heap()  # as the CLI and the service do (peers measured in this process benefit too)
 
     root, visit, detector = repository(args.size)
-    body = alert_body(visit, detector, alert_objects(root, visit, detector, args.objects))
-    engine = engine_seconds(root, visit, detector, body["objects"])
+    records = alert_objects(root, visit, detector, args.objects)
+    bodies = [alert_body(visit, detector, records, measurements) for measurements in args.measurements.split(",")]
     print(f"{args.size}x{args.size} detector, {args.objects} DiaObjects a request (difference + science), "
           f"python {sys.version.split()[0]}, {os.cpu_count()} cores, NumPy backend")
-    print(f"engine alone, in-process, files open: {engine * 1e3:.1f} ms a request ({1 / engine:.0f} requests/s on one thread)")
+    for body in bodies:
+        engine = engine_seconds(root, visit, detector, records, body["measurements"])
+        print(f"engine alone, in-process, files open, measurements={body['measurements']}: {engine * 1e3:.1f} ms a request "
+              f"({1 / engine:.0f} requests/s)")
     print(LOAD_HEADER)
     print("-" * len(LOAD_HEADER))
     for mode in args.modes.split(","):
-        for line in load(root, body, mode, [int(c) for c in args.concurrency.split(",")], args.requests):
-            print(line)
+        for body in bodies:
+            for line in load(root, body, mode, [int(c) for c in args.concurrency.split(",")], args.requests):
+                print(line)
 
 
 def load(root: Path, body: dict, mode: str, concurrencies: list[int], requests: int, **settings: str):
@@ -252,7 +264,7 @@ def load(root: Path, body: dict, mode: str, concurrencies: list[int], requests: 
             server_cpu, main_cpu = server.cpu_seconds() - server_cpu, server.cpu_seconds(alone=True) - main_cpu
             client_cpu = time.process_time() - client_cpu
             ms = np.array(latencies) * 1e3
-            yield (f"{mode:>13} {concurrency:>5} {len(ms):>8} {len(ms) / wall:>8.1f} {np.percentile(ms, 50):>8.1f} "
+            yield (f"{mode:>13} {body['measurements']:>7} {concurrency:>5} {len(ms):>8} {len(ms) / wall:>8.1f} {np.percentile(ms, 50):>8.1f} "
                    f"{np.percentile(ms, 99):>8.1f} {server_cpu / len(ms) * 1e3:>17.1f} {main_cpu / len(ms) * 1e3:>18.1f} "
                    f"{client_cpu / len(ms) * 1e3:>17.1f}")
     finally:

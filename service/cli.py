@@ -27,6 +27,9 @@ FLAGGED = "flagged (PSF fit failed, or an edge/saturated/cosmic-ray/bad/... mask
 DEFAULT_INDEX = ".forcedphot/index.sqlite"
 EXTRA_HELP = "add AB magnitudes and limits as light curves have them: psfMag, psfMagErr, psfMagLim5Sigma (5-sigma limiting magnitude), isUpperLimit (S/N below 3: psfMag null), the same for scienceFlux (scienceMag, ...), psfFlux_snr, scienceFlux_snr and epochStatus"
 SKY_CHOICES = ("auto", "on", "off")
+MEASUREMENT_CHOICES = ("all", "psf")
+MEASUREMENTS_HELP = ("all (default): PSF flux, apertures, local background, pixel flags; psf: the PSF fluxes alone, as Rubin's "
+                     "DiaForcedSourceTask measures them (the APDB's DiaForcedSource columns; about a quarter of the kernel time)")
 CAMPAIGN_PRODUCTS = "_lightcurves.parquet"  # beside the partitions; dataset readers skip names starting with "_"
 SKY_HELP = ("subtract each object's local background from its fluxes: auto (default) on direct images in plain FITS, whose sky "
             "is still in the pixels, never on LSST files or difference images")
@@ -88,6 +91,7 @@ def _measure(args: argparse.Namespace) -> int:
         include_offimage=args.include_offimage,
         batch_bytes=args.batch_mib * 2**20,
         subtract_background=args.subtract_background,
+        measurements=args.measurements,
     )
     backend = select_backend(config.backend)
     if args.butler:
@@ -249,7 +253,8 @@ def _plan(args: argparse.Namespace):
     else:
         raise ValueError("give --objects FILE, or --ra and --dec (degrees)")
     config = MeasurementConfig(apertures_px=args.apertures or MeasurementConfig().apertures_px, backend=args.backend,
-                               extra_columns=args.extra_columns, subtract_background=args.subtract_background)
+                               extra_columns=args.extra_columns, subtract_background=args.subtract_background,
+                               measurements=args.measurements)
     if args.mjd_min is not None and args.mjd_max is not None and args.mjd_min > args.mjd_max:
         raise ValueError(f"--mjd-min {args.mjd_min:g} is after --mjd-max {args.mjd_max:g}: the time range is empty")
     index, report = _open_index(args)
@@ -421,6 +426,7 @@ def _plan_arguments(c: argparse.ArgumentParser) -> None:
     c.add_argument("--backend", choices=get_args(BackendName), default="auto", help="array backend (default auto)")
     c.add_argument("--extra-columns", action="store_true", help=EXTRA_HELP)
     c.add_argument("--subtract-background", choices=SKY_CHOICES, default="auto", help=SKY_HELP)
+    c.add_argument("--measurements", choices=MEASUREMENT_CHOICES, default="all", help=MEASUREMENTS_HELP)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -459,6 +465,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="array backend (default auto: cupy when a CUDA device answers, else numpy)")
     m.add_argument("--extra-columns", action="store_true", help=EXTRA_HELP)
     m.add_argument("--subtract-background", choices=SKY_CHOICES, default="auto", help=SKY_HELP)
+    m.add_argument("--measurements", choices=MEASUREMENT_CHOICES, default="all", help=MEASUREMENTS_HELP)
     m.add_argument("--include-offimage", action="store_true", help="also return objects off the detector, flagged")
     m.add_argument("--cpu-kernels", choices=("fused", "array-api"), default="fused",
                    help="on the CPU: the compiled fused kernels (default; the service runs them too), or the array-API ones "

@@ -1,5 +1,7 @@
 """The command line contract: outputs, summary line, exit code 2 with a named problem."""
 
+import json
+
 from astropy.io import fits
 import numpy as np
 import pandas as pd
@@ -247,6 +249,19 @@ def test_header_warnings_become_one_line_and_flagged_is_explained(files, tmp_pat
     warning_lines = [line for line in captured.err.splitlines() if "warning" in line.lower()]
     assert len(warning_lines) == 1 and "astropy warning(s) about the FITS headers" in warning_lines[0], captured.err
     assert "flagged (PSF fit failed, or an edge/saturated/cosmic-ray/bad/... mask bit" in captured.out
+
+
+def test_measurements_psf_writes_the_psf_columns_of_the_full_catalog(files):
+    _, out = measure(files, "--psf-fwhm", "3.5", "--difference", str(files["exposure"]))
+    every = pq.read_table(out)
+    _, out = measure(files, "--psf-fwhm", "3.5", "--difference", str(files["exposure"]), "--measurements", "psf")
+    psf = pq.read_table(out)
+    assert "apFlux_3" in every.column_names and "localBackground_instFlux" in every.column_names
+    assert psf.column_names == [c for c in every.column_names if not c.startswith(("apFlux", "localBackground_", "pixelFlags_"))
+                                or c == "pixelFlags_offimage"]
+    assert json.loads(psf.schema.metadata[b"forcedphot"])["config"]["measurements"] == "psf"
+    for name in ("psfFlux", "psfFluxErr", "scienceFlux", "psfFlux_flag"):
+        assert psf.column(name).equals(every.column(name)), name
 
 
 def test_extra_columns_on_request_only(files):

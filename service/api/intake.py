@@ -39,7 +39,7 @@ from forcedphot.serving.repository import ExposureRef, Repository, UriRef, descr
 T = TypeVar("T")
 GENERIC_MEDIA_TYPES = ("", "application/octet-stream")
 MULTIPART_FIELDS = {"exposure", "exposure_ref", "difference", "difference_ref", "objects", "objects_ref",
-                    "psf_fwhm", "apertures", "include_offimage", "extra_columns", "subtract_background", "psf"}
+                    "psf_fwhm", "apertures", "include_offimage", "extra_columns", "subtract_background", "measurements", "psf"}
 _SCALARS = (str, int, float, bool, type(None))
 _REF_ADAPTER: TypeAdapter = TypeAdapter(ExposureReference)
 
@@ -172,7 +172,8 @@ class Intake:
 
     def config(self, options: MeasureOptions) -> MeasurementConfig:
         fields: dict[str, Any] = {"include_offimage": options.include_offimage, "extra_columns": options.extra_columns,
-                                  "subtract_background": options.subtract_background, "backend": self.backend,
+                                  "subtract_background": options.subtract_background, "measurements": options.measurements,
+                                  "backend": self.backend,
                                   "batch_bytes": self.batch_bytes}
         if options.apertures:
             fields["apertures_px"] = tuple(options.apertures)
@@ -277,7 +278,7 @@ def _parse_ref(name: str, text: str) -> ExposureRef:
 def _form_options(form: FormData) -> dict[str, Any]:
     """The measurement options given as plain form fields."""
     options: dict[str, Any] = {}
-    for key in ("psf_fwhm", "include_offimage", "apertures", "extra_columns", "subtract_background"):
+    for key in ("psf_fwhm", "include_offimage", "apertures", "extra_columns", "subtract_background", "measurements"):
         if key not in form:
             continue
         value = form[key]

@@ -6,6 +6,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
 
+from forcedphot.photometry.config import MeasurementConfig
 from forcedphot.photometry.lightcurve_products import DEFAULT_BASELINE_MIN_EPOCHS, DEFAULT_SNR_LIMIT, BaselineWindow, Products
 from forcedphot.photometry.psf_models import MAX_PSF_FWHM_PX, MIN_PSF_FWHM_PX
 from forcedphot.serving.apdb import DEFAULT_MIN_DIA_SOURCES
@@ -114,6 +115,7 @@ class MeasureOptions(BaseModel):
     subtract_background: Literal["auto", "on", "off"] = Field(
         "auto", description="subtract each object's local background from its PSF and aperture fluxes: 'auto' on direct images "
                             "in plain FITS (their sky is still in the pixels), never on LSST files or difference images")
+    measurements: Literal["all", "psf"] = Field("all", description=MeasurementConfig.model_fields["measurements"].description)
 
 
 class MeasureRequest(MeasureOptions):

@@ -19,6 +19,7 @@ import numpy as np
 import pyarrow as pa
 
 from forcedphot.kernels import PsfFluxResult
+from forcedphot.photometry.config import MeasurementConfig
 from forcedphot.photometry.objects import ObjectArrays
 from forcedphot.photometry.runner import PIXEL_FLAG_NAMES, KernelResults, unmeasured
 
@@ -225,6 +226,7 @@ def catalog_columns(
     science_psf: PsfFluxResult | None = None,
     apertures_px=(),
     extra_columns: bool = False,
+    measurements: str = "all",
 ) -> dict[str, pa.Array | np.ndarray]:
     """The DiaForcedSource catalog's columns (NumPy or Arrow arrays, in order), one row per
     row of ``rows`` (objects validated).
@@ -236,7 +238,10 @@ def catalog_columns(
     ``base_InvalidPsf_flag``: fluxes NaN and flagged). ``rows.exposure`` holds what each
     row takes from its exposure (the image measured: the difference image in difference
     mode); ``science_psf`` (the PSF fit on the direct image, for the rows
-    ``exposure.has_science`` marks) gives ``scienceFlux``.
+    ``exposure.has_science`` marks) gives ``scienceFlux``. ``measurements`` as
+    :attr:`~forcedphot.photometry.config.MeasurementConfig.measurements`: with ``"psf"`` the
+    aperture, local background and pixel flag columns (but ``pixelFlags_offimage``) are left
+    out, whatever ``results`` holds.
     """
     objects, exposure, x_parent, y_parent = rows.objects, rows.exposure, rows.x_parent, rows.y_parent
     on_image, coord_valid, invalid_psf, cd_matrix = rows.on_image, rows.coord_valid, rows.invalid_psf, rows.cd_matrix
@@ -286,7 +291,8 @@ def catalog_columns(
         psfFlux_flag_edge=psf.flag_edge | off,
         psfFlux_flag_noGoodPixels=psf.flag_no_good_pixels | off,
     )
-    for k, radius in enumerate(apertures_px):
+    every = measurements == "all"
+    for k, radius in enumerate(apertures_px if every else ()):
         stem = aperture_name(radius)
         value, error = apertures.flux[:, k], apertures.flux_err[:, k]
         truncated = apertures.truncated[:, k] | off
@@ -295,17 +301,18 @@ def catalog_columns(
         columns[f"{stem}_instFluxErr"] = error.astype(np.float32)
         columns[f"{stem}_flag"] = truncated | ~np.isfinite(value)
         columns[f"{stem}_flag_apertureTruncated"] = truncated
-    background_no_good = background.flag_no_good_pixels | off
-    columns.update(
-        localBackground_instFlux=background.mean.astype(np.float32),
-        localBackground_instFluxErr=background.std.astype(np.float32),
-        localBackground_flag=background_no_good | ~np.isfinite(background.mean),
-        localBackground_flag_noGoodPixels=background_no_good,
-    )
+    if every:
+        background_no_good = background.flag_no_good_pixels | off
+        columns.update(
+            localBackground_instFlux=background.mean.astype(np.float32),
+            localBackground_instFluxErr=background.std.astype(np.float32),
+            localBackground_flag=background_no_good | ~np.isfinite(background.mean),
+            localBackground_flag_noGoodPixels=background_no_good,
+        )
     columns["coord_flag"] = ~np.asarray(coord_valid, dtype=bool)
     columns["invalidPsfFlag"] = np.asarray(invalid_psf, dtype=bool)
     columns["pixelFlags_offimage"] = off
-    for name, values in flags.as_dict(PIXEL_FLAG_NAMES).items():
+    for name, values in flags.as_dict(PIXEL_FLAG_NAMES).items() if every else ():
         # offimage sets every edge flag (LSST)
         columns[f"pixelFlags_{name}"] = values | off if name.startswith("edge") else values
     if extra_columns:
@@ -348,12 +355,13 @@ def snr_columns(flux_njy: np.ndarray, error_njy: np.ndarray, prefix: str = "psf"
         return {f"{prefix}Flux_snr": (flux / error).astype(np.float32)}
 
 
-def empty_catalog(apertures_px) -> pa.Table:
-    """A catalog of no rows, with every column and unit (for answers that found nothing)."""
+def empty_catalog(config: MeasurementConfig) -> pa.Table:
+    """A catalog of no rows, with every column and unit that ``config`` gives (for answers that found nothing)."""
     nothing = SimpleNamespace(calibration_err=np.nan, visit=None, detector=None, midpoint_mjd_tai=None, band=None,
                               local_calibration=lambda x, y: np.full(len(x), np.nan))
     empty = np.zeros(0)
     rows = CatalogRows(ObjectArrays(np.zeros(0, np.int64), empty, empty, np.zeros(0, bool)), empty, empty, np.zeros(0, bool),
                        np.zeros(0, bool), np.zeros(0, bool), np.zeros((0, 2, 2)), ExposureRows.of(nothing, None, empty, empty))
-    return table_with_units(catalog_columns(rows, unmeasured(0, len(apertures_px)), apertures_px=apertures_px))
+    return table_with_units(catalog_columns(rows, unmeasured(0, len(config.apertures_px)), apertures_px=config.apertures_px,
+                                            measurements=config.measurements))
 

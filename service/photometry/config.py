@@ -28,6 +28,12 @@ class MeasurementConfig(BaseModel):
                             "localBackground_instFlux) from its PSF and aperture fluxes, the background's error added to theirs: "
                             "'auto' does it on direct images in plain FITS (their sky is still in the pixels), never on LSST "
                             "files (background-subtracted by the pipelines) or on difference images")
+    measurements: Literal["all", "psf"] = Field(
+        "all", description="'all': the PSF flux, aperture fluxes, local background and pixel flags; 'psf': the PSF fluxes "
+                           "alone (psfFlux, and scienceFlux with a difference image), as Rubin's DiaForcedSourceTask measures "
+                           "them (base_PsfFlux): the APDB's DiaForcedSource columns and the fit's own columns and flags, from "
+                           "cutouts no larger than the PSF stamp (a local background subtracted as subtract_background says "
+                           "is still measured for that, not reported)")
     backend: Literal["auto", "numpy", "cupy", "stand-in"] = "auto"
     cpu_kernels: Literal["fused", "array-api"] = Field(
         "fused", description="on the NumPy backend: every measurement of an object in one compiled pass (numba, all cores), "

@@ -74,7 +74,7 @@ def sort_lightcurves(table: pa.Table) -> pa.Table:
 def _one_table(tables: list[pa.Table], config: MeasurementConfig) -> pa.Table:
     """The rows of ``tables`` as one light-curve table (an empty catalog when there are none)."""
     tables = [t for t in tables if t.num_rows]
-    return sort_lightcurves(pa.concat_tables(tables)) if tables else empty_catalog(config.apertures_px)
+    return sort_lightcurves(pa.concat_tables(tables)) if tables else empty_catalog(config)
 
 
 def _add_timings(total: dict[str, float], timings: dict[str, float]) -> None:
@@ -159,10 +159,10 @@ class _EpochKernels:
             if not keep.all():
                 self.calls[i] = (science, rows[keep], map_arrays(lambda a, keep=keep: a[keep], results))
 
-    def results(self, n_rows: int, n_apertures: int, science_scope: Scope) -> tuple[KernelResults, KernelResults]:
-        """Every row's results on the measured images and on the direct images (``science_scope``:
-        the most any direct image's call measured)."""
-        primary, science = unmeasured(n_rows, n_apertures), unmeasured(n_rows, n_apertures, science_scope)
+    def results(self, n_rows: int, n_apertures: int, scope: Scope, science_scope: Scope) -> tuple[KernelResults, KernelResults]:
+        """Every row's results on the measured images and on the direct images (``scope`` and
+        ``science_scope``: the most any call on such an image measured)."""
+        primary, science = unmeasured(n_rows, n_apertures, scope), unmeasured(n_rows, n_apertures, science_scope)
         for on_science, rows, results in self.calls:
             scatter(science if on_science else primary, results, rows)
         return primary, science
@@ -172,7 +172,7 @@ def _staged(plan: Plan, first_row: int) -> Iterator[_Part]:
     """Host cutouts of the objects of one planned exposure (the measured image, and the
     direct image in difference mode), batch by batch, read while its files are open; its
     rows start at light-curve row ``first_row``."""
-    sides = [(plan.primary, plan.kernels, plan.measured, plan.x, plan.y, plan.sigma, plan.size, Scope.ALL, False)]
+    sides = [(plan.primary, plan.kernels, plan.measured, plan.x, plan.y, plan.sigma, plan.size, plan.scope, False)]
     side = plan.science_side
     if side is not None:
         sides.append((plan.science, side.kernels, side.rows, side.x, side.y, side.sigma, side.size, side.scope, True))
@@ -238,16 +238,16 @@ def measure_epochs(epochs: Iterable[Epoch], config: MeasurementConfig, *, backen
 def _catalog(plans: list[tuple[Plan, int]], kernels: _EpochKernels, n_rows: int, config: MeasurementConfig) -> pa.Table:
     """One sorted table of the ``n_rows`` rows of every measured epoch, made at once."""
     if not n_rows:
-        return empty_catalog(config.apertures_px)
+        return empty_catalog(config)
     science_scope = max((plan.science_side.scope for plan, _ in plans if plan.science_side is not None), default=Scope.PSF)
-    primary, science = kernels.results(n_rows, len(config.apertures_px), science_scope)
+    primary, science = kernels.results(n_rows, len(config.apertures_px), max(plan.scope for plan, _ in plans), science_scope)
     for plan, first in plans:
         def rows_of(results: KernelResults, lo=first, hi=first + plan.row_map.n_rows) -> KernelResults:
             return map_arrays(lambda a: a[lo:hi], results)  # views: finishing writes through
 
         plan.finish(rows_of(primary), rows_of(science) if plan.science_side is not None else None)
     columns = catalog_columns(CatalogRows.concat([plan.rows() for plan, _ in plans]), primary, science_psf=science.psf,
-                              apertures_px=config.apertures_px, extra_columns=config.extra_columns)
+                              apertures_px=config.apertures_px, extra_columns=config.extra_columns, measurements=config.measurements)
     return sort_lightcurves(catalog_table(columns, config))
 
 

@@ -47,6 +47,7 @@ from forcedphot.photometry.runner import (
     KernelRunner,
     Scope,
     cutout_half_size,
+    measured_scope,
     run_directly,
     runs_fused,
     scatter,
@@ -181,8 +182,9 @@ def _science_side(science: Exposure, kernels: KernelRunner, x: np.ndarray, y: np
     sigma = np.full(len(x), np.nan)
     if subtract:
         sigma[rows] = kernels.psf.sigma(x[rows], y[rows])
-    size = 2 * (cutout_half_size(kernels.psf, sigma[rows], config) if subtract and len(rows) else h) + 1
-    return ScienceSide(kernels, x, y, near, rows, sigma, size, subtract)
+    side = ScienceSide(kernels, x, y, near, rows, sigma, 0, subtract)
+    side.size = 2 * cutout_half_size(kernels.psf, sigma[rows], config, side.scope) + 1
+    return side
 
 
 @dataclass
@@ -205,6 +207,7 @@ class Plan:
     invalid_psf: np.ndarray  # (rows,) bool
     measured: np.ndarray  # catalog rows given to the kernels
     kernels: KernelRunner
+    scope: Scope  # what the kernels measure (see :func:`~forcedphot.photometry.runner.measured_scope`)
     size: int  # cutout side K
     subtract: bool  # the local background comes off the PSF and aperture fluxes
     science_side: ScienceSide | None
@@ -242,7 +245,7 @@ class Plan:
         direct image, for the kernels to fill."""
         n, n_apertures = self.row_map.n_rows, len(self.config.apertures_px)
         side = self.science_side
-        return unmeasured(n, n_apertures), unmeasured(n, n_apertures, side.scope) if side is not None else None
+        return unmeasured(n, n_apertures, self.scope), unmeasured(n, n_apertures, side.scope) if side is not None else None
 
     def columns(self, results: KernelResults, science_results: KernelResults | None) -> dict[str, pa.Array | np.ndarray]:
         """The catalog's columns from the kernels' results (:func:`~forcedphot.photometry.catalog.catalog_columns`);
@@ -250,7 +253,7 @@ class Plan:
         self.finish(results, science_results)
         science_psf = science_results.psf if science_results is not None else None
         return catalog_columns(self.rows(), results, science_psf=science_psf, apertures_px=self.config.apertures_px,
-                               extra_columns=self.config.extra_columns)
+                               extra_columns=self.config.extra_columns, measurements=self.config.measurements)
 
     def provenance(self) -> dict:
         """What was measured, how and where."""
@@ -289,6 +292,8 @@ def plan_measurement(science: Exposure, objects: ObjectArrays, psf: PsfModel, co
     with np.errstate(invalid="ignore"):
         invalid_psf = row_map.measured_mask() & ~(sigma > 0)
     measured = measured[~invalid_psf[measured]]
+    subtract = subtracts_background(config.subtract_background, primary.sky_subtracted, difference is not None)
+    scope = measured_scope(config, subtract)
     science_side = None
     if difference is not None:
         science_kernels = KernelRunner(backend, science, science_psf or psf, config)  # the direct image's own PSF and masks
@@ -299,9 +304,8 @@ def plan_measurement(science: Exposure, objects: ObjectArrays, psf: PsfModel, co
     return Plan(
         science=science, difference=difference, objects=objects, psf=psf, science_psf=science_psf, config=config, backend=backend,
         row_map=row_map, x=x, y=y, sigma=sigma, invalid_psf=invalid_psf, measured=measured,
-        kernels=KernelRunner(backend, primary, psf, config), size=2 * cutout_half_size(psf, sigma[measured], config) + 1,
-        subtract=subtracts_background(config.subtract_background, primary.sky_subtracted, difference is not None),
-        science_side=science_side, timings={"select": time.perf_counter() - start},
+        kernels=KernelRunner(backend, primary, psf, config), scope=scope, size=2 * cutout_half_size(psf, sigma[measured], config, scope) + 1,
+        subtract=subtract, science_side=science_side, timings={"select": time.perf_counter() - start},
     )
 
 
@@ -340,7 +344,7 @@ def measure(
         if progress:
             progress(done, len(measured))
 
-    seconds = _run_batches(plan.kernels, Scope.ALL, execute, results, counted,
+    seconds = _run_batches(plan.kernels, plan.scope, execute, results, counted,
                            batches(plan.primary, backend, x[measured], y[measured], plan.size, config, plan.kernels.psf),
                            measured, x, y, sigma)
     side = plan.science_side

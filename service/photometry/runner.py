@@ -133,18 +133,29 @@ def runs_fused(backend: Backend, config: MeasurementConfig) -> bool:
     return backend.name == "numpy" and config.cpu_kernels == "fused"
 
 
-def cutout_half_size(psf: PsfModel, sigma: np.ndarray, config: MeasurementConfig) -> int:
-    """Half-width h (px) of cutouts large enough for every measurement.
+def cutout_half_size(psf: PsfModel, sigma: np.ndarray, config: MeasurementConfig, scope: Scope = Scope.ALL) -> int:
+    """Half-width h (px) of cutouts large enough for the measurements of ``scope``
+    (default: every measurement).
 
-    Covers the background annulus (outer radius in PSF sigmas), the largest aperture
-    plus one pixel (so truncation by the cutout cannot happen), and the PSF stamp.
+    Covers the PSF stamp; from :attr:`Scope.BACKGROUND` on, the background annulus (outer
+    radius in PSF sigmas ``sigma``); with :attr:`Scope.ALL`, the largest aperture plus one
+    pixel (so truncation by the cutout cannot happen).
     """
-    sigma_max = float(np.max(sigma)) if sigma.size else 0.0
-    return max(
-        math.ceil(config.background_outer_sigma * sigma_max),
-        math.ceil(max(config.apertures_px) + 1),
-        psf.stamp_size // 2,
-    )
+    half = psf.stamp_size // 2
+    if scope >= Scope.BACKGROUND and sigma.size:
+        half = max(half, math.ceil(config.background_outer_sigma * float(np.max(sigma))))
+    if scope is Scope.ALL:
+        half = max(half, math.ceil(max(config.apertures_px) + 1))
+    return half
+
+
+def measured_scope(config: MeasurementConfig, subtract: bool) -> Scope:
+    """What the kernels measure on the image a catalog reports (the difference image in
+    difference mode): everything, or (``measurements='psf'``) the PSF flux, with the local
+    background where it is ``subtract``-ed."""
+    if config.measurements == "all":
+        return Scope.ALL
+    return Scope.BACKGROUND if subtract else Scope.PSF
 
 
 @dataclass(frozen=True)

@@ -71,6 +71,21 @@ def test_readyz_fails_when_a_root_is_unreadable(repo, tmp_path):
         assert c.get("/healthz").status_code == 200
 
 
+def test_measurements_psf_answers_the_psf_columns_and_a_bad_value_names_the_field(client, repo):
+    every = read_parquet(client.post("/v1/forced-photometry", json=body()).content)
+    answer = client.post("/v1/forced-photometry", json=body(measurements="psf"))
+    assert answer.status_code == 200, answer.text
+    psf = read_parquet(answer.content)
+    assert "apFlux_3" in every.columns and not any(c.startswith(("apFlux", "localBackground_")) for c in psf.columns)
+    assert list(psf.columns) == [c for c in every.columns if c in set(psf.columns)] and "psfFlux_flag_edge" in psf.columns
+    np.testing.assert_array_equal(psf["psfFlux"], every["psfFlux"])
+    problem = assert_problem(client.post("/v1/forced-photometry", json=body(measurements="apertures")), 422, "measurements")
+    assert "'all' or 'psf'" in json.dumps(problem)
+    by_form = upload(client, repo, measurements="psf")
+    assert by_form.status_code == 200, by_form.text
+    assert list(read_parquet(by_form.content).columns) == list(psf.columns)
+
+
 def test_metrics_count_requests_objects_and_cache(client):
     client.post("/v1/forced-photometry", json=body())
     text = client.get("/metrics").text

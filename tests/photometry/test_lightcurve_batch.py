@@ -66,11 +66,14 @@ def one_at_a_time(objects, visits, config):
     return sort_lightcurves(pa.concat_tables(tables))
 
 
-@pytest.mark.parametrize("backend, cpu_kernels", [("numpy", "fused"), ("numpy", "array-api"), ("stand-in", "fused")])
+@pytest.mark.parametrize("backend, cpu_kernels, measurements", [("numpy", "fused", "all"), ("numpy", "array-api", "all"),
+                                                                  ("stand-in", "fused", "all"), ("numpy", "fused", "psf"),
+                                                                  ("stand-in", "fused", "psf")])
 @pytest.mark.parametrize("batch_mib", [128, 0.05])
-def test_one_batch_gives_each_epochs_rows(survey, backend, cpu_kernels, batch_mib):
+def test_one_batch_gives_each_epochs_rows(survey, backend, cpu_kernels, measurements, batch_mib):
     objects, visits = survey
-    config = MeasurementConfig(backend=backend, cpu_kernels=cpu_kernels, batch_bytes=int(batch_mib * 2**20), include_offimage=False)
+    config = MeasurementConfig(backend=backend, cpu_kernels=cpu_kernels, batch_bytes=int(batch_mib * 2**20), include_offimage=False,
+                               measurements=measurements)
     calls = []
 
     def counted(runner, inputs, scope):
@@ -81,6 +84,7 @@ def test_one_batch_gives_each_epochs_rows(survey, backend, cpu_kernels, batch_mi
     alone = one_at_a_time(objects, visits, config)
     assert batched.epochs == len(visits) and batched.table.num_rows == alone.num_rows > 3 * len(visits)
     assert batched.table.column_names == alone.column_names
+    assert ("apFlux_3" in alone.column_names) == (measurements == "all")
     for name in alone.column_names:
         if name == NOW:
             continue

@@ -34,6 +34,8 @@ MULTIPART_SCHEMA = {
         "include_offimage": {"type": "boolean"},
         "subtract_background": {"type": "string", "enum": ["auto", "on", "off"],
                                 "description": "subtract each object's local background from its fluxes (auto: plain FITS direct images)"},
+        "measurements": {"type": "string", "enum": ["all", "psf"],
+                         "description": "all: every measurement; psf: the PSF fluxes alone, as Rubin's DiaForcedSourceTask"},
     },
 }
 
