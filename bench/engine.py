@@ -12,7 +12,8 @@ with ratios against the peers. Methods:
 - ``library``: ``forcedphot.measure`` called from Python as a notebook would, in a process
   with no allocator tuning (every other method runs with it), every measurement; and
   ``library-array-api``: the same with ``cpu_kernels="array-api"`` (the kernels a GPU
-  runs, the CPU path before the fused kernel);
+  runs, the CPU path before the fused kernel); ``library-psf``: the PSF flux alone
+  (``measurements="psf"``, as Rubin's DiaForcedSourceTask), against ``photutils-psf``;
 - ``kernels``: all the engine's kernels alone on pre-staged cutout stacks;
 - ``kernels-psf`` / ``kernels-ap``: the PSF-flux kernel alone (PSF-sized stamps) and the
   aperture kernel alone (stamps just holding the 12 px aperture), for like-for-like
@@ -104,14 +105,14 @@ def run_engine(directory: Path, count: int) -> tuple[int, float]:
     return count, time.perf_counter() - start
 
 
-def run_library(directory: Path, count: int, kernels: str) -> tuple[int, float]:
+def run_library(directory: Path, count: int, kernels: str, measurements: str = "all") -> tuple[int, float]:
     """The Python API, in-process (imports and the table read before the clock starts)."""
     import pandas as pd
 
     import forcedphot
 
     objects = pd.read_parquet(objects_file(directory, count))
-    config = forcedphot.MeasurementConfig(backend="numpy", cpu_kernels=kernels)
+    config = forcedphot.MeasurementConfig(backend="numpy", cpu_kernels=kernels, measurements=measurements)
     if kernels == "fused":  # numba compiles on first use (cached on disk): once, outside the timing
         with forcedphot.open_exposure(directory / "calexp.fits") as exposure:
             forcedphot.measure(exposure, objects.iloc[:10], forcedphot.choose_psf(exposure), config)
@@ -199,7 +200,8 @@ def child(method: str, directory: Path, count: int, limit: int) -> None:
     if method == "engine":
         n, seconds = run_engine(directory, count)
     elif method.startswith("library"):
-        n, seconds = run_library(directory, count, "array-api" if method.endswith("array-api") else "fused")
+        n, seconds = run_library(directory, count, "array-api" if method.endswith("array-api") else "fused",
+                                 "psf" if method.endswith("-psf") else "all")
     elif method == "photutils-psf":
         n, seconds = run_photutils_psf(directory, count, limit)
     elif method.startswith("kernels"):
@@ -217,7 +219,7 @@ def peak_rss_mb() -> float:
     return float("nan")
 
 
-METHODS = ("engine", "library", "library-array-api", "kernels", "kernels-psf", "photutils-psf", "kernels-ap", "sep-ap", "photutils-ap")
+METHODS = ("engine", "library", "library-array-api", "library-psf", "kernels", "kernels-psf", "photutils-psf", "kernels-ap", "sep-ap", "photutils-ap")
 
 
 def main() -> None:
@@ -254,6 +256,7 @@ def main() -> None:
             note = f"  (subsample of {result['objects']})" if result["objects"] < count else ""
             print(f"{count:>8} {method:<14} {result['objects']:>8} {result['seconds']:>9.3f} {rate:>11.0f} {result['peak_mb']:>8.0f}{note}")
         ratios = {"kernels-psf/photutils-psf": ("kernels-psf", "photutils-psf"), "engine/photutils-psf": ("engine", "photutils-psf"),
+                  "library-psf/photutils-psf": ("library-psf", "photutils-psf"),
                   "kernels-ap/sep-ap": ("kernels-ap", "sep-ap"), "kernels-ap/photutils-ap": ("kernels-ap", "photutils-ap")}
         shown = [f"{name} = {rates[a] / rates[b]:.2f}x" for name, (a, b) in ratios.items() if a in rates and b in rates]
         # the issue's figure: seconds of every measurement through the library per second of sep's five apertures
