@@ -31,10 +31,9 @@ def local_cd_matrix(wcs: WCS, x: np.ndarray, y: np.ndarray) -> np.ndarray:
     ra, dec = np.deg2rad(wcs.all_pix2world(np.concatenate([x + dx for dx, _ in offsets]),
                                            np.concatenate([y + dy for _, dy in offsets]), 0))
     ra, dec = ra.reshape(len(offsets), n), dec.reshape(len(offsets), n)
+    xi, eta = _gnomonic(ra[1:], dec[1:], ra[0], dec[0])  # the four neighbours at once: (4, N)
     cd = np.empty(x.shape + (2, 2))
     for axis in range(2):
-        xi_p, eta_p = _gnomonic(ra[1 + 2 * axis], dec[1 + 2 * axis], ra[0], dec[0])
-        xi_m, eta_m = _gnomonic(ra[2 + 2 * axis], dec[2 + 2 * axis], ra[0], dec[0])
-        cd[..., 0, axis] = (xi_p - xi_m) / (2 * _STEP_PX)
-        cd[..., 1, axis] = (eta_p - eta_m) / (2 * _STEP_PX)
+        cd[..., 0, axis] = (xi[2 * axis] - xi[2 * axis + 1]) / (2 * _STEP_PX)
+        cd[..., 1, axis] = (eta[2 * axis] - eta[2 * axis + 1]) / (2 * _STEP_PX)
     return cd
