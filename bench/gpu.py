@@ -140,14 +140,16 @@ def main() -> None:
                   f"{timings['stage']:>7.3f} {timings['kernels']:>8.3f} {timings['catalog']:>8.3f}")
         print(f"{'':>8} {'ratio':>9} device/numpy = {rates[device.name] / rates['numpy']:.2f}")
     root, visit, detector = repository(args.size)
-    body = alert_body(visit, detector, alert_objects(root, visit, detector, args.objects))
-    print(f"\nservice load on {device.name}: one worker, {args.objects} DiaObjects a request (difference + science), batching on and off")
+    records = alert_objects(root, visit, detector, args.objects)
+    print(f"\nservice load on {device.name}: one worker, {args.objects} DiaObjects a request (difference + science), batching on and off,"
+          " every measurement and the PSF fluxes alone")
     print(LOAD_HEADER)
     print("-" * len(LOAD_HEADER))
     for mode in DEVICE_MODES:
-        for line in load(root, body, mode, [int(c) for c in args.concurrency.split(",")], args.requests or (400 if on_gpu else 40),
-                         BACKEND=device.name):
-            print(line)
+        for measurements in ("all", "psf"):
+            for line in load(root, alert_body(visit, detector, records, measurements), mode, [int(c) for c in args.concurrency.split(",")],
+                             args.requests or (400 if on_gpu else 40), BACKEND=device.name):
+                print(line)
 
 
 if __name__ == "__main__":
