@@ -24,8 +24,10 @@ def small_disk(tmp_path):
 
 
 def fill(folder: Path) -> Path:
+    """Fill the disk. Unbuffered: a buffered file keeps the part of its last write the disk
+    refused, and flushing it on close raised ENOSPC again, out of the loop (seen once in CI)."""
     filler = folder / "filler"
-    with open(filler, "wb") as f:
+    with open(filler, "wb", buffering=0) as f:
         try:
             while True:
                 f.write(b"\0" * 65536)
