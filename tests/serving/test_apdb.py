@@ -179,6 +179,22 @@ def test_the_command_line_measures_and_stores_the_apdb_objects(apdb_config, repo
     assert "give the OBJECTS table, or --apdb" in capsys.readouterr().err
 
 
+def test_psf_measurements_store_what_every_measurement_stores(apdb_config, repo, tmp_path, capsys):
+    """An alert pipeline's setting (the PSF fluxes alone) stores the same DiaForcedSources."""
+    out = tmp_path / "forced.parquet"
+    argv = ["measure", str(repo["calexp"]), "--difference", str(repo["difference"]), "--apdb", str(apdb_config), "--store",
+            "--psf-fwhm", "3.5", "--backend", "numpy", "--measurements", "psf", "-o", str(out)]
+    assert cli_main(argv) == 0
+    inside = on_detector(repo)
+    taken = inside[n_dia_sources(inside["diaObjectId"].to_numpy()) >= 2]
+    assert f"{len(taken)} DiaForcedSources stored in the APDB" in capsys.readouterr().out
+    stored = stored_forced_sources(open_apdb(str(apdb_config)), taken["diaObjectId"].tolist()).set_index("diaObjectId")
+    every = engine_catalog(repo["calexp"], taken[["diaObjectId", "ra", "dec"]], repo["difference"]).set_index("diaObjectId")
+    assert "apFlux_3" in every and "apFlux_3" not in pd.read_parquet(out)
+    for column in ("psfFlux", "psfFluxErr", "scienceFlux", "scienceFluxErr"):
+        np.testing.assert_allclose(stored.loc[every.index, column], every[column], rtol=1e-6, err_msg=column)  # float32 in the APDB
+
+
 def test_unreachable_apdb_is_named_without_its_address(tmp_path):
     config = create_apdb(tmp_path / "apdb.yaml")
     (tmp_path / "apdb.sqlite3").unlink()  # the database is gone
