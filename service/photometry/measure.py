@@ -48,6 +48,7 @@ from forcedphot.photometry.runner import (
     Scope,
     cutout_half_size,
     measured_scope,
+    psf_scope,
     run_directly,
     runs_fused,
     scatter,
@@ -167,7 +168,7 @@ class ScienceSide:
     @property
     def scope(self) -> Scope:
         """What the kernels measure here: the PSF flux, and the local background when it is subtracted."""
-        return Scope.BACKGROUND if self.subtract else Scope.PSF
+        return psf_scope(self.subtract)
 
 
 def _science_side(science: Exposure, kernels: KernelRunner, x: np.ndarray, y: np.ndarray, config: MeasurementConfig,
@@ -182,9 +183,8 @@ def _science_side(science: Exposure, kernels: KernelRunner, x: np.ndarray, y: np
     sigma = np.full(len(x), np.nan)
     if subtract:
         sigma[rows] = kernels.psf.sigma(x[rows], y[rows])
-    side = ScienceSide(kernels, x, y, near, rows, sigma, 0, subtract)
-    side.size = 2 * cutout_half_size(kernels.psf, sigma[rows], config, side.scope) + 1
-    return side
+    size = 2 * cutout_half_size(kernels.psf, sigma[rows], config, psf_scope(subtract)) + 1
+    return ScienceSide(kernels, x, y, near, rows, sigma, size, subtract)
 
 
 @dataclass

@@ -149,13 +149,15 @@ def cutout_half_size(psf: PsfModel, sigma: np.ndarray, config: MeasurementConfig
     return half
 
 
+def psf_scope(subtract: bool) -> Scope:
+    """The PSF flux alone, or with the local background when that is ``subtract``-ed from it."""
+    return Scope.BACKGROUND if subtract else Scope.PSF
+
+
 def measured_scope(config: MeasurementConfig, subtract: bool) -> Scope:
     """What the kernels measure on the image a catalog reports (the difference image in
-    difference mode): everything, or (``measurements='psf'``) the PSF flux, with the local
-    background where it is ``subtract``-ed."""
-    if config.measurements == "all":
-        return Scope.ALL
-    return Scope.BACKGROUND if subtract else Scope.PSF
+    difference mode): everything, or (``measurements='psf'``) :func:`psf_scope`."""
+    return Scope.ALL if config.measurements == "all" else psf_scope(subtract)
 
 
 @dataclass(frozen=True)
